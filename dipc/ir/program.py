@@ -1,0 +1,52 @@
+"""A per-rank program: the stage graph it runs over plus one instruction stream per rank."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dipc.ir.instructions import Instruction
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageInfo:
+    """What the IR needs to know about a stage to check dependencies.
+
+    ``producers``: stages whose outputs this stage reads (edges ``p -> id``).
+    ``grad_producers``: the subset of those edges that carry a gradient back.
+    ``loads``: batch keys the stage reads from the microbatch (needs a LOAD before FWD).
+    ``has_loss``: the stage outputs the loss (its backward is seeded, not received).
+    """
+
+    id: int
+    rank: int
+    modality: str = "backbone"
+    producers: tuple[int, ...] = ()
+    grad_producers: tuple[int, ...] = ()
+    loads: tuple[str, ...] = ()
+    has_loss: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Program:
+    """Everything every rank executes for one training step."""
+
+    schedule: str
+    num_ranks: int
+    num_microbatches: int
+    stages: tuple[StageInfo, ...]
+    streams: tuple[tuple[Instruction, ...], ...]
+    attrs: tuple[tuple[str, str], ...] = field(default=())
+
+    def stage(self, stage_id: int) -> StageInfo:
+        return self.stages[stage_id]
+
+    def consumers(self, stage_id: int) -> tuple[int, ...]:
+        return tuple(s.id for s in self.stages if stage_id in s.producers)
+
+    def grad_consumers(self, stage_id: int) -> tuple[int, ...]:
+        """Stages that send a gradient back to ``stage_id``."""
+        return tuple(s.id for s in self.stages if stage_id in s.grad_producers)
+
+    def stages_of_rank(self, rank: int) -> tuple[int, ...]:
+        return tuple(s.id for s in self.stages if s.rank == rank)

@@ -1,0 +1,229 @@
+"""Executes one rank's instruction stream: a dispatch loop over a handler table.
+
+Each stage's backward is its own autograd graph: a stage's floating-point inputs are detached
+into fresh leaves at FWD, so BWD runs ``autograd.backward`` on the stage outputs with the grads
+its consumers sent, and reads the input leaves' ``.grad`` to send upstream. The loss stage seeds
+its backward with the microbatch's loss weight, so the accumulated parameter gradients equal
+those of one backward over the whole batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from dipc.errors import BatchError, RuntimeStepError
+from dipc.ir import Instruction, Op, Program
+from dipc.passes.partition import StageSpec
+from dipc.runtime.transport import Transport, WouldBlock
+from dipc.runtime.values import from_wire, is_grad_leaf, leaves_of, to_wire
+
+
+@dataclass
+class _Saved:
+    outputs: dict[str, Any]
+    grad_inputs: list[tuple[str, int, list[torch.Tensor]]]  # (value, producer stage, leaves needing grad)
+    loss: torch.Tensor | None = None
+    backward_args: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # kept between BWD_I and BWD_W
+
+
+@dataclass
+class StepStats:
+    losses: dict[int, float] = field(default_factory=dict)   # microbatch -> unweighted loss
+    instructions: int = 0
+
+
+class RankInterpreter:
+    """State and handlers of one rank for one training step."""
+
+    def __init__(self, rank: int, program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
+                 loss_weights: Sequence[float], transport: Transport, treespecs: Mapping[str, Any],
+                 optimizer_step: Callable[[], None] | None = None):
+        self.rank = rank
+        self.program = program
+        self.stream = program.streams[rank]
+        self.stages = stages
+        self.microbatches = microbatches
+        self.loss_weights = loss_weights
+        self.transport = transport
+        self.treespecs = treespecs
+        self.optimizer_step = optimizer_step
+        self.pc = 0
+        self.inbox: dict[tuple[int, int], dict[str, Any]] = {}
+        self.loaded: dict[tuple[int, int], list[Any]] = {}
+        self.saved: dict[tuple[int, int], _Saved] = {}
+        self.out_grads: dict[tuple[int, int, str], list[torch.Tensor]] = {}
+        self.grads_to_send: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+        self.stats = StepStats()
+        self.handlers: dict[Op, Callable[[Instruction], None]] = {
+            Op.LOAD: self._load, Op.FWD: self._fwd, Op.BWD: self._bwd, Op.BWD_I: self._bwd_input,
+            Op.BWD_W: self._bwd_weight, Op.SEND_ACT: self._send_act, Op.RECV_ACT: self._recv_act,
+            Op.SEND_GRAD: self._send_grad, Op.RECV_GRAD: self._recv_grad, Op.REDUCE: self._reduce,
+            Op.OPTIM: self._optim,
+        }
+
+    # -- driving -----------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.pc >= len(self.stream)
+
+    def run(self, until_blocked: bool = False) -> bool:
+        """Execute instructions; with ``until_blocked`` stop at a receive that is not ready yet.
+        Returns whether any instruction ran."""
+        progressed = False
+        while self.pc < len(self.stream):
+            instr = self.stream[self.pc]
+            try:
+                with record_function(f"dipc:{instr}"):
+                    self.handlers[instr.op](instr)
+            except WouldBlock:
+                if until_blocked:
+                    return progressed
+                raise
+            except RuntimeStepError:
+                raise
+            except Exception as e:
+                raise RuntimeStepError(self.rank, self.pc, str(instr), f"{type(e).__name__}: {e}") from e
+            self.pc += 1
+            self.stats.instructions += 1
+            progressed = True
+        return progressed
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _load(self, i: Instruction) -> None:
+        st = self.stages[i.stage]
+        mb = self.microbatches[i.mb]
+        missing = [k for k in st.input_keys if k not in mb]
+        if missing:
+            raise BatchError(f"microbatch {i.mb} lacks batch key {missing[0]!r}, which stage {i.stage} "
+                             f"(layers {st.layers[:2]}...) reads. Fix: give every microbatch the keys of the "
+                             "example batch.")
+        self.loaded[(i.stage, i.mb)] = [mb[k] for k in st.input_keys]
+
+    def _fwd(self, i: Instruction) -> None:
+        st = self.stages[i.stage]
+        args = list(self.loaded.pop((i.stage, i.mb), []))
+        box = self.inbox.pop((i.stage, i.mb), {})
+        grad_inputs = []
+        for name, producer in st.input_values:
+            value = box[name]
+            if name in st.grad_values:
+                value = tree_map(lambda l: l.detach().requires_grad_() if is_grad_leaf(l) else l, value)
+                grad_inputs.append((name, producer, [l for l in tree_flatten(value)[0] if is_grad_leaf(l)]))
+            args.append(value)
+        outs = st.module(*args)
+        outputs = dict(zip(st.output_values, outs))
+        loss = outs[-1] if st.has_loss else None
+        if loss is not None:
+            self.stats.losses[i.mb] = float(loss.detach())
+        self.saved[(i.stage, i.mb)] = _Saved(outputs=outputs, grad_inputs=grad_inputs, loss=loss)
+        for c in self.program.consumers(i.stage):
+            if self.stages[c].rank == self.rank:
+                self.inbox.setdefault((c, i.mb), {}).update(
+                    {n: outputs[n] for n in self.stages[c].values_from(i.stage)})
+
+    def _backward_args(self, i: Instruction) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        st = self.stages[i.stage]
+        saved = self.saved[(i.stage, i.mb)]
+        tensors, grads = [], []
+        for name, value in saved.outputs.items():
+            if name not in st.grad_values:
+                continue
+            g = self.out_grads.pop((i.stage, i.mb, name), None)
+            if g is None:
+                continue
+            leaves = [l for l in tree_flatten(value)[0] if is_grad_leaf(l)]
+            for leaf, grad in zip(leaves, g):
+                if leaf.requires_grad:
+                    tensors.append(leaf)
+                    grads.append(grad)
+        if saved.loss is not None and saved.loss.requires_grad:
+            tensors.append(saved.loss)
+            grads.append(torch.tensor(self.loss_weights[i.mb], dtype=saved.loss.dtype, device=saved.loss.device))
+        return tensors, grads
+
+    def _deliver_input_grads(self, i: Instruction, leaf_grads: dict[int, torch.Tensor | None]) -> None:
+        saved = self.saved[(i.stage, i.mb)]
+        per_producer: dict[int, list[torch.Tensor]] = {}
+        for name, producer, leaves in saved.grad_inputs:
+            gs = [leaf_grads.get(id(l)) for l in leaves]
+            gs = [g if g is not None else torch.zeros_like(l) for g, l in zip(gs, leaves)]
+            if self.stages[producer].rank == self.rank:
+                self._accumulate(producer, i.mb, name, gs)
+            else:
+                per_producer.setdefault(producer, []).extend(gs)
+        for producer, gs in per_producer.items():
+            self.grads_to_send[(i.stage, i.mb, producer)] = gs
+
+    def _accumulate(self, stage: int, mb: int, name: str, grads: list[torch.Tensor]) -> None:
+        key = (stage, mb, name)
+        if key in self.out_grads:
+            self.out_grads[key] = [a + b for a, b in zip(self.out_grads[key], grads)]
+        else:
+            self.out_grads[key] = grads
+
+    def _bwd(self, i: Instruction) -> None:
+        tensors, grads = self._backward_args(i)
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        saved = self.saved[(i.stage, i.mb)]
+        self._deliver_input_grads(i, {id(l): l.grad for _, _, ls in saved.grad_inputs for l in ls})
+        del self.saved[(i.stage, i.mb)]
+
+    def _bwd_input(self, i: Instruction) -> None:
+        tensors, grads = self._backward_args(i)
+        saved = self.saved[(i.stage, i.mb)]
+        leaves = [l for _, _, ls in saved.grad_inputs for l in ls]
+        result: dict[int, torch.Tensor | None] = {}
+        if tensors and leaves:
+            gs = torch.autograd.grad(tensors, leaves, grads, retain_graph=True, allow_unused=True)
+            result = {id(l): g for l, g in zip(leaves, gs)}
+        self._deliver_input_grads(i, result)
+        saved.backward_args = (tensors, grads)
+
+    def _bwd_weight(self, i: Instruction) -> None:
+        saved = self.saved.pop((i.stage, i.mb))
+        tensors, grads = saved.backward_args or ([], [])
+        params = [p for p in self.stages[i.stage].params if p.requires_grad]
+        if tensors and params:
+            torch.autograd.backward(tensors, grads, inputs=params)
+
+    def _send_act(self, i: Instruction) -> None:
+        outputs = self.saved[(i.stage, i.mb)].outputs
+        names = self.stages[i.other_stage].values_from(i.stage)
+        self.transport.send(i, self.rank, [to_wire(l) for l in leaves_of(outputs[n] for n in names)])
+
+    def _recv_act(self, i: Instruction) -> None:
+        tensors = self.transport.recv(i, self.rank)
+        leaves = [from_wire(t, s) for t, s in zip(tensors, i.specs)]
+        box = self.inbox.setdefault((i.stage, i.mb), {})
+        for name in self.stages[i.stage].values_from(i.other_stage):
+            spec = self.treespecs[name]
+            box[name] = tree_unflatten(leaves[: spec.num_leaves], spec)
+            leaves = leaves[spec.num_leaves:]
+
+    def _send_grad(self, i: Instruction) -> None:
+        grads = self.grads_to_send.pop((i.stage, i.mb, i.other_stage))
+        self.transport.send(i, self.rank, [g.detach().contiguous() for g in grads])
+
+    def _recv_grad(self, i: Instruction) -> None:
+        grads = self.transport.recv(i, self.rank)
+        outputs = self.saved[(i.stage, i.mb)].outputs
+        consumer = self.stages[i.other_stage]
+        for name in consumer.values_from(i.stage):
+            if name not in consumer.grad_values:
+                continue
+            n = sum(1 for l in tree_flatten(outputs[name])[0] if is_grad_leaf(l))
+            self._accumulate(i.stage, i.mb, name, grads[:n])
+            grads = grads[n:]
+
+    def _reduce(self, i: Instruction) -> None:
+        """Gradient reduction across data-parallel replicas: nothing to do with a single replica."""
+
+    def _optim(self, i: Instruction) -> None:
+        self.transport.finish()
+        if self.optimizer_step is not None:
+            self.optimizer_step()

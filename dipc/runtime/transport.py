@@ -1,0 +1,95 @@
+"""How messages move between ranks: in one process (mailboxes) or over torch.distributed P2P.
+
+Sends never block (they are posted and completed at the end of the step); receives block. The
+plan's specs tell the receiver what to allocate, so no shapes are exchanged at run time. Empty
+tensors are not transferred at all: both sides know from the spec that there is nothing to move.
+"""
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict, deque
+
+import torch
+
+from dipc.ir import Instruction
+from dipc.runtime.values import empty_for
+
+
+class WouldBlock(Exception):
+    """A local receive whose message has not been sent yet (the local executor switches ranks)."""
+
+
+class Transport:
+    def send(self, instr: Instruction, rank: int, tensors: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def recv(self, instr: Instruction, rank: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Wait until every posted send has completed."""
+
+
+class LocalTransport(Transport):
+    """All ranks in one process: one FIFO mailbox per ordered rank pair."""
+
+    def __init__(self) -> None:
+        self.boxes: dict[tuple[int, int], deque] = defaultdict(deque)
+
+    def send(self, instr, rank, tensors):
+        self.boxes[(rank, instr.peer)].append((instr.message_key(), tensors))
+
+    def recv(self, instr, rank):
+        box = self.boxes[(instr.peer, rank)]
+        if not box:
+            raise WouldBlock()
+        key, tensors = box.popleft()
+        if key != instr.message_key():
+            raise RuntimeError(f"expected message {instr.message_key()} from rank {instr.peer} but the next one "
+                               f"is {key} (sends and receives are out of order)")
+        for t, spec in zip(tensors, instr.specs):
+            if spec.kind == "tensor" and tuple(t.shape) != spec.shape:
+                raise RuntimeError(f"received shape {tuple(t.shape)} but the plan says {spec.shape}")
+        if len(tensors) != len(instr.specs):
+            raise RuntimeError(f"received {len(tensors)} tensors but the plan says {len(instr.specs)}")
+        return [t.clone() for t in tensors]
+
+
+class DistributedTransport(Transport):
+    """torch.distributed point-to-point (gloo on CPU, NCCL on GPU) with a timeout on every wait."""
+
+    def __init__(self, timeout_s: float, device: torch.device | str = "cpu"):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
+        self.device = device
+        self.pending: list[tuple[object, torch.Tensor, Instruction]] = []
+
+    def send(self, instr, rank, tensors):
+        for t in tensors:
+            if t.numel() == 0:
+                continue
+            t = t.to(self.device)
+            self.pending.append((self.dist.isend(t, dst=instr.peer), t, instr))
+
+    def recv(self, instr, rank):
+        bufs = [empty_for(s, self.device) for s in instr.specs]
+        works = [self.dist.irecv(b, src=instr.peer) for b in bufs if b.numel() > 0]
+        for w in works:
+            self._wait(w, instr)
+        return bufs
+
+    def _wait(self, work, instr) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as e:
+            raise TimeoutError(f"no answer from rank {instr.peer} within {self.timeout_s:g} s ({e})") from None
+        if ok is False:
+            raise TimeoutError(f"no answer from rank {instr.peer} within {self.timeout_s:g} s")
+
+    def finish(self):
+        pending, self.pending = self.pending, []
+        for work, _, instr in pending:
+            self._wait(work, instr)
