@@ -1,6 +1,7 @@
 """Front end: find the layers of a model and capture the glue between them as one FX graph.
 
-Layers come from the module tree (numbered children of ``nn.ModuleList``/``nn.Sequential``, plus
+Layers come from the module tree (numbered children of a ``ModuleList`` or of a ``Sequential`` of
+repeated blocks, plus
 parameter-holding modules that contain no such list, e.g. an embedding, a norm, a head), and are
 kept as opaque ``call_module`` leaves. So a layer may contain anything (data-dependent attention,
 custom kernels); only the glue between layers must be traceable. Users can name the layers
@@ -18,7 +19,6 @@ from torch import fx, nn
 
 from dipc.errors import BatchError, TraceError
 
-_LIST_TYPES = (nn.ModuleList, nn.Sequential)
 
 
 @dataclass
@@ -35,8 +35,19 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+def is_layer_list(module: nn.Module) -> bool:
+    """A container of repeated blocks: any ``ModuleList``, or a ``Sequential`` of >= 2 same-type
+    children (timm-style ``blocks``) — not an MLP written as ``Sequential(Linear, GELU, Linear)``."""
+    if isinstance(module, nn.ModuleList):
+        return len(module) > 0
+    if isinstance(module, nn.Sequential):
+        kinds = {type(c) for c in module.children()}
+        return len(module) >= 2 and len(kinds) == 1
+    return False
+
+
 def _contains_list(module: nn.Module) -> bool:
-    return any(isinstance(m, _LIST_TYPES) and len(m) > 0 for m in module.modules())
+    return any(is_layer_list(m) for m in module.modules())
 
 
 def discover_layers(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list[str]:
@@ -57,10 +68,10 @@ def discover_layers(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list[
         if path and numbered and _has_params(module):
             found.append(path)
             return
-        if path and _has_params(module) and not _contains_list(module) and not isinstance(module, _LIST_TYPES):
+        if path and _has_params(module) and not _contains_list(module):
             found.append(path)
             return
-        is_list = isinstance(module, _LIST_TYPES)
+        is_list = is_layer_list(module)
         for name, child in module.named_children():
             visit(child, f"{path}.{name}" if path else name, is_list and name.isdigit())
 

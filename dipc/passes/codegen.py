@@ -1,0 +1,204 @@
+"""Lower per-rank compute orders to a full :class:`~dipc.ir.program.Program`.
+
+The lowering is a short pipeline of pure steps, top to bottom:
+
+1. ``_expand_rank``   — around every compute action, add the LOAD, the receives it waits for
+                         (placed right before it) and the sends it produces (right after it);
+2. ``fix_recv_order`` — reorder receives so that, per ordered rank pair, they come in the order
+                         the peer sends them (NCCL and gloo match point-to-point messages by
+                         order, not by tag);
+3. the optimizer step — one OPTIM at the end of every rank (``add_optim``).
+
+Receives carry the tensor specs the plan knows (``specs`` callback), so no shape handshake is
+needed at run time. Example::
+
+    >>> from dipc.ir import StageInfo
+    >>> stages = [StageInfo(id=0, rank=0, loads=("input_ids",)),
+    ...           StageInfo(id=1, rank=1, producers=(0,), grad_producers=(0,), has_loss=True)]
+    >>> program = build_program(stages, 2, 2, "1f1b")
+    >>> [i.op.value for i in program.streams[1]][:4]
+    ['RECV_ACT', 'FWD', 'BWD', 'SEND_GRAD']
+
+Not handled here: gradient reduction across data-parallel replicas (REDUCE), and posting
+receives early to overlap communication (receives sit right before the compute that needs them;
+sends are non-blocking, so that costs latency, never correctness).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from dipc.errors import ScheduleError
+from dipc.ir.instructions import Instruction, Op, TensorSpec
+from dipc.ir.program import Program, StageInfo
+from dipc.passes.schedules import ComputeAction, format_compute_orders, get_schedule
+
+__all__ = ["SpecsFn", "build_program", "fix_recv_order", "lower"]
+
+SpecsFn = Callable[[str, int, int, int], tuple[TensorSpec, ...]]
+"""``specs(kind, mb, producer_stage, consumer_stage)`` -> the leaf specs of that message;
+``kind`` is ``"act"`` (producer -> consumer) or ``"grad"`` (consumer -> producer)."""
+
+_MessageKey = tuple[str, int, int, int]
+_SEND_OPS = (Op.SEND_ACT, Op.SEND_GRAD)
+_RECV_OPS = (Op.RECV_ACT, Op.RECV_GRAD)
+
+
+def _no_specs(kind: str, mb: int, producer: int, consumer: int) -> tuple[TensorSpec, ...]:
+    return ()
+
+
+def _expand_rank(
+    rank: int,
+    order: Sequence[ComputeAction],
+    stages: Sequence[StageInfo],
+    consumers: Sequence[tuple[int, ...]],
+    grad_consumers: Sequence[tuple[int, ...]],
+    specs: SpecsFn,
+) -> list[Instruction]:
+    """One rank's compute order with its loads, receives and sends around each action."""
+    out: list[Instruction] = []
+    for step, action in enumerate(order):
+        s, m = action.stage, action.mb
+        if not 0 <= s < len(stages):
+            raise ScheduleError(f"rank {rank}, step {step}: {action} names stage {s}, which does not exist. "
+                                f"Fix: schedule only stages 0..{len(stages) - 1}.")
+        st = stages[s]
+        if st.rank != rank:
+            raise ScheduleError(
+                f"rank {rank}, step {step}: {action} runs stage {s}, which lives on rank {st.rank}. "
+                "Fix: put each stage's compute in its own rank's order."
+            )
+        if action.op == Op.FWD:
+            if st.loads:
+                out.append(Instruction(op=Op.LOAD, stage=s, mb=m))
+            for p in st.producers:
+                peer = stages[p].rank
+                if peer != rank:
+                    out.append(Instruction(op=Op.RECV_ACT, stage=s, mb=m, other_stage=p, peer=peer,
+                                           specs=tuple(specs("act", m, p, s))))
+            out.append(Instruction(op=Op.FWD, stage=s, mb=m))
+            for c in consumers[s]:
+                peer = stages[c].rank
+                if peer != rank:
+                    out.append(Instruction(op=Op.SEND_ACT, stage=s, mb=m, other_stage=c, peer=peer))
+        elif action.op in (Op.BWD, Op.BWD_I):
+            for c in grad_consumers[s]:
+                peer = stages[c].rank
+                if peer != rank:
+                    out.append(Instruction(op=Op.RECV_GRAD, stage=s, mb=m, other_stage=c, peer=peer,
+                                           specs=tuple(specs("grad", m, s, c))))
+            out.append(Instruction(op=action.op, stage=s, mb=m))
+            for p in st.grad_producers:
+                peer = stages[p].rank
+                if peer != rank:
+                    out.append(Instruction(op=Op.SEND_GRAD, stage=s, mb=m, other_stage=p, peer=peer))
+        else:  # BWD_W: local only
+            out.append(Instruction(op=action.op, stage=s, mb=m))
+    return out
+
+
+def fix_recv_order(streams: Sequence[Sequence[Instruction]]) -> tuple[tuple[Instruction, ...], ...]:
+    """Reorder receives so each rank receives from each peer in the order that peer sends.
+
+    Walk rank b's stream; when a receive needs message k from rank a while messages that a
+    sends before k are still unreceived, those receives move to right here, just before it
+    (in a's send order). This never adds a wait: sends are non-blocking and a sends them before
+    k, so they have arrived by the time k has. Returns new streams; the input is not modified.
+    """
+    num_ranks = len(streams)
+    # send order per ordered pair (a -> b), and each message's position in it
+    sent: dict[tuple[int, int], list[_MessageKey]] = {}
+    for a, stream in enumerate(streams):
+        for ins in stream:
+            if ins.op in _SEND_OPS:
+                sent.setdefault((a, ins.peer), []).append(ins.message_key())
+    position = {pair: {key: i for i, key in enumerate(keys)} for pair, keys in sent.items()}
+
+    fixed: list[tuple[Instruction, ...]] = []
+    for b, stream in enumerate(streams):
+        recv_of: dict[_MessageKey, Instruction] = {}
+        for step, ins in enumerate(stream):
+            if ins.op in _RECV_OPS:
+                if not 0 <= ins.peer < num_ranks or ins.message_key() not in position.get((ins.peer, b), {}):
+                    raise ScheduleError(
+                        f"rank {b}, step {step}: {ins.op.value} of {ins.message_key()} from rank {ins.peer} "
+                        "has no matching send. Fix: every receive needs the peer's send of the same message."
+                    )
+                recv_of[ins.message_key()] = ins
+        done: set[_MessageKey] = set()
+        next_index: dict[int, int] = {}  # per source rank: messages before this are all received
+        out: list[Instruction] = []
+        for ins in stream:
+            if ins.op not in _RECV_OPS:
+                out.append(ins)
+                continue
+            key = ins.message_key()
+            if key in done:  # already pulled forward
+                continue
+            a = ins.peer
+            order = sent[(a, b)]
+            target = position[(a, b)][key]
+            for earlier in order[next_index.get(a, 0):target]:
+                if earlier not in done:
+                    if earlier not in recv_of:
+                        raise ScheduleError(
+                            f"rank {a} sends {earlier} to rank {b}, which never receives it. "
+                            "Fix: every send needs a matching receive on its peer."
+                        )
+                    out.append(recv_of[earlier])
+                    done.add(earlier)
+            out.append(ins)
+            done.add(key)
+            next_index[a] = max(next_index.get(a, 0), target + 1)
+        fixed.append(tuple(out))
+    return tuple(fixed)
+
+
+def lower(
+    stages: Sequence[StageInfo],
+    num_ranks: int,
+    num_microbatches: int,
+    compute_orders: Sequence[Sequence[ComputeAction]],
+    *,
+    schedule: str,
+    specs: SpecsFn | None = None,
+    add_optim: bool = True,
+) -> Program:
+    """Lower per-rank compute orders to a Program with loads, sends, receives and OPTIM.
+
+    Around ``FWD(s, m)``: LOAD if the stage reads batch keys, RECV_ACT from each producer on
+    another rank, then SEND_ACT to each consumer on another rank. Around ``BWD``/``BWD_I``:
+    RECV_GRAD from each consumer on another rank that sends s a gradient, then SEND_GRAD to each
+    grad producer on another rank. ``BWD_W`` needs no communication. Receives are then put in
+    the peer's send order (:func:`fix_recv_order`). Same-rank edges need no messages.
+    The result is not validated here; call :func:`dipc.ir.validate.validate`.
+    """
+    if len(compute_orders) != num_ranks:
+        raise ScheduleError(
+            f"got compute orders for {len(compute_orders)} ranks, but num_ranks={num_ranks}. "
+            f"Fix: pass one list per rank.\n{format_compute_orders(compute_orders)}"
+        )
+    specs_fn = specs if specs is not None else _no_specs
+    consumers = [tuple(c.id for c in stages if st.id in c.producers) for st in stages]
+    grad_consumers = [tuple(c.id for c in stages if st.id in c.grad_producers) for st in stages]
+    streams = [
+        _expand_rank(rank, order, stages, consumers, grad_consumers, specs_fn)
+        for rank, order in enumerate(compute_orders)
+    ]
+    fixed = fix_recv_order(streams)
+    if add_optim:
+        fixed = tuple(stream + (Instruction(op=Op.OPTIM),) for stream in fixed)
+    return Program(schedule=schedule, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                   stages=tuple(stages), streams=fixed)
+
+
+def build_program(
+    stages: Sequence[StageInfo],
+    num_ranks: int,
+    num_microbatches: int,
+    schedule_name: str,
+    specs: SpecsFn | None = None,
+) -> Program:
+    """Run the schedule generator ``schedule_name`` and lower its compute orders."""
+    orders = get_schedule(schedule_name)(stages, num_ranks, num_microbatches)
+    return lower(stages, num_ranks, num_microbatches, orders, schedule=schedule_name, specs=specs)
