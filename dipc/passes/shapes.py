@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import sympy
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from dipc.errors import BatchError
@@ -76,6 +77,49 @@ def _edge_leaves(stages: Sequence[StageSpec], values: Mapping[str, Any]):
             yield (p, st.id), leaves_of(values[n] for n in names), grad_leaves(st, names, values)
 
 
+_PyMod = sympy.Function("PyMod")
+
+
+def _safe_mod(e: sympy.Basic) -> sympy.Basic:
+    """sympy prints ``Mod(a, a*b)`` as ``a % a*b`` (wrong precedence): use an explicit function."""
+    is_mod = lambda x: type(x).__name__ in ("Mod", "PythonMod")  # sympy's and torch's
+    return e.replace(is_mod, lambda x: _PyMod(*x.args))
+
+
+def _function_impls(exprs: Sequence[sympy.Expr]) -> dict[str, Callable]:
+    """Python implementations of the sympy functions torch's shape expressions use (FloorDiv,
+    CeilToInt, Mod, ...): evaluate the function itself on integers, so semantics are exactly torch's."""
+    impls: dict[str, Callable] = {"PyMod": lambda a, b: a % b}
+    for e in exprs:
+        for f in e.atoms(sympy.Function):
+            func = f.func
+            if func.__name__ == "PyMod":
+                continue
+            impls.setdefault(func.__name__, lambda *a, func=func: _to_python(func(*map(sympy.sympify, a))))
+    return impls
+
+
+def _to_python(v: sympy.Basic) -> Any:
+    if v.is_Integer:
+        return int(v)
+    if v in (sympy.true, sympy.false):
+        return bool(v)
+    return float(v)
+
+
+class _ShapeOnlyOps(TorchDispatchMode):
+    """Shape rules for ops whose meta kernels reject symbolic sizes (torch 2.13: ``masked_scatter``
+    with a broadcast mask). Only shapes matter during plan-time inference, so an empty tensor of
+    the right shape is an exact stand-in."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.masked_scatter.default:
+            target, mask = args[0], args[1]
+            return target.new_empty(torch.broadcast_shapes(target.shape, mask.shape))
+        return func(*args, **kwargs)
+
+
 @dataclass
 class _SymbolicTemplate:
     """Message specs as functions of the batch's input dimensions, valid where the guards hold."""
@@ -115,24 +159,37 @@ def _key_layout(batch: Mapping[str, Any]) -> tuple:
 class ShapeInference:
     """Message specs per microbatch: symbolic template first, meta-device propagation as fallback."""
 
+    MAX_TEMPLATES = 4
+
     def __init__(self, stages: list[StageSpec], symbolic: bool = True):
         self.stages = stages
         self.symbolic = symbolic
-        self._templates: dict[tuple, _SymbolicTemplate | None] = {}
+        self._templates: dict[tuple, list[_SymbolicTemplate]] = {}
+        self._misses: dict[tuple, int] = {}
         self._cache: dict[tuple, EdgeSpecs] = {}
         self._meta_stages: list[torch.nn.Module] | None = None
         self.fallbacks = 0
+        self.template_error: str | None = None   # why the symbolic template could not be built
 
     def edge_specs(self, batch: Mapping[str, Any]) -> EdgeSpecs:
         if self.symbolic:
             layout = _key_layout(batch)
-            if layout not in self._templates:
-                self._templates[layout] = self._build_template(batch)
-            template = self._templates[layout]
-            if template is not None:
+            templates = self._templates.setdefault(layout, [])
+            for template in templates:
                 specs = template.specs(batch)
                 if specs is not None:
                     return specs
+            # No template's guards hold: trace another one from this batch once misses pile up
+            # (a template costs about a second; a concrete propagation tens of milliseconds).
+            misses = self._misses.get(layout, 0)
+            self._misses[layout] = misses + 1
+            if len(templates) < self.MAX_TEMPLATES and misses % 4 == 0 and self.template_error is None:
+                template = self._build_template(batch)
+                if template is not None:
+                    templates.append(template)
+                    specs = template.specs(batch)
+                    if specs is not None:
+                        return specs
         key = batch_signature(batch)
         if key not in self._cache:
             self.fallbacks += 1
@@ -175,7 +232,8 @@ class ShapeInference:
                     for d in range(v.dim()):
                         dims.append((k, d))
                         symbols.append(fake[k].shape[d].node.expr)
-                values = _propagate(self.stages, fake)
+                with _ShapeOnlyOps():
+                    values = _propagate(self.stages, fake)
                 layout, exprs = [], []
                 for edge, act, grad in _edge_leaves(self.stages, values):
                     items = []
@@ -191,16 +249,21 @@ class ShapeInference:
                         items.append(desc)
                     layout.append((edge, items[0], items[1]))
                 if any(e.free_symbols - set(symbols) for e in exprs) or env.deferred_runtime_asserts:
+                    self.template_error = "shapes depend on data values (unbacked symbols)"
                     return None  # data-dependent (unbacked) sizes: only concrete propagation can tell
                 conds = [sympy.Eq(env.replace(s), s) for s in symbols if env.replace(s) != s]
                 conds += [g.expr for g in env.guards]
                 conds = [c for c in conds if c is not sympy.true]
-                check = sympy.lambdify(symbols, sympy.And(*conds) if conds else sympy.true, "math")
-                shapes = sympy.lambdify(symbols, exprs, "math")
+                guard = _safe_mod(sympy.And(*conds) if conds else sympy.true)
+                exprs = [_safe_mod(e) for e in exprs]
+                modules = [_function_impls([guard, *exprs]), "math"]
+                check = sympy.lambdify(symbols, guard, modules)
+                shapes = sympy.lambdify(symbols, exprs, modules)
         except BatchError:
             raise
-        except Exception:
-            return None  # anything the symbolic trace cannot handle falls back to concrete shapes
+        except Exception as e:  # anything the symbolic trace cannot handle falls back to concrete shapes
+            self.template_error = f"{type(e).__name__}: {e}"
+            return None
         finally:
             fake_log.level = level
         return _SymbolicTemplate(dims=dims, check=lambda *v: bool(check(*v)), shapes=lambda *v: list(shapes(*v)),

@@ -1,0 +1,3 @@
+from dipc.cli import main
+
+main()
