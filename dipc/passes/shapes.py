@@ -160,6 +160,7 @@ class ShapeInference:
     """Message specs per microbatch: symbolic template first, meta-device propagation as fallback."""
 
     MAX_TEMPLATES = 4
+    TEMPLATE_AFTER_MISSES = 16
 
     def __init__(self, stages: list[StageSpec], symbolic: bool = True):
         self.stages = stages
@@ -179,11 +180,12 @@ class ShapeInference:
                 specs = template.specs(batch)
                 if specs is not None:
                     return specs
-            # No template's guards hold: trace another one from this batch once misses pile up
-            # (a template costs about a second; a concrete propagation tens of milliseconds).
-            misses = self._misses.get(layout, 0)
-            self._misses[layout] = misses + 1
-            if len(templates) < self.MAX_TEMPLATES and misses % 4 == 0 and self.template_error is None:
+            # No template's guards hold. Tracing one costs about a second, a concrete propagation
+            # tens of milliseconds: trace once concrete propagations pile up for this layout.
+            misses = self._misses.get(layout, 0) + 1
+            self._misses[layout] = misses
+            if (len(templates) < self.MAX_TEMPLATES and misses % self.TEMPLATE_AFTER_MISSES == 0
+                    and self.template_error is None):
                 template = self._build_template(batch)
                 if template is not None:
                     templates.append(template)

@@ -30,6 +30,8 @@ def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, t
 
     from dipc.runtime.distributed import init_process_group
 
+    # share the machine's cores between the ranks instead of oversubscribing them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         init_process_group("gloo", timeout_s=timeout_s)
         result = fn(rank, world, *args)

@@ -1,0 +1,42 @@
+"""Shared by the equivalence tests: batches with varied modality mixes and the reference step."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import dipc
+from examples.data import make_example
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1)]
+
+
+def varied_microbatches(ex, n: int = 3) -> list[dict]:
+    """Ordinary microbatches plus every edge case the data source knows (no images, one huge image...)."""
+    mbs = ex.data.microbatches(n, 2)
+    mbs += [ex.data.edge_case(name) for name in ex.data.EDGE_CASES]
+    return mbs
+
+
+def reference_grads(model: torch.nn.Module, microbatches, weights) -> dict[str, torch.Tensor]:
+    """Single-process reference: one backward of sum_m w_m * loss_m on an untouched copy."""
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    for w, mb in zip(weights, microbatches):
+        (ref(**mb) * w).backward()
+    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+
+
+def build(name: str, dtype: torch.dtype, stages: int, schedule: str, chunks: int, seed: int = 0):
+    ex = make_example(name, seed=seed)
+    ex.model.to(dtype)
+    mbs = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in mb.items()} for mb in varied_microbatches(ex)]
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=stages, chunks=chunks, schedule=schedule,
+                        loss_weight=ex.loss_weight)
+    return ex, pipe, mbs
+
+
+def assert_grads_equal(got: dict, want: dict, rtol: float, atol: float, where: str) -> None:
+    assert set(got) == set(want), f"{where}: parameters with grads differ: {set(got) ^ set(want)}"
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=rtol, atol=atol, msg=lambda m: f"{where} {n}: {m}")

@@ -1,0 +1,66 @@
+"""The distributed executor (gloo, one process per rank) gives the same gradients as the
+single-process reference, and a rank that never answers produces a timeout error, not a hang."""
+import time
+
+import pytest
+import torch
+
+from dipc.errors import DipcError
+from dipc.runtime.launch import spawn
+from examples.data import EXAMPLE_NAMES
+from tests.runtime.helpers import SCHEDULES, assert_grads_equal, build, reference_grads
+
+pytestmark = pytest.mark.dist
+
+
+def _all_cases(rank: int, world: int) -> dict:
+    from dipc.runtime.distributed import run_step_distributed
+
+    out = {}
+    for name in EXAMPLE_NAMES:
+        for schedule, chunks in SCHEDULES:
+            ex, pipe, mbs = build(name, torch.float64, world, schedule, chunks)
+            result = run_step_distributed(pipe, mbs, timeout_s=60)
+            owned = {id(p) for p in pipe.rank_parameters(rank)}
+            grads = {n: p.grad for n, p in ex.model.named_parameters() if id(p) in owned and p.grad is not None}
+            out[(name, schedule)] = (result.loss, grads)
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_gradients_equal_reference(world):
+    per_rank = spawn(_all_cases, world, timeout_s=500)
+    for name in EXAMPLE_NAMES:
+        for schedule, chunks in SCHEDULES:
+            ex, pipe, mbs = build(name, torch.float64, world, schedule, chunks)
+            weights = pipe.loss_weights(mbs)
+            want = reference_grads(ex.model, mbs, weights)
+            got = {}
+            for r in range(world):
+                loss, grads = per_rank[r][(name, schedule)]
+                got.update(grads)
+                with torch.no_grad():
+                    ref_loss = sum(w * float(ex.model(**mb)) for w, mb in zip(weights, mbs))
+                assert loss == pytest.approx(ref_loss, rel=1e-12), f"rank {r} loss"
+            assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=f"{name}/{schedule}/{world} ranks")
+
+
+def _silent_rank(rank: int, world: int) -> None:
+    from dipc.runtime.distributed import run_step_distributed
+
+    ex, pipe, mbs = build("vlm", torch.float32, world, "1f1b", 1)
+    if rank == 1:
+        time.sleep(8)   # never runs its stream: rank 0 must time out, not hang
+        return None
+    run_step_distributed(pipe, mbs, timeout_s=3)
+
+
+@pytest.mark.timeout(120)
+def test_silent_rank_times_out_with_a_clear_error():
+    t0 = time.monotonic()
+    with pytest.raises(DipcError) as info:
+        spawn(_silent_rank, 2, timeout_s=60)
+    msg = str(info.value)
+    assert "rank 0, step" in msg and "RECV_" in msg and "no answer from rank 1" in msg, msg
+    assert time.monotonic() - t0 < 60
