@@ -1,0 +1,116 @@
+"""Bad input gets a clear error that names the culprit and says how to fix it."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dipc
+from dipc.errors import BatchError, DipcError, PartitionError, ScheduleError, TraceError
+from examples.data import make_example
+
+
+class _Router(nn.Module):
+    """Glue with data-dependent control flow (no parameters, so it is traced through)."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+class _RoutedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.router = _Router()
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, input_ids, labels):
+        h = self.embed(input_ids)
+        for b in self.blocks:
+            h = b(h)
+        h = self.router(h)
+        return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+
+def _routed_batch():
+    ids = torch.randint(0, 16, (2, 5))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _vlm():
+    ex = make_example("vlm")
+    return ex, ex.data.microbatches(2, 2)
+
+
+def test_untraceable_module_names_module_and_leaf_fix():
+    with pytest.raises(TraceError, match=r"'router'.*leaf_modules=\['router'\]"):
+        dipc.compile(_RoutedModel(), _routed_batch(), num_stages=2)
+    pipe = dipc.compile(_RoutedModel(), _routed_batch(), num_stages=2, leaf_modules=["router"])
+    pipe.step([_routed_batch(), _routed_batch()])
+
+
+def test_missing_batch_key_names_key():
+    ex, mbs = _vlm()
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, loss_weight=ex.loss_weight)
+    bad = dict(mbs[1])
+    del bad["pixel_values"]
+    with pytest.raises(BatchError, match=r"microbatch 1 lacks batch key 'pixel_values'.*Fix:"):
+        pipe.plan([mbs[0], bad])
+
+
+CASES = [
+    ("more stages than layers", lambda ex, mb: dipc.compile(ex.model, mb, num_stages=64),
+     PartitionError, r"64 stages .* only \d+ layers.*Fix:"),
+    ("unknown schedule", lambda ex, mb: dipc.compile(ex.model, mb, schedule="2f2b"),
+     ScheduleError, r"2f2b.*Fix: use one of"),
+    ("1f1b with virtual stages", lambda ex, mb: dipc.compile(ex.model, mb, schedule="1f1b", chunks=2),
+     ScheduleError, r"chunks=2.*Fix:.*interleaved_1f1b"),
+    ("unknown batch key", lambda ex, mb: dipc.compile(ex.model, {**mb, "pixels": mb["pixel_values"]}),
+     BatchError, r"\['pixels'\] are not arguments.*Fix:"),
+    ("missing forward argument", lambda ex, mb: dipc.compile(ex.model, {k: v for k, v in mb.items() if k != "labels"}),
+     BatchError, r"requires argument 'labels'.*Fix:"),
+    ("unknown leaf module", lambda ex, mb: dipc.compile(ex.model, mb, leaf_modules=["vision.nope"]),
+     TraceError, r"'vision.nope' does not exist.*Fix:"),
+    ("no microbatches", lambda ex, mb: dipc.compile(ex.model, mb).plan([]),
+     BatchError, r"no microbatches.*Fix:"),
+]
+
+
+@pytest.mark.parametrize("what,call,exc,pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_table(what, call, exc, pattern):
+    ex, mbs = _vlm()
+    with pytest.raises(exc) as info:
+        call(ex, mbs[0])
+    assert re.search(pattern, str(info.value), re.S), str(info.value)
+
+
+def test_model_returning_logits_says_to_return_loss():
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    with pytest.raises(TraceError, match=r"not a scalar loss.*Fix:"):
+        dipc.compile(Logits(), {"x": torch.randn(3, 4)})
+
+
+def test_world_size_mismatch_is_a_clear_error(monkeypatch):
+    import torch.distributed as dist
+
+    from dipc.runtime.distributed import run_step_distributed
+
+    ex, mbs = _vlm()
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, loss_weight=ex.loss_weight)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    with pytest.raises(DipcError, match=r"world size 3 but the pipeline has 2 ranks.*Fix:"):
+        run_step_distributed(pipe, mbs)
