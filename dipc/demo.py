@@ -6,9 +6,10 @@ its own instruction stream; rank 0 prints the plan once and then loss and step t
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,17 +73,25 @@ def train(cfg: DemoConfig, rank: int = 0, step_fn=None, log=print) -> list[float
 def _rank_main(rank: int, world: int, cfg: DemoConfig) -> list[float]:
     from dipc.runtime.distributed import run_step_distributed
 
-    torch.set_num_threads(1)
     step = lambda pipe, mbs, program: run_step_distributed(pipe, mbs, program, timeout_s=cfg.timeout_s)
     return train(cfg, rank, step_fn=step, log=lambda s: print(s, flush=True))
 
 
 def run_demo(cfg: DemoConfig) -> list[float]:
-    print(f"dipc demo: {cfg.model}, {cfg.stages} pipeline ranks ({cfg.executor}), schedule {cfg.schedule}, "
-          f"{cfg.steps} steps x {cfg.microbatches} microbatches", flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"dipc demo: {cfg.model}, {os.environ.get('WORLD_SIZE', cfg.stages)} pipeline ranks ({cfg.executor}), "
+              f"schedule {cfg.schedule}, {cfg.steps} steps x {cfg.microbatches} microbatches", flush=True)
     t0 = time.perf_counter()
     if cfg.executor == "local":
         losses = train(cfg)
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        # launched by torchrun: this process is one rank; the world size is the pipeline depth
+        from dipc.runtime.distributed import init_process_group
+
+        rank, world = init_process_group(timeout_s=cfg.timeout_s)
+        losses = _rank_main(rank, world, replace(cfg, stages=world))
+        if rank != 0:
+            return losses
     else:
         from dipc.runtime.launch import spawn
 
