@@ -163,14 +163,17 @@ def lower(
     schedule: str,
     specs: SpecsFn | None = None,
     add_optim: bool = True,
+    add_reduce: bool = True,
 ) -> Program:
-    """Lower per-rank compute orders to a Program with loads, sends, receives and OPTIM.
+    """Lower per-rank compute orders to a Program with loads, sends, receives, REDUCE and OPTIM.
 
     Around ``FWD(s, m)``: LOAD if the stage reads batch keys, RECV_ACT from each producer on
     another rank, then SEND_ACT to each consumer on another rank. Around ``BWD``/``BWD_I``:
     RECV_GRAD from each consumer on another rank that sends s a gradient, then SEND_GRAD to each
     grad producer on another rank. ``BWD_W`` needs no communication. Receives are then put in
     the peer's send order (:func:`fix_recv_order`). Same-rank edges need no messages.
+    ``REDUCE stage=s`` follows each stage's last backward, so its data-parallel gradient
+    all-reduce starts while the rank still works on other stages (a no-op without replicas).
     The result is not validated here; call :func:`dipc.ir.validate.validate`.
     """
     if len(compute_orders) != num_ranks:
@@ -186,10 +189,26 @@ def lower(
         for rank, order in enumerate(compute_orders)
     ]
     fixed = fix_recv_order(streams)
+    if add_reduce:
+        fixed = tuple(_add_reduces(stream) for stream in fixed)
     if add_optim:
         fixed = tuple(stream + (Instruction(op=Op.OPTIM),) for stream in fixed)
     return Program(schedule=schedule, num_ranks=num_ranks, num_microbatches=num_microbatches,
                    stages=tuple(stages), streams=fixed)
+
+
+def _add_reduces(stream: tuple[Instruction, ...]) -> tuple[Instruction, ...]:
+    last_backward = {}
+    for i, ins in enumerate(stream):
+        if ins.op in (Op.BWD, Op.BWD_W):
+            last_backward[ins.stage] = i
+    after = {i: s for s, i in last_backward.items()}
+    out: list[Instruction] = []
+    for i, ins in enumerate(stream):
+        out.append(ins)
+        if i in after:
+            out.append(Instruction(op=Op.REDUCE, stage=after[i]))
+    return tuple(out)
 
 
 def build_program(

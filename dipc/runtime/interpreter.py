@@ -41,7 +41,8 @@ class RankInterpreter:
 
     def __init__(self, rank: int, program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
                  loss_weights: Sequence[float], transport: Transport, treespecs: Mapping[str, Any],
-                 optimizer_step: Callable[[], None] | None = None):
+                 optimizer_step: Callable[[], None] | None = None,
+                 reduce_grads: Callable[[int], None] | None = None):
         self.rank = rank
         self.program = program
         self.stream = program.streams[rank]
@@ -51,6 +52,7 @@ class RankInterpreter:
         self.transport = transport
         self.treespecs = treespecs
         self.optimizer_step = optimizer_step
+        self.reduce_grads = reduce_grads
         self.pc = 0
         self.inbox: dict[tuple[int, int], dict[str, Any]] = {}
         self.loaded: dict[tuple[int, int], list[Any]] = {}
@@ -221,7 +223,9 @@ class RankInterpreter:
             grads = grads[n:]
 
     def _reduce(self, i: Instruction) -> None:
-        """Gradient reduction across data-parallel replicas: nothing to do with a single replica."""
+        """Start the data-parallel gradient all-reduce of a stage (a no-op with one replica)."""
+        if self.reduce_grads is not None:
+            self.reduce_grads(i.stage)
 
     def _optim(self, i: Instruction) -> None:
         self.transport.finish()

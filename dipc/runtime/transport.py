@@ -58,10 +58,11 @@ class LocalTransport(Transport):
 class DistributedTransport(Transport):
     """torch.distributed point-to-point (gloo on CPU, NCCL on GPU) with a timeout on every wait."""
 
-    def __init__(self, timeout_s: float, device: torch.device | str = "cpu"):
+    def __init__(self, timeout_s: float, device: torch.device | str = "cpu", global_rank=lambda peer: peer):
         import torch.distributed as dist
 
         self.dist = dist
+        self.global_rank = global_rank   # pipeline rank -> process rank (data-parallel replicas)
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
         self.device = device
@@ -72,11 +73,12 @@ class DistributedTransport(Transport):
             if t.numel() == 0:
                 continue
             t = t.to(self.device)
-            self.pending.append((self.dist.isend(t, dst=instr.peer), t, instr))
+            self.pending.append((self.dist.isend(t, dst=self.global_rank(instr.peer)), t, instr))
 
     def recv(self, instr, rank):
         bufs = [empty_for(s, self.device) for s in instr.specs]
-        works = [self.dist.irecv(b, src=instr.peer) for b in bufs if b.numel() > 0]
+        src = self.global_rank(instr.peer)
+        works = [self.dist.irecv(b, src=src) for b in bufs if b.numel() > 0]
         for w in works:
             self._wait(w, instr)
         return bufs
@@ -85,7 +87,9 @@ class DistributedTransport(Transport):
         try:
             ok = work.wait(self.timeout)
         except RuntimeError as e:
-            raise TimeoutError(f"no answer from rank {instr.peer} within {self.timeout_s:g} s ({e})") from None
+            what = "timed out" if "imeout" in str(e) or "imed out" in str(e) else "failed (it died or closed the connection)"
+            raise TimeoutError(f"no answer from rank {instr.peer}: the wait {what} within {self.timeout_s:g} s "
+                               f"[{str(e).splitlines()[0][:200]}]") from None
         if ok is False:
             raise TimeoutError(f"no answer from rank {instr.peer} within {self.timeout_s:g} s")
 

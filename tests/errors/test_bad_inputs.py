@@ -112,5 +112,5 @@ def test_world_size_mismatch_is_a_clear_error(monkeypatch):
     pipe = dipc.compile(ex.model, mbs[0], num_stages=2, loss_weight=ex.loss_weight)
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 3)
-    with pytest.raises(DipcError, match=r"world size 3 but the pipeline has 2 ranks.*Fix:"):
+    with pytest.raises(DipcError, match=r"world size 3 is not divisible by the pipeline depth 2.*Fix:"):
         run_step_distributed(pipe, mbs)

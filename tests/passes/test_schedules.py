@@ -176,9 +176,10 @@ def test_lower_1f1b_two_ranks() -> None:
     ops = [[(i.op.value, i.stage, i.mb) for i in stream] for stream in program.streams]
     assert ops[0] == [("LOAD", 0, 0), ("FWD", 0, 0), ("SEND_ACT", 0, 0), ("LOAD", 0, 1), ("FWD", 0, 1),
                       ("SEND_ACT", 0, 1), ("RECV_GRAD", 0, 0), ("BWD", 0, 0), ("RECV_GRAD", 0, 1),
-                      ("BWD", 0, 1), ("OPTIM", -1, -1)]
+                      ("BWD", 0, 1), ("REDUCE", 0, -1), ("OPTIM", -1, -1)]
     assert ops[1] == [("RECV_ACT", 1, 0), ("FWD", 1, 0), ("BWD", 1, 0), ("SEND_GRAD", 1, 0),
-                      ("RECV_ACT", 1, 1), ("FWD", 1, 1), ("BWD", 1, 1), ("SEND_GRAD", 1, 1), ("OPTIM", -1, -1)]
+                      ("RECV_ACT", 1, 1), ("FWD", 1, 1), ("BWD", 1, 1), ("REDUCE", 1, -1), ("SEND_GRAD", 1, 1),
+                      ("OPTIM", -1, -1)]
     recv = program.streams[1][0]
     assert (recv.peer, recv.other_stage) == (0, 0)
     assert recv.specs == fake_specs("act", 0, 0, 1)
@@ -191,7 +192,7 @@ def test_lower_is_pure_and_checks_placement() -> None:
     stages = chain(2)
     orders = [list(o) for o in one_f_one_b(stages, 2, 3)]
     before = [list(o) for o in orders]
-    without = lower(stages, 2, 3, orders, schedule="1f1b", add_optim=False)
+    without = lower(stages, 2, 3, orders, schedule="1f1b", add_optim=False, add_reduce=False)
     assert orders == before
     assert all(stream[-1].op is Op.BWD or stream[-1].op is Op.SEND_GRAD for stream in without.streams)
     assert all(i.op is not Op.OPTIM for s in without.streams for i in s)
