@@ -87,9 +87,9 @@ class DistributedTransport(Transport):
         try:
             ok = work.wait(self.timeout)
         except RuntimeError as e:
-            what = "timed out" if "imeout" in str(e) or "imed out" in str(e) else "failed (it died or closed the connection)"
-            raise TimeoutError(f"no answer from rank {instr.peer}: the wait {what} within {self.timeout_s:g} s "
-                               f"[{str(e).splitlines()[0][:200]}]") from None
+            timed_out = "imeout" in str(e) or "imed out" in str(e)
+            what = f"no reply within {self.timeout_s:g} s" if timed_out else "it died or closed the connection"
+            raise TimeoutError(f"no answer from rank {instr.peer}: {what} [{str(e).splitlines()[0][:160]}]") from None
         if ok is False:
             raise TimeoutError(f"no answer from rank {instr.peer} within {self.timeout_s:g} s")
 

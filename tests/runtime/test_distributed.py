@@ -1,5 +1,6 @@
 """The distributed executor (gloo, one process per rank) gives the same gradients as the
 single-process reference, and a rank that never answers produces a timeout error, not a hang."""
+import re
 import time
 
 import pytest
@@ -94,3 +95,35 @@ def test_pipeline_x_data_parallel_equals_global_batch_reference(schedule, chunks
             assert loss == pytest.approx(ref_loss, rel=1e-12)
             got.update(grads)
         assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=f"replica {replica} {schedule}")
+
+
+def _dies_mid_step(rank: int, world: int) -> None:
+    import os
+
+    from dipc.runtime.distributed import run_step_distributed
+    from dipc.runtime.interpreter import RankInterpreter
+
+    ex, pipe, mbs = build("vlm", torch.float32, world, "1f1b", 1)
+    if rank == 1:
+        fwd = RankInterpreter._fwd
+        calls = []
+
+        def fwd_then_die(self, instr):
+            calls.append(instr)
+            if len(calls) == 3:
+                os._exit(17)   # the process vanishes mid-step, as a crashed or OOM-killed rank does
+            return fwd(self, instr)
+
+        RankInterpreter._fwd = fwd_then_die
+    run_step_distributed(pipe, mbs, timeout_s=20)
+
+
+@pytest.mark.timeout(120)
+def test_rank_killed_mid_step_stops_the_others_with_a_clear_error():
+    t0 = time.monotonic()
+    with pytest.raises(DipcError) as info:
+        spawn(_dies_mid_step, 2, timeout_s=60)
+    msg = str(info.value)
+    assert "rank 1: no result" in msg, msg
+    assert re.search(r"rank 0: RuntimeStepError: rank 0, step \d+ \(RECV_\w+ .*peer=1.*\): TimeoutError: no answer from rank 1: it died", msg), msg
+    assert time.monotonic() - t0 < 60
