@@ -89,6 +89,14 @@ class _DataBase:
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The stream position (both generators), so a resumed run draws the same batches."""
+        return {"numpy": self.rng.bit_generator.state, "torch": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy"]
+        self.gen.set_state(state["torch"])
+
     def samples(self, n: int) -> list:
         return [self.sample() for _ in range(n)]
 
