@@ -1,0 +1,187 @@
+"""Fused MLP activations: SwiGLU (``silu(gate) * up``, LLaMA MLPs) and GELU (exact erf or tanh
+approximation, ViT/Whisper/DiT MLPs).
+
+Each op: one elementwise ``_fwd`` and one ``_bwd`` jit kernel over the flattened tensors → host
+launcher → ``autograd.Function``. The forward saves only its inputs and the backward recomputes
+the activation (Liger-Kernel's trade: no saved intermediate, one extra cheap recompute), so the
+fused SwiGLU keeps one ``[.., hidden]`` tensor less alive than eager torch.
+
+Not handled by the kernel (falls back to torch): broadcasting between ``gate`` and ``up``, fp64.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    HAS_TRITON,
+    INTERPRET,
+    KernelInputError,
+    check_inputs,
+    record_path,
+    tl,
+    triton,
+    triton_usable,
+)
+
+__all__ = [
+    "GELUFunction",
+    "SwiGLUFunction",
+    "gelu",
+    "gelu_reference",
+    "supports_gelu",
+    "supports_swiglu",
+    "swiglu",
+    "swiglu_reference",
+]
+
+_BLOCK = 16384 if INTERPRET else 1024
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(A, B, C, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+        c = a * tl.sigmoid(a) * b
+        tl.store(C + offs, c.to(C.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(DC, A, B, DA, DB, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        dc = tl.load(DC + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        silu = a * sig
+        da = dc * b * sig * (1.0 + a * (1.0 - sig))
+        tl.store(DA + offs, da.to(DA.dtype.element_ty), mask=mask)
+        tl.store(DB + offs, (dc * silu).to(DB.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gelu_fwd_kernel(X, Y, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if TANH:
+            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            inner = tl.minimum(tl.maximum(inner, -20.0), 20.0)  # tanh(+-20) == +-1 in fp32
+            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner)
+            y = 0.5 * x * (1.0 + t)
+        else:
+            y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gelu_bwd_kernel(DY, X, DX, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if TANH:
+            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            inner = tl.minimum(tl.maximum(inner, -20.0), 20.0)  # tanh(+-20) == +-1 in fp32
+            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+            d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+            grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
+        else:
+            cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+            pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
+            grad = cdf + x * pdf
+        tl.store(DX + offs, (dy * grad).to(DX.dtype.element_ty), mask=mask)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        a1, b1 = _flat(a), _flat(b)
+        c = torch.empty_like(a1)
+        n = a1.numel()
+        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](a1, b1, c, n, BLOCK=_BLOCK)
+        ctx.save_for_backward(a1, b1)
+        ctx.shape = a.shape
+        return c.view(a.shape)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a1, b1 = ctx.saved_tensors
+        da, db = torch.empty_like(a1), torch.empty_like(b1)
+        n = a1.numel()
+        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(dc), a1, b1, da, db, n, BLOCK=_BLOCK)
+        return da.view(ctx.shape), db.view(ctx.shape)
+
+
+class GELUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tanh: bool):
+        x1 = _flat(x)
+        y = torch.empty_like(x1)
+        n = x1.numel()
+        _gelu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x1, y, n, TANH=tanh, BLOCK=_BLOCK)
+        ctx.save_for_backward(x1)
+        ctx.tanh = tanh
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x1,) = ctx.saved_tensors
+        dx = torch.empty_like(x1)
+        n = x1.numel()
+        _gelu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(dy), x1, dx, n, TANH=ctx.tanh, BLOCK=_BLOCK)
+        return dx.view(ctx.shape), None
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def gelu_reference(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+def supports_swiglu(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    return (triton_usable(gate, up) and gate.shape == up.shape and gate.dtype == up.dtype
+            and gate.numel() > 0)
+
+
+def supports_gelu(x: torch.Tensor) -> bool:
+    return triton_usable(x) and x.numel() > 0
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused ``F.silu(gate) * up``.
+
+    >>> c = swiglu(torch.randn(4, 8), torch.randn(4, 8))
+    """
+    check_inputs("swiglu", ("gate", gate), ("up", up))
+    if supports_swiglu(gate, up):
+        record_path("swiglu", "triton")
+        return SwiGLUFunction.apply(gate, up)
+    record_path("swiglu", "torch")
+    return swiglu_reference(gate, up)
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """Fused ``F.gelu(x, approximate=...)`` (``"none"`` = exact erf, ``"tanh"``).
+
+    >>> y = gelu(torch.randn(4, 8), approximate="tanh")
+    """
+    if approximate not in ("none", "tanh"):
+        raise KernelInputError(f"gelu: approximate={approximate!r}. Fix: use 'none' or 'tanh'.")
+    check_inputs("gelu", ("x", x))
+    if supports_gelu(x):
+        record_path("gelu", "triton")
+        return GELUFunction.apply(x, approximate == "tanh")
+    record_path("gelu", "torch")
+    return gelu_reference(x, approximate)

@@ -1,0 +1,165 @@
+"""Fused LayerNorm over the last dim (ViT / Whisper / DiT encoders), with optional weight and bias
+(``nn.LayerNorm(elementwise_affine=False)`` in DiT blocks has neither).
+
+jit kernels → host launchers → ``LayerNormFunction``; ``layer_norm_reference`` is
+``F.layer_norm``. The forward saves ``x``, per-row ``mean`` and ``rstd``; the backward recomputes
+``x_hat`` and reduces the weight/bias gradients through fp32 per-program partial sums.
+
+Not handled by the kernel (falls back to torch): normalized shapes over more than the last dim,
+rows wider than 65536, fp64, and parameter dtypes that differ from the input's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    HAS_TRITON,
+    KernelInputError,
+    check_inputs,
+    next_pow2,
+    num_persistent_programs,
+    record_path,
+    rows_per_program,
+    tl,
+    triton,
+    triton_usable,
+)
+
+__all__ = ["LayerNormFunction", "layer_norm", "layer_norm_reference", "supports_layer_norm"]
+
+_MAX_COLS = 65536
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, n_rows, n_cols, eps,
+                               HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        rmask = rows < n_rows
+        cmask = cols < n_cols
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / n_cols
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + rows, mean, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+
+    @triton.jit
+    def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, n_rows, n_cols, num_tiles,
+                               HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        num_progs = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < n_cols
+        if HAS_W:
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for tile in range(pid, num_tiles, num_progs):
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = rows < n_rows
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if HAS_W:
+                wdy = dy * w[None, :]
+            else:
+                wdy = dy
+            c1 = tl.sum(x_hat * wdy, axis=1) / n_cols
+            c2 = tl.sum(wdy, axis=1) / n_cols
+            dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += tl.sum(dy * x_hat, axis=0)
+            db_acc += tl.sum(dy, axis=0)
+        if HAS_W:
+            tl.store(DW_PART + pid * n_cols + cols, dw_acc, mask=cmask)
+        if HAS_B:
+            tl.store(DB_PART + pid * n_cols + cols, db_acc, mask=cmask)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        w = weight.contiguous() if weight is not None else None
+        b = bias.contiguous() if bias is not None else None
+        n_rows, n_cols = x2.shape
+        block_n = next_pow2(n_cols)
+        block_m = rows_per_program(block_n)
+        y = torch.empty_like(x2)
+        mean = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+        rstd = torch.empty_like(mean)
+        _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+            x2, w if w is not None else x2, b if b is not None else x2, y, mean, rstd, n_rows, n_cols, eps,
+            HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+        ctx.save_for_backward(x2, w, mean, rstd)
+        ctx.has_b = b is not None
+        ctx.b_dtype = b.dtype if b is not None else None
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, mean, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        block_n = next_pow2(n_cols)
+        block_m = rows_per_program(block_n)
+        num_tiles = triton.cdiv(n_rows, block_m)
+        num_progs = num_persistent_programs(num_tiles, x2.device)
+        dx = torch.empty_like(x2)
+        dw_part = torch.empty(num_progs, n_cols, dtype=torch.float32, device=x2.device)
+        db_part = torch.empty_like(dw_part) if ctx.has_b else dw_part
+        _layer_norm_bwd_kernel[(num_progs,)](
+            dy.reshape(x2.shape).contiguous(), x2, w if w is not None else x2, mean, rstd, dx, dw_part, db_part,
+            n_rows, n_cols, num_tiles, HAS_W=w is not None, HAS_B=ctx.has_b, BLOCK_M=block_m, BLOCK_N=block_n)
+        dw = dw_part.sum(0).to(w.dtype) if w is not None else None
+        db = db_part.sum(0).to(ctx.b_dtype) if ctx.has_b else None
+        return dx.view(dy.shape), dw, db, None
+
+
+def supports_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    n = x.shape[-1] if x.dim() else 0
+    return (
+        triton_usable(x, weight, bias)
+        and all(p is None or (p.dtype == x.dtype and p.shape == (n,)) for p in (weight, bias))
+        and 0 < n <= _MAX_COLS
+        and x.numel() > 0
+    )
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """Fused ``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)``.
+
+    >>> y = layer_norm(torch.randn(4, 8), torch.ones(8), torch.zeros(8))
+    """
+    check_inputs("layer_norm", ("x", x), ("weight", weight), ("bias", bias))
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (x.shape[-1],):
+            raise KernelInputError(f"layer_norm: {name} has shape {tuple(p.shape)} but x has last dim "
+                                   f"{x.shape[-1]}. Fix: {name} must be 1-D of size x.shape[-1].")
+    if supports_layer_norm(x, weight, bias):
+        record_path("layer_norm", "triton")
+        return LayerNormFunction.apply(x, weight, bias, float(eps))
+    record_path("layer_norm", "torch")
+    return layer_norm_reference(x, weight, bias, eps)
