@@ -1,0 +1,204 @@
+"""Measure the machine dipc runs on and write a profile JSON (to be exposed as ``dipc profile``).
+
+``measure_profile(path)`` times, with torch on the current device (CUDA if available, else CPU):
+
+- matmul throughput per dtype over a ladder of square sizes: the best achieved FLOP/s is the
+  dtype's "peak", and achieved / peak per size is the ``matmul`` efficiency curve (x = FLOPs);
+- memory bandwidth: an out-of-place add (read 2, write 1) at the largest (out-of-cache) size of
+  a ladder, best of several runs; the ladder gives the ``elementwise`` curve (x = bytes moved,
+  cache-resident sizes clamped to 1);
+- the per-op overhead: the time of an add on one-element tensors (launch + dispatch);
+- memory capacity: the device's total memory (GPU) or the host's physical memory (CPU).
+
+The ``attention`` and ``conv`` curves are taken from ``matmul`` and ``reduction`` from
+``elementwise`` (they are not measured separately yet). Links are not measured: the profile
+gets placeholder links (loopback for CPU ranks in one host, NVLink-class for GPUs) that the
+SEMU calibration is meant to replace; the profile's ``source`` says so. Example::
+
+    >>> from dipc.semu.profile_machine import measure_profile
+    >>> cluster = measure_profile("this_machine.json", quick=True)  # doctest: +SKIP
+
+``quick=True`` uses small sizes and few repeats (about a second on a CPU; for tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+from dipc.semu.profiles import (ClusterProfile, DeviceProfile, EfficiencyCurve,
+                                LinkProfile, save_profile)
+
+__all__ = ["measure_profile"]
+
+
+def _timer(device: str):
+    import torch
+
+    if device == "cuda":
+        def sync() -> None:
+            torch.cuda.synchronize()
+    else:
+        def sync() -> None:
+            return None
+    return sync
+
+
+def _best_time(fn, sync, repeats: int, min_time: float) -> float:
+    """Best per-call seconds over ``repeats`` batches, each run long enough to time reliably."""
+    fn()
+    sync()
+    calls = 1
+    while True:  # grow the batch until it takes min_time
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        dt = time.perf_counter() - t0
+        if dt >= min_time or calls >= 1 << 16:
+            break
+        calls *= 2
+    best = dt / calls
+    for _ in range(repeats - 1):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def _curve(points: list[tuple[float, float]]) -> EfficiencyCurve:
+    """Monotone, strictly ascending, clamped to (0, 1] — measured noise must not break the format."""
+    points = sorted(points)
+    clean: list[tuple[float, float]] = []
+    for size, eff in points:
+        eff = min(1.0, max(eff, 1e-4))
+        if clean and size <= clean[-1][0]:
+            continue
+        clean.append((size, eff))
+    return EfficiencyCurve(points=tuple(clean))
+
+
+def _measure_matmul(torch, device: str, dtype, sizes, sync, repeats, min_time):
+    achieved = []
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        t = _best_time(lambda: torch.mm(a, b), sync, repeats, min_time)
+        achieved.append((2.0 * n ** 3, 2.0 * n ** 3 / t))
+    peak = max(f for _, f in achieved)
+    return peak, [(flops, f / peak) for flops, f in achieved]
+
+
+def measure_profile(path: str | Path | None = None, *, quick: bool = False,
+                    device: str | None = None, name: str | None = None,
+                    num_threads: int | None = 1) -> ClusterProfile:
+    """Measure this machine, write the profile to ``path`` (if given) and return it.
+
+    On CPU the profile describes one rank running ``num_threads`` torch threads (default 1: the
+    CPU tests run one thread per rank, and the launcher gives each rank ``cores // world``).
+    ``None`` keeps torch's current setting. Oversubscribed threads make small matmuls erratic
+    (measured here: a 64x64 matmul took 7 ms with 2 threads on a 2-core quota, 6 us with 1).
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    saved_threads = torch.get_num_threads()
+    if device == "cpu" and num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _measure(torch, path, quick=quick, device=device, name=name)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _measure(torch, path, *, quick: bool, device: str, name: str | None) -> ClusterProfile:
+    sync = _timer(device)
+    repeats, min_time = (2, 0.01) if quick else (5, 0.05)
+    if device == "cuda":
+        mm_sizes = [256, 512, 1024, 2048, 4096] if quick else [256, 512, 1024, 2048, 4096, 8192]
+        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+        ew_numels = [1 << k for k in (10, 14, 18, 22, 26)]
+    else:
+        mm_sizes = [32, 64, 128, 256] if quick else [32, 64, 128, 256, 512, 1024]
+        dtypes = {"float32": torch.float32} if quick else {"float32": torch.float32,
+                                                           "float64": torch.float64,
+                                                           "bfloat16": torch.bfloat16}
+        ew_numels = [1 << k for k in ((8, 12, 16, 20, 22) if quick else (8, 12, 16, 20, 23, 25))]
+
+    main_dtype = "bfloat16" if device == "cuda" else "float32"  # the curve comes from this one
+    peaks: dict[str, float] = {}
+    matmul_curve: list[tuple[float, float]] = []
+    for dname, dtype in dtypes.items():
+        peak, curve = _measure_matmul(torch, device, dtype, mm_sizes, sync, repeats, min_time)
+        peaks[dname] = peak
+        if dname == main_dtype:
+            matmul_curve = curve
+
+    # elementwise: c = a + b moves 3 * numel * 4 bytes
+    ew: list[tuple[float, float]] = []
+    for numel in ew_numels:
+        a = torch.randn(numel, device=device)
+        b = torch.randn(numel, device=device)
+        out = torch.empty_like(a)
+        t = _best_time(lambda: torch.add(a, b, out=out), sync, repeats, min_time)
+        ew.append((3.0 * numel * 4, 3.0 * numel * 4 / t))
+    # memory bandwidth is what the largest (out-of-cache) size reaches; cache-resident sizes run
+    # faster than that and are clamped to efficiency 1
+    bandwidth = ew[-1][1]
+    ew_curve = [(nbytes, bw / bandwidth) for nbytes, bw in ew]
+
+    one_a = torch.ones(1, device=device)
+    one_b = torch.ones(1, device=device)
+    overhead = _best_time(lambda: torch.add(one_a, one_b), sync, repeats, min_time)
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        capacity = float(props.total_memory)
+        dev_name = props.name
+        links = (LinkProfile(latency=5e-6, bandwidth=100e9), LinkProfile(latency=10e-6, bandwidth=25e9))
+        gpus_per_node = max(1, torch.cuda.device_count())
+        kind = "gpu"
+    else:
+        try:
+            capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            capacity = 16 * 2**30
+        dev_name = platform.processor() or platform.machine() or "cpu"
+        # ranks on one host talk through loopback / shared memory: about a memory copy
+        links = (LinkProfile(latency=50e-6, bandwidth=bandwidth / 3),
+                 LinkProfile(latency=100e-6, bandwidth=1.25e9))
+        gpus_per_node = max(1, os.cpu_count() or 1)  # CPU "devices" (gloo ranks) on this host
+        kind = "cpu"
+
+    curves = {
+        "matmul": _curve(matmul_curve),
+        "attention": _curve(matmul_curve),
+        "conv": _curve(matmul_curve),
+        "elementwise": _curve(ew_curve),
+        "reduction": _curve(ew_curve),
+    }
+    host = platform.node() or "this machine"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    device_profile = DeviceProfile(
+        name=f"{dev_name} ({device})", kind=kind, peak_flops=peaks, memory_bandwidth=bandwidth,
+        memory_capacity=capacity, launch_overhead=overhead, efficiency=curves,
+        source=f"measured on {host} at {stamp} with torch {torch.__version__}"
+               f"{' (quick)' if quick else ''}, {torch.get_num_threads() if device == 'cpu' else 'all'} "
+               "threads; peaks are the best measured matmul FLOP/s; "
+               "attention/conv curves copy matmul, reduction copies elementwise",
+    )
+    cluster = ClusterProfile(
+        name=name or f"measured-{device}", device=device_profile, gpus_per_node=gpus_per_node,
+        intra_node=links[0], inter_node=links[1],
+        source="device measured; links are placeholders (not measured yet), to be calibrated",
+    )
+    if path is not None:
+        save_profile(cluster, path)
+    if not all(math.isfinite(v) for v in peaks.values()):
+        raise RuntimeError(f"measured non-finite peaks {peaks}")
+    return cluster
