@@ -55,6 +55,8 @@ class CompiledPipeline:
 
     def __post_init__(self) -> None:
         self.shapes = ShapeInference(self.stages)
+        # which parameters train decides which stage edges carry gradients and what optimizers hold
+        self.trainable = tuple(p.requires_grad for p in self.model.parameters())
         self.treespecs = {name: tree_flatten(v)[1] for name, v in self.captured.example_values.items()}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         if self.optimizer_factory is not None:
@@ -97,6 +99,7 @@ class CompiledPipeline:
         from dipc.passes.codegen import build_program
 
         self.check_batch(microbatches)
+        self.check_trainable()
         t0 = time.perf_counter()
         edge_specs = [self.shapes.edge_specs(mb) for mb in microbatches]
 
@@ -107,8 +110,31 @@ class CompiledPipeline:
         program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
                                 schedule or self.schedule, specs=specs)
         validate(program)
-        self.history.append(("plan", program, (time.perf_counter() - t0) * 1e3))
+        entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
+        if self.history and self.history[-1][0] == "plan":   # keep the latest plan, not one per step
+            self.history[-1] = entry
+        else:
+            self.history.append(entry)
         return program
+
+    def check_trainable(self) -> None:
+        if tuple(p.requires_grad for p in self.model.parameters()) != self.trainable:
+            raise PartitionError("parameters were frozen or unfrozen (requires_grad changed) after dipc.compile; "
+                                 "the stage graph decided from the old setting which values carry gradients. "
+                                 "Fix: call dipc.compile again after changing requires_grad.")
+
+    def check_program(self, program: Program, microbatches: Sequence[Batch]) -> None:
+        if program.num_microbatches != len(microbatches) or program.num_ranks != self.num_ranks:
+            raise BatchError(f"the program was planned for {program.num_microbatches} microbatches on "
+                             f"{program.num_ranks} ranks, but got {len(microbatches)} microbatches for a "
+                             f"{self.num_ranks}-rank pipeline. Fix: plan these microbatches (pipe.plan(mbs)).")
+
+    def result(self, weights: Sequence[float], microbatch_losses: Sequence[float], t0: float,
+               program: Program) -> StepResult:
+        """The step's full-batch loss; microbatches with weight 0 (no loss tokens) do not count."""
+        loss = sum(w * l for w, l in zip(weights, microbatch_losses) if w != 0)
+        return StepResult(loss=loss, microbatch_losses=list(microbatch_losses),
+                          seconds=time.perf_counter() - t0, program=program)
 
     def loss_weights(self, microbatches: Sequence[Batch]) -> list[float]:
         w = [float(self.loss_weight(mb)) for mb in microbatches]
@@ -123,19 +149,27 @@ class CompiledPipeline:
         from dipc.runtime.local import run_local
 
         t0 = time.perf_counter()
-        program = program or self.plan(microbatches)
+        if program is None:
+            program = self.plan(microbatches)
+        else:
+            self.check_batch(microbatches)
+            self.check_program(program, microbatches)
         weights = self.loss_weights(microbatches)
         stats = run_local(program, self.stages, microbatches, weights, self.treespecs,
                           optimizer_step=self._step_all_optimizers if self.optimizers else None)
         losses = {m: l for st in stats for m, l in st.losses.items()}
-        mb_losses = [losses[m] for m in range(len(microbatches))]
-        return StepResult(loss=sum(w * l for w, l in zip(weights, mb_losses)), microbatch_losses=mb_losses,
-                          seconds=time.perf_counter() - t0, program=program)
+        return self.result(weights, [losses[m] for m in range(len(microbatches))], t0, program)
 
-    def _step_all_optimizers(self) -> None:
-        for opt in self.optimizers.values():
+    def step_optimizer(self, rank: int) -> None:
+        """Optimizer step and zero-grad for one rank's parameters (no-op without an optimizer)."""
+        opt = self.optimizers.get(rank)
+        if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    def _step_all_optimizers(self) -> None:
+        for r in self.optimizers:
+            self.step_optimizer(r)
 
     def dump(self, program: Program, path: str | Path) -> Path:
         """Write the program as text (``.txt``) and JSON (``.json``) next to each other."""
@@ -166,10 +200,11 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     from dipc.passes.schedules import get_schedule
 
     get_schedule(schedule)  # unknown names fail here, before any tracing
-    if num_stages < 1:
-        raise PartitionError(f"num_stages={num_stages}. Fix: use num_stages >= 1.")
     if chunks is None:
         chunks = 2 if schedule == "interleaved_1f1b" else 1
+    for name, value in (("num_stages", num_stages), ("chunks", chunks)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PartitionError(f"{name}={value!r}. Fix: pass a whole number >= 1.")
     if chunks > 1 and schedule in ("1f1b", "zb_h1"):
         raise ScheduleError(f"schedule {schedule!r} runs one stage per rank but chunks={chunks}. "
                             "Fix: use schedule='interleaved_1f1b' (or 'gpipe') for virtual stages, or chunks=1.")

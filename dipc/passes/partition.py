@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dipc.errors import PartitionError
 from dipc.passes.capture import CapturedModel
 from dipc.passes.tag import LayerTag
+from dipc.passes.values import spec_of
 
 
 @dataclass
@@ -244,6 +245,8 @@ def build_stages(captured: CapturedModel, stage_layers: list[list[str]], stage_m
         graph.output(tuple(result))
         graph.lint()
         module = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
+        for v in needed_vals:
+            _check_transferable(v.name, values.get(v.name), node_stage[v.name], s)
         grad_values = {n.name for n in needed_vals + outs if _requires_grad(values.get(n.name))}
         params = list(dict.fromkeys(module.parameters()))
         stages.append(StageSpec(
@@ -253,6 +256,20 @@ def build_stages(captured: CapturedModel, stage_layers: list[list[str]], stage_m
             params=params))
     _check_shared_params(stages)
     return stages
+
+
+def _check_transferable(name: str, value: Any, producer: int, consumer: int) -> None:
+    """Every leaf of a value that crosses stages must be a tensor of a sendable dtype or a scalar."""
+    for leaf in tree_flatten(value)[0]:
+        if leaf is None:
+            continue
+        try:
+            spec_of(leaf)
+        except TypeError as e:
+            raise PartitionError(
+                f"value {name!r} flows from stage {producer} to stage {consumer}, but {e}. Fix: compute it inside "
+                "the layer that uses it (e.g. build RoPE tables in each block), or pass layers=[...] / "
+                "leaf_modules=[...] so producer and consumer land in one stage.") from None
 
 
 def _check_shared_params(stages: list[StageSpec]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 from dipc.errors import BatchError
 from dipc.ir import TensorSpec
 from dipc.passes.partition import StageSpec
-from dipc.runtime.values import DTYPE_NAMES, is_grad_leaf, leaves_of, spec_of
+from dipc.passes.values import DTYPE_NAMES, is_grad_leaf, leaves_of, spec_of
 
 EdgeSpecs = dict[tuple[int, int], tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]
 
@@ -152,7 +153,9 @@ class _SymbolicTemplate:
 
 
 def _key_layout(batch: Mapping[str, Any]) -> tuple:
-    return tuple((k, v.dim(), str(v.dtype)) if isinstance(v, torch.Tensor) else (k, type(v).__name__)
+    """What a template is specialised to: tensor ranks and dtypes, and non-tensor values themselves
+    (the trace bakes them in as constants)."""
+    return tuple((k, v.dim(), str(v.dtype)) if isinstance(v, torch.Tensor) else (k, repr(v))
                  for k, v in sorted(batch.items()))
 
 
@@ -161,13 +164,14 @@ class ShapeInference:
 
     MAX_TEMPLATES = 4
     TEMPLATE_AFTER_MISSES = 16
+    MAX_CACHED = 4096
 
     def __init__(self, stages: list[StageSpec], symbolic: bool = True):
         self.stages = stages
         self.symbolic = symbolic
         self._templates: dict[tuple, list[_SymbolicTemplate]] = {}
         self._misses: dict[tuple, int] = {}
-        self._cache: dict[tuple, EdgeSpecs] = {}
+        self._cache: OrderedDict[tuple, EdgeSpecs] = OrderedDict()   # LRU of concrete results
         self._meta_stages: list[torch.nn.Module] | None = None
         self.fallbacks = 0
         self.template_error: str | None = None   # why the symbolic template could not be built
@@ -193,9 +197,13 @@ class ShapeInference:
                     if specs is not None:
                         return specs
         key = batch_signature(batch)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
             self.fallbacks += 1
             self._cache[key] = self._infer_concrete(batch)
+            if len(self._cache) > self.MAX_CACHED:
+                self._cache.popitem(last=False)
         return self._cache[key]
 
     def _infer_concrete(self, batch: Mapping[str, Any]) -> EdgeSpecs:
@@ -219,7 +227,8 @@ class ShapeInference:
 
         env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
         fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-        level, fake_log.level = fake_log.level, logging.CRITICAL  # a failed symbolic trace is expected, not news
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)  # a failed symbolic trace is expected, not news
         dims: list[tuple[str, int]] = []
         symbols: list[sympy.Symbol] = []
         try:
@@ -267,6 +276,6 @@ class ShapeInference:
             self.template_error = f"{type(e).__name__}: {e}"
             return None
         finally:
-            fake_log.level = level
+            fake_log.setLevel(level)
         return _SymbolicTemplate(dims=dims, check=lambda *v: bool(check(*v)), shapes=lambda *v: list(shapes(*v)),
                                  layout=layout, signature_keys=_key_layout(batch))

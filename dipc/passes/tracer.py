@@ -362,6 +362,7 @@ def trace_with_layer_leaves(model: nn.Module, batch_keys: list[str], layer_paths
                 f"{type(model).__name__}: the glue helper {site} cannot be traced, and running it opaquely "
                 f"would hide layers {hidden[:3]} inside it. Fix: mark a module around the untraceable code as "
                 "a leaf (leaf_modules=[...]) or name coarser layers with layers=[...].")
-    gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Glue")
+    # root, not model: tensor constants the tracer made (e.g. torch.ones(4) in the glue) live on root
+    gm = fx.GraphModule(root, graph, class_name=f"{type(model).__name__}Glue")
     gm.meta["dipc.opaque"] = [str(s) for s in sites]
     return gm

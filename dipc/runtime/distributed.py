@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from dipc.errors import DipcError, RuntimeStepError
+from dipc.errors import DipcError
 from dipc.runtime.data_parallel import GradReducer, topology
 from dipc.runtime.interpreter import RankInterpreter
 from dipc.runtime.transport import DistributedTransport
@@ -36,6 +36,8 @@ def init_process_group(backend: str | None = None, timeout_s: float = DEFAULT_TI
             raise DipcError(f"environment variables {missing} are not set, so this process does not know its rank. "
                             "Fix: launch with `torchrun --nproc-per-node N ...` or dipc.runtime.launch.spawn().")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
@@ -59,21 +61,24 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     """
     import torch.distributed as dist
 
-    from dipc.api import StepResult
-
     topo = topology(pipe.num_ranks)
     t0 = time.perf_counter()
-    program = program or pipe.plan(microbatches)
-    raw = torch.tensor([float(pipe.loss_weight(mb)) for mb in microbatches], dtype=torch.float64)
+    if program is None:
+        program = pipe.plan(microbatches)
+    else:
+        pipe.check_batch(microbatches)
+        pipe.check_program(program, microbatches)
+    # collectives run on the parameters' device (NCCL needs CUDA tensors, gloo CPU ones)
+    device = next(pipe.model.parameters()).device
+    raw = torch.tensor([float(pipe.loss_weight(mb)) for mb in microbatches], dtype=torch.float64, device=device)
     total = raw.sum().reshape(1)
     if topo.dp > 1:
         dist.all_reduce(total, group=topo.dp_group)
     if total.item() <= 0:
         raise DipcError("every microbatch has loss weight 0 (no label tokens?). Fix: check the labels.")
     weights = (raw / total).tolist()
-    transport = DistributedTransport(timeout_s, global_rank=topo.global_rank)
+    transport = DistributedTransport(timeout_s, device=device, global_rank=topo.global_rank)
     rank = topo.pp_rank
-    opt = pipe.optimizers.get(rank)
     reducer = None
     if topo.dp > 1:
         owned = {s.id: s.params for s in pipe.stages if s.rank == rank}
@@ -82,28 +87,20 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     def optimizer_step() -> None:
         if reducer is not None:
             reducer.wait()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        pipe.step_optimizer(rank)
 
     interp = RankInterpreter(rank, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,
                              optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None)
-    try:
-        interp.run()
-        transport.finish()
-    except TimeoutError as e:
-        step = interp.pc
-        instr = program.streams[rank][step] if step < len(program.streams[rank]) else "end of step"
-        raise RuntimeStepError(topo.rank, step, str(instr), f"{e}. Fix: check that rank is alive; raise the "
-                               "timeout if it is just slow.") from None
-    losses = torch.zeros(len(microbatches), dtype=torch.float64)
+    interp.run()
+    transport.finish()
+    losses = torch.zeros(len(microbatches), dtype=torch.float64, device=device)
     for m, l in interp.stats.losses.items():
         losses[m] = l
     if topo.pp > 1:
         dist.all_reduce(losses, group=topo.pp_group)
-    mb_losses = losses.tolist()
-    replica_loss = torch.tensor([sum(w * l for w, l in zip(weights, mb_losses)) if rank == 0 else 0.0],
-                                dtype=torch.float64)
-    dist.all_reduce(replica_loss)
-    return StepResult(loss=replica_loss.item(), microbatch_losses=mb_losses,
-                      seconds=time.perf_counter() - t0, program=program)
+    local = pipe.result(weights, losses.tolist(), t0, program)
+    # every replica's pipeline rank 0 contributes its replica's share of the global loss
+    total_loss = torch.tensor([local.loss if rank == 0 else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(total_loss)
+    local.loss = total_loss.item()
+    return local

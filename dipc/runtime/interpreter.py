@@ -15,11 +15,15 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from dipc.errors import BatchError, RuntimeStepError
+from dipc.errors import RuntimeStepError
 from dipc.ir import Instruction, Op, Program
 from dipc.passes.partition import StageSpec
 from dipc.runtime.transport import Transport, WouldBlock
-from dipc.runtime.values import from_wire, is_grad_leaf, leaves_of, to_wire
+from dipc.passes.values import from_wire, is_grad_leaf, leaves_of, to_wire
+
+
+def _detach(leaf: Any) -> Any:
+    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
 
 
 @dataclass
@@ -60,6 +64,13 @@ class RankInterpreter:
         self.out_grads: dict[tuple[int, int, str], list[torch.Tensor]] = {}
         self.grads_to_send: dict[tuple[int, int, int], list[torch.Tensor]] = {}
         self.stats = StepStats()
+        self.losses: dict[int, torch.Tensor] = {}
+        # Everything the hot path looks up, resolved once per step instead of per instruction.
+        self.labels = [f"dipc:{instr}" for instr in self.stream]
+        self.edge_names = {(p, s.id): s.values_from(p) for s in stages for p in s.producers}
+        self.local_consumers = {
+            s.id: [(c.id, self.edge_names[(s.id, c.id)]) for c in stages if s.id in c.producers and c.rank == rank]
+            for s in stages if s.rank == rank}
         self.handlers: dict[Op, Callable[[Instruction], None]] = {
             Op.LOAD: self._load, Op.FWD: self._fwd, Op.BWD: self._bwd, Op.BWD_I: self._bwd_input,
             Op.BWD_W: self._bwd_weight, Op.SEND_ACT: self._send_act, Op.RECV_ACT: self._recv_act,
@@ -79,7 +90,7 @@ class RankInterpreter:
         while self.pc < len(self.stream):
             instr = self.stream[self.pc]
             try:
-                with record_function(f"dipc:{instr}"):
+                with record_function(self.labels[self.pc]):
                     self.handlers[instr.op](instr)
             except WouldBlock:
                 if until_blocked:
@@ -92,18 +103,15 @@ class RankInterpreter:
             self.pc += 1
             self.stats.instructions += 1
             progressed = True
+        if self.losses:   # one device sync per step, not one per loss
+            self.stats.losses.update(zip(self.losses, torch.stack(list(self.losses.values())).tolist()))
+            self.losses.clear()
         return progressed
 
     # -- handlers ----------------------------------------------------------------------------
     def _load(self, i: Instruction) -> None:
-        st = self.stages[i.stage]
-        mb = self.microbatches[i.mb]
-        missing = [k for k in st.input_keys if k not in mb]
-        if missing:
-            raise BatchError(f"microbatch {i.mb} lacks batch key {missing[0]!r}, which stage {i.stage} "
-                             f"(layers {st.layers[:2]}...) reads. Fix: give every microbatch the keys of the "
-                             "example batch.")
-        self.loaded[(i.stage, i.mb)] = [mb[k] for k in st.input_keys]
+        mb = self.microbatches[i.mb]   # keys were checked against the example batch when planning
+        self.loaded[(i.stage, i.mb)] = [mb[k] for k in self.stages[i.stage].input_keys]
 
     def _fwd(self, i: Instruction) -> None:
         st = self.stages[i.stage]
@@ -120,12 +128,12 @@ class RankInterpreter:
         outputs = dict(zip(st.output_values, outs))
         loss = outs[-1] if st.has_loss else None
         if loss is not None:
-            self.stats.losses[i.mb] = float(loss.detach())
+            self.losses[i.mb] = loss.detach()
         self.saved[(i.stage, i.mb)] = _Saved(outputs=outputs, grad_inputs=grad_inputs, loss=loss)
-        for c in self.program.consumers(i.stage):
-            if self.stages[c].rank == self.rank:
-                self.inbox.setdefault((c, i.mb), {}).update(
-                    {n: outputs[n] for n in self.stages[c].values_from(i.stage)})
+        for c, names in self.local_consumers[i.stage]:
+            # same values a remote consumer would get: detached (the consumer re-attaches grad leaves)
+            self.inbox.setdefault((c, i.mb), {}).update(
+                {n: outputs[n] if n in st.grad_values else tree_map(_detach, outputs[n]) for n in names})
 
     def _backward_args(self, i: Instruction) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         st = self.stages[i.stage]
@@ -142,7 +150,7 @@ class RankInterpreter:
                 if leaf.requires_grad:
                     tensors.append(leaf)
                     grads.append(grad)
-        if saved.loss is not None and saved.loss.requires_grad:
+        if saved.loss is not None and saved.loss.requires_grad and self.loss_weights[i.mb] != 0:
             tensors.append(saved.loss)
             grads.append(torch.tensor(self.loss_weights[i.mb], dtype=saved.loss.dtype, device=saved.loss.device))
         return tensors, grads
@@ -195,14 +203,14 @@ class RankInterpreter:
 
     def _send_act(self, i: Instruction) -> None:
         outputs = self.saved[(i.stage, i.mb)].outputs
-        names = self.stages[i.other_stage].values_from(i.stage)
+        names = self.edge_names[(i.stage, i.other_stage)]
         self.transport.send(i, self.rank, [to_wire(l) for l in leaves_of(outputs[n] for n in names)])
 
     def _recv_act(self, i: Instruction) -> None:
         tensors = self.transport.recv(i, self.rank)
         leaves = [from_wire(t, s) for t, s in zip(tensors, i.specs)]
         box = self.inbox.setdefault((i.stage, i.mb), {})
-        for name in self.stages[i.stage].values_from(i.other_stage):
+        for name in self.edge_names[(i.other_stage, i.stage)]:
             spec = self.treespecs[name]
             box[name] = tree_unflatten(leaves[: spec.num_leaves], spec)
             leaves = leaves[spec.num_leaves:]
@@ -215,7 +223,7 @@ class RankInterpreter:
         grads = self.transport.recv(i, self.rank)
         outputs = self.saved[(i.stage, i.mb)].outputs
         consumer = self.stages[i.other_stage]
-        for name in consumer.values_from(i.stage):
+        for name in self.edge_names[(i.stage, i.other_stage)]:
             if name not in consumer.grad_values:
                 continue
             n = sum(1 for l in tree_flatten(outputs[name])[0] if is_grad_leaf(l))

@@ -12,7 +12,7 @@ from collections import defaultdict, deque
 import torch
 
 from dipc.ir import Instruction
-from dipc.runtime.values import empty_for
+from dipc.passes.values import empty_for
 
 
 class WouldBlock(Exception):
@@ -89,9 +89,12 @@ class DistributedTransport(Transport):
         except RuntimeError as e:
             timed_out = "imeout" in str(e) or "imed out" in str(e)
             what = f"no reply within {self.timeout_s:g} s" if timed_out else "it died or closed the connection"
-            raise TimeoutError(f"no answer from rank {instr.peer}: {what} [{str(e).splitlines()[0][:160]}]") from None
+            raise TimeoutError(f"no answer from rank {instr.peer}: {what} [{str(e).splitlines()[0][:160]}]. "
+                               "Fix: check that rank's log (it may have crashed); raise the timeout if it is "
+                               "only slow.") from None
         if ok is False:
-            raise TimeoutError(f"no answer from rank {instr.peer} within {self.timeout_s:g} s")
+            raise TimeoutError(f"no answer from rank {instr.peer}: no reply within {self.timeout_s:g} s. "
+                               "Fix: check that rank's log; raise the timeout if it is only slow.")
 
     def finish(self):
         pending, self.pending = self.pending, []

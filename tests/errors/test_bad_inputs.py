@@ -114,3 +114,55 @@ def test_world_size_mismatch_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 3)
     with pytest.raises(DipcError, match=r"world size 3 is not divisible by the pipeline depth 2.*Fix:"):
         run_step_distributed(pipe, mbs)
+
+
+def test_program_for_other_microbatches_is_rejected():
+    ex, mbs = _vlm()
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, loss_weight=ex.loss_weight)
+    program = pipe.plan(mbs)
+    with pytest.raises(BatchError, match=r"planned for 2 microbatches .* got 3 .*Fix:"):
+        pipe.step(mbs + mbs[:1], program)
+
+
+def test_unfreezing_after_compile_is_rejected():
+    ex, mbs = _vlm()
+    for p in ex.model.vision.parameters():
+        p.requires_grad_(False)
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, loss_weight=ex.loss_weight)
+    pipe.step(mbs)   # a frozen encoder trains fine
+    for p in ex.model.vision.parameters():
+        p.requires_grad_(True)
+    with pytest.raises(PartitionError, match=r"requires_grad changed.*Fix: call dipc.compile again"):
+        pipe.step(mbs)
+
+
+def test_microbatch_without_loss_tokens_does_not_poison_the_loss():
+    ex, mbs = _vlm()
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, loss_weight=ex.loss_weight)
+    empty = dict(mbs[1], labels=torch.full_like(mbs[1]["labels"], -100))
+    result = pipe.step([mbs[0], empty])
+    assert torch.isfinite(torch.tensor(result.loss))
+    assert all(torch.isfinite(p.grad).all() for p in ex.model.parameters() if p.grad is not None)
+
+
+def test_complex_value_between_stages_names_the_value():
+    class Rope(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, x, labels):
+            freqs = torch.polar(torch.ones_like(x[0]), x[0])          # complex, made in the glue
+            h = self.blocks[0](x * freqs.real)           # used in stage 0 ...
+            h = self.blocks[1](h) * freqs.imag           # ... and in stage 1
+            return F.mse_loss(h, labels)
+
+    with pytest.raises(PartitionError, match=r"value 'polar' flows from stage 0 to stage 1.*Fix:"):
+        dipc.compile(Rope(), {"x": torch.randn(3, 4), "labels": torch.randn(3, 4)}, num_stages=2)
+
+
+@pytest.mark.parametrize("kwargs", [{"chunks": 0}, {"num_stages": 2.0}, {"num_stages": 0}])
+def test_bad_stage_counts(kwargs):
+    ex, mbs = _vlm()
+    with pytest.raises(PartitionError, match=r"Fix: pass a whole number >= 1"):
+        dipc.compile(ex.model, mbs[0], **kwargs)

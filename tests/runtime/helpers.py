@@ -18,6 +18,13 @@ def varied_microbatches(ex, n: int = 3) -> list[dict]:
     return mbs
 
 
+def independent_weights(ex, microbatches) -> list[float]:
+    """Full-batch mean: each microbatch's mean loss weighted by its share of the loss elements,
+    computed from the example's own count, not from dipc."""
+    counts = [ex.loss_weight(mb) for mb in microbatches]
+    return [c / sum(counts) for c in counts]
+
+
 def reference_grads(model: torch.nn.Module, microbatches, weights) -> dict[str, torch.Tensor]:
     """Single-process reference: one backward of sum_m w_m * loss_m on an untouched copy."""
     ref = copy.deepcopy(model)

@@ -9,7 +9,7 @@ import torch
 from dipc.errors import DipcError
 from dipc.runtime.launch import spawn
 from examples.data import EXAMPLE_NAMES
-from tests.runtime.helpers import SCHEDULES, assert_grads_equal, build, reference_grads
+from tests.runtime.helpers import SCHEDULES, assert_grads_equal, build, independent_weights, reference_grads
 
 pytestmark = pytest.mark.dist
 
@@ -35,14 +35,14 @@ def test_distributed_gradients_equal_reference(world):
     for name in EXAMPLE_NAMES:
         for schedule, chunks in SCHEDULES:
             ex, pipe, mbs = build(name, torch.float64, world, schedule, chunks)
-            weights = pipe.loss_weights(mbs)
+            weights = independent_weights(ex, mbs)
             want = reference_grads(ex.model, mbs, weights)
+            with torch.no_grad():
+                ref_loss = sum(w * float(ex.model(**mb)) for w, mb in zip(weights, mbs))
             got = {}
             for r in range(world):
                 loss, grads = per_rank[r][(name, schedule)]
                 got.update(grads)
-                with torch.no_grad():
-                    ref_loss = sum(w * float(ex.model(**mb)) for w, mb in zip(weights, mbs))
                 assert loss == pytest.approx(ref_loss, rel=1e-12), f"rank {r} loss"
             assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=f"{name}/{schedule}/{world} ranks")
 
@@ -84,7 +84,8 @@ def test_pipeline_x_data_parallel_equals_global_batch_reference(schedule, chunks
     per-stage all-reduce every replica holds the gradient of the whole global batch."""
     per_rank = spawn(_pp_dp_case, 4, schedule, chunks, timeout_s=240)
     ex, pipe, mbs = build("vlm", torch.float64, 2, schedule, chunks)
-    weights = pipe.loss_weights(mbs)
+    weights = independent_weights(ex, mbs)
+    assert pipe.loss_weights(mbs) == pytest.approx(weights, rel=1e-15)
     want = reference_grads(ex.model, mbs, weights)
     with torch.no_grad():
         ref_loss = sum(w * float(ex.model(**mb)) for w, mb in zip(weights, mbs))
