@@ -1,6 +1,7 @@
 """``dipc.compile``: model + example batch -> a compiled pipeline that plans and runs batches."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 from dipc.errors import BatchError, PartitionError, ScheduleError
 from dipc.ir import Program, StageInfo
 from dipc.passes.capture import CapturedModel, capture
+from dipc.passes.layers import resolve_layers
 from dipc.passes.partition import StageSpec, assign_layers, build_stages, layer_costs
 from dipc.passes.shapes import ShapeInference
 from dipc.passes.tag import LayerTag, tag_modalities
@@ -183,11 +185,25 @@ class CompiledPipeline:
         return path.with_suffix(".txt")
 
 
+def with_fused_layers(model: nn.Module, layers: Sequence[str]) -> nn.Module:
+    """A copy of the module tree (parameters and buffers shared, not copied) whose layers run the
+    fused Triton kernels; the user's model object is left untouched."""
+    from dipc.kernels.rewrite import fuse_module
+
+    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    fused = copy.deepcopy(model, memo=dict(shared))
+    for path in layers:
+        parent, _, name = path.rpartition(".")
+        owner = fused.get_submodule(parent) if parent else fused
+        setattr(owner, name, fuse_module(owner.get_submodule(name)))
+    return fused
+
+
 def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chunks: int | None = None,
             schedule: str = "1f1b", layers: list[str] | None = None, leaf_modules: Iterable[str] = (),
             key_modalities: Mapping[str, str] | None = None, module_overrides: Mapping[str, str] | None = None,
             loss_weight: Callable[[Batch], float] | None = None,
-            optimizer: OptimizerFactory | None = None) -> CompiledPipeline:
+            optimizer: OptimizerFactory | None = None, fused_kernels: bool | None = None) -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
@@ -196,6 +212,9 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     ``key_modalities``: batch key -> modality; ``module_overrides``: module path prefix -> modality module.
     ``loss_weight``: microbatch -> weight of its (mean) loss; default counts ``labels != -100``.
     ``optimizer``: params -> optimizer, created per rank over that rank's parameters.
+    ``fused_kernels``: run layers with dipc's Triton kernels (RMSNorm, LayerNorm, GELU, SwiGLU, RoPE).
+    Default: on when the model lives on a GPU, off on CPU (where Triton only interprets). The
+    user's parameters are shared, so gradients and optimizer updates land on ``model`` either way.
     """
     from dipc.passes.schedules import get_schedule
 
@@ -209,6 +228,13 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
         raise ScheduleError(f"schedule {schedule!r} runs one stage per rank but chunks={chunks}. "
                             "Fix: use schedule='interleaved_1f1b' (or 'gpipe') for virtual stages, or chunks=1.")
     history: list[tuple[str, Any, float]] = []
+    if fused_kernels is None:
+        fused_kernels = any(p.is_cuda for p in model.parameters())
+    if fused_kernels:
+        t0 = time.perf_counter()
+        layers = resolve_layers(model, layers, leaf_modules)
+        model = with_fused_layers(model, layers)
+        history.append(("fuse_kernels", model, (time.perf_counter() - t0) * 1e3))
     t0 = time.perf_counter()
     captured = capture(model, example_batch, layers=layers, leaf_modules=leaf_modules)
     history.append(("capture", captured.graph_module, (time.perf_counter() - t0) * 1e3))

@@ -33,6 +33,34 @@ def demo(**kwargs) -> None:
     run_demo(DemoConfig(**kwargs))
 
 
+@cli.command()
+@click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True,
+              help="where to write the profile JSON")
+@click.option("--quick", is_flag=True, help="fewer sizes and repetitions (about 2 s)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: cuda if present")
+def profile(out: str, quick: bool, device: str | None) -> None:
+    """Measure this machine (matmul throughput per dtype, memory bandwidth, per-op overhead) and
+    write a SEMU device profile."""
+    from dipc.semu.profile_machine import measure_profile
+
+    try:
+        prof = measure_profile(out, quick=quick, device=device)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out!r}: {e.strerror}. Fix: pick a writable path with --out.")
+    dev = prof.device
+    click.echo(f"wrote {out}: {dev.name}, " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in dev.peak_flops.items())
+               + f", {dev.memory_bandwidth / 1e9:.1f} GB/s, launch {dev.launch_overhead * 1e6:.1f} us")
+
+
+@cli.command()
+def presets() -> None:
+    """List the built-in device/cluster profiles."""
+    from dipc.semu.profiles import list_presets
+
+    for name in list_presets():
+        click.echo(name)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

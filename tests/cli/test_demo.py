@@ -17,3 +17,24 @@ def test_demo_local_executor_trains():
 def test_demo_rejects_unknown_model():
     result = CliRunner().invoke(cli, ["demo", "--model", "gpt5"])
     assert result.exit_code != 0 and "gpt5" in result.output
+
+
+def test_profile_writes_a_loadable_profile(tmp_path):
+    from dipc.semu.profiles import load_profile
+
+    out = tmp_path / "cpu.json"
+    result = CliRunner().invoke(cli, ["profile", "--quick", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "GFLOP/s" in result.output
+    assert load_profile(out).device.peak_flops["float32"] > 0
+
+
+def test_profile_to_unwritable_path_is_one_line_error(tmp_path):
+    result = CliRunner().invoke(cli, ["profile", "--quick", "--device", "cpu", "--out", "/proc/nope/p.json"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "Fix:" in result.output
+
+
+def test_presets_lists_h800():
+    result = CliRunner().invoke(cli, ["presets"])
+    assert result.exit_code == 0 and "h800" in result.output
