@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 from dipc.errors import BatchError
 from dipc.ir import TensorSpec
 from dipc.passes.partition import StageSpec
+from dipc.passes.symexpr import lambdify_int
 from dipc.passes.values import DTYPE_NAMES, is_grad_leaf, leaves_of, spec_of
 
 EdgeSpecs = dict[tuple[int, int], tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]
@@ -76,36 +77,6 @@ def _edge_leaves(stages: Sequence[StageSpec], values: Mapping[str, Any]):
         for p in st.producers:
             names = st.values_from(p)
             yield (p, st.id), leaves_of(values[n] for n in names), grad_leaves(st, names, values)
-
-
-_PyMod = sympy.Function("PyMod")
-
-
-def _safe_mod(e: sympy.Basic) -> sympy.Basic:
-    """sympy prints ``Mod(a, a*b)`` as ``a % a*b`` (wrong precedence): use an explicit function."""
-    is_mod = lambda x: type(x).__name__ in ("Mod", "PythonMod")  # sympy's and torch's
-    return e.replace(is_mod, lambda x: _PyMod(*x.args))
-
-
-def _function_impls(exprs: Sequence[sympy.Expr]) -> dict[str, Callable]:
-    """Python implementations of the sympy functions torch's shape expressions use (FloorDiv,
-    CeilToInt, Mod, ...): evaluate the function itself on integers, so semantics are exactly torch's."""
-    impls: dict[str, Callable] = {"PyMod": lambda a, b: a % b}
-    for e in exprs:
-        for f in e.atoms(sympy.Function):
-            func = f.func
-            if func.__name__ == "PyMod":
-                continue
-            impls.setdefault(func.__name__, lambda *a, func=func: _to_python(func(*map(sympy.sympify, a))))
-    return impls
-
-
-def _to_python(v: sympy.Basic) -> Any:
-    if v.is_Integer:
-        return int(v)
-    if v in (sympy.true, sympy.false):
-        return bool(v)
-    return float(v)
 
 
 class _ShapeOnlyOps(TorchDispatchMode):
@@ -265,11 +236,8 @@ class ShapeInference:
                 conds = [sympy.Eq(env.replace(s), s) for s in symbols if env.replace(s) != s]
                 conds += [g.expr for g in env.guards]
                 conds = [c for c in conds if c is not sympy.true]
-                guard = _safe_mod(sympy.And(*conds) if conds else sympy.true)
-                exprs = [_safe_mod(e) for e in exprs]
-                modules = [_function_impls([guard, *exprs]), "math"]
-                check = sympy.lambdify(symbols, guard, modules)
-                shapes = sympy.lambdify(symbols, exprs, modules)
+                check = lambdify_int(symbols, sympy.And(*conds) if conds else sympy.true)
+                shapes = lambdify_int(symbols, exprs)
         except BatchError:
             raise
         except Exception as e:  # anything the symbolic trace cannot handle falls back to concrete shapes

@@ -42,7 +42,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from dipc.errors import DipcError
-from dipc.passes.shapes import _function_impls, _safe_mod
+from dipc.passes.symexpr import lambdify_int
 from dipc.semu.symbolic import COST_FIELDS, LocalCost, trace_layer
 
 __all__ = ["LengthStats", "LayerCost", "LayerCostExpr", "CostModel", "layer_cost_model", "layer_signature",
@@ -229,8 +229,7 @@ def _bind(local: LocalCost, path: str) -> dict[sympy.Symbol, sympy.Expr]:
 
 
 def _lambdify(symbols: Sequence[sympy.Symbol], exprs: Sequence[sympy.Expr]) -> Callable[..., Sequence[float]]:
-    exprs = [_safe_mod(e) for e in exprs]
-    return sympy.lambdify(list(symbols), exprs, [_function_impls(exprs), "math"])
+    return lambdify_int(symbols, list(exprs))
 
 
 def _quantize(v: int, rel: float) -> int:
