@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+import zlib
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
@@ -52,6 +53,29 @@ def replica_microbatches(microbatches: Sequence[Mapping], pipeline_depth: int) -
     return mine
 
 
+def check_same_program(program: "Program", topo, device: torch.device) -> None:
+    """Every rank of a pipeline must run the same program: compare a checksum of its text dump
+    before any instruction runs (a mismatch would otherwise surface as a hang or wrong shapes)."""
+    import torch.distributed as dist
+
+    from dipc.ir.text import dump_program
+
+    if topo.pp == 1:
+        return
+    mine = torch.tensor([zlib.crc32(dump_program(program).encode())], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(topo.pp)]
+    dist.all_gather(every, mine, group=topo.pp_group)
+    sums = [int(t.item()) for t in every]
+    if len(set(sums)) > 1:
+        groups: dict[int, list[int]] = {}
+        for r, c in enumerate(sums):
+            groups.setdefault(c, []).append(r)
+        raise DipcError(f"pipeline ranks planned different programs (ranks grouped by program: "
+                        f"{sorted(groups.values())}); this rank is {topo.pp_rank}. Fix: give every rank of a "
+                        "replica the same microbatches and the same dipc.compile arguments (plans are "
+                        "deterministic functions of both).")
+
+
 def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mapping], program: "Program | None" = None,
                          timeout_s: float = DEFAULT_TIMEOUT_S) -> "StepResult":
     """One training step on this process's rank, for this replica's ``microbatches``.
@@ -70,6 +94,7 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
         pipe.check_program(program, microbatches)
     # collectives run on the parameters' device (NCCL needs CUDA tensors, gloo CPU ones)
     device = next(pipe.model.parameters()).device
+    check_same_program(program, topo, device)
     raw = torch.tensor([float(pipe.loss_weight(mb)) for mb in microbatches], dtype=torch.float64, device=device)
     total = raw.sum().reshape(1)
     if topo.dp > 1:

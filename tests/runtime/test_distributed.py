@@ -128,3 +128,18 @@ def test_rank_killed_mid_step_stops_the_others_with_a_clear_error():
     assert "rank 1: no result" in msg, msg
     assert re.search(r"rank 0: RuntimeStepError: rank 0, step \d+ \(RECV_\w+ .*peer=1.*\): TimeoutError: no answer from rank 1: it died", msg), msg
     assert time.monotonic() - t0 < 60
+
+
+def _different_batches(rank: int, world: int) -> None:
+    from dipc.runtime.distributed import run_step_distributed
+
+    ex, pipe, mbs = build("vlm", torch.float32, world, "1f1b", 1)
+    run_step_distributed(pipe, mbs if rank == 0 else mbs[:-1], timeout_s=20)
+
+
+@pytest.mark.timeout(120)
+def test_mismatched_plans_are_refused_before_any_step():
+    with pytest.raises(DipcError) as info:
+        spawn(_different_batches, 2, timeout_s=60)
+    assert "pipeline ranks planned different programs" in str(info.value)
+    assert "Fix:" in str(info.value)
