@@ -27,7 +27,6 @@ memory limits (SEMU checks them), and looped/BFS or V-shaped (ZB-V) placements.
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -195,31 +194,48 @@ def zero_bubble_h1(stages: Sequence[StageInfo], num_ranks: int, num_microbatches
     """ZB-H1 ("Zero Bubble Pipeline Parallelism", Qi et al., ICLR 2024). One stage per rank.
 
     The backward is split into BWD_I (input gradient, on the critical path) and BWD_W (weight
-    gradient, deferrable). The order is 1F1B with BWD_I in place of BWD; BWD_W is deferred:
-    in the steady state rank ``r`` keeps up to ``P - 1 - r`` (the stage's depth) BWD_W pending,
-    running the oldest one whenever it would hold more; in the cooldown, where rank 0 idles
-    most, it runs one pending BWD_W after each BWD_I and flushes the rest at the end.
-    Peak activation memory equals 1F1B's (same warmup).
+    gradient, deferrable). The order is 1F1B with BWD_I in place of BWD (same warmup, so every
+    BWD_I runs as early as in 1F1B relative to the forwards), and rank ``r`` starts its BWD_W
+    ``r`` microbatches late: after the BWD_I of microbatch ``i`` it runs the BWD_W of microbatch
+    ``i - r``, from the steady state through the cooldown, and flushes the last ``r`` BWD_W at
+    the end, where they fill the tail bubble (the last rank idles there while the final
+    gradients travel back to rank 0). On a chain with ``tf = tb_i = tb_w`` the step takes
+    ``M (tf + tb_i + tb_w) + (P - 1)(tf + tb_i - tb_w)``: a third of 1F1B's bubble
+    ``(P - 1)(tf + tb_i + tb_w)`` (27 vs 33 at P=4, M=8).
+
+    Memory, as in the paper: every rank holds at most ``P`` microbatches between FWD and BWD_W
+    (``P - 1 - r`` warmup, one in flight, ``r`` deferred), which is 1F1B's peak (rank 0's) but
+    more than 1F1B's ``P - r`` on rank ``r > 0``; between FWD and BWD_I (the full stash) rank
+    ``r`` holds at most ``P - r``, exactly like 1F1B. So rank ``r`` exceeds its 1F1B peak only
+    by ``r`` BWD_W residues, which stays under rank 0's peak as long as a residue is no larger
+    than a full stash. Keeping every rank at its 1F1B count *until BWD_W* instead forces the
+    last rank into F, I, W with no deferral and costs at least ``(P - 1)(tf + tb_i)`` of bubble,
+    two thirds of 1F1B's (30 at P=4, M=8).
+
+    On a stage DAG the warmup is the stage's depth, as in :func:`one_f_one_b` (the consumer has
+    the smaller depth, which keeps it deadlock-free), and the deferral is ``D - depth`` with
+    ``D`` the largest depth (``r`` on a chain), so every rank again holds at most ``D + 1``
+    microbatches until BWD_W. BWD_W needs no communication, so where it goes never affects
+    deadlock freedom.
     """
     by_rank = _check_inputs(stages, num_ranks, num_microbatches)
     stage_of_rank = _one_stage_per_rank(by_rank, "zb_h1")
     depth = _depths(stages)
+    deepest = max(depth)
     orders = []
     for s in stage_of_rank:
-        limit = depth[s]
-        warmup = min(limit, num_microbatches)
-        pending: deque[int] = deque()
+        warmup = min(depth[s], num_microbatches)
+        defer = deepest - depth[s]
         order = [_fwd(s, m) for m in range(warmup)]
-        for i in range(num_microbatches - warmup):  # steady state
-            order += [_fwd(s, warmup + i), ComputeAction(Op.BWD_I, s, i)]
-            pending.append(i)
-            if len(pending) > limit:
-                order.append(ComputeAction(Op.BWD_W, s, pending.popleft()))
-        for m in range(num_microbatches - warmup, num_microbatches):  # cooldown
+        for m in range(num_microbatches):
+            if warmup + m < num_microbatches:  # steady state: one forward per BWD_I
+                order.append(_fwd(s, warmup + m))
             order.append(ComputeAction(Op.BWD_I, s, m))
-            pending.append(m)
-            order.append(ComputeAction(Op.BWD_W, s, pending.popleft()))
-        order += [ComputeAction(Op.BWD_W, s, m) for m in pending]  # flush
+            if m >= defer:
+                order.append(ComputeAction(Op.BWD_W, s, m - defer))
+        # the deferred BWD_W fill the tail, where the next gradient would be waited for
+        order += [ComputeAction(Op.BWD_W, s, m)
+                  for m in range(max(0, num_microbatches - defer), num_microbatches)]
         orders.append(order)
     return orders
 

@@ -97,29 +97,45 @@ def test_interleaved_with_one_chunk_is_1f1b() -> None:
 
 
 def test_zb_h1_order_p4_m8() -> None:
+    # Qi et al. 2024, Fig. 3 (ZB-H1): 1F1B's warmup and F/B alternation with B = BWD_I, and rank r
+    # starting its W passes r microbatches late. By hand, with tf = tb_i = tb_w = 1: F3.0 runs at
+    # t=3, the first gradient reaches rank 0 at t=7 (three BWD_I back), so rank 0 idles 3 after
+    # its 4 forwards and then never again (it holds 4 stashes, its 1F1B count, so it runs each W
+    # right after its I); rank 3 runs F I F I F I F I without waiting and starts paying back
+    # W3.0.. from the fourth pair on, the last three W filling the tail while I2.7, I1.7, I0.7
+    # travel back. Every rank idles 3 = (P - 1)(tf + tb_i - tb_w): step 24 + 3 = 27 vs 33.
     orders = zero_bubble_h1(chain(4), 4, 8)
-    # rank 0 defers up to P - 1 = 3 weight grads, spends one after each BWD_I in cooldown
-    assert text(orders[0]) == ("F0.0 F0.1 F0.2 F0.3 I0.0 F0.4 I0.1 F0.5 I0.2 F0.6 I0.3 W0.0 "
-                               "F0.7 I0.4 W0.1 I0.5 W0.2 I0.6 W0.3 I0.7 W0.4 W0.5 W0.6 W0.7")
-    # the last rank defers nothing
-    assert text(orders[3]) == " ".join(f"F3.{m} I3.{m} W3.{m}" for m in range(8))
+    assert text(orders[0]) == ("F0.0 F0.1 F0.2 F0.3 I0.0 W0.0 F0.4 I0.1 W0.1 F0.5 I0.2 W0.2 F0.6 "
+                               "I0.3 W0.3 F0.7 I0.4 W0.4 I0.5 W0.5 I0.6 W0.6 I0.7 W0.7")
+    assert text(orders[1]) == ("F1.0 F1.1 F1.2 I1.0 F1.3 I1.1 W1.0 F1.4 I1.2 W1.1 F1.5 I1.3 W1.2 "
+                               "F1.6 I1.4 W1.3 F1.7 I1.5 W1.4 I1.6 W1.5 I1.7 W1.6 W1.7")
+    assert text(orders[3]) == ("F3.0 I3.0 F3.1 I3.1 F3.2 I3.2 F3.3 I3.3 W3.0 F3.4 I3.4 W3.1 F3.5 "
+                               "I3.5 W3.2 F3.6 I3.6 W3.3 F3.7 I3.7 W3.4 W3.5 W3.6 W3.7")
+    # with fewer microbatches than the deferral, everything is deferred to the end
+    assert text(zero_bubble_h1(chain(4), 4, 2)[3]) == "F3.0 I3.0 F3.1 I3.1 W3.0 W3.1"
 
 
-@pytest.mark.parametrize(("num_ranks", "num_microbatches"), [(1, 1), (2, 1), (3, 7), (4, 8), (4, 3)])
-def test_zb_h1_pairs_and_deferral_bound(num_ranks: int, num_microbatches: int) -> None:
+@pytest.mark.parametrize(("num_ranks", "num_microbatches"), [(1, 1), (2, 1), (3, 7), (4, 8), (4, 3), (8, 5)])
+def test_zb_h1_pairs_and_memory_bound(num_ranks: int, num_microbatches: int) -> None:
     orders = zero_bubble_h1(chain(num_ranks), num_ranks, num_microbatches)
+    one = one_f_one_b(chain(num_ranks), num_ranks, num_microbatches)
     for rank, order in enumerate(orders):
         assert {a.op for a in order} == {Op.FWD, Op.BWD_I, Op.BWD_W}
-        for m in range(num_microbatches):
-            i = order.index(ComputeAction(Op.BWD_I, rank, m))
-            w = order.index(ComputeAction(Op.BWD_W, rank, m))
-            assert i < w
         assert len(order) == 3 * num_microbatches
-        pending = 0
-        for action in order:  # before each forward, at most P - 1 - r weight grads are held back
+        for m in range(num_microbatches):
+            assert order.index(ComputeAction(Op.BWD_I, rank, m)) < order.index(ComputeAction(Op.BWD_W, rank, m))
+        # the FWD / BWD_I order is 1F1B's with BWD_I for BWD
+        assert [(a.op, a.mb) for a in order if a.op is not Op.BWD_W] == [
+            (Op.BWD_I if a.op is Op.BWD else a.op, a.mb) for a in one[rank]]
+        until_i = until_w = deferred = 0
+        for action in order:
+            until_i += {Op.FWD: 1, Op.BWD_I: -1}.get(action.op, 0)
+            until_w += {Op.FWD: 1, Op.BWD_W: -1}.get(action.op, 0)
+            deferred += {Op.BWD_I: 1, Op.BWD_W: -1}.get(action.op, 0)
+            assert until_i <= min(num_ranks - rank, num_microbatches)  # full stashes: 1F1B's count
+            assert until_w <= min(num_ranks, num_microbatches)         # until BWD_W: 1F1B's peak (rank 0)
             if action.op is Op.FWD:
-                assert pending <= num_ranks - 1 - rank
-            pending += {Op.BWD_I: 1, Op.BWD_W: -1}.get(action.op, 0)
+                assert deferred <= rank                                # W starts r microbatches late
 
 
 def test_compute_action_prints_and_rejects_non_compute_ops() -> None:

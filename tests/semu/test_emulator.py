@@ -170,14 +170,39 @@ def test_split_backward_shrinks_the_bubble():
     assert zb.bubble_fraction < one.bubble_fraction
 
 
-@pytest.mark.xfail(strict=True, reason="dipc.passes.schedules.zero_bubble_h1 keeps P-1-r BWD_W "
-                   "pending into the cooldown, so with tf = tb_i = tb_w it ties 1F1B (33 vs 30 for "
-                   "F-I-W without deferral at P=4, M=8); reported under issue 4")
 def test_zb_h1_generator_beats_1f1b_with_equal_split():
+    # tf = tb_i = tb_w: ZB-H1's bubble is (P - 1)(tf + tb_i - tb_w) per rank, a third of 1F1B's
+    # (P - 1)(tf + tb_i + tb_w): 27 vs 33 at P=4, M=8 (30 for F-I-W without deferral, above)
     P, M = 4, 8
     zb = simulate(program("zb_h1", P, M), cluster(), cost)
     one = simulate(program("1f1b", P, M), cluster(), cost)
+    assert one.step_time == pytest.approx(33.0)
+    assert zb.step_time == pytest.approx(M * (TF + TB) + (P - 1) * (TF + TB / 2 - TB / 2))
+    assert zb.bubble == pytest.approx((P - 1,) * P)
+    assert sum(zb.bubble) == pytest.approx(sum(one.bubble) / 3)
+
+
+@pytest.mark.parametrize("P", [2, 4, 8])
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_zb_h1_bubble_below_1f1b_at_1f1b_memory(P, factor):
+    M = factor * P
+    zb_p, one_p = program("zb_h1", P, M), program("1f1b", P, M)
+    zb = simulate(zb_p, cluster(), cost, uniform_memory(0.0, 1.0))
+    one = simulate(one_p, cluster(), cost, uniform_memory(0.0, 1.0))
     assert zb.bubble_fraction < one.bubble_fraction - 1e-9
+    assert sum(zb.bubble) == pytest.approx(sum(one.bubble) / 3)
+    # counted until BWD_W, every rank holds at most 1F1B's peak (P microbatches, on rank 0); rank
+    # r > 0 holds r more than its own 1F1B count (P - r), as in the paper: its W start r late.
+    # (Holding rank r to P - r until BWD_W forces F-I-W on the last rank, whose chain then
+    # bounds the step at M (tf + tb_i + tb_w) + (P - 1)(tf + tb_i): 2/3 of 1F1B's bubble.)
+    assert max(zb.peak_memory) == pytest.approx(max(one.peak_memory))
+    assert one.peak_memory == pytest.approx(tuple(float(P - r) for r in range(P)))
+    # full stashes (BWD_I frees all but the weight-gradient inputs) stay at 1F1B's per rank
+    full = simulate(zb_p, cluster(), cost, uniform_memory(0.0, 1.0, wgrad_fraction=0.0))
+    assert full.peak_memory == pytest.approx(one.peak_memory)
+    # with a residue of 1/4 of a stash per deferred BWD_W: P - r + r / 4 <= P
+    quarter = simulate(zb_p, cluster(), cost, uniform_memory(0.0, 1.0, wgrad_fraction=0.25))
+    assert quarter.peak_memory == pytest.approx(tuple(P - r + r / 4 for r in range(P)))
 
 
 @pytest.mark.parametrize("P,M", [(4, 8), (4, 4), (8, 16)])
