@@ -53,6 +53,16 @@ def replica_microbatches(microbatches: Sequence[Mapping], pipeline_depth: int) -
     return mine
 
 
+def collective(what: str, rank: int, call):
+    """Run a collective; a dead or stuck peer becomes a DipcError naming this rank and the step."""
+    try:
+        return call()
+    except RuntimeError as e:
+        raise DipcError(f"rank {rank}: the {what} collective failed: {str(e).splitlines()[0][:200]}. A peer "
+                        "died or did not join in time. Fix: check the other ranks' logs; raise the timeout "
+                        "if they are only slow.") from None
+
+
 def check_same_program(program: "Program", topo, device: torch.device) -> None:
     """Every rank of a pipeline must run the same program: compare a checksum of its text dump
     before any instruction runs (a mismatch would otherwise surface as a hang or wrong shapes)."""
@@ -64,7 +74,7 @@ def check_same_program(program: "Program", topo, device: torch.device) -> None:
         return
     mine = torch.tensor([zlib.crc32(dump_program(program).encode())], dtype=torch.int64, device=device)
     every = [torch.zeros_like(mine) for _ in range(topo.pp)]
-    dist.all_gather(every, mine, group=topo.pp_group)
+    collective("plan check", topo.rank, lambda: dist.all_gather(every, mine, group=topo.pp_group))
     sums = [int(t.item()) for t in every]
     if len(set(sums)) > 1:
         groups: dict[int, list[int]] = {}
@@ -98,7 +108,7 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     raw = torch.tensor([float(pipe.loss_weight(mb)) for mb in microbatches], dtype=torch.float64, device=device)
     total = raw.sum().reshape(1)
     if topo.dp > 1:
-        dist.all_reduce(total, group=topo.dp_group)
+        collective("loss-weight", topo.rank, lambda: dist.all_reduce(total, group=topo.dp_group))
     if total.item() <= 0:
         raise DipcError("every microbatch has loss weight 0 (no label tokens?). Fix: check the labels.")
     weights = (raw / total).tolist()
@@ -122,10 +132,10 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     for m, l in interp.stats.losses.items():
         losses[m] = l
     if topo.pp > 1:
-        dist.all_reduce(losses, group=topo.pp_group)
+        collective("loss", topo.rank, lambda: dist.all_reduce(losses, group=topo.pp_group))
     local = pipe.result(weights, losses.tolist(), t0, program)
     # every replica's pipeline rank 0 contributes its replica's share of the global loss
     total_loss = torch.tensor([local.loss if rank == 0 else 0.0], dtype=torch.float64, device=device)
-    dist.all_reduce(total_loss)
+    collective("loss", topo.rank, lambda: dist.all_reduce(total_loss))
     local.loss = total_loss.item()
     return local

@@ -48,13 +48,33 @@ def test_distributed_gradients_equal_reference(world):
 
 
 def _silent_rank(rank: int, world: int) -> None:
+    from dipc.runtime.data_parallel import topology
+    from dipc.runtime.distributed import check_same_program, run_step_distributed
+
+    ex, pipe, mbs = build("vlm", torch.float32, world, "1f1b", 1)
+    if rank == 1:   # joins the plan check, then never runs its stream: rank 0 must time out, not hang
+        check_same_program(pipe.plan(mbs), topology(world), torch.device("cpu"))
+        time.sleep(8)
+        return None
+    run_step_distributed(pipe, mbs, timeout_s=3)
+
+
+def _silent_before_start(rank: int, world: int) -> None:
     from dipc.runtime.distributed import run_step_distributed
 
     ex, pipe, mbs = build("vlm", torch.float32, world, "1f1b", 1)
     if rank == 1:
-        time.sleep(8)   # never runs its stream: rank 0 must time out, not hang
+        time.sleep(3)   # exits without ever joining: rank 0's plan check fails cleanly
         return None
     run_step_distributed(pipe, mbs, timeout_s=3)
+
+
+@pytest.mark.timeout(120)
+def test_rank_missing_from_the_start_is_a_clear_error():
+    with pytest.raises(DipcError) as info:
+        spawn(_silent_before_start, 2, timeout_s=60)
+    msg = str(info.value)
+    assert "rank 0: the plan check collective failed" in msg and "Fix:" in msg, msg
 
 
 @pytest.mark.timeout(120)
