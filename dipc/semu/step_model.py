@@ -1,0 +1,489 @@
+"""The glue that lets SEMU score a real pipeline: per-instruction times and memory from the
+symbolic cost model, a device/cluster profile and a tensor-parallel degree.
+
+Given a pipeline's stages (a compiled ``pipe``, or a paper model's layer -> stage split), a
+:class:`~dipc.semu.costs.CostModel`, the length statistics of every microbatch (a mapping from
+module path prefix to :class:`~dipc.semu.costs.LengthStats`, one per modality), a
+:class:`~dipc.semu.profiles.ClusterProfile` and the tensor-parallel degree ``tp``,
+:class:`StepModel` gives
+
+- ``compute_time(instr)`` for :func:`dipc.semu.emulator.simulate`: FWD / BWD / BWD_I / BWD_W take
+  the sum over the stage's layers of the layer's time on one GPU of its TP group, plus the layer's
+  TP collectives; LOAD and OPTIM take 0; REDUCE takes a ring all-reduce of the stage's gradients
+  over ``dp`` ranks on the inter-node link when ``dp > 1``, else 0;
+- ``memory_model()``: a :class:`~dipc.semu.emulator.MemoryModel` with parameters, gradients and
+  Adam states per stage and activations per (stage, microbatch), all divided by ``tp``.
+
+How one layer is timed (per GPU of a TP group; ``c = cost_model.cost(path, stats)``):
+
+- FLOPs and bytes are divided by ``tp`` (Megatron-style column/row-parallel split);
+- the matmul FLOPs (``fwd_flops - attn_fwd_flops``, ``bwd_in_flops - 2·attn``, ``bwd_w_flops``)
+  are timed as ``gemms_per_layer`` equal GEMMs with the profile's ``matmul`` curve (the curve is
+  "efficiency vs the FLOPs of one op", and a transformer layer runs ~4 GEMMs per pass), the
+  attention FLOPs as one ``attention`` op (forward ``attn``, backward ``2·attn`` in BWD_I);
+- the memory traffic (``fwd_bytes``, ``bwd_bytes``, split between BWD_I and BWD_W by their FLOPs)
+  is timed at the profile's bandwidth; ``bytes_mode="max"`` (default) takes the roofline
+  ``max(compute, memory)`` per layer and pass (the paper's operator formula, §6.1, at layer
+  granularity), ``"sum"`` adds them (an upper bound: the byte count is an unfused estimate that
+  also counts the GEMMs' own operands);
+- TP collectives: ``n`` all-reduces of the layer's output activation (``out_bytes``) in the
+  forward and ``n`` in the backward (in BWD_I), each ``latency + 2·(tp-1)/tp · bytes / bw`` on the
+  intra-node link (inter-node when ``tp`` exceeds a node). ``n`` defaults to the number of
+  attention calls + 1 for layers with attention (2 for a transformer block: attention + MLP; 3
+  for a DiT block with cross-attention) and 0 for the others; pass ``tp_allreduces`` to override.
+
+Not modelled: elementwise FLOPs, overlap of TP collectives with compute, sequence parallelism,
+the work between layers (glue ops, the loss), and how BWD_I/BWD_W split the stashed activations
+(BWD_I keeps all of them for BWD_W, the conservative choice).
+
+Example::
+
+    pipe = dipc.compile(model, batch, num_stages=4)
+    cm = layer_cost_model(pipe.captured)
+    mbs = data.microbatches(8, 2)
+    sm = StepModel.for_pipeline(pipe, cm, load_preset("h800"), [batch_length_stats(mb) for mb in mbs], tp=4)
+    result = sm.simulate(pipe.plan(mbs))
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dipc.errors import DipcError
+from dipc.ir import Instruction, Op, Program, StageInfo, TensorSpec
+from dipc.semu.costs import CostModel, LayerCost, LengthStats
+from dipc.semu.emulator import MemoryModel, SimResult, simulate
+from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
+
+__all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_length_stats", "best_contiguous_split",
+           "chain_program", "layer_time", "stats_for_layer", "StepModelError"]
+
+StatsLike = Mapping[str, LengthStats] | LengthStats
+
+
+class StepModelError(DipcError, ValueError):
+    """Bad input to the step model (missing statistics, inconsistent stages)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# one layer
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTime:
+    """Seconds one layer takes on one GPU of its TP group. ``fwd``/``bwd_in``/``bwd_w`` are compute
+    (roofline of FLOPs and bytes), ``tp_fwd``/``tp_bwd`` its TP all-reduces (``tp_bwd`` runs in BWD_I)."""
+
+    fwd: float
+    bwd_in: float
+    bwd_w: float
+    tp_fwd: float = 0.0
+    tp_bwd: float = 0.0
+
+    @property
+    def compute(self) -> float:
+        return self.fwd + self.bwd_in + self.bwd_w
+
+    @property
+    def comm(self) -> float:
+        return self.tp_fwd + self.tp_bwd
+
+    @property
+    def total(self) -> float:
+        """Forward + backward, compute + TP collectives."""
+        return self.compute + self.comm
+
+
+def allreduce_time(num_bytes: float, ranks: int, link: LinkProfile) -> float:
+    """Ring all-reduce of ``num_bytes`` over ``ranks`` GPUs: ``latency + 2·(n-1)/n · bytes / bw``
+    (0 for one rank or no bytes)."""
+    if ranks <= 1 or num_bytes <= 0:
+        return 0.0
+    return link.latency + 2.0 * (ranks - 1) / ranks * num_bytes / link.bandwidth
+
+
+def _pass_time(device: DeviceProfile, matmul_flops: float, attn_flops: float, num_bytes: float, dtype: str,
+               gemms: int, bytes_mode: str) -> float:
+    t = 0.0
+    if matmul_flops > 0:
+        t += gemms * device.op_time("matmul", flops=matmul_flops / gemms, dtype=dtype)
+    if attn_flops > 0:
+        t += device.op_time("attention", flops=attn_flops, dtype=dtype)
+    if num_bytes > 0:
+        t_mem = num_bytes / device.memory_bandwidth
+        if t == 0.0:   # a memory-bound layer (norm, embedding): one elementwise op on the curve
+            return device.op_time("elementwise", bytes_moved=num_bytes, dtype=dtype)
+        t = max(t, t_mem) if bytes_mode == "max" else t + t_mem
+    return t
+
+
+def layer_time(cost: LayerCost, cluster: ClusterProfile, *, tp: int = 1, dtype: str = "bfloat16",
+               tp_allreduces: int = 0, gemms_per_layer: int = 4, bytes_mode: str = "max") -> LayerTime:
+    """One layer's :class:`LayerTime` from its evaluated costs (see the module docstring)."""
+    if bytes_mode not in ("max", "sum"):
+        raise StepModelError(f"bytes_mode={bytes_mode!r}. Fix: use 'max' or 'sum'.")
+    if tp < 1:
+        raise StepModelError(f"tp={tp}. Fix: pass a tensor-parallel degree >= 1.")
+    dev = cluster.device
+    attn = cost.attn_fwd_flops / tp
+    mm_f = max(cost.fwd_flops / tp - attn, 0.0)
+    mm_bi = max(cost.bwd_in_flops / tp - 2 * attn, 0.0)
+    mm_bw = cost.bwd_w_flops / tp
+    bwd_total = cost.bwd_in_flops + cost.bwd_w_flops
+    share_in = cost.bwd_in_flops / bwd_total if bwd_total > 0 else 1.0
+    fwd = _pass_time(dev, mm_f, attn, cost.fwd_bytes / tp, dtype, gemms_per_layer, bytes_mode)
+    bwd_in = _pass_time(dev, mm_bi, 2 * attn, cost.bwd_bytes / tp * share_in, dtype, gemms_per_layer, bytes_mode)
+    bwd_w = _pass_time(dev, mm_bw, 0.0, cost.bwd_bytes / tp * (1 - share_in), dtype, gemms_per_layer, bytes_mode)
+    ar = 0.0
+    if tp > 1 and tp_allreduces > 0:
+        link = cluster.intra_node if tp <= cluster.gpus_per_node else cluster.inter_node
+        ar = tp_allreduces * allreduce_time(cost.out_bytes, tp, link)
+    return LayerTime(fwd=fwd, bwd_in=bwd_in, bwd_w=bwd_w, tp_fwd=ar, tp_bwd=ar)
+
+
+# ------------------------------------------------------------------------------------------------
+# length statistics per layer
+
+
+def stats_for_layer(stats: StatsLike, path: str) -> LengthStats:
+    """The statistics layer ``path`` sees: the entry of the longest module-path prefix of ``path``
+    (``""`` matches every layer), or ``stats`` itself when it is one LengthStats."""
+    if isinstance(stats, LengthStats):
+        return stats
+    best = max((k for k in stats if k == "" or path == k or path.startswith(k + ".")), key=len, default=None)
+    if best is None:
+        raise StepModelError(f"no length statistics for layer {path!r} (given prefixes {sorted(stats)}). "
+                             "Fix: add an entry for its module path prefix, or '' for all layers.")
+    return stats[best]
+
+
+_lookup = stats_for_layer
+
+
+def _segments(ids: torch.Tensor, n: int | None = None) -> list[int]:
+    if ids.numel() == 0:
+        return [0] * (n or 0)
+    return torch.bincount(ids.reshape(-1).long(), minlength=n or 0).tolist()
+
+
+def batch_length_stats(batch: Mapping[str, Any]) -> dict[str, LengthStats]:
+    """Per-modality length statistics of a collated microbatch of one of dipc's example models
+    (or a paper model built from them), keyed by module path prefix, for :class:`StepModel`.
+
+    - VLM (``image_ids``): ``vision``/``projector``: one packed sequence per image (its patch
+      count, from ``image_ids``); ``language_model``/``lm_head``: padded ``input_ids`` ``[B, T]``.
+    - Audio LLM (``input_features [n, mels, frames]``): ``audio.frontend`` padded (n, frames), the
+      audio encoder and projector padded (n, frames / 4); the LM as for the VLM.
+    - T2V (``video_ids``): ``text_encoder``: one packed sequence per caption
+      (``text_sample_ids``); ``time_embed``: one token per sample; ``video``, ``blocks``,
+      ``final_layer``: one packed sequence per clip, cross-attending to its caption.
+    """
+    if "image_ids" in batch:
+        images = [x for x in _segments(batch["image_ids"]) if x > 0]
+        b, t = batch["input_ids"].shape
+        img, lm = LengthStats.of(images), LengthStats.padded(b, t)
+        return {"vision": img, "projector": img, "language_model": lm, "lm_head": lm}
+    if "input_features" in batch:
+        from examples.models import AudioLLMConfig
+
+        n, _, frames = batch["input_features"].shape
+        b, t = batch["input_ids"].shape
+        enc = LengthStats.padded(n, frames // AudioLLMConfig.downsample)
+        lm = LengthStats.padded(b, t)
+        return {"audio": enc, "audio.frontend": LengthStats.padded(n, frames), "projector": enc,
+                "language_model": lm, "lm_head": lm}
+    if "video_ids" in batch:
+        n = int(batch["timesteps"].shape[0])
+        text = _segments(batch["text_sample_ids"], n)
+        video = _segments(batch["video_ids"], n)
+        vid = LengthStats.of(video, context=text)
+        return {"text_encoder": LengthStats.of(text), "time_embed": LengthStats.of([1] * n),
+                "video": vid, "blocks": vid, "final_layer": vid}
+    raise StepModelError(f"cannot tell the model from batch keys {sorted(batch)}. Fix: build the "
+                         "per-prefix LengthStats yourself (LengthStats.of / LengthStats.padded).")
+
+
+# ------------------------------------------------------------------------------------------------
+# stages and the step
+
+
+@dataclass(frozen=True, slots=True)
+class StageTime:
+    """Seconds of one stage on one microbatch (per GPU, TP collectives included)."""
+
+    fwd: float
+    bwd_in: float
+    bwd_w: float
+    comm: float      # the TP-collective part of the three above
+
+    @property
+    def bwd(self) -> float:
+        return self.bwd_in + self.bwd_w
+
+    @property
+    def total(self) -> float:
+        return self.fwd + self.bwd_in + self.bwd_w
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _module_dtype(module: torch.nn.Module) -> str | None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return _dtype_name(t.dtype)
+    return None
+
+
+class StepModel:
+    """Per-instruction times and memory of a pipeline step (see the module docstring).
+
+    ``stage_layers[s]``: layer paths of stage ``s`` (stage ids are positions). ``microbatch_stats[m]``:
+    the statistics of microbatch ``m`` (a prefix -> LengthStats mapping, or one LengthStats for all
+    layers). ``dtype``: compute dtype name for every layer, or a path -> name mapping; default
+    ``layer_dtypes`` (filled by :meth:`for_pipeline` from the modules' parameters), else bfloat16.
+    ``dp``: data-parallel degree; REDUCE then takes a ring all-reduce of the stage's gradients.
+    """
+
+    def __init__(self, cost_model: CostModel, cluster: ClusterProfile, stage_layers: Sequence[Sequence[str]],
+                 microbatch_stats: Sequence[StatsLike], *, tp: int = 1, dp: int = 1,
+                 dtype: str | Mapping[str, str] | None = None,
+                 tp_allreduces: Callable[[str], int] | None = None, gemms_per_layer: int = 4,
+                 bytes_mode: str = "max") -> None:
+        if tp < 1 or dp < 1:
+            raise StepModelError(f"tp={tp}, dp={dp}. Fix: pass degrees >= 1.")
+        unknown = [p for layers in stage_layers for p in layers if p not in cost_model.exprs]
+        if unknown:
+            raise StepModelError(f"layers {unknown[:3]} are not in the cost model. Fix: build the cost model "
+                                 "from the same captured model as the stages (layer_cost_model(pipe.captured)).")
+        self.cost_model = cost_model
+        self.cluster = cluster
+        self.stage_layers = [list(layers) for layers in stage_layers]
+        self.microbatch_stats = list(microbatch_stats)
+        self.tp, self.dp = tp, dp
+        self.dtype = dtype
+        self.tp_allreduces = tp_allreduces
+        self.gemms_per_layer = gemms_per_layer
+        self.bytes_mode = bytes_mode
+        self._layer_cache: dict[tuple, LayerTime] = {}
+        self._stage_cache: dict[tuple[int, int], StageTime] = {}
+        self._act_cache: dict[tuple[int, int], float] = {}
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, cost_model: CostModel, cluster: ClusterProfile,
+                     microbatch_stats: Sequence[StatsLike], **kwargs: Any) -> "StepModel":
+        """A step model of a compiled pipeline (``dipc.compile``): its stages' layers, and each
+        layer's compute dtype read from its parameters (unless ``dtype=`` is given)."""
+        stages = sorted(pipe.stages, key=lambda s: s.id)
+        if kwargs.get("dtype") is None:
+            gm = pipe.captured.graph_module
+            kwargs["dtype"] = {p: _module_dtype(gm.get_submodule(p)) or "float32"
+                               for s in stages for p in s.layers}
+        return cls(cost_model, cluster, [s.layers for s in stages], microbatch_stats, **kwargs)
+
+    # -- per layer -----------------------------------------------------------------------------
+    def layer_dtype(self, path: str) -> str:
+        if isinstance(self.dtype, str):
+            return self.dtype
+        if isinstance(self.dtype, Mapping):
+            return self.dtype.get(path, "bfloat16")
+        return "bfloat16"
+
+    def num_allreduces(self, path: str) -> int:
+        """TP all-reduces per pass of layer ``path`` (see the module docstring)."""
+        if self.tp_allreduces is not None:
+            return int(self.tp_allreduces(path))
+        calls = self.cost_model.expr(path).local.attention
+        return len(calls) + 1 if calls else 0
+
+    def layer_time(self, path: str, stats: LengthStats) -> LayerTime:
+        """:class:`LayerTime` of layer ``path`` at ``stats`` (cached by signature and statistics)."""
+        dtype, n_ar = self.layer_dtype(path), self.num_allreduces(path)
+        key = (self.cost_model.signature(path), stats.values(), dtype, n_ar)
+        hit = self._layer_cache.get(key)
+        if hit is None:
+            hit = self._layer_cache[key] = layer_time(
+                self.cost_model.cost(path, stats), self.cluster, tp=self.tp, dtype=dtype, tp_allreduces=n_ar,
+                gemms_per_layer=self.gemms_per_layer, bytes_mode=self.bytes_mode)
+        return hit
+
+    def _stats(self, mb: int) -> StatsLike:
+        try:
+            return self.microbatch_stats[mb]
+        except IndexError:
+            raise StepModelError(f"no statistics for microbatch {mb} ({len(self.microbatch_stats)} given). "
+                                 "Fix: pass one entry per microbatch of the program.") from None
+
+    def _layers(self, stage: int) -> list[str]:
+        try:
+            return self.stage_layers[stage]
+        except IndexError:
+            raise StepModelError(f"stage {stage} unknown ({len(self.stage_layers)} stages given). Fix: pass "
+                                 "the layers of every stage of the program.") from None
+
+    # -- per stage -----------------------------------------------------------------------------
+    def stage_time(self, stage: int, mb: int) -> StageTime:
+        """Seconds of stage ``stage`` on microbatch ``mb`` (cached)."""
+        key = (stage, mb)
+        hit = self._stage_cache.get(key)
+        if hit is None:
+            stats = self._stats(mb)
+            f = bi = bw = comm = 0.0
+            for p in self._layers(stage):
+                t = self.layer_time(p, _lookup(stats, p))
+                f += t.fwd + t.tp_fwd
+                bi += t.bwd_in + t.tp_bwd
+                bw += t.bwd_w
+                comm += t.comm
+            hit = self._stage_cache[key] = StageTime(fwd=f, bwd_in=bi, bwd_w=bw, comm=comm)
+        return hit
+
+    def stage_cost(self, stage: int, mb: int) -> LayerCost:
+        """Summed (un-split, whole-TP-group) costs of the stage's layers on microbatch ``mb``."""
+        stats = self._stats(mb)
+        layers = self._layers(stage)
+        if isinstance(stats, LengthStats):
+            return self.cost_model.cost_sum(layers, stats)
+        groups: dict[int, tuple[LengthStats, list[str]]] = {}
+        for p in layers:
+            s = _lookup(stats, p)
+            groups.setdefault(id(s), (s, []))[1].append(p)
+        parts = [self.cost_model.cost_sum(ps, s) for s, ps in groups.values()]
+        if not parts:
+            return LayerCost(**{f: 0 for f in LayerCost.__slots__})
+        return LayerCost(**{f: sum(getattr(c, f) for c in parts) for f in LayerCost.__slots__})
+
+    def static_bytes(self, stage: int) -> float:
+        """Parameters + gradients + optimizer states of the stage, per GPU (÷ tp)."""
+        cm = self.cost_model
+        total = 0
+        for p in self._layers(stage):
+            sig = cm.signature(p)
+            pb, gb, ob, _ = cm._static[sig]
+            total += pb + gb + ob
+        return total / self.tp
+
+    def activation_bytes(self, stage: int, mb: int) -> float:
+        """Activations the stage's forward on ``mb`` keeps for backward, per GPU (÷ tp)."""
+        key = (stage, mb)
+        hit = self._act_cache.get(key)
+        if hit is None:
+            stats = self._stats(mb)
+            hit = self._act_cache[key] = sum(self.cost_model.cost(p, _lookup(stats, p)).act_bytes
+                                             for p in self._layers(stage)) / self.tp
+        return hit
+
+    def reduce_time(self, stage: int) -> float:
+        """DP all-reduce of the stage's gradients (per GPU) over ``dp`` ranks on the inter-node link."""
+        if self.dp <= 1:
+            return 0.0
+        cm = self.cost_model
+        grad = sum(cm._static[cm.signature(p)][1] for p in self._layers(stage)) / self.tp
+        return allreduce_time(grad, self.dp, self.cluster.inter_node)
+
+    # -- what the emulator takes ---------------------------------------------------------------
+    def compute_time(self, ins: Instruction) -> float:
+        """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
+        op = ins.op
+        if op is Op.FWD:
+            return self.stage_time(ins.stage, ins.mb).fwd
+        if op is Op.BWD:
+            return self.stage_time(ins.stage, ins.mb).bwd
+        if op is Op.BWD_I:
+            return self.stage_time(ins.stage, ins.mb).bwd_in
+        if op is Op.BWD_W:
+            return self.stage_time(ins.stage, ins.mb).bwd_w
+        if op is Op.REDUCE:
+            return self.reduce_time(ins.stage)
+        return 0.0
+
+    def memory_model(self) -> MemoryModel:
+        """Per-GPU memory: static bytes per stage, activations per (stage, microbatch). The layers'
+        ``act_bytes`` include each layer's input, so received messages are not counted again."""
+        return MemoryModel(static=self.static_bytes,
+                           activations=lambda ins: self.activation_bytes(ins.stage, ins.mb),
+                           count_messages=False)
+
+    def simulate(self, program: Program, *, memory: bool = True, **kwargs: Any) -> SimResult:
+        """:func:`dipc.semu.emulator.simulate` of ``program`` with this model's times (and memory),
+        one pipeline rank spanning ``tp`` GPUs."""
+        if program.num_microbatches > len(self.microbatch_stats):
+            raise StepModelError(f"the program has {program.num_microbatches} microbatches but "
+                                 f"{len(self.microbatch_stats)} statistics were given. Fix: one per microbatch.")
+        kwargs.setdefault("gpus_per_rank", self.tp)
+        return simulate(program, self.cluster, self.compute_time,
+                        memory=self.memory_model() if memory else None, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# paper models: a chain of stages without a compiled pipeline
+
+
+def chain_program(step: StepModel, num_microbatches: int, schedule: str = "1f1b", *,
+                  message_dtype: str = "bfloat16", shard_messages: bool = True) -> Program:
+    """The program of a linear chain of ``step``'s stages (stage ``s`` on rank ``s``), with each
+    message the output of the sending stage's last layer on that microbatch (``out_bytes``; split
+    over the TP group's GPUs, Megatron's scatter-gather, when ``shard_messages``)."""
+    from dipc.ir.validate import validate
+    from dipc.passes.codegen import build_program
+    from dipc.semu.profiles import DTYPE_BYTES
+
+    P = len(step.stage_layers)
+    stages = [StageInfo(id=s, rank=s, producers=(s - 1,) if s else (), grad_producers=(s - 1,) if s else (),
+                        loads=("batch",) if s == 0 else (), has_loss=s == P - 1) for s in range(P)]
+    width = DTYPE_BYTES[message_dtype]
+
+    def specs(kind: str, mb: int, producer: int, consumer: int):
+        last = step._layers(producer)[-1]
+        nbytes = step.cost_model.cost(last, _lookup(step._stats(mb), last)).out_bytes
+        if shard_messages:
+            nbytes /= step.tp
+        return (TensorSpec(kind="tensor", dtype=message_dtype, shape=(max(1, int(nbytes // width)),)),)
+
+    program = build_program(stages, P, num_microbatches, schedule, specs=specs)
+    validate(program)
+    return program
+
+
+def best_contiguous_split(times: Sequence[float], num_stages: int) -> list[int]:
+    """Stage sizes (layers per stage) of the contiguous split minimising the slowest stage, then
+    maximising the fastest. Two exact DPs over prefix sums (O(stages · layers²))."""
+    n = len(times)
+    if not 1 <= num_stages <= n:
+        raise StepModelError(f"cannot split {n} layers into {num_stages} non-empty stages. "
+                             "Fix: use 1 <= num_stages <= number of layers.")
+    prefix = [0.0]
+    for t in times:
+        prefix.append(prefix[-1] + t)
+    inf = float("inf")
+    best_max = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    best_max[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        prev, row = best_max[k - 1], best_max[k]
+        for j in range(k, n - (num_stages - k) + 1):
+            pj = prefix[j]
+            row[j] = min(max(prev[i], pj - prefix[i]) for i in range(k - 1, j))
+    bound = best_max[num_stages][n] * (1 + 1e-12) + 1e-15
+    best_min = [[-inf] * (n + 1) for _ in range(num_stages + 1)]
+    choice = [[-1] * (n + 1) for _ in range(num_stages + 1)]
+    best_min[0][0] = inf
+    for k in range(1, num_stages + 1):
+        prev, row, ch = best_min[k - 1], best_min[k], choice[k]
+        for j in range(k, n - (num_stages - k) + 1):
+            pj = prefix[j]
+            for i in range(k - 1, j):
+                c = pj - prefix[i]
+                if c <= bound and prev[i] > -inf:
+                    v = prev[i] if prev[i] < c else c
+                    if v > row[j]:
+                        row[j], ch[j] = v, i
+    sizes, j = [], n
+    for k in range(num_stages, 0, -1):
+        i = choice[k][j]
+        sizes.append(j - i)
+        j = i
+    return sizes[::-1]
