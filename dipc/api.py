@@ -207,7 +207,7 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
-    ``schedule``: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b`` | ``zb_h1``.
+    ``schedule``: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b`` | ``zb_h1`` | ``dual_queue`` (DIP phase 2).
     ``layers`` / ``leaf_modules``: override which modules are layers / opaque leaves.
     ``key_modalities``: batch key -> modality; ``module_overrides``: module path prefix -> modality module.
     ``loss_weight``: microbatch -> weight of its (mean) loss; default counts ``labels != -100``.

@@ -16,7 +16,8 @@ def cli() -> None:
 @cli.command()
 @click.option("--model", type=click.Choice(["vlm", "audio_llm", "t2v"]), default="vlm", show_default=True)
 @click.option("--stages", type=int, default=2, show_default=True, help="pipeline ranks")
-@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"]), default="1f1b",
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue"]),
+              default="1f1b",
               show_default=True)
 @click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
 @click.option("--steps", type=int, default=30, show_default=True)

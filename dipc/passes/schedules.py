@@ -311,11 +311,19 @@ def interleaved_1f1b(
     return orders
 
 
+def _dual_queue(stages: Sequence[StageInfo], num_ranks: int, num_microbatches: int) -> list[list[ComputeAction]]:
+    """DIP's dual-queue interleaving with unit costs (it lives in :mod:`dipc.passes.dual_queue`)."""
+    from dipc.passes.dual_queue import dual_queue
+
+    return dual_queue(stages, num_ranks, num_microbatches)
+
+
 SCHEDULES: dict[str, ScheduleFn] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
     "interleaved_1f1b": interleaved_1f1b,
     "zb_h1": zero_bubble_h1,
+    "dual_queue": _dual_queue,
 }
 
 

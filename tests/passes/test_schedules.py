@@ -149,7 +149,7 @@ def test_compute_action_prints_and_rejects_non_compute_ops() -> None:
 
 
 def test_unknown_schedule_lists_valid_names() -> None:
-    with pytest.raises(ScheduleError, match=r"unknown schedule 'pipedream'.*Fix: use one of 1f1b, gpipe, "
+    with pytest.raises(ScheduleError, match=r"unknown schedule 'pipedream'.*Fix: use one of 1f1b, dual_queue, gpipe, "
                                             r"interleaved_1f1b, zb_h1"):
         get_schedule("pipedream")
     with pytest.raises(ScheduleError, match="unknown schedule"):

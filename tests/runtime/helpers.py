@@ -8,7 +8,7 @@ import torch
 import dipc
 from examples.data import make_example
 
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1)]
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("dual_queue", 1)]
 
 
 def varied_microbatches(ex, n: int = 3) -> list[dict]:

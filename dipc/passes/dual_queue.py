@@ -1,0 +1,183 @@
+"""DIP's stage interleaving (phase 2 of the planner): a greedy dual-queue list scheduler.
+
+Every rank keeps a forward queue and a backward queue, each ordered by priority. The scheduler
+replays the step in simulated time with the caller's per-task durations: whenever a rank is free
+it runs, in order of preference,
+
+1. 1F1B-style alternation when both a forward and a backward are ready now (the opposite kind of
+   what it ran last), so activation memory stays bounded in the steady state;
+2. whichever kind is ready now, if only one is;
+3. a deferred weight-gradient task (``split_backward``: zero-bubble BWD_I / BWD_W), to fill the gap;
+4. otherwise the task that becomes ready earliest ("fill the earliest gap").
+
+A forward is held back while it would push the rank's stashed activations over its memory limit
+(the paper's "pause forward work on a rank whose memory is full"). Tasks are committed in global
+start-time order, so the resulting per-rank orders are consistent with one real timeline: every
+task's inputs are produced before it starts, which makes the lowered program deadlock-free.
+
+Choices where the paper is silent (written down here and in the notes):
+- default priority: earlier microbatch first; for forwards of one microbatch the earlier stage,
+  for backwards the later stage (the order gradients flow);
+- default memory limit: the highest per-rank peak of 1F1B measured in stash units, i.e. the number
+  of stages; callers pass SEMU's byte limits instead;
+- beyond the paper: ``split_backward`` adds the zero-bubble input/weight split to this phase.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from dipc.errors import InfeasibleMemoryError, ScheduleError
+from dipc.ir.instructions import Op
+from dipc.ir.program import StageInfo
+from dipc.passes.schedules import ComputeAction, _check_inputs
+
+TaskFn = Callable[[int, int], float]
+
+
+@dataclass(frozen=True)
+class TaskCosts:
+    """Durations (seconds or any unit) and memory of the tasks the scheduler places.
+
+    ``fwd``/``bwd``: (stage, mb) -> duration; with ``split_backward``, ``bwd`` is the input-grad part
+    and ``wgrad`` the weight-grad part. ``act``: activation memory a forward stashes until its
+    backward frees it. ``comm``: (producer stage, consumer stage, mb) -> transfer time across ranks.
+    """
+
+    fwd: TaskFn = lambda s, m: 1.0
+    bwd: TaskFn = lambda s, m: 2.0
+    wgrad: TaskFn | None = None
+    act: TaskFn = lambda s, m: 1.0
+    comm: Callable[[int, int, int], float] = lambda p, c, m: 0.0
+
+
+@dataclass
+class _Rank:
+    stages: list[int]
+    free_at: float = 0.0
+    memory: float = 0.0
+    last: Op | None = None
+    order: list[ComputeAction] = field(default_factory=list)
+    fwd_todo: list[tuple[int, int]] = field(default_factory=list)
+    bwd_todo: list[tuple[int, int]] = field(default_factory=list)
+    wgrad_todo: list[tuple[int, int]] = field(default_factory=list)
+
+
+def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microbatches: int,
+                        costs: TaskCosts | None = None, *, priority: Callable[[Op, int, int], tuple] | None = None,
+                        memory_limit: float | Sequence[float] | None = None,
+                        split_backward: bool = False) -> list[list[ComputeAction]]:
+    """Per-rank compute orders for one batch (see the module docstring)."""
+    by_rank = _check_inputs(stages, num_ranks, num_microbatches)
+    costs = costs or TaskCosts(bwd=(lambda s, m: 1.0) if split_backward else (lambda s, m: 2.0),
+                               wgrad=(lambda s, m: 1.0) if split_backward else None)
+    if split_backward and costs.wgrad is None:
+        raise ScheduleError("split_backward needs costs.wgrad (the weight-gradient durations). "
+                            "Fix: pass TaskCosts(wgrad=...) or split_backward=False.")
+    prio = priority or (lambda op, s, m: (m, s) if op is Op.FWD else (m, -s))
+    limits = _limits(memory_limit, num_ranks, len(stages))
+    grad_consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
+    rank_of = {s.id: s.rank for s in stages}
+    ranks = [_Rank(stages=ids) for ids in by_rank]
+    for r in ranks:
+        r.fwd_todo = sorted(((s, m) for s in r.stages for m in range(num_microbatches)),
+                            key=lambda t: prio(Op.FWD, *t))
+        r.bwd_todo = sorted(((s, m) for s in r.stages for m in range(num_microbatches)),
+                            key=lambda t: prio(Op.BWD, *t))
+    done: dict[tuple[Op, int, int], float] = {}
+    bwd_op = Op.BWD_I if split_backward else Op.BWD
+
+    def fwd_ready(s: int, m: int) -> float | None:
+        t = 0.0
+        for p in stages[s].producers:
+            end = done.get((Op.FWD, p, m))
+            if end is None:
+                return None
+            t = max(t, end + (costs.comm(p, s, m) if rank_of[p] != rank_of[s] else 0.0))
+        return t
+
+    def bwd_ready(s: int, m: int) -> float | None:
+        t = done.get((Op.FWD, s, m))
+        if t is None:
+            return None
+        for c in grad_consumers[s]:
+            end = done.get((bwd_op, c, m))
+            if end is None:
+                return None
+            t = max(t, end + (costs.comm(s, c, m) if rank_of[c] != rank_of[s] else 0.0))
+        return t
+
+    def proposal(rank: int, r: _Rank) -> tuple[float, Op, int, int] | None:
+        now = r.free_at
+        fwd = next(((t, s, m) for s, m in r.fwd_todo if (t := fwd_ready(s, m)) is not None
+                    and r.memory + costs.act(s, m) <= limits[rank] + 1e-9), None)
+        bwd = next(((t, s, m) for s, m in r.bwd_todo if (t := bwd_ready(s, m)) is not None), None)
+        fwd_now = fwd is not None and fwd[0] <= now
+        bwd_now = bwd is not None and bwd[0] <= now
+        if fwd_now and bwd_now:
+            pick = (Op.FWD, fwd) if r.last is not Op.FWD else (bwd_op, bwd)
+        elif fwd_now:
+            pick = (Op.FWD, fwd)
+        elif bwd_now:
+            pick = (bwd_op, bwd)
+        elif r.wgrad_todo:
+            s, m = r.wgrad_todo[0]
+            return now, Op.BWD_W, s, m
+        else:
+            options = [(Op.FWD, fwd)] * (fwd is not None) + [(bwd_op, bwd)] * (bwd is not None)
+            if not options:
+                return None
+            pick = min(options, key=lambda o: o[1][0])
+        op, (t, s, m) = pick
+        return max(now, t), op, s, m
+
+    total = sum(len(r.fwd_todo) + len(r.bwd_todo) for r in ranks) * (1.5 if split_backward else 1)
+    placed = 0
+    while placed < total:
+        best = None
+        for rank, r in enumerate(ranks):
+            p = proposal(rank, r)
+            if p is not None and (best is None or p[0] < best[1][0]):
+                best = (rank, p)
+        if best is None:
+            full = [i for i, r in enumerate(ranks) if r.fwd_todo and not r.bwd_todo]
+            raise InfeasibleMemoryError(
+                f"no task can start: ranks {full or list(range(num_ranks))} have forwards left but their "
+                f"memory limits {[limits[i] for i in full]} leave no room for one more stash. "
+                "Fix: raise the memory limit, use more microbatches of smaller size, or recompute activations.")
+        rank, (start, op, s, m) = best
+        r = ranks[rank]
+        duration = {Op.FWD: costs.fwd, Op.BWD: costs.bwd, Op.BWD_I: costs.bwd, Op.BWD_W: costs.wgrad}[op](s, m)
+        done[(op, s, m)] = start + duration
+        r.free_at, r.last = start + duration, op
+        r.order.append(ComputeAction(op, s, m))
+        if op is Op.FWD:
+            r.fwd_todo.remove((s, m))
+            r.memory += costs.act(s, m)
+        elif op is Op.BWD_W:
+            r.wgrad_todo.remove((s, m))
+            r.memory -= costs.act(s, m)
+        else:
+            r.bwd_todo.remove((s, m))
+            if split_backward:
+                r.wgrad_todo.append((s, m))
+            else:
+                r.memory -= costs.act(s, m)
+        placed += 1
+    return [r.order for r in ranks]
+
+
+def _limits(memory_limit: float | Sequence[float] | None, num_ranks: int, num_stages: int) -> list[float]:
+    if memory_limit is None:
+        return [float(num_stages)] * num_ranks
+    if isinstance(memory_limit, (int, float)):
+        return [float(memory_limit)] * num_ranks
+    if len(memory_limit) != num_ranks:
+        raise ScheduleError(f"{len(memory_limit)} memory limits for {num_ranks} ranks. Fix: pass one per rank.")
+    return [float(x) for x in memory_limit]
+
+
+def dual_queue(stages: Sequence[StageInfo], num_ranks: int, num_microbatches: int) -> list[list[ComputeAction]]:
+    """The dual-queue schedule with unit costs (F=1, B=2): the registry entry; the planner passes
+    SEMU's durations to :func:`dual_queue_schedule` instead."""
+    return dual_queue_schedule(stages, num_ranks, num_microbatches)
