@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from dipc.dump import maybe_dump
 from dipc.errors import BatchError, PartitionError, ScheduleError
 from dipc.ir import Program, StageInfo
 from dipc.passes.capture import CapturedModel, capture
@@ -112,6 +113,7 @@ class CompiledPipeline:
         program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
                                 schedule or self.schedule, specs=specs)
         validate(program)
+        maybe_dump(self, program, microbatches)
         entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
         if self.history and self.history[-1][0] == "plan":   # keep the latest plan, not one per step
             self.history[-1] = entry
