@@ -1,0 +1,552 @@
+"""dipc's distributed runtime vs ``torch.distributed.pipelining`` on the same model, partition and batches.
+
+Measured on CPU with gloo (2 processes, one thread each), in one run:
+
+1. **static**: a LLaMA-style text chain (embedding -> N ``LlamaBlock`` -> RMSNorm -> head, cross-entropy
+   loss), every microbatch the same shape, schedules 1F1B and interleaved 1F1B (2 chunks per rank):
+   steps/s of dipc and of ``PipelineStage`` + ``Schedule1F1B`` / ``ScheduleInterleaved1F1B``.
+2. **skewed**: one sequence per microbatch, lengths drawn from a lognormal distribution (different
+   per microbatch and per step). dipc runs them unpadded (its per-batch plan carries every message's
+   shape); torch.distributed.pipelining needs one shape per step, so every microbatch is padded to
+   the batch's longest (labels -100 on padding), and a new ``PipelineStage`` + schedule is built
+   whenever that length changes (static metadata via ``input_args``/``output_args``, cached per
+   length). Steps/s and real tokens/s.
+3. **overhead**: dipc's interpreter time per executed instruction outside the stage modules' forward,
+   autograd backward, P2P waits and the optimizer step (instrumented run, see ``_instrumented``).
+
+Both systems run in the same two processes, alternating step by step (so machine noise hits both
+alike), from the same initial weights (same seed), with SGD, on identical batches; the loss is the
+token-weighted mean in both (dipc's default loss weights; torch's ``loss_fn`` sums and divides by
+the batch's real-token count, ``scale_grads=False``), and the benchmark checks that both report the
+same loss every step. The first ``--warmup`` steps are excluded; medians over ``--steps`` steps. A
+step's time is the slower rank's, between a barrier and the step's return (for dipc: planning,
+interpreter, loss all-reduce; for torch: stage/schedule set-up when the shape changed, the
+schedule and the optimizer step).
+
+Usage::
+
+    python benchmarks/runtime_vs_torch_pipelining.py [--steps 12] [--layers 8] [--profile]
+
+Prints a table and writes ``benchmarks/results/runtime_vs_torch_pipelining.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dipc  # noqa: E402
+from dipc.runtime.launch import spawn  # noqa: E402
+from examples.models.layers import LlamaBlock, RMSNorm, RotaryEmbedding  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "runtime_vs_torch_pipelining.json"
+SEED = 0
+LR = 1e-3
+
+
+# -- model, batches, partition -------------------------------------------------------------------
+class TinyLlama(nn.Module):
+    """LLaMA-style text-only chain: embedding -> blocks -> RMSNorm -> LM head; returns the mean
+    cross-entropy over label tokens (-100 = ignored)."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, kv_heads: int, inter: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.rotary_emb = RotaryEmbedding(dim // heads)
+        self.layers = nn.ModuleList([LlamaBlock(dim, heads, kv_heads, inter) for _ in range(layers)])
+        self.norm = RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(torch.arange(input_ids.shape[1], device=input_ids.device))
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        logits = self.lm_head(self.norm(h))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+class ChainStage(nn.Module):
+    """The torch.distributed.pipelining stage for a contiguous run of TinyLlama's layers (the same
+    layer paths as dipc's stage; parameters shared with the model, not copied)."""
+
+    def __init__(self, model: TinyLlama, paths: list[str]):
+        super().__init__()
+        order = ["embed_tokens"] + [f"layers.{i}" for i in range(len(model.layers))] + ["norm", "lm_head"]
+        idx = [order.index(p) for p in paths]
+        assert idx == list(range(idx[0], idx[0] + len(idx))), f"stage layers {paths} are not a contiguous run"
+        self.embed = model.embed_tokens if "embed_tokens" in paths else None
+        self.rotary = model.rotary_emb
+        self.blocks = nn.ModuleList([model.get_submodule(p) for p in paths if p.startswith("layers.")])
+        self.final_norm = model.norm if "norm" in paths else None
+        self.head = model.lm_head if "lm_head" in paths else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) if self.embed is not None else x
+        cos, sin = self.rotary(torch.arange(h.shape[1], device=h.device))
+        for block in self.blocks:
+            h = block(h, cos, sin)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.head is not None:
+            h = self.head(h)
+        return h
+
+
+def build_model(cfg: dict) -> TinyLlama:
+    torch.manual_seed(SEED)
+    return TinyLlama(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["inter"])
+
+
+def make_batches(cfg: dict, scenario: str, num_steps: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per step, the microbatches as (input_ids [b, L], labels [b, L]), unpadded. Deterministic."""
+    g = torch.Generator().manual_seed(1234 if scenario == "static" else 4321)
+    steps = []
+    for _ in range(num_steps):
+        mbs = []
+        for _ in range(cfg["microbatches"]):
+            if scenario == "static":
+                b, length = cfg["static_mb_size"], cfg["static_seq"]
+            else:
+                b = 1
+                z = float(torch.randn((), generator=g))
+                length = int(round(math.exp(math.log(cfg["skew_median"]) + cfg["skew_sigma"] * z)))
+                length = max(cfg["skew_min"], min(cfg["skew_max"], length))
+            ids = torch.randint(0, cfg["vocab"], (b, length), generator=g)
+            labels = torch.randint(0, cfg["vocab"], (b, length), generator=g)
+            mbs.append((ids, labels))
+        steps.append(mbs)
+    return steps
+
+
+def padded_batch(mbs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What a torch.distributed.pipelining user feeds: the whole batch padded to its longest sequence
+    (pad token 0, label -100). Returns (input_ids [M*b, Lmax], labels, Lmax)."""
+    lmax = max(ids.shape[1] for ids, _ in mbs)
+    ids = torch.cat([F.pad(i, (0, lmax - i.shape[1]), value=0) for i, _ in mbs])
+    labels = torch.cat([F.pad(l, (0, lmax - l.shape[1]), value=-100) for _, l in mbs])
+    return ids, labels, lmax
+
+
+def compile_dipc(model: nn.Module, cfg: dict, schedule: str):
+    ex_ids = torch.zeros(cfg["static_mb_size"], cfg["static_seq"], dtype=torch.long)
+    layers = ["embed_tokens"] + [f"layers.{i}" for i in range(cfg["layers"])] + ["norm", "lm_head"]
+    return dipc.compile(model, {"input_ids": ex_ids, "labels": ex_ids}, num_stages=2, schedule=schedule,
+                        layers=layers, optimizer=lambda ps: torch.optim.SGD(ps, lr=LR))
+
+
+# -- torch.distributed.pipelining side ------------------------------------------------------------
+class TorchPipeline:
+    """PipelineStage(s) + Schedule1F1B / ScheduleInterleaved1F1B over the given stage layer split;
+    one (stages, schedule) per padded sequence length, built on first use."""
+
+    def __init__(self, model: TinyLlama, cfg: dict, rank: int, stage_layers: list[list[str]], schedule: str):
+        self.model, self.cfg, self.rank, self.schedule = model, cfg, rank, schedule
+        self.num_stages = len(stage_layers)
+        self.my_stages = [s for s in range(self.num_stages) if s % 2 == rank]
+        self.modules = {s: ChainStage(model, stage_layers[s]) for s in self.my_stages}
+        params = [p for s in self.my_stages for p in self.modules[s].parameters()]
+        self.optimizer = torch.optim.SGD(list(dict.fromkeys(params)), lr=LR)
+        self.cache: dict[int, Any] = {}
+        self.denominator = 1.0   # real label tokens of the current batch
+        self.setup_s = 0.0
+
+    def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                               reduction="sum") / self.denominator
+
+    def _schedule_for(self, mb_size: int, length: int):
+        key = (mb_size, length)
+        if key not in self.cache:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+            t0 = time.perf_counter()
+            c = self.cfg
+            stages = []
+            for s in self.my_stages:
+                # requires_grad on the float activations: that is how static metadata tells the
+                # stage that gradients flow back across the boundary
+                hidden = torch.empty(mb_size, length, c["dim"], requires_grad=True)
+                inp = torch.zeros(mb_size, length, dtype=torch.long) if s == 0 else hidden
+                out = torch.empty(mb_size, length, c["vocab"]) if s == self.num_stages - 1 else hidden
+                stages.append(PipelineStage(self.modules[s], s, self.num_stages, torch.device("cpu"),
+                                            input_args=(inp,), output_args=(out,)))
+            m = c["microbatches"]
+            if self.schedule == "1f1b":
+                sched = Schedule1F1B(stages[0], n_microbatches=m, loss_fn=self.loss_fn, scale_grads=False)
+            else:
+                sched = ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=self.loss_fn, scale_grads=False)
+            self.cache[key] = sched
+            self.setup_s += time.perf_counter() - t0
+        return self.cache[key]
+
+    def step(self, ids: torch.Tensor, labels: torch.Tensor, denominator: float) -> float | None:
+        self.denominator = denominator
+        sched = self._schedule_for(ids.shape[0] // self.cfg["microbatches"], ids.shape[1])
+        first, last = 0 in self.my_stages, self.num_stages - 1 in self.my_stages
+        losses: list[torch.Tensor] = []
+        args = (ids,) if first else ()
+        if last:
+            sched.step(*args, target=labels, losses=losses, return_outputs=False)
+        else:
+            sched.step(*args, return_outputs=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(sum(l.detach() for l in losses)) if last else None
+
+
+# -- the per-process benchmark ---------------------------------------------------------------------
+def _bench(rank: int, world: int, cfg: dict, scenario: str, schedule: str, num_steps: int, warmup: int,
+           profile: bool) -> dict:
+    """Both systems in this process, alternating step by step on identical batches."""
+    import torch.distributed as dist
+
+    from dipc.runtime.distributed import run_step_distributed
+
+    torch.set_num_threads(1)
+    batches = make_batches(cfg, scenario, warmup + num_steps)
+    dipc_model, torch_model = build_model(cfg), build_model(cfg)
+    pipe = compile_dipc(dipc_model, cfg, schedule)
+    stage_layers = [list(s.layers) for s in pipe.stages]
+    tp = TorchPipeline(torch_model, cfg, rank, stage_layers, schedule)
+    out: dict[str, Any] = {"stage_layers": stage_layers, "dipc": [], "torch": [], "dipc_loss": [], "torch_loss": [],
+                           "instructions": [], "plan_ms": [], "torch_setup_s": []}
+    profs = {"dipc": cProfile.Profile(), "torch": cProfile.Profile()} if profile else {}
+    for k, mbs in enumerate(batches):
+        dipc_mbs = [{"input_ids": i, "labels": l} for i, l in mbs]
+        denom = float(sum((l != -100).sum() for _, l in mbs))
+        ids, labels, _ = padded_batch(mbs)
+
+        dist.barrier()
+        if profs and k >= warmup:
+            profs["dipc"].enable()
+        t0 = time.perf_counter()
+        res = run_step_distributed(pipe, dipc_mbs, timeout_s=120)
+        t1 = time.perf_counter()
+        if profs:
+            profs["dipc"].disable()
+        out["dipc"].append(t1 - t0)
+        out["dipc_loss"].append(res.loss)
+        out["plan_ms"].append(pipe.history[-1][2])
+        out["instructions"].append(len(res.program.streams[rank]))
+
+        dist.barrier()
+        setup0 = tp.setup_s
+        if profs and k >= warmup:
+            profs["torch"].enable()
+        t0 = time.perf_counter()
+        loss = tp.step(ids, labels, denom)
+        t1 = time.perf_counter()
+        if profs:
+            profs["torch"].disable()
+        out["torch"].append(t1 - t0)
+        out["torch_setup_s"].append(tp.setup_s - setup0)
+        out["torch_loss"].append(loss)
+    for name, prof in profs.items():
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
+        out[f"profile_{name}"] = s.getvalue()
+    return out
+
+
+# -- interpreter overhead (instrumented) ------------------------------------------------------------
+PARTS = ("init", "run", "fwd", "autograd", "wait", "post", "optim")
+
+
+def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: int, warmup: int,
+                  mode: str = "distributed") -> dict:
+    """dipc's real distributed step (``mode="local"``: the local executor, both ranks' streams in
+    this one process, no P2P and no second process competing for the cores) with timers around everything that is *not* the interpreter:
+    stage forward (module hooks), ``torch.autograd.backward``/``grad`` (patched), posting P2P
+    (``dist.isend``/``irecv``, patched), every P2P wait (``DistributedTransport._wait``) and the
+    optimizer step. Interpreter overhead = ``RankInterpreter.__init__`` + ``run()`` minus those, per
+    executed instruction, on the wall clock and on this thread's CPU clock (``time.thread_time``:
+    immune to being descheduled, which happens with 2 processes + gloo threads on 2 cores)."""
+    import torch.distributed as dist
+
+    import dipc.runtime.distributed as dd
+    from dipc.runtime.interpreter import RankInterpreter
+    from dipc.runtime.transport import DistributedTransport
+
+    torch.set_num_threads(1)
+    wall = dict.fromkeys(PARTS, 0.0)
+    cpu = dict.fromkeys(PARTS, 0.0)
+    depth = [0]   # only the outermost timed region counts (autograd inside a wait, etc.)
+    active = [False]   # only inside RankInterpreter.run (planning also runs the stage modules)
+
+    def timed(fn, key):
+        def wrapper(*a, **kw):
+            if depth[0] or not active[0]:
+                return fn(*a, **kw)
+            depth[0] += 1
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                wall[key] += time.perf_counter() - w0
+                cpu[key] += time.thread_time() - c0
+                depth[0] -= 1
+        return wrapper
+
+    class TimedTransport(DistributedTransport):
+        _wait = timed(DistributedTransport._wait, "wait")
+
+    by_op: dict[str, list[float]] = {}   # op -> [calls, wall residual, cpu residual]
+    inner = ("fwd", "autograd", "wait", "post", "optim")
+
+    def per_op(op: str, handler):
+        def wrapper(instr):
+            w_in, c_in = sum(wall[p] for p in inner), sum(cpu[p] for p in inner)
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return handler(instr)
+            finally:
+                acc = by_op.setdefault(op, [0, 0.0, 0.0])
+                acc[0] += 1
+                acc[1] += time.perf_counter() - w0 - (sum(wall[p] for p in inner) - w_in)
+                acc[2] += time.thread_time() - c0 - (sum(cpu[p] for p in inner) - c_in)
+        return wrapper
+
+    class TimedInterpreter(RankInterpreter):
+        def __init__(self, *a, **kw):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            super().__init__(*a, **kw)
+            wall["init"] += time.perf_counter() - w0
+            cpu["init"] += time.thread_time() - c0
+            # residual time per opcode (the timers above subtracted); the wrapper's own cost lands
+            # in the loop remainder, so the breakdown is approximate, the total is not
+            self.handlers = {op: per_op(op.value, h) for op, h in self.handlers.items()}
+
+        def run(self, until_blocked: bool = False) -> bool:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            active[0] = True
+            try:
+                return super().run(until_blocked)
+            finally:
+                active[0] = False
+                wall["run"] += time.perf_counter() - w0
+                cpu["run"] += time.thread_time() - c0
+
+    import dipc.runtime.local as dl
+
+    dd.DistributedTransport, dd.RankInterpreter, dl.RankInterpreter = TimedTransport, TimedInterpreter, TimedInterpreter
+    torch.autograd.backward = timed(torch.autograd.backward, "autograd")
+    torch.autograd.grad = timed(torch.autograd.grad, "autograd")
+    dist.isend = timed(dist.isend, "post")
+    dist.irecv = timed(dist.irecv, "post")
+
+    pipe = compile_dipc(build_model(cfg), cfg, "1f1b")
+    pipe.step_optimizer = timed(pipe.step_optimizer, "optim")
+    starts: dict[int, tuple[float, float]] = {}
+
+    def pre_hook(m, args):
+        if active[0]:
+            starts[id(m)] = (time.perf_counter(), time.thread_time())
+
+    def post_hook(m, args, out):
+        if id(m) in starts:
+            w0, c0 = starts.pop(id(m))
+            wall["fwd"] += time.perf_counter() - w0
+            cpu["fwd"] += time.thread_time() - c0
+
+    for st in pipe.stages:   # the stage GraphModule's whole call
+        st.module.register_forward_pre_hook(pre_hook)
+        st.module.register_forward_hook(post_hook)
+
+    rows = []
+    for k, mbs in enumerate(make_batches(cfg, scenario, warmup + num_steps)):
+        dist.barrier()
+        for d in (wall, cpu):
+            d.update(dict.fromkeys(PARTS, 0.0))
+        by_op.clear()
+        w0 = time.perf_counter()
+        batch = [{"input_ids": i, "labels": l} for i, l in mbs]
+        res = dd.run_step_distributed(pipe, batch, timeout_s=120) if mode == "distributed" else pipe.step(batch)
+        step = time.perf_counter() - w0
+        if k < warmup:
+            continue
+        n = len(res.program.streams[rank]) if mode == "distributed" else sum(map(len, res.program.streams))
+        row = {"step_s": step, "instructions": n, "plan_ms": pipe.history[-1][2],
+               "outside_interpreter_s": step - wall["init"] - wall["run"]}
+        for name, t in (("wall", wall), ("cpu", cpu)):
+            interp = t["init"] + t["run"] - t["fwd"] - t["autograd"] - t["wait"] - t["post"] - t["optim"]
+            row.update({f"{name}_{p}_s": t[p] for p in PARTS})
+            row[f"{name}_interp_overhead_s"] = interp
+            row[f"{name}_per_instruction_us"] = interp / n * 1e6
+            row[f"{name}_per_instruction_incl_p2p_post_us"] = (interp + t["post"]) / n * 1e6
+        row["residual_us_per_call_by_op"] = {op: {"calls": c, "wall": w / c * 1e6, "cpu": u / c * 1e6}
+                                             for op, (c, w, u) in sorted(by_op.items())}
+        handlers_wall = sum(w for _, w, _ in by_op.values())
+        row["loop_and_init_wall_s"] = wall["init"] + wall["run"] - handlers_wall - sum(wall[p] for p in inner)
+        rows.append(row)
+    return {"rows": rows}
+
+
+# -- driver ----------------------------------------------------------------------------------------
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run_case(cfg: dict, scenario: str, schedule: str, args) -> dict:
+    per_rank = spawn(_bench, 2, cfg, scenario, schedule, args.steps, args.warmup, args.profile, timeout_s=900)
+    w = args.warmup
+    dipc_t = [max(a, b) for a, b in zip(per_rank[0]["dipc"], per_rank[1]["dipc"])][w:]
+    torch_t = [max(a, b) for a, b in zip(per_rank[0]["torch"], per_rank[1]["torch"])][w:]
+    setup = [max(a, b) for a, b in zip(per_rank[0]["torch_setup_s"], per_rank[1]["torch_setup_s"])][w:]
+    last = 1  # the rank holding the last stage (loss) in both schedules
+    dl, tl = per_rank[0]["dipc_loss"], per_rank[last]["torch_loss"]
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(dl, tl))
+    batches = make_batches(cfg, scenario, w + args.steps)[w:]
+    real = [sum(int((l != -100).sum()) for _, l in mbs) for mbs in batches]
+    padded = [padded_batch(mbs)[1].numel() for mbs in batches]
+    torch_no_setup = [t - s for t, s in zip(torch_t, setup)]
+    r = {
+        "scenario": scenario, "schedule": schedule, "stage_layers": per_rank[0]["stage_layers"],
+        "steps_timed": len(dipc_t),
+        "dipc_step_s": dipc_t, "torch_step_s": torch_t, "torch_setup_s": setup,
+        "dipc_steps_per_s": 1 / med(dipc_t), "torch_steps_per_s": 1 / med(torch_t),
+        "torch_steps_per_s_excl_setup": 1 / med(torch_no_setup),
+        "dipc_tokens_per_s": med([n / t for n, t in zip(real, dipc_t)]),
+        "torch_tokens_per_s": med([n / t for n, t in zip(real, torch_t)]),
+        "real_tokens_per_step_median": med(real), "torch_padded_tokens_per_step_median": med(padded),
+        "padding_fraction_torch": 1 - sum(real) / sum(padded),
+        "dipc_plan_ms_median": med(per_rank[0]["plan_ms"][w:]),
+        "instructions_per_step_rank0": per_rank[0]["instructions"][-1],
+        "instructions_per_step_rank1": per_rank[1]["instructions"][-1],
+        "max_rel_loss_diff_dipc_vs_torch": loss_diff,
+        "dipc_losses": dl, "torch_losses": tl,
+    }
+    r["ratio_dipc_over_torch"] = r["dipc_steps_per_s"] / r["torch_steps_per_s"]
+    r["ratio_dipc_over_torch_excl_setup"] = r["dipc_steps_per_s"] / r["torch_steps_per_s_excl_setup"]
+    if args.profile:
+        r["profiles"] = {f"{name} rank {rank}": per_rank[rank][f"profile_{name}"]
+                         for name in ("dipc", "torch") for rank in range(2)}
+    return r
+
+
+def run_overhead(cfg: dict, scenario: str, args, mode: str) -> dict:
+    per_rank = spawn(_instrumented, 2 if mode == "distributed" else 1, cfg, scenario, args.steps, args.warmup, mode,
+                     timeout_s=900)
+    out: dict[str, Any] = {}
+    for rank, res in enumerate(per_rank):
+        rows = res["rows"]
+        out[f"rank{rank}"] = {"instructions": rows[-1]["instructions"],
+                              **{k: med([r[k] for r in rows]) for k in rows[0]
+                                 if k not in ("instructions", "residual_us_per_call_by_op")}}
+        out[f"rank{rank}"]["residual_us_per_call_by_op"] = {
+            op: {"calls": v["calls"], **{c: med([r["residual_us_per_call_by_op"][op][c] for r in rows])
+                                         for c in ("wall", "cpu")}}
+            for op, v in rows[-1]["residual_us_per_call_by_op"].items()}
+    for clock in ("wall", "cpu"):
+        out[f"{clock}_per_instruction_us_max_rank"] = max(out[f"rank{r}"][f"{clock}_per_instruction_us"]
+                                                          for r in range(len(per_rank)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per case (after the warm-up)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--static-seq", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="cProfile rank 0's dipc steps; print the top")
+    ap.add_argument("--cases", default="static:1f1b,static:interleaved_1f1b,skewed:1f1b,skewed:interleaved_1f1b")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the instrumented overhead runs")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    cfg = dict(vocab=1024, dim=args.dim, layers=args.layers, heads=4, kv_heads=2, inter=int(args.dim * 8 / 3) // 8 * 8,
+               microbatches=args.microbatches, static_mb_size=1, static_seq=args.static_seq,
+               skew_median=48, skew_sigma=0.8, skew_min=8, skew_max=512)
+
+    t_all = time.perf_counter()
+    load_start = os.getloadavg()
+    cases = [run_case(cfg, *c.split(":"), args) for c in args.cases.split(",")]
+    overhead = {} if args.no_overhead else {f"{sc} {mode}": run_overhead(cfg, sc, args, mode)
+                                            for mode in ("distributed", "local") for sc in ("static", "skewed")}
+
+    env = {"device": "CPU", "backend": "gloo", "processes": 2, "threads_per_process": 1, "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.processor() or platform.machine(),
+           # other work on the machine skews wall clocks (wall >> thread CPU time in the overhead rows)
+           "loadavg_1m_start_end": [load_start[0], os.getloadavg()[0]]}
+    print(f"dipc runtime vs torch.distributed.pipelining -- measured on CPU, gloo, 2 processes x 1 thread "
+          f"(torch {torch.__version__}, {os.cpu_count()} cores, load avg {env['loadavg_1m_start_end'][0]:.1f} -> "
+          f"{env['loadavg_1m_start_end'][1]:.1f})")
+    print(f"model: TinyLlama vocab={cfg['vocab']} dim={cfg['dim']} layers={cfg['layers']} heads={cfg['heads']}/"
+          f"{cfg['kv_heads']} ffn={cfg['inter']}; {cfg['microbatches']} microbatches/step; SGD; "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    for c in {c["schedule"]: c for c in cases}.values():
+        print(f"partition ({c['schedule']}): " + " | ".join(f"stage {i}: {', '.join(s)}"
+                                                          for i, s in enumerate(c["stage_layers"])))
+    hdr = (f"{'case':26s} {'dipc st/s':>9s} {'torch st/s':>10s} {'ratio':>6s} {'dipc tok/s':>10s} "
+           f"{'torch tok/s':>11s} {'torch pad':>9s} {'loss rel diff':>13s}")
+    print(hdr)
+    print("-" * len(hdr))
+    for c in cases:
+        print(f"{c['scenario'] + ' ' + c['schedule']:26s} {c['dipc_steps_per_s']:9.2f} {c['torch_steps_per_s']:10.2f} "
+              f"{c['ratio_dipc_over_torch']:5.2f}x {c['dipc_tokens_per_s']:10.0f} {c['torch_tokens_per_s']:11.0f} "
+              f"{c['padding_fraction_torch']:8.0%} {c['max_rel_loss_diff_dipc_vs_torch']:13.1e}")
+        if c["scenario"] == "skewed":
+            print(f"{'':26s} torch without its per-shape set-up: {c['torch_steps_per_s_excl_setup']:.2f} st/s, "
+                  f"ratio {c['ratio_dipc_over_torch_excl_setup']:.2f}x")
+    if overhead:
+        print("\ndipc interpreter overhead per instruction = (RankInterpreter init + run) - stage forward - autograd"
+              " - P2P post (isend/irecv) - P2P waits - optimizer step; 1f1b, medians; wall clock / thread CPU clock:")
+        for sc, o in overhead.items():
+            for r in range(2 if "distributed" in sc else 1):
+                x = o[f"rank{r}"]
+                print(f"  {sc:19s} {'rank ' + str(r) if 'distributed' in sc else 'ranks 0+1'}: {x['wall_per_instruction_us']:6.1f} / {x['cpu_per_instruction_us']:5.1f} us "
+                      f"per instr over {x['instructions']} instr (incl. P2P posting: "
+                      f"{x['wall_per_instruction_incl_p2p_post_us']:.1f} / {x['cpu_per_instruction_incl_p2p_post_us']:.1f} us)"
+                      f" | step {x['step_s'] * 1e3:.1f} ms = fwd {x['wall_fwd_s'] * 1e3:.1f} + autograd "
+                      f"{x['wall_autograd_s'] * 1e3:.1f} + wait {x['wall_wait_s'] * 1e3:.1f} + post "
+                      f"{x['wall_post_s'] * 1e3:.1f} + optim {x['wall_optim_s'] * 1e3:.1f} + interp "
+                      f"{x['wall_interp_overhead_s'] * 1e3:.2f} + outside run() {x['outside_interpreter_s'] * 1e3:.1f}"
+                      f" (plan {x['plan_ms']:.2f}) ms")
+                print("      residual per call (wall/cpu us): " + ", ".join(
+                    f"{op} {v['wall']:.0f}/{v['cpu']:.0f}" for op, v in x["residual_us_per_call_by_op"].items())
+                    + f"; dispatch loop + init {x['loop_and_init_wall_s'] * 1e3:.2f} ms")
+    by_case = {(c["scenario"], c["schedule"]): c for c in cases}
+    targets = {}
+    if ("static", "1f1b") in by_case:
+        targets["static 1f1b ratio >= 1.0"] = by_case["static", "1f1b"]["ratio_dipc_over_torch"] >= 1.0
+    if ("skewed", "1f1b") in by_case:
+        targets["skewed 1f1b ratio >= 1.2"] = by_case["skewed", "1f1b"]["ratio_dipc_over_torch"] >= 1.2
+    if overhead:
+        targets["overhead <= 50 us/instr (wall)"] = max(o["wall_per_instruction_us_max_rank"]
+                                                         for o in overhead.values()) <= 50.0
+    print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
+    if args.profile:
+        for c in cases:
+            for name, text in c["profiles"].items():
+                print(f"\n--- cProfile of the timed steps, {name}, {c['scenario']} {c['schedule']} (tottime) ---")
+                print(text)
+    result = {"measured_on": "CPU, gloo backend, 2 local processes, torch.set_num_threads(1) each (no GPU)",
+              "env": env, "config": cfg, "steps": args.steps, "warmup": args.warmup,
+              "method": __doc__, "cases": cases, "interpreter_overhead": overhead, "targets": targets,
+              "wall_s": time.perf_counter() - t_all}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
