@@ -96,10 +96,16 @@ class CompiledPipeline:
                 raise BatchError(f"microbatch {m} lacks batch key {missing[0]!r} that the example batch had "
                                  f"(it has {sorted(mb)}). Fix: give every microbatch the example batch's keys.")
 
-    def plan(self, microbatches: Sequence[Batch], schedule: str | None = None) -> Program:
-        """The program for these microbatches (shapes of every message known, validated)."""
+    def plan(self, microbatches: Sequence[Batch], schedule: str | None = None,
+             compute_orders: Sequence[Sequence[Any]] | None = None) -> Program:
+        """The program for these microbatches (shapes of every message known, validated).
+
+        ``compute_orders`` (one list of ``ComputeAction`` per rank, e.g. from
+        :func:`dipc.passes.dual_queue.dual_queue_schedule` fed with SEMU's durations) replaces the
+        named schedule's generator; ``schedule`` then only names the program.
+        """
         from dipc.ir.validate import validate
-        from dipc.passes.codegen import build_program
+        from dipc.passes.codegen import build_program, lower
 
         self.check_batch(microbatches)
         self.check_trainable()
@@ -110,8 +116,12 @@ class CompiledPipeline:
             act, grad = edge_specs[mb][(producer, consumer)]
             return act if kind == "act" else grad
 
-        program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
-                                schedule or self.schedule, specs=specs)
+        if compute_orders is None:
+            program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
+                                    schedule or self.schedule, specs=specs)
+        else:
+            program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
+                            schedule=schedule or "custom", specs=specs)
         validate(program)
         maybe_dump(self, program, microbatches)
         entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
@@ -205,7 +215,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
             schedule: str = "1f1b", layers: list[str] | None = None, leaf_modules: Iterable[str] = (),
             key_modalities: Mapping[str, str] | None = None, module_overrides: Mapping[str, str] | None = None,
             loss_weight: Callable[[Batch], float] | None = None,
-            optimizer: OptimizerFactory | None = None, fused_kernels: bool | None = None) -> CompiledPipeline:
+            optimizer: OptimizerFactory | None = None, fused_kernels: bool | None = None,
+            segments: Mapping[str, int] | str = "cost") -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
@@ -214,6 +225,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     ``key_modalities``: batch key -> modality; ``module_overrides``: module path prefix -> modality module.
     ``loss_weight``: microbatch -> weight of its (mean) loss; default counts ``labels != -100``.
     ``optimizer``: params -> optimizer, created per rank over that rank's parameters.
+    ``segments``: stages per modality module: ``"cost"`` (proportional to cost), ``"spread"`` (equal,
+    so with ``chunks`` = number of modules every module spans all ranks), or ``{module: stages}``.
     ``fused_kernels``: run layers with dipc's Triton kernels (RMSNorm, LayerNorm, GELU, SwiGLU, RoPE).
     Default: on when the model lives on a GPU, off on CPU (where Triton only interprets). The
     user's parameters are shared, so gradients and optimizer updates land on ``model`` either way.
@@ -246,7 +259,7 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     history.append(("tag", captured.graph_module, (time.perf_counter() - t0) * 1e3))
     t0 = time.perf_counter()
     costs = layer_costs(captured)
-    stage_layers, stage_mod = assign_layers(tags, costs, num_stages, chunks)
+    stage_layers, stage_mod = assign_layers(tags, costs, num_stages, chunks, segments)
     stages = build_stages(captured, stage_layers, stage_mod, num_stages)
     history.append(("partition", [s.module for s in stages], (time.perf_counter() - t0) * 1e3))
     return CompiledPipeline(model=model, captured=captured, tags=tags, stages=stages, num_ranks=num_stages,

@@ -54,6 +54,47 @@ def profile(out: str, quick: bool, device: str | None) -> None:
 
 
 @cli.command()
+@click.option("--model", type=click.Choice(["vlm", "audio_llm", "t2v"]), default="vlm", show_default=True)
+@click.option("--stages", type=int, default=4, show_default=True, help="pipeline ranks")
+@click.option("--chunks", type=int, default=2, show_default=True,
+              help="stages per rank: with 2, every modality's segment is spread over the ranks")
+@click.option("--microbatches", type=int, default=8, show_default=True)
+@click.option("--profile", default="h800", show_default=True, help="device/cluster preset or profile JSON")
+@click.option("--out", type=click.Path(dir_okay=False), default="dipc-trace.png", show_default=True,
+              help="Gantt chart PNG; Chrome traces go next to it (<out>.<schedule>.json)")
+@click.option("--seed", type=int, default=0, show_default=True)
+def trace(model: str, stages: int, chunks: int, microbatches: int, profile: str, out: str, seed: int) -> None:
+    """Predicted timeline of one skewed batch: (interleaved) 1F1B next to DIP's dual-queue schedule on the
+    same stages (PNG + Chrome traces)."""
+    from pathlib import Path
+
+    import dipc
+    from dipc.semu.compare import compare_schedules
+    from dipc.semu.gantt import plot_gantt
+    from dipc.semu.trace import write_chrome_trace
+    from examples.data import make_example
+
+    ex = make_example(model, seed=seed)
+    mbs = ex.data.microbatches(microbatches, 2)
+    for name in ex.data.EDGE_CASES:     # the skew real batches have: empty and huge items
+        mbs[len(mbs) // 2] = ex.data.edge_case(name)
+    baselines = ("1f1b",) if chunks == 1 else ("interleaved_1f1b",)
+    # with chunks > 1 every modality module is spread over all ranks (DIP's placement), so the
+    # per-batch schedule can move work between vision and text as the batch demands
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=stages, chunks=chunks, schedule=baselines[0],
+                        loss_weight=ex.loss_weight, segments="spread" if chunks > 1 else "cost")
+    with click.progressbar(length=3, label="planning and simulating") as bar:
+        results = compare_schedules(pipe, mbs, baselines, profile=profile)
+        bar.update(2)
+        png = plot_gantt(results, out, title=f"{model}, {stages} ranks, {microbatches} skewed microbatches, {profile}")
+        bar.update(1)
+    for label, res in results.items():
+        write_chrome_trace(res, Path(out).with_suffix(f".{label.replace(' ', '_')}.json"))
+        click.echo(f"{label:>16}: step {res.step_time * 1e3:8.3f} ms  bubble {res.bubble_fraction:6.1%}")
+    click.echo(f"wrote {png}")
+
+
+@cli.command()
 def presets() -> None:
     """List the built-in device/cluster profiles."""
     from dipc.semu.profiles import list_presets

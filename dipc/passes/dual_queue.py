@@ -18,8 +18,11 @@ task's inputs are produced before it starts, which makes the lowered program dea
 Choices where the paper is silent (written down here and in the notes):
 - default priority: earlier microbatch first; for forwards of one microbatch the earlier stage,
   for backwards the later stage (the order gradients flow);
-- default memory limit: the highest per-rank peak of 1F1B measured in stash units, i.e. the number
-  of stages; callers pass SEMU's byte limits instead;
+- memory without a limit: stage ``s`` keeps at most ``max(S - s, P)`` microbatches in flight (forward done,
+  backward not): with one stage per rank no rank stashes more than 1F1B's highest peak (rank 0's
+  ``P``), while later ranks may run ahead to absorb uneven stage times. Per-stage caps never
+  deadlock: the last stage can always proceed, and so, inductively, every earlier one. An optional per-rank ``memory_limit`` (SEMU's bytes, or stash units) is enforced on top;
+  a limit too tight for any order raises :class:`InfeasibleMemoryError`;
 - beyond the paper: ``split_backward`` adds the zero-bubble input/weight split to this phase.
 """
 from __future__ import annotations
@@ -67,7 +70,22 @@ def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microba
                         costs: TaskCosts | None = None, *, priority: Callable[[Op, int, int], tuple] | None = None,
                         memory_limit: float | Sequence[float] | None = None,
                         split_backward: bool = False) -> list[list[ComputeAction]]:
-    """Per-rank compute orders for one batch (see the module docstring)."""
+    """Per-rank compute orders for one batch (see the module docstring).
+
+    With a ``memory_limit`` only memory holds forwards back, so a light encoder rank may run far
+    ahead; if that greedy order reaches a dead end (every rank full of stashes whose backwards
+    need a forward that no longer fits), it is retried with 1F1B's in-flight bound per stage."""
+    if memory_limit is None:
+        return _schedule(stages, num_ranks, num_microbatches, costs, priority, None, split_backward, caps=True)
+    try:
+        return _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward,
+                         caps=False)
+    except InfeasibleMemoryError:
+        return _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward,
+                         caps=True)
+
+
+def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward, *, caps: bool):
     by_rank = _check_inputs(stages, num_ranks, num_microbatches)
     costs = costs or TaskCosts(bwd=(lambda s, m: 1.0) if split_backward else (lambda s, m: 2.0),
                                wgrad=(lambda s, m: 1.0) if split_backward else None)
@@ -75,7 +93,9 @@ def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microba
         raise ScheduleError("split_backward needs costs.wgrad (the weight-gradient durations). "
                             "Fix: pass TaskCosts(wgrad=...) or split_backward=False.")
     prio = priority or (lambda op, s, m: (m, s) if op is Op.FWD else (m, -s))
-    limits = _limits(memory_limit, num_ranks, len(stages))
+    limits = _limits(memory_limit, num_ranks)
+    in_flight_cap = {s.id: max(len(stages) - s.id, num_ranks) if caps else num_microbatches for s in stages}
+    in_flight = {s.id: 0 for s in stages}
     grad_consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
     rank_of = {s.id: s.rank for s in stages}
     ranks = [_Rank(stages=ids) for ids in by_rank]
@@ -110,7 +130,8 @@ def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microba
     def proposal(rank: int, r: _Rank) -> tuple[float, Op, int, int] | None:
         now = r.free_at
         fwd = next(((t, s, m) for s, m in r.fwd_todo if (t := fwd_ready(s, m)) is not None
-                    and r.memory + costs.act(s, m) <= limits[rank] + 1e-9), None)
+                    and in_flight[s] < in_flight_cap[s] and r.memory + costs.act(s, m) <= limits[rank] + 1e-9),
+                   None)
         bwd = next(((t, s, m) for s, m in r.bwd_todo if (t := bwd_ready(s, m)) is not None), None)
         fwd_now = fwd is not None and fwd[0] <= now
         bwd_now = bwd is not None and bwd[0] <= now
@@ -140,10 +161,10 @@ def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microba
             if p is not None and (best is None or p[0] < best[1][0]):
                 best = (rank, p)
         if best is None:
-            full = [i for i, r in enumerate(ranks) if r.fwd_todo and not r.bwd_todo]
+            full = [i for i, r in enumerate(ranks) if r.fwd_todo]
             raise InfeasibleMemoryError(
-                f"no task can start: ranks {full or list(range(num_ranks))} have forwards left but their "
-                f"memory limits {[limits[i] for i in full]} leave no room for one more stash. "
+                f"no task can start: ranks {full} hold {[ranks[i].memory for i in full]} of stashed activations "
+                f"and their memory limits {[limits[i] for i in full]} leave no room for the next forward. "
                 "Fix: raise the memory limit, use more microbatches of smaller size, or recompute activations.")
         rank, (start, op, s, m) = best
         r = ranks[rank]
@@ -154,11 +175,13 @@ def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microba
         if op is Op.FWD:
             r.fwd_todo.remove((s, m))
             r.memory += costs.act(s, m)
+            in_flight[s] += 1
         elif op is Op.BWD_W:
             r.wgrad_todo.remove((s, m))
             r.memory -= costs.act(s, m)
         else:
             r.bwd_todo.remove((s, m))
+            in_flight[s] -= 1
             if split_backward:
                 r.wgrad_todo.append((s, m))
             else:
@@ -167,9 +190,9 @@ def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microba
     return [r.order for r in ranks]
 
 
-def _limits(memory_limit: float | Sequence[float] | None, num_ranks: int, num_stages: int) -> list[float]:
+def _limits(memory_limit: float | Sequence[float] | None, num_ranks: int) -> list[float]:
     if memory_limit is None:
-        return [float(num_stages)] * num_ranks
+        return [float("inf")] * num_ranks
     if isinstance(memory_limit, (int, float)):
         return [float(memory_limit)] * num_ranks
     if len(memory_limit) != num_ranks:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import fx, nn
@@ -114,9 +114,15 @@ def _allocate_stages(modules: list[tuple[str, list[str]]], costs: dict[str, floa
     return alloc
 
 
-def assign_layers(tags: list[LayerTag], costs: dict[str, float], num_ranks: int, chunks: int
-                  ) -> tuple[list[list[str]], list[str]]:
-    """Layers of each stage and each stage's modality module."""
+def assign_layers(tags: list[LayerTag], costs: dict[str, float], num_ranks: int, chunks: int,
+                  segments: Mapping[str, int] | str = "cost") -> tuple[list[list[str]], list[str]]:
+    """Layers of each stage and each stage's modality module.
+
+    ``segments``: how many stages each modality module gets — ``"cost"`` (proportional to its cost on
+    the example batch), ``"spread"`` (the same number each, so with ``chunks`` equal to the number of
+    modules every module is laid over all ranks, DIP's placement, and per-batch schedules can move
+    work between modalities), or an explicit ``{module: stages}``.
+    """
     total = num_ranks * chunks
     if total > len(tags):
         raise PartitionError(
@@ -136,7 +142,7 @@ def assign_layers(tags: list[LayerTag], costs: dict[str, float], num_ranks: int,
         # Fewer stages than modality modules: adjacent modules must share stages.
         merged = [p for _, paths in modules for p in paths]
         modules = [("+".join(m for m, _ in modules), merged)]
-    alloc = _allocate_stages(modules, costs, total)
+    alloc = _segment_sizes(modules, costs, total, segments)
     stage_layers: list[list[str]] = []
     stage_mod: list[str] = []
     for (mod, paths), k in zip(modules, alloc):
@@ -145,6 +151,31 @@ def assign_layers(tags: list[LayerTag], costs: dict[str, float], num_ranks: int,
             stage_layers.append(paths[a:b])
             stage_mod.append(mod)
     return stage_layers, stage_mod
+
+
+def _segment_sizes(modules: list[tuple[str, list[str]]], costs: dict[str, float], total: int,
+                   segments: Mapping[str, int] | str) -> list[int]:
+    if segments == "cost":
+        return _allocate_stages(modules, costs, total)
+    if segments == "spread":
+        sizes = [total // len(modules)] * len(modules)
+        by_cost = sorted(range(len(modules)), key=lambda i: -sum(costs[p] for p in modules[i][1]))
+        for i in by_cost[: total - sum(sizes)]:
+            sizes[i] += 1
+    elif isinstance(segments, Mapping):
+        names = [m for m, _ in modules]
+        if set(segments) != set(names) or sum(segments.values()) != total:
+            raise PartitionError(f"segments={dict(segments)} must give every modality module {names} a stage "
+                                 f"count, summing to {total} stages. Fix: e.g. segments={dict.fromkeys(names, 1)} "
+                                 "adjusted to the total, or segments='cost'.")
+        sizes = [int(segments[m]) for m in names]
+    else:
+        raise PartitionError(f"segments={segments!r}. Fix: use 'cost', 'spread' or a {{module: stages}} dict.")
+    for (mod, paths), k in zip(modules, sizes):
+        if not 1 <= k <= len(paths):
+            raise PartitionError(f"modality module {mod!r} has {len(paths)} layers but would get {k} stages. "
+                                 "Fix: give it between 1 and its layer count (segments=...).")
+    return sizes
 
 
 def _is_tensor_like(value: Any) -> bool:

@@ -22,6 +22,10 @@ from dipc.runtime.transport import Transport, WouldBlock
 from dipc.passes.values import from_wire, is_grad_leaf, leaves_of, to_wire
 
 
+def _profiler_enabled() -> bool:
+    return torch.autograd.profiler._is_profiler_enabled
+
+
 def _detach(leaf: Any) -> Any:
     return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
 
@@ -66,7 +70,6 @@ class RankInterpreter:
         self.stats = StepStats()
         self.losses: dict[int, torch.Tensor] = {}
         # Everything the hot path looks up, resolved once per step instead of per instruction.
-        self.labels = [f"dipc:{instr}" for instr in self.stream]
         self.edge_names = {(p, s.id): s.values_from(p) for s in stages for p in s.producers}
         self.local_consumers = {
             s.id: [(c.id, self.edge_names[(s.id, c.id)]) for c in stages if s.id in c.producers and c.rank == rank]
@@ -87,10 +90,14 @@ class RankInterpreter:
         """Execute instructions; with ``until_blocked`` stop at a receive that is not ready yet.
         Returns whether any instruction ran."""
         progressed = False
+        profiling = _profiler_enabled()   # label instructions only when someone records a trace
         while self.pc < len(self.stream):
             instr = self.stream[self.pc]
             try:
-                with record_function(self.labels[self.pc]):
+                if profiling:
+                    with record_function(f"dipc:{instr}"):
+                        self.handlers[instr.op](instr)
+                else:
                     self.handlers[instr.op](instr)
             except WouldBlock:
                 if until_blocked:

@@ -19,6 +19,19 @@ class WouldBlock(Exception):
     """A local receive whose message has not been sent yet (the local executor switches ranks)."""
 
 
+def _groups(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, list[torch.Tensor]]]:
+    """Non-empty tensors grouped by dtype, groups in order of first appearance (both sides agree)."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            groups.setdefault(t.dtype, []).append(t)
+    return list(groups.items())
+
+
+def _pack(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
+    return [torch.cat([t.reshape(-1).to(device) for t in members]) for _, members in _groups(tensors)]
+
+
 class Transport:
     def send(self, instr: Instruction, rank: int, tensors: list[torch.Tensor]) -> None:
         raise NotImplementedError
@@ -69,18 +82,20 @@ class DistributedTransport(Transport):
         self.pending: list[tuple[object, torch.Tensor, Instruction]] = []
 
     def send(self, instr, rank, tensors):
-        for t in tensors:
-            if t.numel() == 0:
-                continue
-            t = t.to(self.device)
-            self.pending.append((self.dist.isend(t, dst=self.global_rank(instr.peer)), t, instr))
+        # one flat buffer per dtype: a message costs one isend per dtype, not one per leaf
+        for flat in _pack(tensors, self.device):
+            self.pending.append((self.dist.isend(flat, dst=self.global_rank(instr.peer)), flat, instr))
 
     def recv(self, instr, rank):
         bufs = [empty_for(s, self.device) for s in instr.specs]
         src = self.global_rank(instr.peer)
-        works = [self.dist.irecv(b, src=src) for b in bufs if b.numel() > 0]
-        for w in works:
-            self._wait(w, instr)
+        for dtype, members in _groups(bufs):
+            flat = torch.empty(sum(b.numel() for b in members), dtype=dtype, device=self.device)
+            self._wait(self.dist.irecv(flat, src=src), instr)
+            offset = 0
+            for b in members:
+                b.copy_(flat[offset:offset + b.numel()].view(b.shape))
+                offset += b.numel()
         return bufs
 
     def _wait(self, work, instr) -> None:

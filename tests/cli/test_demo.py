@@ -38,3 +38,15 @@ def test_profile_to_unwritable_path_is_one_line_error(tmp_path):
 def test_presets_lists_h800():
     result = CliRunner().invoke(cli, ["presets"])
     assert result.exit_code == 0 and "h800" in result.output
+
+
+def test_trace_writes_gantt_png_and_chrome_traces(tmp_path):
+    import json
+
+    out = tmp_path / "t.png"
+    result = CliRunner().invoke(cli, ["trace", "--stages", "2", "--microbatches", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    traces = sorted(tmp_path.glob("t.*.json"))
+    assert len(traces) == 2 and all(json.loads(p.read_text())["traceEvents"] for p in traces)
+    assert "interleaved_1f1b" in result.output and "DIP" in result.output
