@@ -40,18 +40,6 @@ def pipelining_csv(program: Program) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]):
-    from dipc.semu.costs import layer_cost_model
-    from dipc.semu.profiles import load_profile
-    from dipc.semu.step_model import StepModel, batch_length_stats
-
-    if getattr(pipe, "_cost_model", None) is None:
-        pipe._cost_model = layer_cost_model(pipe.captured)
-    cluster = load_profile(os.environ.get("DIPC_PROFILE", "h800"))
-    stats = [batch_length_stats(mb) for mb in microbatches]
-    return StepModel.for_pipeline(pipe, pipe._cost_model, cluster, stats)
-
-
 def dump_step(pipe: "CompiledPipeline", program: Program, microbatches: Sequence[Mapping[str, Any]],
               directory: str | Path, *, timeline: bool = True) -> Path:
     """Write every dump of one planned step into ``directory`` (created); returns it."""
@@ -67,7 +55,9 @@ def dump_step(pipe: "CompiledPipeline", program: Program, microbatches: Sequence
         if timeline:
             from dipc.semu.trace import write_chrome_trace
 
-            model = _step_model(pipe, microbatches)
+            from dipc.semu.compare import step_model
+
+            model = step_model(pipe, microbatches, os.environ.get("DIPC_PROFILE", "h800"))
             result = model.simulate(program)
             write_chrome_trace(result, out / "timeline.json")
             lines.append(f"SEMU ({os.environ.get('DIPC_PROFILE', 'h800')}): step {result.step_time * 1e3:.3f} ms, "
