@@ -134,8 +134,8 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     if topo.pp > 1:
         collective("loss", topo.rank, lambda: dist.all_reduce(losses, group=topo.pp_group))
     local = pipe.result(weights, losses.tolist(), t0, program)
-    # every replica's pipeline rank 0 contributes its replica's share of the global loss
-    total_loss = torch.tensor([local.loss if rank == 0 else 0.0], dtype=torch.float64, device=device)
-    collective("loss", topo.rank, lambda: dist.all_reduce(total_loss))
-    local.loss = total_loss.item()
+    if topo.dp > 1:   # every replica's pipeline rank 0 contributes its replica's share of the global loss
+        total_loss = torch.tensor([local.loss if rank == 0 else 0.0], dtype=torch.float64, device=device)
+        collective("loss", topo.rank, lambda: dist.all_reduce(total_loss))
+        local.loss = total_loss.item()
     return local
