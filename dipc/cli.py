@@ -94,6 +94,122 @@ def trace(model: str, stages: int, chunks: int, microbatches: int, profile: str,
     click.echo(f"wrote {png}")
 
 
+_MODELS = click.Choice(["vlm", "audio_llm", "t2v"])
+_SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue"]
+
+
+def _example_pipeline(model: str, stages: int, chunks: int | None, schedule: str, microbatches: int, seed: int):
+    """A compiled example pipeline and one batch of its skewed synthetic data."""
+    import dipc
+    from examples.data import make_example
+
+    ex = make_example(model, seed=seed)
+    mbs = ex.data.microbatches(microbatches, 2)
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=stages, chunks=chunks, schedule=schedule,
+                        loss_weight=ex.loss_weight)
+    return pipe, mbs
+
+
+@cli.command()
+@click.option("--model", type=_MODELS, default="vlm", show_default=True)
+@click.option("--stages", type=int, default=2, show_default=True, help="pipeline ranks")
+@click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
+@click.option("--schedule", type=click.Choice(_SCHEDULES), default="1f1b", show_default=True)
+@click.option("--microbatches", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="write the program here (.txt text dump and .json next to it); default: print it")
+def plan(model, stages, chunks, schedule, microbatches, seed, out) -> None:
+    """Plan one batch of an example model: the validated per-rank instruction streams."""
+    from dipc.ir.text import dump_program
+
+    pipe, mbs = _example_pipeline(model, stages, chunks, schedule, microbatches, seed)
+    program = pipe.plan(mbs)
+    if out is None:
+        click.echo(dump_program(program), nl=False)
+        return
+    try:
+        path = pipe.dump(program, out)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out!r}: {e.strerror}. Fix: pick a writable path with --out.")
+    click.echo(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+@cli.command()
+@click.option("--model", type=_MODELS, default="vlm", show_default=True)
+@click.option("--stages", type=int, default=2, show_default=True, help="pipeline ranks")
+@click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
+@click.option("--schedule", type=click.Choice(_SCHEDULES), default="1f1b", show_default=True)
+@click.option("--microbatches", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="dipc-dump", show_default=True)
+def dump(model, stages, chunks, schedule, microbatches, seed, out) -> None:
+    """Write every dump of one planned batch: program text/JSON, per-rank streams, pipelining CSV,
+    partition with SEMU costs, SEMU Chrome trace."""
+    from dipc.dump import dump_step
+
+    pipe, mbs = _example_pipeline(model, stages, chunks, schedule, microbatches, seed)
+    directory = dump_step(pipe, pipe.plan(mbs), mbs, out)
+    for f in sorted(directory.iterdir()):
+        click.echo(str(f))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def show(path: str) -> None:
+    """Read a program dump (.txt or .json), validate it and print the rank x step grid."""
+    from pathlib import Path
+
+    from dipc.ir.jsonio import loads
+    from dipc.ir.text import format_grid, parse_program
+    from dipc.ir.validate import validate
+
+    text = Path(path).read_text()
+    program = loads(text) if path.endswith(".json") else parse_program(text)
+    validate(program)
+    click.echo(f"{path}: valid, schedule {program.schedule}, {program.num_ranks} ranks, "
+               f"{program.num_microbatches} microbatches, {sum(len(s) for s in program.streams)} instructions")
+    click.echo(format_grid(program))
+
+
+@cli.command()
+@click.option("--model", type=_MODELS, default="vlm", show_default=True)
+@click.option("--stages", type=int, default=4, show_default=True, help="pipeline ranks")
+@click.option("--chunks", type=int, default=1, show_default=True, help="stages per rank (virtual stages)")
+@click.option("--schedules", default="gpipe,1f1b,zb_h1", show_default=True, help="comma-separated baselines")
+@click.option("--microbatches", type=int, default=8, show_default=True)
+@click.option("--batches", type=int, default=5, show_default=True, help="skewed batches to average over")
+@click.option("--profile", default="h800", show_default=True, help="device/cluster preset or profile JSON")
+@click.option("--seed", type=int, default=0, show_default=True)
+def simulate(model, stages, chunks, schedules, microbatches, batches, profile, seed) -> None:
+    """Compare schedules on SEMU for an example model over several skewed batches (DIP included)."""
+    import statistics
+
+    import dipc
+    from dipc.semu.compare import compare_schedules
+    from examples.data import make_example
+
+    names = [s.strip() for s in schedules.split(",") if s.strip()]
+    unknown = [s for s in names if s not in _SCHEDULES]
+    if unknown:
+        raise click.ClickException(f"unknown schedule(s) {unknown}. Fix: choose from {', '.join(_SCHEDULES)}.")
+    ex = make_example(model, seed=seed)
+    first = ex.data.microbatches(1, 2)[0]
+    pipe = dipc.compile(ex.model, first, num_stages=stages, chunks=chunks, schedule="gpipe",
+                        loss_weight=ex.loss_weight, segments="spread" if chunks > 1 else "cost")
+    times: dict[str, list[float]] = {}
+    with click.progressbar(range(batches), label="simulating") as bar:
+        for _ in bar:
+            results = compare_schedules(pipe, ex.data.microbatches(microbatches, 2), names, profile=profile)
+            for label, res in results.items():
+                times.setdefault(label.split(":")[0], []).append(res.step_time)
+    base = times.get("1f1b") or next(iter(times.values()))
+    click.echo(f"{'schedule':<20}{'mean step (ms)':>16}{'vs 1f1b':>10}")
+    for label, ts in times.items():
+        click.echo(f"{label:<20}{statistics.mean(ts) * 1e3:>16.3f}"
+                   f"{statistics.mean(b / t for b, t in zip(base, ts)):>9.2f}x")
+
+
 @cli.command()
 def presets() -> None:
     """List the built-in device/cluster profiles."""

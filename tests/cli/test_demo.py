@@ -50,3 +50,31 @@ def test_trace_writes_gantt_png_and_chrome_traces(tmp_path):
     traces = sorted(tmp_path.glob("t.*.json"))
     assert len(traces) == 2 and all(json.loads(p.read_text())["traceEvents"] for p in traces)
     assert "interleaved_1f1b" in result.output and "DIP" in result.output
+
+
+def test_plan_show_round_trip_and_bad_dump(tmp_path):
+    out = tmp_path / "prog.txt"
+    result = CliRunner().invoke(cli, ["plan", "--microbatches", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for path in (out, out.with_suffix(".json")):
+        shown = CliRunner().invoke(cli, ["show", str(path)])
+        assert shown.exit_code == 0 and "valid, schedule 1f1b, 2 ranks, 3 microbatches" in shown.output
+    bad = tmp_path / "bad.txt"
+    bad.write_text("# dipc-ir v1\nprogram schedule=1f1b ranks=2 microbatches=1\nrank 0:\n  FLY stage=0\n")
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "dipc", "show", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "FLY" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_dump_and_simulate_commands(tmp_path):
+    result = CliRunner().invoke(cli, ["dump", "--microbatches", "2", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert {"program.txt", "timeline.json", "schedule.csv"} <= {p.name for p in (tmp_path / "d").iterdir()}
+    sim = CliRunner().invoke(cli, ["simulate", "--stages", "2", "--batches", "1", "--microbatches", "4",
+                                   "--schedules", "1f1b,zb_h1"])
+    assert sim.exit_code == 0, sim.output
+    assert "1f1b" in sim.output and "DIP" in sim.output
+    bad = CliRunner().invoke(cli, ["simulate", "--schedules", "2f2b"])
+    assert bad.exit_code != 0 and "Fix:" in bad.output
