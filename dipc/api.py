@@ -137,6 +137,14 @@ class CompiledPipeline:
                                  "the stage graph decided from the old setting which values carry gradients. "
                                  "Fix: call dipc.compile again after changing requires_grad.")
 
+    def program_for(self, microbatches: Sequence[Batch], program: Program | None) -> Program:
+        """``program`` checked against these microbatches, or a fresh plan when none is given."""
+        if program is None:
+            return self.plan(microbatches)
+        self.check_batch(microbatches)
+        self.check_program(program, microbatches)
+        return program
+
     def check_program(self, program: Program, microbatches: Sequence[Batch]) -> None:
         if program.num_microbatches != len(microbatches) or program.num_ranks != self.num_ranks:
             raise BatchError(f"the program was planned for {program.num_microbatches} microbatches on "
@@ -163,11 +171,7 @@ class CompiledPipeline:
         from dipc.runtime.local import run_local
 
         t0 = time.perf_counter()
-        if program is None:
-            program = self.plan(microbatches)
-        else:
-            self.check_batch(microbatches)
-            self.check_program(program, microbatches)
+        program = self.program_for(microbatches, program)
         weights = self.loss_weights(microbatches)
         stats = run_local(program, self.stages, microbatches, weights, self.treespecs,
                           optimizer_step=self._step_all_optimizers if self.optimizers else None)

@@ -110,13 +110,22 @@ def _example_pipeline(model: str, stages: int, chunks: int | None, schedule: str
     return pipe, mbs
 
 
+def _example_batch_options(command):
+    """The options naming an example model, its pipeline and one batch (plan, dump)."""
+    for option in reversed([
+        click.option("--model", type=_MODELS, default="vlm", show_default=True),
+        click.option("--stages", type=int, default=2, show_default=True, help="pipeline ranks"),
+        click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)"),
+        click.option("--schedule", type=click.Choice(_SCHEDULES), default="1f1b", show_default=True),
+        click.option("--microbatches", type=int, default=4, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
 @cli.command()
-@click.option("--model", type=_MODELS, default="vlm", show_default=True)
-@click.option("--stages", type=int, default=2, show_default=True, help="pipeline ranks")
-@click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
-@click.option("--schedule", type=click.Choice(_SCHEDULES), default="1f1b", show_default=True)
-@click.option("--microbatches", type=int, default=4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@_example_batch_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="write the program here (.txt text dump and .json next to it); default: print it")
 def plan(model, stages, chunks, schedule, microbatches, seed, out) -> None:
@@ -136,12 +145,7 @@ def plan(model, stages, chunks, schedule, microbatches, seed, out) -> None:
 
 
 @cli.command()
-@click.option("--model", type=_MODELS, default="vlm", show_default=True)
-@click.option("--stages", type=int, default=2, show_default=True, help="pipeline ranks")
-@click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
-@click.option("--schedule", type=click.Choice(_SCHEDULES), default="1f1b", show_default=True)
-@click.option("--microbatches", type=int, default=4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@_example_batch_options
 @click.option("--out", type=click.Path(file_okay=False), default="dipc-dump", show_default=True)
 def dump(model, stages, chunks, schedule, microbatches, seed, out) -> None:
     """Write every dump of one planned batch: program text/JSON, per-rank streams, pipelining CSV,

@@ -97,11 +97,7 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
 
     topo = topology(pipe.num_ranks)
     t0 = time.perf_counter()
-    if program is None:
-        program = pipe.plan(microbatches)
-    else:
-        pipe.check_batch(microbatches)
-        pipe.check_program(program, microbatches)
+    program = pipe.program_for(microbatches, program)
     # collectives run on the parameters' device (NCCL needs CUDA tensors, gloo CPU ones)
     device = next(pipe.model.parameters()).device
     check_same_program(program, topo, device)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import EncoderBlock, GELUMLP, LanguageModel, sinusoidal_embedding
+from .layers import EncoderBlock, GELUMLP, language_model_from_config, merged_lm_loss, sinusoidal_embedding
 
 
 @dataclass
@@ -90,24 +90,11 @@ class AudioLLM(nn.Module):
         self.config = config
         self.audio = AudioEncoder(config)
         self.projector = GELUMLP(config.audio_hidden_size, config.hidden_size, out_dim=config.hidden_size)
-        self.language_model = LanguageModel(
-            config.vocab_size,
-            config.hidden_size,
-            config.num_layers,
-            config.num_heads,
-            config.num_kv_heads,
-            config.intermediate_size,
-            config.rope_theta,
-            config.rms_norm_eps,
-        )
+        self.language_model = language_model_from_config(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_features: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         audio_features = self.audio(input_features)  # [N_clips, F/4, D_audio]
         audio_features = self.projector(audio_features).flatten(0, 1)  # [N_clips * F/4, hidden]
-        inputs_embeds = self.language_model.embed_tokens(input_ids)
-        audio_mask = (input_ids == self.config.audio_token_id).unsqueeze(-1)
-        inputs_embeds = inputs_embeds.masked_scatter(audio_mask, audio_features)
-        hidden_states = self.language_model(inputs_embeds)
-        logits = self.lm_head(hidden_states)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return merged_lm_loss(self.language_model, self.lm_head, input_ids, audio_features,
+                              self.config.audio_token_id, labels)

@@ -241,3 +241,20 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float().unsqueeze(-1) * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def language_model_from_config(config) -> LanguageModel:
+    """The LLaMA trunk an LLM-backed example config (VLM, audio LLM) describes."""
+    return LanguageModel(config.vocab_size, config.hidden_size, config.num_layers, config.num_heads,
+                         config.num_kv_heads, config.intermediate_size, config.rope_theta, config.rms_norm_eps)
+
+
+def merged_lm_loss(language_model: LanguageModel, lm_head: nn.Module, input_ids: torch.Tensor,
+                   media_features: torch.Tensor, media_token_id: int, labels: torch.Tensor) -> torch.Tensor:
+    """Scatter encoder features into the text embeddings at the media-token positions (one token
+    per feature row, LLaVA-style), run the trunk and return the token cross-entropy."""
+    inputs_embeds = language_model.embed_tokens(input_ids)
+    media_mask = (input_ids == media_token_id).unsqueeze(-1)
+    inputs_embeds = inputs_embeds.masked_scatter(media_mask, media_features)
+    logits = lm_head(language_model(inputs_embeds))
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import EncoderBlock, GELUMLP, LanguageModel
+from .layers import EncoderBlock, GELUMLP, language_model_from_config, merged_lm_loss
 
 
 @dataclass
@@ -91,16 +90,7 @@ class VisionLanguageModel(nn.Module):
         self.config = config
         self.vision = VisionTransformer(config)
         self.projector = GELUMLP(config.vision_hidden_size, config.hidden_size, out_dim=config.hidden_size)
-        self.language_model = LanguageModel(
-            config.vocab_size,
-            config.hidden_size,
-            config.num_layers,
-            config.num_heads,
-            config.num_kv_heads,
-            config.intermediate_size,
-            config.rope_theta,
-            config.rms_norm_eps,
-        )
+        self.language_model = language_model_from_config(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(
@@ -113,9 +103,5 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         image_features = self.vision(pixel_values, image_ids, patch_pos)
         image_features = self.projector(image_features)  # [total_patches, hidden]
-        inputs_embeds = self.language_model.embed_tokens(input_ids)
-        image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
-        hidden_states = self.language_model(inputs_embeds)
-        logits = self.lm_head(hidden_states)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return merged_lm_loss(self.language_model, self.lm_head, input_ids, image_features,
+                              self.config.image_token_id, labels)
