@@ -54,8 +54,8 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +65,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dipc.errors import DipcError  # noqa: E402
-from dipc.ir import StageInfo, TensorSpec  # noqa: E402
+from dipc.ir import Op, StageInfo, TensorSpec  # noqa: E402
 from dipc.ir.validate import validate  # noqa: E402
 from dipc.passes.capture import capture  # noqa: E402
 from dipc.passes.codegen import lower  # noqa: E402
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule  # noqa: E402
-from dipc.passes.schedules import SCHEDULES  # noqa: E402
+from dipc.passes.schedules import SCHEDULES, ComputeAction  # noqa: E402
+from dipc.passes.segment_order import mcts_order, priority_from_order  # noqa: E402
 from dipc.semu.costs import CostModel, LengthStats, layer_cost_model  # noqa: E402
 from dipc.semu.models import IMAGE_TOKENS, PAPER_MODELS, SEQ_LEN, build_paper_model, paper_example_batch  # noqa: E402
 from dipc.semu.profiles import DTYPE_BYTES, load_preset  # noqa: E402
@@ -197,24 +198,35 @@ def _is_vit(path: str) -> bool:
 
 @dataclass(frozen=True)
 class Layout:
-    """A modality-aware stage layout: ``stage_layers[s]`` on rank ``s % P``; ViT stages first."""
+    """A stage layout: ``stage_layers[s]`` on rank ``s % P``; ``stage_modality[s]`` is ``vision``,
+    ``backbone`` or ``mixed`` (a stage holding layers of both)."""
 
+    name: str
     P: int
-    V: int
     stage_layers: tuple[tuple[str, ...], ...]
-    vit_stages: int
+    stage_modality: tuple[str, ...]
     stage_ms: tuple[float, ...]          # fwd+bwd at the representative microbatch (mean)
-    candidates: dict                     # k -> slowest stage ms
+    rule: str                            # how it was cut, for the JSON / table
+    candidates: dict = field(default_factory=dict)   # k -> slowest stage ms (modality split search)
+
+    @property
+    def V(self) -> int:
+        return len(self.stage_layers) // self.P
+
+    @property
+    def vit_stages(self) -> int:
+        return sum(m == "vision" for m in self.stage_modality)
 
     @property
     def stages(self) -> list[StageInfo]:
         S = len(self.stage_layers)
+        first_lm = next(s for s, ls in enumerate(self.stage_layers) if any(not _is_vit(p) for p in ls))
         out = []
         for s in range(S):
             loads = ("pixel_values",) if s == 0 else ()
-            if s == self.vit_stages:
+            if s == first_lm:
                 loads = loads + ("input_ids", "labels")
-            out.append(StageInfo(id=s, rank=s % self.P, modality="vision" if s < self.vit_stages else "backbone",
+            out.append(StageInfo(id=s, rank=s % self.P, modality=self.stage_modality[s],
                                  producers=(s - 1,) if s else (), grad_producers=(s - 1,) if s else (),
                                  loads=loads, has_loss=s == S - 1))
         return out
@@ -222,39 +234,106 @@ class Layout:
     def describe(self) -> str:
         parts = []
         for s, layers in enumerate(self.stage_layers):
-            blocks = [p for p in layers if ".blocks." in p or ".layers." in p]
-            kind = "ViT" if s < self.vit_stages else "LM"
-            extra = len(layers) - len(blocks)
-            parts.append(f"s{s}@r{s % self.P} {kind} {len(blocks)} blocks" + (f"+{extra}" if extra else "")
-                         + f" ({self.stage_ms[s]:.0f} ms)")
+            vit = sum(1 for p in layers if _is_vit(p) and (".blocks." in p))
+            lm = sum(1 for p in layers if ".layers." in p)
+            kind = "+".join(k for k, n in (("ViT", vit), ("LM", lm)) if n) or "glue"
+            parts.append(f"s{s}@r{s % self.P} {kind} {vit + lm} blocks ({self.stage_ms[s]:.0f} ms)")
         return "; ".join(parts)
+
+
+def _layer_ms(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]]) -> dict[str, float]:
+    layers = list(cm.layers)
+    step = StepModel(cm, cluster, [layers], list(rep), tp=tp, dtype="bfloat16")
+    return {p: statistics.fmean(step.layer_time(p, stats_for_layer(s, p)).total for s in rep) * 1e3 for p in layers}
+
+
+def _cut(seq: Sequence[str], weights: Sequence[float], n: int) -> list[tuple[str, ...]]:
+    sizes = best_contiguous_split(list(weights), n)
+    out, i = [], 0
+    for size in sizes:
+        out.append(tuple(seq[i:i + size]))
+        i += size
+    return out
+
+
+def _modality(layers: Sequence[str]) -> str:
+    kinds = {_is_vit(p) for p in layers}
+    return "mixed" if len(kinds) == 2 else ("vision" if True in kinds else "backbone")
+
+
+def _make(name: str, P: int, parts: Sequence[tuple[str, ...]], ms: Mapping[str, float], rule: str,
+          candidates: dict | None = None, modality: Sequence[str] | None = None) -> Layout:
+    return Layout(name=name, P=P, stage_layers=tuple(parts),
+                  stage_modality=tuple(modality or [_modality(x) for x in parts]),
+                  stage_ms=tuple(sum(ms[p] for p in x) for x in parts), rule=rule, candidates=candidates or {})
 
 
 def choose_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int,
                   V: int) -> Layout:
     """ViT on ``k`` contiguous stages, LM on the rest, each segment balanced by SEMU's per-layer
     fwd+bwd time averaged over the representative microbatches; ``k`` minimises the slowest stage."""
+    ms = _layer_ms(cm, cluster, tp, rep)
     layers = list(cm.layers)
-    step = StepModel(cm, cluster, [layers], list(rep), tp=tp, dtype="bfloat16")
-    t = {p: statistics.fmean(step.layer_time(p, stats_for_layer(s, p)).total for s in rep) for p in layers}
     vit = [p for p in layers if _is_vit(p)]
     lm = [p for p in layers if not _is_vit(p)]
     S = P * V
     best, cands = None, {}
     for k in range(1, S):
-        parts = []
-        for seg, n in ((vit, k), (lm, S - k)):
-            sizes = best_contiguous_split([t[p] for p in seg], n)
-            i = 0
-            for size in sizes:
-                parts.append(tuple(seg[i:i + size]))
-                i += size
-        ms = tuple(sum(t[p] for p in part) * 1e3 for part in parts)
-        cands[k] = max(ms)
-        if best is None or max(ms) < max(best[2]) - 1e-12:
-            best = (k, tuple(parts), ms)
-    k, parts, ms = best
-    return Layout(P=P, V=V, stage_layers=parts, vit_stages=k, stage_ms=ms, candidates=cands)
+        parts = _cut(vit, [ms[p] for p in vit], k) + _cut(lm, [ms[p] for p in lm], S - k)
+        slowest = max(sum(ms[p] for p in x) for x in parts)
+        cands[k] = slowest
+        if best is None or slowest < best[0] - 1e-12:
+            best = (slowest, k, parts)
+    _, k, parts = best
+    return _make(f"modality split V={V}", P, parts, ms, f"ViT on {k} of {S} stages; min slowest stage", cands,
+                 ["vision"] * k + ["backbone"] * (S - k))
+
+
+def mixed_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int, V: int,
+                 by: str) -> Layout:
+    """One mixed segment over all layers in model order, cut into ``P*V`` contiguous chunks:
+    ``by="params"`` equal parameter counts (Megatron-LM's VPP as the paper ran it), ``by="time"``
+    the best static split for the representative batch (nnScaler*)."""
+    ms = _layer_ms(cm, cluster, tp, rep)
+    layers = list(cm.layers)
+    if by == "params":
+        stat = rep[0]
+        w = [float(cm.cost(p, stats_for_layer(stat, p)).num_params) for p in layers]
+        rule = "equal parameters per chunk"
+    else:
+        w = [ms[p] for p in layers]
+        rule = "best static split (SEMU time) for the representative batch"
+    parts = _cut(layers, w, P * V)
+    return _make(f"mixed {by} V={V}", P, parts, ms, rule)
+
+
+def segment_counts(cm: CostModel, cluster, tp: int, b_vit: int, *, min_layers: int = 2, P: int = 4) -> dict:
+    """DIP's offline K_i (paper §4): T_i = module i's fwd+bwd time at its sub-microbatch size
+    (``b_vit`` images for the ViT; one packed 8192-token sequence for the LM); the faster module gets
+    K = 1 and the other ``floor(T_i / T_1)``, capped so that every chunk keeps ``min_layers`` blocks."""
+    layers = list(cm.layers)
+    st = {"vision": LengthStats.of([IMAGE_TOKENS] * b_vit), "projector": LengthStats.of([IMAGE_TOKENS] * b_vit),
+          "language_model": LengthStats.padded(1, SEQ_LEN), "lm_head": LengthStats.padded(1, SEQ_LEN)}
+    ms = _layer_ms(cm, cluster, tp, [st])
+    t = {"vision": sum(ms[p] for p in layers if _is_vit(p)), "backbone": sum(ms[p] for p in layers if not _is_vit(p))}
+    blocks = {"vision": sum(1 for p in layers if _is_vit(p) and ".blocks." in p),
+              "backbone": sum(1 for p in layers if ".layers." in p)}
+    fast = min(t, key=t.get)
+    k = {m: max(1, min(int(t[m] // t[fast]), blocks[m] // (min_layers * P))) for m in t}
+    return {"K": k, "T_ms": t, "b_vit": b_vit}
+
+
+def ki_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int, K: Mapping[str, int]) -> Layout:
+    """DIP's modality-aware partition: module i cut into ``P*K_i`` chunks balanced by SEMU time at the
+    representative batch, placed round-robin (chunk c on rank c % P); ViT chunks first."""
+    ms = _layer_ms(cm, cluster, tp, rep)
+    layers = list(cm.layers)
+    vit = [p for p in layers if _is_vit(p)]
+    lm = [p for p in layers if not _is_vit(p)]
+    parts = _cut(vit, [ms[p] for p in vit], P * K["vision"]) + _cut(lm, [ms[p] for p in lm], P * K["backbone"])
+    return _make(f"DIP K_vit={K['vision']} K_lm={K['backbone']}", P, parts, ms,
+                 f"ViT in {P * K['vision']} chunks, LM in {P * K['backbone']} chunks, round-robin",
+                 modality=["vision"] * (P * K["vision"]) + ["backbone"] * (P * K["backbone"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,40 +406,112 @@ def _specs(costs: BatchCosts):
     return specs
 
 
-# (name, layout index 0: V=1 / 1: V=2, builder)
 def _static(name: str):
-    return lambda stages, P, M, costs, limits: SCHEDULES[name](stages, P, M)
+    return lambda layout, stages, P, M, costs, limits: SCHEDULES[name](stages, P, M)
 
 
 def _dq(split: bool):
-    return lambda stages, P, M, costs, limits: dual_queue_schedule(
+    return lambda layout, stages, P, M, costs, limits: dual_queue_schedule(
         stages, P, M, costs.task_costs(split), memory_limit=limits, split_backward=split)
 
 
-SCHEDULE_SET: tuple[tuple[str, int, Callable], ...] = (
-    ("gpipe", 0, _static("gpipe")),
-    ("1f1b", 0, _static("1f1b")),
-    ("interleaved_1f1b", 1, _static("interleaved_1f1b")),
-    ("zb_h1", 0, _static("zb_h1")),
-    ("dual_queue", 0, _dq(False)),
-    ("dual_queue+split", 0, _dq(True)),
-    ("dual_queue V=2", 1, _dq(False)),
-    ("dual_queue+split V=2", 1, _dq(True)),
-)
+def optimus_orders(layout, stages, P, M, costs, limits):
+    """Optimus*'s coarse-grained schedule (the paper re-implemented only this part, inside DIP):
+    every encoder forward of the batch first, then the backbone's (interleaved) 1F1B, then every
+    encoder backward — the encoder's work is kept out of the backbone's steady state."""
+    vit = [s for s in stages if s.modality == "vision"]
+    lm = [s for s in stages if s.modality != "vision"]
+    base = len(vit)
+    sub = [StageInfo(id=s.id - base, rank=s.rank, modality=s.modality,
+                     producers=tuple(p - base for p in s.producers if p >= base),
+                     grad_producers=tuple(p - base for p in s.grad_producers if p >= base),
+                     loads=s.loads, has_loss=s.has_loss) for s in lm]
+    lm_sched = SCHEDULES["interleaved_1f1b" if len(lm) > P else "1f1b"](sub, P, M)
+    orders = []
+    for r in range(P):
+        mine = [s.id for s in vit if s.rank == r]
+        head = [ComputeAction(Op.FWD, s, m) for m in range(M) for s in mine]
+        body = [ComputeAction(a.op, a.stage + base, a.mb) for a in lm_sched[r]]
+        tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
+        orders.append(head + body + tail)
+    return orders
 
 
-def evaluate_batch(layouts: Sequence[Layout], costs: Sequence[BatchCosts], M: int, capacity: float) -> dict:
-    """Every schedule of ``SCHEDULE_SET`` on one batch: planning latency, validation, emulation."""
+def _item_of(layout: Layout):
+    mods = layout.stage_modality
+    return lambda s, m: (mods[s], m)
+
+
+def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: float, seed: int = 0):
+    """DIP phases 1 + 2: MCTS over (modality, microbatch) segment priorities, each ranking
+    interleaved by the dual queue and scored by SEMU's emulator; seeded with the in-order,
+    heaviest-first and lightest-first rankings. Returns (orders, SearchResult)."""
+    tc = costs.task_costs(split)
+    item_of = _item_of(layout)
+    mods = list(dict.fromkeys(layout.stage_modality))
+    items = [(mod, m) for m in range(M) for mod in mods]
+    specs = _specs(costs)
+    capacity = [limits[r] + costs.static[r] for r in range(P)]
+
+    def orders_for(order):
+        return dual_queue_schedule(stages, P, M, tc, priority=priority_from_order(order, item_of),
+                                   memory_limit=limits, split_backward=split)
+
+    def score(order) -> float:
+        try:
+            program = lower(stages, P, M, orders_for(order), schedule="dip", specs=specs)
+        except DipcError:
+            return math.inf
+        res = costs.step.simulate(program, record=False)
+        return math.inf if any(p > c for p, c in zip(res.peak_memory, capacity)) else res.step_time
+
+    work = [sum(costs.fwd[s.id][m] + costs.bwd_in[s.id][m] + costs.bwd_w[s.id][m] for s in stages) for m in range(M)]
+    heavy = sorted(range(M), key=lambda m: -work[m])
+    seeds = [items, [(mod, m) for m in heavy for mod in mods], [(mod, m) for m in reversed(heavy) for mod in mods]]
+    res = mcts_order(items, score, budget_s=budget_s, seeds=seeds, seed=seed, rollouts=4)
+    return orders_for(res.order), res
+
+
+def _dip(split: bool, budget_s: float):
+    def build(layout, stages, P, M, costs, limits):
+        orders, res = dip_search(layout, stages, P, M, costs, limits, split=split, budget_s=budget_s)
+        build.last = res
+        return orders
+    return build
+
+
+MEGATRON = "megatron interleaved"
+
+# (name, layout key, builder, role). Layout keys: see ``make_layouts``.
+def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
+    return (
+        (MEGATRON, "mixed_params", _static("interleaved_1f1b"), "baseline"),
+        ("nnscaler* 1f1b", "mixed_time", _static("1f1b"), "baseline"),
+        ("optimus* coarse", "dip", optimus_orders, "baseline"),
+        ("gpipe", "split", _static("gpipe"), "baseline"),
+        ("1f1b", "split", _static("1f1b"), "baseline"),
+        ("zb_h1", "split", _static("zb_h1"), "baseline"),
+        ("interleaved_1f1b V=2", "split2", _static("interleaved_1f1b"), "baseline"),
+        ("DIP partitioner only", "dip", _static("interleaved_1f1b"), "ablation"),
+        ("DIP +interleaving", "dip", _dq(False), "ablation"),
+        ("DIP +reordering", "dip", _dip(False, budget_s), "dip"),
+        ("DIP +reordering +zb split", "dip", _dip(True, budget_s), "dip"),
+    )
+
+
+def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts], M: int, capacity: float,
+                   budget_s: float) -> dict:
+    """Every schedule of ``schedule_set`` on one batch: planning latency, validation, emulation."""
     out = {}
-    for name, li, build in SCHEDULE_SET:
-        layout, c = layouts[li], costs[li]
+    for name, key, build, role in schedule_set(budget_s):
+        layout, c = layouts[key], costs[key]
         stages = layout.stages
         P = layout.P
         limits = [capacity - x for x in c.static]
-        rec: dict = {"validated": False}
+        rec: dict = {"validated": False, "role": role}
         t0 = time.perf_counter()
         try:
-            orders = build(stages, P, M, c, limits)
+            orders = build(layout, stages, P, M, c, limits)
             program = lower(stages, P, M, orders, schedule=name, specs=_specs(c))
             validate(program)
         except DipcError as e:
@@ -368,6 +519,8 @@ def evaluate_batch(layouts: Sequence[Layout], costs: Sequence[BatchCosts], M: in
             out[name] = rec
             continue
         rec["plan_ms"] = (time.perf_counter() - t0) * 1e3
+        if hasattr(build, "last"):
+            rec["search"] = {"evaluations": build.last.evaluations, "exhausted": build.last.exhausted}
         rec["validated"] = True
         res = c.step.simulate(program, record=False)
         work = c.work(P, stages)
@@ -388,20 +541,31 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def summarise(batches: Sequence[dict], base: str = "1f1b") -> dict:
-    names = [n for n, _, _ in SCHEDULE_SET]
+def summarise(batches: Sequence[dict], base: str = MEGATRON) -> dict:
+    """Per schedule over ``batches``: throughput relative to ``base`` (t_base / t), bubbles, bounds,
+    memory, planner latency; for DIP rows also the worst batch against the best baseline."""
+    names = list(batches[0]["schedules"]) if batches else []
     out = {}
     for name in names:
         recs = [(b["schedules"][name], b["schedules"][base]) for b in batches]
         ok = [(r, b) for r, b in recs if r["validated"] and b["validated"]]
         rel = [b["step_s"] / r["step_s"] for r, b in ok]
         plan = [r["plan_ms"] for r, _ in ok]
+        vs_best = []
+        for bt in batches:
+            r = bt["schedules"][name]
+            base_times = [x["step_s"] for x in bt["schedules"].values() if x["role"] == "baseline" and x["validated"]]
+            if r["validated"] and base_times:
+                vs_best.append(min(base_times) / r["step_s"])
         out[name] = {
+            "role": recs[0][0]["role"] if recs else None,
             "batches": len(recs), "validated": sum(r["validated"] for r, _ in recs),
             "errors": sorted({r["error"] for r, _ in recs if "error" in r})[:3],
-            "rel_throughput_vs_1f1b": {"mean": statistics.fmean(rel) if rel else None,
-                                       "p10": _pct(rel, 10) if rel else None, "min": min(rel, default=None),
-                                       "max": max(rel, default=None)},
+            "rel_throughput": {"mean": statistics.fmean(rel) if rel else None,
+                               "p10": _pct(rel, 10) if rel else None, "min": min(rel, default=None),
+                               "max": max(rel, default=None)},
+            "vs_best_baseline": {"mean": statistics.fmean(vs_best) if vs_best else None,
+                                 "min": min(vs_best, default=None)},
             "step_s_mean": statistics.fmean(r["step_s"] for r, _ in ok) if ok else None,
             "bubble_mean": statistics.fmean(r["bubble"] for r, _ in ok) if ok else None,
             "no_bubble_bound_frac_mean": statistics.fmean(r["bound_frac"] for r, _ in ok) if ok else None,
@@ -427,8 +591,39 @@ def code_state() -> dict:
             "dual_queue_py_committed_blob": git("rev-parse", "HEAD:dipc/passes/dual_queue.py")}
 
 
+def rise_and_fall(rng: np.random.Generator, iteration: int, num_microbatches: int) -> list[Microbatch]:
+    """The paper's dynamic workload (§7.5): per 20-iteration period, the lower bound on images per
+    microbatch rises 0 -> 16 over iterations 1-5 with an upper bound of 32, then both bounds fall
+    linearly to 0 over iterations 6-20. Each microbatch draws its image count uniformly between the
+    bounds and fills the rest of the 8192-token sequence with text (the paper does not publish
+    the text side)."""
+    i = iteration % 20
+    if i < 5:
+        lo, hi = round(16 * (i + 1) / 5), 32
+    else:
+        frac = (19 - i) / 15
+        lo, hi = round(16 * frac), round(32 * frac)
+    out = []
+    for _ in range(num_microbatches):
+        n = int(rng.integers(lo, hi + 1)) if hi > 0 else 0
+        text = max(1, SEQ_LEN - IMAGE_TOKENS * n - int(rng.integers(0, 256)))
+        out.append(Microbatch((text,), (n,), "rise_fall"))
+    return out
+
+
+def make_layouts(cm: CostModel, cluster, tp: int, rep_stats, P: int, b_vit: int) -> tuple[dict[str, Layout], dict]:
+    ki = segment_counts(cm, cluster, tp, b_vit, P=P)
+    return {
+        "mixed_params": mixed_layout(cm, cluster, tp, rep_stats, P, 2, "params"),
+        "mixed_time": mixed_layout(cm, cluster, tp, rep_stats, P, 1, "time"),
+        "split": choose_layout(cm, cluster, tp, rep_stats, P, 1),
+        "split2": choose_layout(cm, cluster, tp, rep_stats, P, 2),
+        "dip": ki_layout(cm, cluster, tp, rep_stats, P, ki["K"]),
+    }, ki
+
+
 def run(num_batches: int = 100, num_microbatches: int = 16, *, seed: int = 0, vit_tokens: int = IMAGE_TOKENS,
-        progress: bool = False) -> dict:
+        budget_s: float = 0.4, b_vit: int = 24, trace_iterations: int = 40, progress: bool = False) -> dict:
     """The benchmark's core: draw batches, lay out the model, evaluate every schedule per batch."""
     t_start = time.perf_counter()
     pm = PAPER_MODELS[MODEL]
@@ -438,56 +633,62 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, seed: int = 0, vi
     cm = cost_model()
     rep = pack_batch(np.random.default_rng(seed + 10_000), "mixed", num_microbatches)
     rep_stats = [microbatch_stats(mb, vit_tokens) for mb in rep]
-    layouts = [choose_layout(cm, cluster, tp, rep_stats, P, 1), choose_layout(cm, cluster, tp, rep_stats, P, 2)]
+    layouts, ki = make_layouts(cm, cluster, tp, rep_stats, P, b_vit)
     t_setup = time.perf_counter() - t_start
 
     rng = np.random.default_rng(seed)
+    work = [(REGIMES[i % len(REGIMES)], i) for i in range(num_batches)] + [("rise_fall", i) for i in range(trace_iterations)]
     batches = []
-    for i in range(num_batches):
-        regime = REGIMES[i % len(REGIMES)]
-        mbs = pack_batch(rng, regime, num_microbatches)
+    for n, (regime, i) in enumerate(work):
+        mbs = rise_and_fall(rng, i, num_microbatches) if regime == "rise_fall" else pack_batch(rng, regime, num_microbatches)
         stats = [microbatch_stats(mb, vit_tokens) for mb in mbs]
         t0 = time.perf_counter()
         cache: dict = {}
-        costs = [batch_costs(cm, cluster, tp, lay, stats, cache) for lay in layouts]
+        costs = {k: batch_costs(cm, cluster, tp, lay, stats, cache) for k, lay in layouts.items()}
         t_costs = time.perf_counter() - t0
-        scheds = evaluate_batch(layouts, costs, num_microbatches, capacity)
+        scheds = evaluate_batch(layouts, costs, num_microbatches, capacity, budget_s)
         batches.append({
             "index": i, "regime": regime,
             "images": [mb.num_images for mb in mbs], "tokens": [mb.tokens for mb in mbs],
             "semu_costs_ms": t_costs * 1e3,
-            "rank_work_s": costs[0].work(P, layouts[0].stages),
             "schedules": scheds,
         })
-        if progress and (i + 1) % 10 == 0:
-            print(f"  {i + 1}/{num_batches} batches, {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+        if progress and (n + 1) % 10 == 0:
+            print(f"  {n + 1}/{len(work)} batches, {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
-    imgs = [x for b in batches for x in b["images"]]
-    by_regime = {r: summarise([b for b in batches if b["regime"] == r]) for r in REGIMES}
+    skewed = [b for b in batches if b["regime"] != "rise_fall"]
+    trace = [b for b in batches if b["regime"] == "rise_fall"]
+    imgs = [x for b in skewed for x in b["images"]]
+    by_regime = {r: summarise([b for b in batches if b["regime"] == r]) for r in (*REGIMES, "rise_fall")
+                 if any(b["regime"] == r for b in batches)}
     return {
         "honesty": HONESTY,
         "code_state": code_state(),
         "setup": {
             "model": f"{MODEL} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": 1,
             "profile": PROFILE, "memory_capacity_gb": capacity / 1e9, "microbatches": num_microbatches,
-            "batches": num_batches, "seed": seed, "vit_tokens_per_image": vit_tokens,
-            "lm_tokens_per_image": IMAGE_TOKENS, "seq_len": SEQ_LEN, "max_images": MAX_IMAGES,
+            "batches": num_batches, "trace_iterations": trace_iterations, "seed": seed,
+            "vit_tokens_per_image": vit_tokens, "lm_tokens_per_image": IMAGE_TOKENS, "seq_len": SEQ_LEN,
+            "max_images": MAX_IMAGES, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki,
             "regimes": {"interleaved": "text lognormal(700, 0.9) in [32, 8192]; images 0 w.p. 0.35 else zipf(2)",
                         "caption": "1 image; caption lognormal(24, 0.6) in [4, 256]",
                         "mixed": f"runs (geometric, mean {MIXED_RUN_MEAN}) from {dict(MIXED_SOURCES)}; text-only "
-                                 "lognormal(1200, 1.0); scienceqa lognormal(250, 0.5), 0/1 image"},
+                                 "lognormal(1200, 1.0); scienceqa lognormal(250, 0.5), 0/1 image",
+                        "rise_fall": rise_and_fall.__doc__.split("\n\n")[0].replace("\n", " ")},
             "packing": "greedy in arrival order, <= 8192 tokens and <= 48 images per sequence, one sequence "
                        "per microbatch, no padding (LM cost at the packed length)",
             "images_per_microbatch": {"mean": statistics.fmean(imgs), "p10": _pct(imgs, 10), "p50": _pct(imgs, 50),
-                                      "p90": _pct(imgs, 90), "max": max(imgs), "min": min(imgs)},
+                                      "p90": _pct(imgs, 90), "max": max(imgs), "min": min(imgs)} if imgs else {},
             "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
             "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
-            "baseline": "1f1b (Megatron-like, non-interleaved, same V=1 layout)",
+            "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
         },
-        "layouts": [{"V": lay.V, "vit_stages": lay.vit_stages, "stage_ms_at_representative": list(lay.stage_ms),
-                     "slowest_stage_ms_by_vit_stages": lay.candidates, "description": lay.describe(),
-                     "stage_layers": [list(x) for x in lay.stage_layers]} for lay in layouts],
-        "summary": summarise(batches),
+        "layouts": {k: {"name": lay.name, "rule": lay.rule, "V": lay.V, "vit_stages": lay.vit_stages,
+                        "stage_ms_at_representative": list(lay.stage_ms), "description": lay.describe(),
+                        "slowest_stage_ms_by_vit_stages": lay.candidates,
+                        "stage_layers": [list(x) for x in lay.stage_layers]} for k, lay in layouts.items()},
+        "summary": summarise(skewed) if skewed else {},
+        "rise_and_fall": summarise(trace) if trace else {},
         "by_regime": by_regime,
         "batches": batches,
         "seconds": {"setup": t_setup, "total": time.perf_counter() - t_start},
@@ -501,41 +702,49 @@ def _f(x, fmt):
     return "-" if x is None else format(x, fmt)
 
 
-def print_table(result: dict) -> None:
-    s = result["setup"]
-    print(f"VLM-S (ViT 5B + Llama3 8B) TP{s['tp']} PP{s['pp']} on {s['profile']}, {s['batches']} batches x "
-          f"{s['microbatches']} microbatches (packed 8192-token sequences), ViT on {s['vit_tokens_per_image']} "
-          f"tokens/image")
-    im = s["images_per_microbatch"]
-    print(f"images per microbatch: mean {im['mean']:.1f}, p10 {im['p10']:.0f}, median {im['p50']:.0f}, "
-          f"p90 {im['p90']:.0f}, max {im['max']}")
-    for lay in result["layouts"]:
-        cand = ", ".join(f"k={k}: {v:.0f}" for k, v in lay["slowest_stage_ms_by_vit_stages"].items())
-        print(f"layout V={lay['V']}: ViT on {lay['vit_stages']} stage(s), LM on the rest, balanced within each "
-              f"by SEMU fwd+bwd at the representative (mixed) batch; slowest stage ms by k ViT stages: {cand}")
-        print(f"  {lay['description']}")
-    print("PHASE 2 ONLY (no sub-microbatches, no MCTS reordering, no memory optimisation); SIMULATED, not measured.")
-    cap = s["memory_capacity_gb"]
-    head = (f"{'schedule':<22} {'valid':>7} {'rel mean':>8} {'p10':>6} {'min':>6} {'max':>6} {'bubble':>7} "
-            f"{'no-bub':>7} {'busiest':>7} {'peak GB':>8} {'>cap':>5} {'plan ms':>8} {'p99':>7}")
-    print(f"relative throughput = t(1f1b) / t(schedule); no-bub = sum work / (P x step); busiest = max rank work "
-          f"/ step; memory capacity {cap:.1f} GB")
+def _rows(summary: dict) -> None:
+    head = (f"{'schedule':<27} {'valid':>7} {'rel mean':>8} {'p10':>6} {'max':>6} {'vs best':>7} {'worst':>6} "
+            f"{'bubble':>7} {'no-bub':>7} {'peak GB':>8} {'>cap':>5} {'plan ms':>8} {'p99':>7}")
     print(head)
     print("-" * len(head))
-    for name, r in result["summary"].items():
-        rel = r["rel_throughput_vs_1f1b"]
-        print(f"{name:<22} {r['validated']:>3}/{r['batches']:<3} {_f(rel['mean'], '8.3f')} {_f(rel['p10'], '6.3f')} "
-              f"{_f(rel['min'], '6.3f')} {_f(rel['max'], '6.3f')} {_f(r['bubble_mean'], '7.1%')} "
-              f"{_f(r['no_bubble_bound_frac_mean'], '7.1%')} {_f(r['busiest_rank_bound_frac_mean'], '7.1%')} "
+    for name, r in summary.items():
+        rel, vb = r["rel_throughput"], r["vs_best_baseline"]
+        print(f"{name:<27} {r['validated']:>3}/{r['batches']:<3} {_f(rel['mean'], '8.3f')} {_f(rel['p10'], '6.3f')} "
+              f"{_f(rel['max'], '6.3f')} {_f(vb['mean'], '7.3f')} {_f(vb['min'], '6.3f')} "
+              f"{_f(r['bubble_mean'], '7.1%')} {_f(r['no_bubble_bound_frac_mean'], '7.1%')} "
               f"{_f(r['peak_memory_gb_max'], '8.1f')} {r['batches_over_capacity']:>5} "
               f"{_f(r['plan_ms']['median'], '8.1f')} {_f(r['plan_ms']['p99'], '7.1f')}")
         for e in r["errors"]:
             print(f"    error: {e[:150]}")
-    print("by regime, mean relative throughput vs 1f1b:")
-    names = list(result["summary"])
+
+
+def print_table(result: dict) -> None:
+    s = result["setup"]
+    print(f"VLM-S (ViT 5B + Llama3 8B) TP{s['tp']} PP{s['pp']} on {s['profile']}, {s['batches']} skewed batches x "
+          f"{s['microbatches']} microbatches (packed 8192-token sequences), ViT on {s['vit_tokens_per_image']} "
+          f"tokens/image; SIMULATED by SEMU, not measured")
+    im = s["images_per_microbatch"]
+    if im:
+        print(f"images per microbatch: mean {im['mean']:.1f}, p10 {im['p10']:.0f}, median {im['p50']:.0f}, "
+              f"p90 {im['p90']:.0f}, max {im['max']}")
+    ki = s["segment_counts"]
+    print(f"DIP segment counts K = {ki['K']} from T at B_vit={ki['b_vit']} images: "
+          + ", ".join(f"{k} {v:.0f} ms" for k, v in ki["T_ms"].items()))
+    for key, lay in result["layouts"].items():
+        print(f"layout {key}: {lay['name']} ({lay['rule']})\n  {lay['description']}")
+    print(f"rel = t({MEGATRON}) / t; vs best = min over baselines of t / t (worst: the lowest batch); "
+          f"no-bub = sum work / (P x step); memory capacity {s['memory_capacity_gb']:.1f} GB")
+    if result["summary"]:
+        print("skewed batches:")
+        _rows(result["summary"])
+    if result["rise_and_fall"]:
+        print(f"rise-and-fall trace ({s['trace_iterations']} iterations):")
+        _rows(result["rise_and_fall"])
+    print(f"by regime, mean throughput relative to {MEGATRON}:")
+    names = list(result["summary"] or result["rise_and_fall"])
     print(f"  {'regime':<12} " + " ".join(f"{n:>12.12}" for n in names))
     for reg, summ in result["by_regime"].items():
-        print(f"  {reg:<12} " + " ".join(_f(summ[n]["rel_throughput_vs_1f1b"]["mean"], "12.3f") for n in names))
+        print(f"  {reg:<12} " + " ".join(_f(summ[n]["rel_throughput"]["mean"], "12.3f") for n in names))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -545,9 +754,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vit-tokens", type=int, default=IMAGE_TOKENS,
                         help=f"ViT tokens per image: {IMAGE_TOKENS} (merged, default) or {VIT_PATCHES} (pre-merge)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=0.4, help="MCTS seconds per batch per DIP variant")
+    parser.add_argument("--b-vit", type=int, default=24, help="images per ViT sub-microbatch (sets K_i)")
+    parser.add_argument("--trace", type=int, default=40, help="iterations of the rise-and-fall trace")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    result = run(args.batches, args.microbatches, seed=args.seed, vit_tokens=args.vit_tokens, progress=True)
+    result = run(args.batches, args.microbatches, seed=args.seed, vit_tokens=args.vit_tokens, budget_s=args.budget,
+                 b_vit=args.b_vit, trace_iterations=args.trace, progress=True)
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
