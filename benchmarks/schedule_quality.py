@@ -307,12 +307,13 @@ def mixed_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, Length
     return _make(f"mixed {by} V={V}", P, parts, ms, rule)
 
 
-def segment_counts(cm: CostModel, cluster, tp: int, b_vit: int, *, min_layers: int = 2, P: int = 4) -> dict:
+def segment_counts(cm: CostModel, cluster, tp: int, b_vit: int, *, vit_tokens: int = IMAGE_TOKENS, min_layers: int = 2,
+                   P: int = 4) -> dict:
     """DIP's offline K_i (paper §4): T_i = module i's fwd+bwd time at its sub-microbatch size
     (``b_vit`` images for the ViT; one packed 8192-token sequence for the LM); the faster module gets
     K = 1 and the other ``floor(T_i / T_1)``, capped so that every chunk keeps ``min_layers`` blocks."""
     layers = list(cm.layers)
-    st = {"vision": LengthStats.of([IMAGE_TOKENS] * b_vit), "projector": LengthStats.of([IMAGE_TOKENS] * b_vit),
+    st = {"vision": LengthStats.of([vit_tokens] * b_vit), "projector": LengthStats.of([IMAGE_TOKENS] * b_vit),
           "language_model": LengthStats.padded(1, SEQ_LEN), "lm_head": LengthStats.padded(1, SEQ_LEN)}
     ms = _layer_ms(cm, cluster, tp, [st])
     t = {"vision": sum(ms[p] for p in layers if _is_vit(p)), "backbone": sum(ms[p] for p in layers if not _is_vit(p))}
@@ -611,8 +612,9 @@ def rise_and_fall(rng: np.random.Generator, iteration: int, num_microbatches: in
     return out
 
 
-def make_layouts(cm: CostModel, cluster, tp: int, rep_stats, P: int, b_vit: int) -> tuple[dict[str, Layout], dict]:
-    ki = segment_counts(cm, cluster, tp, b_vit, P=P)
+def make_layouts(cm: CostModel, cluster, tp: int, rep_stats, P: int, b_vit: int,
+                 vit_tokens: int = IMAGE_TOKENS) -> tuple[dict[str, Layout], dict]:
+    ki = segment_counts(cm, cluster, tp, b_vit, vit_tokens=vit_tokens, P=P)
     return {
         "mixed_params": mixed_layout(cm, cluster, tp, rep_stats, P, 2, "params"),
         "mixed_time": mixed_layout(cm, cluster, tp, rep_stats, P, 1, "time"),
@@ -633,7 +635,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, seed: int = 0, vi
     cm = cost_model()
     rep = pack_batch(np.random.default_rng(seed + 10_000), "mixed", num_microbatches)
     rep_stats = [microbatch_stats(mb, vit_tokens) for mb in rep]
-    layouts, ki = make_layouts(cm, cluster, tp, rep_stats, P, b_vit)
+    layouts, ki = make_layouts(cm, cluster, tp, rep_stats, P, b_vit, vit_tokens)
     t_setup = time.perf_counter() - t_start
 
     rng = np.random.default_rng(seed)

@@ -27,6 +27,7 @@ Choices where the paper is silent (written down here and in the notes):
 """
 from __future__ import annotations
 
+from bisect import insort
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -61,8 +62,6 @@ class _Rank:
     memory: float = 0.0
     last: Op | None = None
     order: list[ComputeAction] = field(default_factory=list)
-    fwd_todo: list[tuple[int, int]] = field(default_factory=list)
-    bwd_todo: list[tuple[int, int]] = field(default_factory=list)
     wgrad_todo: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -86,6 +85,9 @@ def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microba
 
 
 def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward, *, caps: bool):
+    """Event-driven list scheduling: a task enters its rank's *known* list (kept in priority order)
+    once all its dependencies are placed, with its ready time; a rank's proposal only scans its
+    known lists and is recomputed only when that rank's state or known lists change."""
     by_rank = _check_inputs(stages, num_ranks, num_microbatches)
     costs = costs or TaskCosts(bwd=(lambda s, m: 1.0) if split_backward else (lambda s, m: 2.0),
                                wgrad=(lambda s, m: 1.0) if split_backward else None)
@@ -94,45 +96,60 @@ def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit
                             "Fix: pass TaskCosts(wgrad=...) or split_backward=False.")
     prio = priority or (lambda op, s, m: (m, s) if op is Op.FWD else (m, -s))
     limits = _limits(memory_limit, num_ranks)
-    in_flight_cap = {s.id: max(len(stages) - s.id, num_ranks) if caps else num_microbatches for s in stages}
+    M = num_microbatches
+    in_flight_cap = {s.id: max(len(stages) - s.id, num_ranks) if caps else M for s in stages}
     in_flight = {s.id: 0 for s in stages}
+    consumers = {s.id: [c.id for c in stages if s.id in c.producers] for s in stages}
     grad_consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
     rank_of = {s.id: s.rank for s in stages}
     ranks = [_Rank(stages=ids) for ids in by_rank]
-    for r in ranks:
-        r.fwd_todo = sorted(((s, m) for s in r.stages for m in range(num_microbatches)),
-                            key=lambda t: prio(Op.FWD, *t))
-        r.bwd_todo = sorted(((s, m) for s in r.stages for m in range(num_microbatches)),
-                            key=lambda t: prio(Op.BWD, *t))
-    done: dict[tuple[Op, int, int], float] = {}
     bwd_op = Op.BWD_I if split_backward else Op.BWD
+    # pending dependency counts; FWD(s, m) waits for its producers' FWDs, BWD(s, m) for FWD(s, m)
+    # and its grad consumers' backwards
+    fwd_pending = {(s.id, m): len(s.producers) for s in stages for m in range(M)}
+    bwd_pending = {(s.id, m): 1 + len(grad_consumers[s.id]) for s in stages for m in range(M)}
+    fwd_key = {(s.id, m): prio(Op.FWD, s.id, m) for s in stages for m in range(M)}
+    bwd_key = {(s.id, m): prio(Op.BWD, s.id, m) for s in stages for m in range(M)}
+    fwd_order = {t: i for i, t in enumerate(sorted(fwd_key, key=fwd_key.__getitem__))}
+    bwd_order = {t: i for i, t in enumerate(sorted(bwd_key, key=bwd_key.__getitem__))}
+    known_fwd: list[list[tuple[int, float, int, int]]] = [[] for _ in ranks]   # (order, ready, s, m)
+    known_bwd: list[list[tuple[int, float, int, int]]] = [[] for _ in ranks]
+    done: dict[tuple[Op, int, int], float] = {}
+    remaining = [0] * len(ranks)
+    for s in stages:
+        remaining[s.rank] += M
+    fwd_left = list(remaining)
 
-    def fwd_ready(s: int, m: int) -> float | None:
-        t = 0.0
-        for p in stages[s].producers:
-            end = done.get((Op.FWD, p, m))
-            if end is None:
-                return None
-            t = max(t, end + (costs.comm(p, s, m) if rank_of[p] != rank_of[s] else 0.0))
-        return t
+    def ready_fwd(s: int, m: int) -> float:
+        return max((done[(Op.FWD, p, m)] + (costs.comm(p, s, m) if rank_of[p] != rank_of[s] else 0.0)
+                    for p in stages[s].producers), default=0.0)
 
-    def bwd_ready(s: int, m: int) -> float | None:
-        t = done.get((Op.FWD, s, m))
-        if t is None:
-            return None
+    def ready_bwd(s: int, m: int) -> float:
+        t = done[(Op.FWD, s, m)]
         for c in grad_consumers[s]:
-            end = done.get((bwd_op, c, m))
-            if end is None:
-                return None
-            t = max(t, end + (costs.comm(s, c, m) if rank_of[c] != rank_of[s] else 0.0))
+            t = max(t, done[(bwd_op, c, m)] + (costs.comm(s, c, m) if rank_of[c] != rank_of[s] else 0.0))
         return t
+
+    touched: set[int] = set()
+
+    def make_known(kind: str, s: int, m: int) -> None:
+        r = rank_of[s]
+        if kind == "f":
+            insort(known_fwd[r], (fwd_order[(s, m)], ready_fwd(s, m), s, m))
+        else:
+            insort(known_bwd[r], (bwd_order[(s, m)], ready_bwd(s, m), s, m))
+        touched.add(r)
+
+    for s in stages:
+        for m in range(M):
+            if fwd_pending[(s.id, m)] == 0:
+                make_known("f", s.id, m)
 
     def proposal(rank: int, r: _Rank) -> tuple[float, Op, int, int] | None:
         now = r.free_at
-        fwd = next(((t, s, m) for s, m in r.fwd_todo if (t := fwd_ready(s, m)) is not None
-                    and in_flight[s] < in_flight_cap[s] and r.memory + costs.act(s, m) <= limits[rank] + 1e-9),
-                   None)
-        bwd = next(((t, s, m) for s, m in r.bwd_todo if (t := bwd_ready(s, m)) is not None), None)
+        fwd = next(((t, s, m) for _, t, s, m in known_fwd[rank]
+                    if in_flight[s] < in_flight_cap[s] and r.memory + costs.act(s, m) <= limits[rank] + 1e-9), None)
+        bwd = next(((t, s, m) for _, t, s, m in known_bwd[rank]), None)
         fwd_now = fwd is not None and fwd[0] <= now
         bwd_now = bwd is not None and bwd[0] <= now
         if fwd_now and bwd_now:
@@ -152,40 +169,57 @@ def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit
         op, (t, s, m) = pick
         return max(now, t), op, s, m
 
-    total = sum(len(r.fwd_todo) + len(r.bwd_todo) for r in ranks) * (1.5 if split_backward else 1)
+    total = sum(remaining) * (3 if split_backward else 2)
+    proposals: list = [None] * len(ranks)
+    touched.update(range(len(ranks)))
     placed = 0
     while placed < total:
+        for rank in touched:
+            proposals[rank] = proposal(rank, ranks[rank])
+        touched.clear()
         best = None
-        for rank, r in enumerate(ranks):
-            p = proposal(rank, r)
+        for rank, p in enumerate(proposals):
             if p is not None and (best is None or p[0] < best[1][0]):
                 best = (rank, p)
         if best is None:
-            full = [i for i, r in enumerate(ranks) if r.fwd_todo]
+            full = [i for i, left in enumerate(fwd_left) if left]
             raise InfeasibleMemoryError(
                 f"no task can start: ranks {full} hold {[ranks[i].memory for i in full]} of stashed activations "
                 f"and their memory limits {[limits[i] for i in full]} leave no room for the next forward. "
                 "Fix: raise the memory limit, use more microbatches of smaller size, or recompute activations.")
         rank, (start, op, s, m) = best
         r = ranks[rank]
+        touched.add(rank)
         duration = {Op.FWD: costs.fwd, Op.BWD: costs.bwd, Op.BWD_I: costs.bwd, Op.BWD_W: costs.wgrad}[op](s, m)
         done[(op, s, m)] = start + duration
         r.free_at, r.last = start + duration, op
         r.order.append(ComputeAction(op, s, m))
         if op is Op.FWD:
-            r.fwd_todo.remove((s, m))
+            known_fwd[rank].remove(next(x for x in known_fwd[rank] if x[2] == s and x[3] == m))
+            fwd_left[rank] -= 1
             r.memory += costs.act(s, m)
             in_flight[s] += 1
+            for c in consumers[s]:
+                fwd_pending[(c, m)] -= 1
+                if fwd_pending[(c, m)] == 0:
+                    make_known("f", c, m)
+            bwd_pending[(s, m)] -= 1
+            if bwd_pending[(s, m)] == 0:
+                make_known("b", s, m)
         elif op is Op.BWD_W:
             r.wgrad_todo.remove((s, m))
             r.memory -= costs.act(s, m)
         else:
-            r.bwd_todo.remove((s, m))
+            known_bwd[rank].remove(next(x for x in known_bwd[rank] if x[2] == s and x[3] == m))
             in_flight[s] -= 1
             if split_backward:
                 r.wgrad_todo.append((s, m))
             else:
                 r.memory -= costs.act(s, m)
+            for p in stages[s].grad_producers:
+                bwd_pending[(p, m)] -= 1
+                if bwd_pending[(p, m)] == 0:
+                    make_known("b", p, m)
         placed += 1
     return [r.order for r in ranks]
 
