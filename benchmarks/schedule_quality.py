@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import json
 import math
 import statistics
@@ -56,6 +57,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from dipc.errors import DipcError  # noqa: E402
 from dipc.ir import Op, StageInfo, TensorSpec  # noqa: E402
@@ -79,7 +82,6 @@ from dipc.semu.step_model import StepModel, best_contiguous_split, stats_for_lay
 
 RESULTS = ROOT / "benchmarks" / "results" / "schedule_quality.json"
 
-MODEL = "vlm_s"
 PROFILE = "h800"
 MAX_IMAGES = SEQ_LEN // IMAGE_TOKENS          # 48
 VIT_PATCHES = 52 * 52                          # Qwen2-VL: 728 px / patch 14, before the 4x4 merge
@@ -181,19 +183,112 @@ def microbatch_stats(mb: Microbatch, vit_tokens: int) -> dict[str, LengthStats]:
 
 
 # ------------------------------------------------------------------------------------------------
-# model, layout
+# T2V data: video clips grouped by aspect ratio and duration into <= 8 clips, < 16 s per microbatch
+
+
+@dataclass(frozen=True, slots=True)
+class Clips:
+    """One T2V microbatch: per clip (seconds, aspect, caption tokens)."""
+
+    clips: tuple[tuple[float, str, int], ...]
+    regime: str
+
+
+def pack_clips(rng: np.random.Generator, regime: str, num_microbatches: int) -> list[Clips]:
+    """``video-caption``: clips grouped by (aspect, duration bucket) as MovieGen-style loaders do
+    (paper_checks.py's packing); ``mixed-video``: the same clips without grouping."""
+    from paper_checks import pack_t2v_batches
+
+    seed = int(rng.integers(0, 2**31 - 1))
+    return [Clips(tuple(b), regime) for b in pack_t2v_batches(num_microbatches, seed=seed,
+                                                              group=regime == "video-caption")]
+
+
+# ------------------------------------------------------------------------------------------------
+# workloads: a paper model, its modalities and its data
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the benchmark needs of one paper workload: which layers are the encoder module, how to
+    draw a batch per regime and turn a microbatch into per-module length statistics."""
+
+    model: str
+    encoder: str                                  # modality name of the encoder module
+    encoder_prefixes: tuple[str, ...]             # layer path prefixes of the encoder module
+    regimes: tuple[str, ...]
+    draw: Callable[[np.random.Generator, str, int, int], list]   # (rng, regime, iteration, M) -> mbs
+    stats: Callable[[Any], dict[str, LengthStats]]
+    unit_stats: Callable[[int], dict[str, LengthStats]]       # B encoder items + one backbone sequence
+    describe_mb: Callable[[list], dict]
+    example_batch: Callable[[], dict]
+    unit: str                                     # what an encoder item is (for B_i)
+    default_b: int
+
+    def is_encoder(self, path: str) -> bool:
+        return path.startswith(self.encoder_prefixes)
+
+    @property
+    def paper(self):
+        return PAPER_MODELS[self.model]
+
+
+def vlm_workload(model: str = "vlm_s", vit_tokens: int = VIT_PATCHES) -> Workload:
+    """A VLM: the ViT (+ projector) is the encoder; image-text regimes plus the rise-and-fall trace."""
+    def stats(mb: Microbatch) -> dict[str, LengthStats]:
+        return microbatch_stats(mb, vit_tokens)
+
+    def unit(b: int) -> dict[str, LengthStats]:
+        lm = LengthStats.padded(1, SEQ_LEN)
+        return {"vision": LengthStats.of([vit_tokens] * b), "projector": LengthStats.of([IMAGE_TOKENS] * b),
+                "language_model": lm, "lm_head": lm}
+
+    def draw(rng, regime, i, M):
+        return rise_and_fall(rng, i, M) if regime == "rise_fall" else pack_batch(rng, regime, M)
+
+    return Workload(model=model, encoder="vision", encoder_prefixes=("vision", "projector"), regimes=REGIMES,
+                    draw=draw, stats=stats, unit_stats=unit,
+                    describe_mb=lambda mbs: {"images": [mb.num_images for mb in mbs], "tokens": [mb.tokens for mb in mbs]},
+                    example_batch=lambda: paper_example_batch(model, num_images=8), unit="images", default_b=12)
+
+
+def t2v_workload(model: str = "t2v_s") -> Workload:
+    """A T2V model: the LM text encoder is the encoder, the DiT the backbone; video-caption regimes."""
+    from paper_checks import t2v_batch_stats
+
+    def unit(b: int) -> dict[str, LengthStats]:   # b captions of 128 tokens; one 8-clip, 16 s microbatch
+        return t2v_batch_stats([(2.0, "1:1", 128)] * b)
+
+    return Workload(model=model, encoder="text", encoder_prefixes=("text_encoder",),
+                    regimes=("video-caption", "mixed-video"),
+                    draw=lambda rng, regime, i, M: pack_clips(rng, regime, M),
+                    stats=lambda mb: t2v_batch_stats(list(mb.clips)), unit_stats=unit,
+                    describe_mb=lambda mbs: {"clips": [len(mb.clips) for mb in mbs],
+                                             "seconds": [round(sum(c[0] for c in mb.clips), 2) for mb in mbs]},
+                    example_batch=lambda: paper_example_batch(model, clip_seconds=(2.0, 3.0, 1.0)),
+                    unit="captions", default_b=8)
+
+
+WORKLOADS: dict[str, Callable[..., Workload]] = {
+    "vlm_s": lambda **kw: vlm_workload("vlm_s", **kw), "vlm_m": lambda **kw: vlm_workload("vlm_m", **kw),
+    "vlm_l": lambda **kw: vlm_workload("vlm_l", **kw),
+    "t2v_s": lambda **kw: t2v_workload("t2v_s"), "t2v_l": lambda **kw: t2v_workload("t2v_l"),
+}
 
 
 @functools.lru_cache(maxsize=None)
-def cost_model() -> CostModel:
-    model = build_paper_model(MODEL).to(torch.bfloat16)
-    batch = paper_example_batch(MODEL, num_images=8)
-    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-    return layer_cost_model(capture(model, batch))
+def _cost_model(model: str) -> CostModel:
+    wl = WORKLOADS[model]()
+    net = build_paper_model(model).to(torch.bfloat16)
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in wl.example_batch().items()}
+    return layer_cost_model(capture(net, batch))
 
 
-def _is_vit(path: str) -> bool:
-    return path.startswith(("vision", "projector"))
+def cost_model(wl: "Workload") -> CostModel:
+    return _cost_model(wl.model)
+
+
+_BLOCK = re.compile(r"(^|\.)(blocks|layers)\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -207,6 +302,7 @@ class Layout:
     stage_modality: tuple[str, ...]
     stage_ms: tuple[float, ...]          # fwd+bwd at the representative microbatch (mean)
     rule: str                            # how it was cut, for the JSON / table
+    is_encoder: Callable[[str], bool]
     candidates: dict = field(default_factory=dict)   # k -> slowest stage ms (modality split search)
 
     @property
@@ -220,12 +316,12 @@ class Layout:
     @property
     def stages(self) -> list[StageInfo]:
         S = len(self.stage_layers)
-        first_lm = next(s for s, ls in enumerate(self.stage_layers) if any(not _is_vit(p) for p in ls))
+        first_lm = next(s for s, ls in enumerate(self.stage_layers) if any(not self.is_encoder(p) for p in ls))
         out = []
         for s in range(S):
-            loads = ("pixel_values",) if s == 0 else ()
+            loads = ("encoder_inputs",) if s == 0 else ()
             if s == first_lm:
-                loads = loads + ("input_ids", "labels")
+                loads = loads + ("backbone_inputs",)
             out.append(StageInfo(id=s, rank=s % self.P, modality=self.stage_modality[s],
                                  producers=(s - 1,) if s else (), grad_producers=(s - 1,) if s else (),
                                  loads=loads, has_loss=s == S - 1))
@@ -234,9 +330,10 @@ class Layout:
     def describe(self) -> str:
         parts = []
         for s, layers in enumerate(self.stage_layers):
-            vit = sum(1 for p in layers if _is_vit(p) and (".blocks." in p))
-            lm = sum(1 for p in layers if ".layers." in p)
-            kind = "+".join(k for k, n in (("ViT", vit), ("LM", lm)) if n) or "glue"
+            enc = sum(1 for p in layers if self.is_encoder(p) and _BLOCK.search(p))
+            bb = sum(1 for p in layers if not self.is_encoder(p) and _BLOCK.search(p))
+            vit, lm = enc, bb
+            kind = "+".join(k for k, n in (("enc", vit), ("backbone", lm)) if n) or "glue"
             parts.append(f"s{s}@r{s % self.P} {kind} {vit + lm} blocks ({self.stage_ms[s]:.0f} ms)")
         return "; ".join(parts)
 
@@ -256,26 +353,27 @@ def _cut(seq: Sequence[str], weights: Sequence[float], n: int) -> list[tuple[str
     return out
 
 
-def _modality(layers: Sequence[str]) -> str:
-    kinds = {_is_vit(p) for p in layers}
-    return "mixed" if len(kinds) == 2 else ("vision" if True in kinds else "backbone")
+def _modality(wl: Workload, layers: Sequence[str]) -> str:
+    kinds = {wl.is_encoder(p) for p in layers}
+    return "mixed" if len(kinds) == 2 else (wl.encoder if True in kinds else "backbone")
 
 
-def _make(name: str, P: int, parts: Sequence[tuple[str, ...]], ms: Mapping[str, float], rule: str,
+def _make(wl: Workload, name: str, P: int, parts: Sequence[tuple[str, ...]], ms: Mapping[str, float], rule: str,
           candidates: dict | None = None, modality: Sequence[str] | None = None) -> Layout:
     return Layout(name=name, P=P, stage_layers=tuple(parts),
-                  stage_modality=tuple(modality or [_modality(x) for x in parts]),
-                  stage_ms=tuple(sum(ms[p] for p in x) for x in parts), rule=rule, candidates=candidates or {})
+                  stage_modality=tuple(modality or [_modality(wl, x) for x in parts]),
+                  stage_ms=tuple(sum(ms[p] for p in x) for x in parts), rule=rule, is_encoder=wl.is_encoder,
+                  candidates=candidates or {})
 
 
-def choose_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int,
+def choose_layout(wl: Workload, cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int,
                   V: int) -> Layout:
     """ViT on ``k`` contiguous stages, LM on the rest, each segment balanced by SEMU's per-layer
     fwd+bwd time averaged over the representative microbatches; ``k`` minimises the slowest stage."""
     ms = _layer_ms(cm, cluster, tp, rep)
     layers = list(cm.layers)
-    vit = [p for p in layers if _is_vit(p)]
-    lm = [p for p in layers if not _is_vit(p)]
+    vit = [p for p in layers if wl.is_encoder(p)]
+    lm = [p for p in layers if not wl.is_encoder(p)]
     S = P * V
     best, cands = None, {}
     for k in range(1, S):
@@ -285,11 +383,11 @@ def choose_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, Lengt
         if best is None or slowest < best[0] - 1e-12:
             best = (slowest, k, parts)
     _, k, parts = best
-    return _make(f"modality split V={V}", P, parts, ms, f"ViT on {k} of {S} stages; min slowest stage", cands,
-                 ["vision"] * k + ["backbone"] * (S - k))
+    return _make(wl, f"modality split V={V}", P, parts, ms, f"encoder on {k} of {S} stages; min slowest stage",
+                 cands, [wl.encoder] * k + ["backbone"] * (S - k))
 
 
-def mixed_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int, V: int,
+def mixed_layout(wl: Workload, cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int, V: int,
                  by: str) -> Layout:
     """One mixed segment over all layers in model order, cut into ``P*V`` contiguous chunks:
     ``by="params"`` equal parameter counts (Megatron-LM's VPP as the paper ran it), ``by="time"``
@@ -304,37 +402,37 @@ def mixed_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, Length
         w = [ms[p] for p in layers]
         rule = "best static split (SEMU time) for the representative batch"
     parts = _cut(layers, w, P * V)
-    return _make(f"mixed {by} V={V}", P, parts, ms, rule)
+    return _make(wl, f"mixed {by} V={V}", P, parts, ms, rule)
 
 
-def segment_counts(cm: CostModel, cluster, tp: int, b_vit: int, *, vit_tokens: int = IMAGE_TOKENS, min_layers: int = 2,
+def segment_counts(wl: Workload, cm: CostModel, cluster, tp: int, b_enc: int, *, min_layers: int = 2,
                    P: int = 4) -> dict:
     """DIP's offline K_i (paper §4): T_i = module i's fwd+bwd time at its sub-microbatch size
     (``b_vit`` images for the ViT; one packed 8192-token sequence for the LM); the faster module gets
     K = 1 and the other ``floor(T_i / T_1)``, capped so that every chunk keeps ``min_layers`` blocks."""
     layers = list(cm.layers)
-    st = {"vision": LengthStats.of([vit_tokens] * b_vit), "projector": LengthStats.of([IMAGE_TOKENS] * b_vit),
-          "language_model": LengthStats.padded(1, SEQ_LEN), "lm_head": LengthStats.padded(1, SEQ_LEN)}
-    ms = _layer_ms(cm, cluster, tp, [st])
-    t = {"vision": sum(ms[p] for p in layers if _is_vit(p)), "backbone": sum(ms[p] for p in layers if not _is_vit(p))}
-    blocks = {"vision": sum(1 for p in layers if _is_vit(p) and ".blocks." in p),
-              "backbone": sum(1 for p in layers if ".layers." in p)}
+    ms = _layer_ms(cm, cluster, tp, [wl.unit_stats(b_enc)])
+    enc = wl.encoder
+    t = {enc: sum(ms[p] for p in layers if wl.is_encoder(p)), "backbone": sum(ms[p] for p in layers if not wl.is_encoder(p))}
+    blocks = {enc: sum(1 for p in layers if wl.is_encoder(p) and _BLOCK.search(p)),
+              "backbone": sum(1 for p in layers if not wl.is_encoder(p) and _BLOCK.search(p))}
     fast = min(t, key=t.get)
     k = {m: max(1, min(int(t[m] // t[fast]), blocks[m] // (min_layers * P))) for m in t}
-    return {"K": k, "T_ms": t, "b_vit": b_vit}
+    return {"K": k, "T_ms": t, "B": b_enc, "unit": wl.unit}
 
 
-def ki_layout(cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int, K: Mapping[str, int]) -> Layout:
+def ki_layout(wl: Workload, cm: CostModel, cluster, tp: int, rep: Sequence[dict[str, LengthStats]], P: int, K: Mapping[str, int]) -> Layout:
     """DIP's modality-aware partition: module i cut into ``P*K_i`` chunks balanced by SEMU time at the
     representative batch, placed round-robin (chunk c on rank c % P); ViT chunks first."""
     ms = _layer_ms(cm, cluster, tp, rep)
     layers = list(cm.layers)
-    vit = [p for p in layers if _is_vit(p)]
-    lm = [p for p in layers if not _is_vit(p)]
-    parts = _cut(vit, [ms[p] for p in vit], P * K["vision"]) + _cut(lm, [ms[p] for p in lm], P * K["backbone"])
-    return _make(f"DIP K_vit={K['vision']} K_lm={K['backbone']}", P, parts, ms,
-                 f"ViT in {P * K['vision']} chunks, LM in {P * K['backbone']} chunks, round-robin",
-                 modality=["vision"] * (P * K["vision"]) + ["backbone"] * (P * K["backbone"]))
+    enc = wl.encoder
+    vit = [p for p in layers if wl.is_encoder(p)]
+    lm = [p for p in layers if not wl.is_encoder(p)]
+    parts = _cut(vit, [ms[p] for p in vit], P * K[enc]) + _cut(lm, [ms[p] for p in lm], P * K["backbone"])
+    return _make(wl, f"DIP K_{enc}={K[enc]} K_backbone={K['backbone']}", P, parts, ms,
+                 f"{enc} in {P * K[enc]} chunks, backbone in {P * K['backbone']} chunks, round-robin",
+                 modality=[enc] * (P * K[enc]) + ["backbone"] * (P * K["backbone"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,8 +468,9 @@ class BatchCosts:
 
 
 def batch_costs(cm: CostModel, cluster, tp: int, layout: Layout, stats: Sequence[dict],
-                layer_cache: dict | None = None) -> BatchCosts:
-    step = StepModel(cm, cluster, [list(x) for x in layout.stage_layers], list(stats), tp=tp, dtype="bfloat16")
+                layer_cache: dict | None = None, *, dp: int = 1) -> BatchCosts:
+    step = StepModel(cm, cluster, [list(x) for x in layout.stage_layers], list(stats), tp=tp, dp=dp,
+                     dtype="bfloat16")
     if layer_cache is not None:   # layer times depend only on (layer, stats): share across layouts
         step._layer_cache = layer_cache
     S, M = len(layout.stage_layers), len(stats)
@@ -502,8 +601,13 @@ def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
 
 def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts], M: int, capacity: float,
                    budget_s: float) -> dict:
-    """Every schedule of ``schedule_set`` on one batch: planning latency, validation, emulation."""
+    """Every schedule of ``schedule_set`` on one batch: planning latency, validation, emulation.
+
+    DIP rows are cumulative, as DIP's planner is: each adds candidates to the ones before it and
+    keeps the fastest by SEMU (``picked`` names the winner), so its planning time is the sum."""
     out = {}
+    best_dip: dict | None = None
+    dip_plan_ms = 0.0
     for name, key, build, role in schedule_set(budget_s):
         layout, c = layouts[key], costs[key]
         stages = layout.stages
@@ -517,19 +621,30 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
             validate(program)
         except DipcError as e:
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-            out[name] = rec
-            continue
+        else:
+            rec["validated"] = True
         rec["plan_ms"] = (time.perf_counter() - t0) * 1e3
         if hasattr(build, "last"):
             rec["search"] = {"evaluations": build.last.evaluations, "exhausted": build.last.exhausted}
-        rec["validated"] = True
-        res = c.step.simulate(program, record=False)
-        work = c.work(P, stages)
-        rec.update(step_s=res.step_time, bubble=res.bubble_fraction,
-                   bound_frac=sum(res.busy) / (P * res.step_time),
-                   busiest_frac=max(work) / res.step_time,
-                   peak_gb=max(res.peak_memory) / 1e9,
-                   over_capacity=bool(res.ranks_over(capacity)))
+        if rec["validated"]:
+            res = c.step.simulate(program, record=False)
+            work = c.work(P, stages)
+            rec.update(step_s=res.step_time, bubble=res.bubble_fraction,
+                       bound_frac=sum(res.busy) / (P * res.step_time),
+                       busiest_frac=max(work) / res.step_time,
+                       peak_gb=max(res.peak_memory) / 1e9,
+                       over_capacity=bool(res.ranks_over(capacity)), picked=name)
+        if role in ("ablation", "dip"):
+            dip_plan_ms += rec["plan_ms"]
+            fits = rec["validated"] and not rec["over_capacity"]
+            best_fits = best_dip is not None and not best_dip["over_capacity"]
+            if best_dip is None or (fits and (not best_fits or rec["step_s"] < best_dip["step_s"])) or \
+                    (not fits and not best_fits and rec["validated"] and rec["step_s"] < best_dip["step_s"]):
+                if rec["validated"]:
+                    best_dip = rec
+            if best_dip is not None and best_dip is not rec:
+                rec = {**best_dip, "role": role, "own": {k: rec.get(k) for k in ("step_s", "error") if k in rec}}
+            rec["plan_ms"] = dip_plan_ms
         out[name] = rec
     return out
 
@@ -612,66 +727,72 @@ def rise_and_fall(rng: np.random.Generator, iteration: int, num_microbatches: in
     return out
 
 
-def make_layouts(cm: CostModel, cluster, tp: int, rep_stats, P: int, b_vit: int,
-                 vit_tokens: int = IMAGE_TOKENS) -> tuple[dict[str, Layout], dict]:
-    ki = segment_counts(cm, cluster, tp, b_vit, vit_tokens=vit_tokens, P=P)
+def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: int,
+                 b_enc: int) -> tuple[dict[str, Layout], dict]:
+    ki = segment_counts(wl, cm, cluster, tp, b_enc, P=P)
     return {
-        "mixed_params": mixed_layout(cm, cluster, tp, rep_stats, P, 2, "params"),
-        "mixed_time": mixed_layout(cm, cluster, tp, rep_stats, P, 1, "time"),
-        "split": choose_layout(cm, cluster, tp, rep_stats, P, 1),
-        "split2": choose_layout(cm, cluster, tp, rep_stats, P, 2),
-        "dip": ki_layout(cm, cluster, tp, rep_stats, P, ki["K"]),
+        "mixed_params": mixed_layout(wl, cm, cluster, tp, rep_stats, P, 2, "params"),
+        "mixed_time": mixed_layout(wl, cm, cluster, tp, rep_stats, P, 1, "time"),
+        "split": choose_layout(wl, cm, cluster, tp, rep_stats, P, 1),
+        "split2": choose_layout(wl, cm, cluster, tp, rep_stats, P, 2),
+        "dip": ki_layout(wl, cm, cluster, tp, rep_stats, P, ki["K"]),
     }, ki
 
 
-def run(num_batches: int = 100, num_microbatches: int = 16, *, seed: int = 0, vit_tokens: int = IMAGE_TOKENS,
-        budget_s: float = 0.4, b_vit: int = 24, trace_iterations: int = 40, progress: bool = False) -> dict:
-    """The benchmark's core: draw batches, lay out the model, evaluate every schedule per batch."""
+def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm_s", seed: int = 0,
+        vit_tokens: int = VIT_PATCHES, budget_s: float = 0.4, b_enc: int | None = None, trace_iterations: int = 40,
+        dp: int = 1, progress: bool = False) -> dict:
+    """The benchmark's core for one workload: draw batches, lay out the model, evaluate every
+    schedule per batch (the rise-and-fall trace only for VLMs)."""
     t_start = time.perf_counter()
-    pm = PAPER_MODELS[MODEL]
+    wl = WORKLOADS[model](vit_tokens=vit_tokens)
+    pm = wl.paper
     P, tp = pm.pp, pm.tp
+    b_enc = b_enc or wl.default_b
     cluster = load_preset(PROFILE)
     capacity = cluster.device.memory_capacity
-    cm = cost_model()
-    rep = pack_batch(np.random.default_rng(seed + 10_000), "mixed", num_microbatches)
-    rep_stats = [microbatch_stats(mb, vit_tokens) for mb in rep]
-    layouts, ki = make_layouts(cm, cluster, tp, rep_stats, P, b_vit, vit_tokens)
+    cm = cost_model(wl)
+    rep = wl.draw(np.random.default_rng(seed + 10_000), wl.regimes[-1], 0, num_microbatches)
+    rep_stats = [wl.stats(mb) for mb in rep]
+    layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc)
     t_setup = time.perf_counter() - t_start
 
     rng = np.random.default_rng(seed)
-    work = [(REGIMES[i % len(REGIMES)], i) for i in range(num_batches)] + [("rise_fall", i) for i in range(trace_iterations)]
+    trace_iterations = trace_iterations if pm.kind == "vlm" else 0
+    work = [(wl.regimes[i % len(wl.regimes)], i) for i in range(num_batches)]
+    work += [("rise_fall", i) for i in range(trace_iterations)]
     batches = []
     for n, (regime, i) in enumerate(work):
-        mbs = rise_and_fall(rng, i, num_microbatches) if regime == "rise_fall" else pack_batch(rng, regime, num_microbatches)
-        stats = [microbatch_stats(mb, vit_tokens) for mb in mbs]
+        mbs = wl.draw(rng, regime, i, num_microbatches)
+        stats = [wl.stats(mb) for mb in mbs]
         t0 = time.perf_counter()
         cache: dict = {}
-        costs = {k: batch_costs(cm, cluster, tp, lay, stats, cache) for k, lay in layouts.items()}
+        costs = {k: batch_costs(cm, cluster, tp, lay, stats, cache, dp=dp) for k, lay in layouts.items()}
         t_costs = time.perf_counter() - t0
         scheds = evaluate_batch(layouts, costs, num_microbatches, capacity, budget_s)
-        batches.append({
-            "index": i, "regime": regime,
-            "images": [mb.num_images for mb in mbs], "tokens": [mb.tokens for mb in mbs],
-            "semu_costs_ms": t_costs * 1e3,
-            "schedules": scheds,
-        })
+        batches.append({"index": i, "regime": regime, **wl.describe_mb(mbs), "semu_costs_ms": t_costs * 1e3,
+                        "schedules": scheds})
         if progress and (n + 1) % 10 == 0:
-            print(f"  {n + 1}/{len(work)} batches, {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+            print(f"  {model}: {n + 1}/{len(work)} batches, {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
     skewed = [b for b in batches if b["regime"] != "rise_fall"]
     trace = [b for b in batches if b["regime"] == "rise_fall"]
-    imgs = [x for b in skewed for x in b["images"]]
-    by_regime = {r: summarise([b for b in batches if b["regime"] == r]) for r in (*REGIMES, "rise_fall")
+    by_regime = {r: summarise([b for b in batches if b["regime"] == r]) for r in (*wl.regimes, "rise_fall")
                  if any(b["regime"] == r for b in batches)}
-    return {
-        "honesty": HONESTY,
-        "code_state": code_state(),
-        "setup": {
-            "model": f"{MODEL} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": 1,
-            "profile": PROFILE, "memory_capacity_gb": capacity / 1e9, "microbatches": num_microbatches,
-            "batches": num_batches, "trace_iterations": trace_iterations, "seed": seed,
+    setup = {
+        "model": f"{model} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": dp,
+        "gpus": tp * P * dp, "profile": PROFILE, "memory_capacity_gb": capacity / 1e9,
+        "microbatches": num_microbatches, "batches": num_batches, "trace_iterations": trace_iterations,
+        "seed": seed, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki,
+        "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
+        "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
+        "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
+    }
+    if pm.kind == "vlm":
+        imgs = [x for b in skewed for x in b["images"]]
+        setup.update({
             "vit_tokens_per_image": vit_tokens, "lm_tokens_per_image": IMAGE_TOKENS, "seq_len": SEQ_LEN,
-            "max_images": MAX_IMAGES, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki,
+            "max_images": MAX_IMAGES,
             "regimes": {"interleaved": "text lognormal(700, 0.9) in [32, 8192]; images 0 w.p. 0.35 else zipf(2)",
                         "caption": "1 image; caption lognormal(24, 0.6) in [4, 256]",
                         "mixed": f"runs (geometric, mean {MIXED_RUN_MEAN}) from {dict(MIXED_SOURCES)}; text-only "
@@ -681,13 +802,18 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, seed: int = 0, vi
                        "per microbatch, no padding (LM cost at the packed length)",
             "images_per_microbatch": {"mean": statistics.fmean(imgs), "p10": _pct(imgs, 10), "p50": _pct(imgs, 50),
                                       "p90": _pct(imgs, 90), "max": max(imgs), "min": min(imgs)} if imgs else {},
-            "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
-            "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
-            "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
-        },
-        "layouts": {k: {"name": lay.name, "rule": lay.rule, "V": lay.V, "vit_stages": lay.vit_stages,
+        })
+    else:
+        setup["regimes"] = {"video-caption": "paper_checks.py's clips (lognormal seconds, MovieGen aspects), grouped "
+                                             "by aspect and duration bucket, <= 8 clips and <= 16 s per microbatch",
+                            "mixed-video": "the same clips without grouping"}
+    return {
+        "honesty": HONESTY,
+        "code_state": code_state(),
+        "setup": setup,
+        "layouts": {k: {"name": lay.name, "rule": lay.rule, "V": lay.V, "encoder_stages": lay.vit_stages,
                         "stage_ms_at_representative": list(lay.stage_ms), "description": lay.describe(),
-                        "slowest_stage_ms_by_vit_stages": lay.candidates,
+                        "slowest_stage_ms_by_encoder_stages": lay.candidates,
                         "stage_layers": [list(x) for x in lay.stage_layers]} for k, lay in layouts.items()},
         "summary": summarise(skewed) if skewed else {},
         "rise_and_fall": summarise(trace) if trace else {},
@@ -722,15 +848,14 @@ def _rows(summary: dict) -> None:
 
 def print_table(result: dict) -> None:
     s = result["setup"]
-    print(f"VLM-S (ViT 5B + Llama3 8B) TP{s['tp']} PP{s['pp']} on {s['profile']}, {s['batches']} skewed batches x "
-          f"{s['microbatches']} microbatches (packed 8192-token sequences), ViT on {s['vit_tokens_per_image']} "
-          f"tokens/image; SIMULATED by SEMU, not measured")
-    im = s["images_per_microbatch"]
+    print(f"{s['model']}: TP{s['tp']} PP{s['pp']} DP{s['dp']} ({s['gpus']} GPUs) on {s['profile']}, {s['batches']} "
+          f"skewed batches x {s['microbatches']} microbatches; SIMULATED by SEMU, not measured")
+    im = s.get("images_per_microbatch")
     if im:
-        print(f"images per microbatch: mean {im['mean']:.1f}, p10 {im['p10']:.0f}, median {im['p50']:.0f}, "
-              f"p90 {im['p90']:.0f}, max {im['max']}")
+        print(f"ViT tokens per image {s['vit_tokens_per_image']}; images per microbatch: mean {im['mean']:.1f}, "
+              f"p10 {im['p10']:.0f}, median {im['p50']:.0f}, p90 {im['p90']:.0f}, max {im['max']}")
     ki = s["segment_counts"]
-    print(f"DIP segment counts K = {ki['K']} from T at B_vit={ki['b_vit']} images: "
+    print(f"DIP segment counts K = {ki['K']} from T at B={ki['B']} {ki['unit']}: "
           + ", ".join(f"{k} {v:.0f} ms" for k, v in ki["T_ms"].items()))
     for key, lay in result["layouts"].items():
         print(f"layout {key}: {lay['name']} ({lay['rule']})\n  {lay['description']}")
@@ -744,30 +869,40 @@ def print_table(result: dict) -> None:
         _rows(result["rise_and_fall"])
     print(f"by regime, mean throughput relative to {MEGATRON}:")
     names = list(result["summary"] or result["rise_and_fall"])
-    print(f"  {'regime':<12} " + " ".join(f"{n:>12.12}" for n in names))
+    print(f"  {'regime':<13} " + " ".join(f"{n:>12.12}" for n in names))
     for reg, summ in result["by_regime"].items():
-        print(f"  {reg:<12} " + " ".join(_f(summ[n]["rel_throughput"]["mean"], "12.3f") for n in names))
+        print(f"  {reg:<13} " + " ".join(_f(summ[n]["rel_throughput"]["mean"], "12.3f") for n in names))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="vlm_s,vlm_m,vlm_l,t2v_s,t2v_l",
+                        help=f"comma-separated workloads from {sorted(WORKLOADS)}")
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--microbatches", type=int, default=16)
-    parser.add_argument("--vit-tokens", type=int, default=IMAGE_TOKENS,
-                        help=f"ViT tokens per image: {IMAGE_TOKENS} (merged, default) or {VIT_PATCHES} (pre-merge)")
+    parser.add_argument("--vit-tokens", type=int, default=VIT_PATCHES,
+                        help=f"ViT tokens per image: {VIT_PATCHES} (Qwen2-VL patches before the 4x4 merge, default) "
+                             f"or {IMAGE_TOKENS} (merged)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=0.4, help="MCTS seconds per batch per DIP variant")
-    parser.add_argument("--b-vit", type=int, default=24, help="images per ViT sub-microbatch (sets K_i)")
-    parser.add_argument("--trace", type=int, default=40, help="iterations of the rise-and-fall trace")
+    parser.add_argument("--b-enc", type=int, default=None, help="encoder items per sub-microbatch (sets K_i)")
+    parser.add_argument("--trace", type=int, default=40, help="iterations of the rise-and-fall trace (VLMs)")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas (large-scale run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    result = run(args.batches, args.microbatches, seed=args.seed, vit_tokens=args.vit_tokens, budget_s=args.budget,
-                 b_vit=args.b_vit, trace_iterations=args.trace, progress=True)
-    print_table(result)
+    results = {}
+    for model in args.models.split(","):
+        if model not in WORKLOADS:
+            parser.error(f"unknown workload {model!r}; choose from {sorted(WORKLOADS)}")
+        results[model] = run(args.batches, args.microbatches, model=model, seed=args.seed, vit_tokens=args.vit_tokens,
+                             budget_s=args.budget, b_enc=args.b_enc, trace_iterations=args.trace, dp=args.dp,
+                             progress=True)
+        print_table(results[model])
+        print()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{result['seconds']['total']:.0f} s; wrote {args.out}")
-    return result
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{sum(r['seconds']['total'] for r in results.values()):.0f} s; wrote {args.out}")
+    return results
 
 
 if __name__ == "__main__":
