@@ -74,6 +74,7 @@ from dipc.passes.capture import capture  # noqa: E402
 from dipc.passes.codegen import lower  # noqa: E402
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule  # noqa: E402
 from dipc.passes.schedules import SCHEDULES, ComputeAction  # noqa: E402
+from dipc.passes.priorities import critical_path_priority, grouped_priority, microbatch_priority  # noqa: E402
 from dipc.passes.segment_order import mcts_order, priority_from_order  # noqa: E402
 from dipc.semu.costs import CostModel, LengthStats, layer_cost_model  # noqa: E402
 from dipc.semu.models import IMAGE_TOKENS, PAPER_MODELS, SEQ_LEN, build_paper_model, paper_example_batch  # noqa: E402
@@ -510,17 +511,53 @@ def _static(name: str):
     return lambda layout, stages, P, M, costs, limits: SCHEDULES[name](stages, P, M)
 
 
+def _score_orders(layout, stages, P, M, costs, limits, orders) -> float:
+    """SEMU's step time of compute orders (inf if they do not lower or overflow memory)."""
+    try:
+        program = lower(stages, P, M, orders, schedule="dip", specs=_specs(costs))
+    except DipcError:
+        return math.inf
+    res = costs.step.simulate(program, record=False)
+    capacity = [limits[r] + costs.static[r] for r in range(P)]
+    return math.inf if any(p > c for p, c in zip(res.peak_memory, capacity)) else res.step_time
+
+
+def dq_rules(layout, stages, P, M, costs, limits, *, split: bool):
+    """Phase 2 under the cheap priority rules (:mod:`dipc.passes.priorities`): the fastest by SEMU,
+    with the name of the rule that won."""
+    tc = costs.task_costs(split)
+    rules = {"microbatch": microbatch_priority, f"groups of {P}": grouped_priority(P),
+             "critical path": critical_path_priority(stages, M, tc.fwd, lambda s, m: tc.bwd(s, m) + (
+                 tc.wgrad(s, m) if split else 0.0))}
+    best = (math.inf, None, None)
+    for name, prio in rules.items():
+        try:
+            orders = dual_queue_schedule(stages, P, M, tc, priority=prio, memory_limit=limits, split_backward=split)
+        except DipcError:
+            continue
+        t = _score_orders(layout, stages, P, M, costs, limits, orders)
+        if best[1] is None or t < best[0]:
+            best = (t, orders, name)
+    if best[1] is None:
+        raise DipcError("no priority rule gave a schedule within the memory limit")
+    return best
+
+
 def _dq(split: bool):
-    return lambda layout, stages, P, M, costs, limits: dual_queue_schedule(
-        stages, P, M, costs.task_costs(split), memory_limit=limits, split_backward=split)
+    def build(layout, stages, P, M, costs, limits):
+        build.rule = None
+        t, orders, name = dq_rules(layout, stages, P, M, costs, limits, split=split)
+        build.rule = name
+        return orders
+    return build
 
 
 def optimus_orders(layout, stages, P, M, costs, limits):
     """Optimus*'s coarse-grained schedule (the paper re-implemented only this part, inside DIP):
     every encoder forward of the batch first, then the backbone's (interleaved) 1F1B, then every
     encoder backward — the encoder's work is kept out of the backbone's steady state."""
-    vit = [s for s in stages if s.modality == "vision"]
-    lm = [s for s in stages if s.modality != "vision"]
+    vit = [s for s in stages if s.modality != "backbone"]
+    lm = [s for s in stages if s.modality == "backbone"]
     base = len(vit)
     sub = [StageInfo(id=s.id - base, rank=s.rank, modality=s.modality,
                      producers=tuple(p - base for p in s.producers if p >= base),
@@ -550,8 +587,6 @@ def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: fl
     item_of = _item_of(layout)
     mods = list(dict.fromkeys(layout.stage_modality))
     items = [(mod, m) for m in range(M) for mod in mods]
-    specs = _specs(costs)
-    capacity = [limits[r] + costs.static[r] for r in range(P)]
 
     def orders_for(order):
         return dual_queue_schedule(stages, P, M, tc, priority=priority_from_order(order, item_of),
@@ -559,11 +594,10 @@ def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: fl
 
     def score(order) -> float:
         try:
-            program = lower(stages, P, M, orders_for(order), schedule="dip", specs=specs)
+            orders = orders_for(order)
         except DipcError:
             return math.inf
-        res = costs.step.simulate(program, record=False)
-        return math.inf if any(p > c for p, c in zip(res.peak_memory, capacity)) else res.step_time
+        return _score_orders(layout, stages, P, M, costs, limits, orders)
 
     work = [sum(costs.fwd[s.id][m] + costs.bwd_in[s.id][m] + costs.bwd_w[s.id][m] for s in stages) for m in range(M)]
     heavy = sorted(range(M), key=lambda m: -work[m])
@@ -572,10 +606,23 @@ def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: fl
     return orders_for(res.order), res
 
 
-def _dip(split: bool, budget_s: float):
+def _dip(split: bool, budget_s: float, rules: bool = False):
+    """MCTS (phase 1 + 2); with ``rules`` also the cheap priority rules, the faster kept."""
     def build(layout, stages, P, M, costs, limits):
-        orders, res = dip_search(layout, stages, P, M, costs, limits, split=split, budget_s=budget_s)
+        build.last = build.rule = None
+        best = dq_rules(layout, stages, P, M, costs, limits, split=split) if rules else (math.inf, None, None)
+        try:
+            orders, res = dip_search(layout, stages, P, M, costs, limits, split=split, budget_s=budget_s)
+        except DipcError:
+            if best[1] is None:
+                raise
+            build.rule = best[2]
+            return best[1]
         build.last = res
+        if best[1] is not None and best[0] < res.score:
+            build.rule = best[2]
+            return best[1]
+        build.rule = "mcts"
         return orders
     return build
 
@@ -595,7 +642,7 @@ def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
         ("DIP partitioner only", "dip", _static("interleaved_1f1b"), "ablation"),
         ("DIP +interleaving", "dip", _dq(False), "ablation"),
         ("DIP +reordering", "dip", _dip(False, budget_s), "dip"),
-        ("DIP +reordering +zb split", "dip", _dip(True, budget_s), "dip"),
+        ("DIP +zero-bubble split", "dip", _dip(True, budget_s, rules=True), "dip"),
     )
 
 
@@ -624,8 +671,10 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
         else:
             rec["validated"] = True
         rec["plan_ms"] = (time.perf_counter() - t0) * 1e3
-        if hasattr(build, "last"):
+        if getattr(build, "last", None) is not None:
             rec["search"] = {"evaluations": build.last.evaluations, "exhausted": build.last.exhausted}
+        if getattr(build, "rule", None) is not None:
+            rec["rule"] = build.rule
         if rec["validated"]:
             res = c.step.simulate(program, record=False)
             work = c.work(P, stages)
