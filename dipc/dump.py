@@ -128,12 +128,13 @@ def _comparison(pipe: "CompiledPipeline", program: Program, microbatches: Sequen
 def _quiet_planning(pipe: "CompiledPipeline") -> Iterator[None]:
     """Plans made for a dump's comparison neither dump themselves (no recursion through
     DIPC_DUMP_DIR) nor replace the latest plan in ``pipe.history``."""
-    history, pipe._dumping = list(pipe.history), True
+    history, was_dumping = list(pipe.history), getattr(pipe, "_dumping", False)
+    pipe._dumping = True
     try:
         yield
     finally:
         pipe.history[:] = history
-        pipe._dumping = False
+        pipe._dumping = was_dumping
 
 
 def _write_measured(measured: "MeasuredTimeline", predicted: "SimResult | None", out: Path) -> None:
