@@ -2,8 +2,9 @@
 from dipc.api import CompiledPipeline, StepResult, compile, default_loss_weight
 from dipc.errors import (BatchError, DipcError, InfeasibleMemoryError, IRParseError, PartitionError,
                          RuntimeStepError, ScheduleError, TaggingError, TraceError)
+from dipc.runtime.timeline import MeasuredTimeline
 
 __all__ = ["BatchError", "CompiledPipeline", "DipcError", "InfeasibleMemoryError", "IRParseError",
-           "PartitionError", "RuntimeStepError", "ScheduleError", "StepResult", "TaggingError", "TraceError",
-           "compile", "default_loss_weight"]
+           "MeasuredTimeline", "PartitionError", "RuntimeStepError", "ScheduleError", "StepResult", "TaggingError",
+           "TraceError", "compile", "default_loss_weight"]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from dipc.passes.layers import resolve_layers
 from dipc.passes.partition import StageSpec, assign_layers, build_stages, layer_costs
 from dipc.passes.shapes import ShapeInference
 from dipc.passes.tag import LayerTag, tag_modalities
+from dipc.runtime.timeline import MeasuredTimeline
 
 Batch = Mapping[str, Any]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -39,6 +40,7 @@ class StepResult:
     microbatch_losses: list[float]
     seconds: float
     program: Program
+    timeline: MeasuredTimeline | None = None   # per-instruction wall clock, when the step recorded it
 
 
 @dataclass
@@ -166,17 +168,29 @@ class CompiledPipeline:
         return [x / total for x in w]
 
     # -- running -----------------------------------------------------------------------------
-    def step(self, microbatches: Sequence[Batch], program: Program | None = None) -> StepResult:
-        """One training step with all ranks in this process (the local executor)."""
-        from dipc.runtime.local import run_local
+    def step(self, microbatches: Sequence[Batch], program: Program | None = None, *,
+             record_timeline: bool = False) -> StepResult:
+        """One training step with all ranks in this process (the local executor).
+
+        ``record_timeline``: time every instruction; ``result.timeline`` is then a
+        :class:`~dipc.runtime.timeline.MeasuredTimeline` (and, under ``DIPC_DUMP_DIR``, the step's
+        dump directory gains ``measured.json`` / ``measured.png``)."""
+        from dipc.dump import maybe_dump_measured
+        from dipc.runtime.local import local_timeline, run_local
 
         t0 = time.perf_counter()
         program = self.program_for(microbatches, program)
         weights = self.loss_weights(microbatches)
+        origin = time.perf_counter()
         stats = run_local(program, self.stages, microbatches, weights, self.treespecs,
-                          optimizer_step=self._step_all_optimizers if self.optimizers else None)
+                          optimizer_step=self._step_all_optimizers if self.optimizers else None,
+                          record_timeline=record_timeline)
         losses = {m: l for st in stats for m, l in st.losses.items()}
-        return self.result(weights, [losses[m] for m in range(len(microbatches))], t0, program)
+        result = self.result(weights, [losses[m] for m in range(len(microbatches))], t0, program)
+        if record_timeline:
+            result.timeline = local_timeline(program, stats, origin)
+            maybe_dump_measured(self, program, microbatches, result.timeline)
+        return result
 
     def step_optimizer(self, rank: int) -> None:
         """Optimizer step and zero-grad for one rank's parameters (no-op without an optimizer)."""

@@ -147,15 +147,25 @@ def plan(model, stages, chunks, schedule, microbatches, seed, out) -> None:
 @cli.command()
 @_example_batch_options
 @click.option("--out", type=click.Path(file_okay=False), default="dipc-dump", show_default=True)
-def dump(model, stages, chunks, schedule, microbatches, seed, out) -> None:
+@click.option("--measure", is_flag=True,
+              help="also run the step here (local executor) and dump its measured timeline "
+                   "(measured.json, measured.png)")
+def dump(model, stages, chunks, schedule, microbatches, seed, out, measure) -> None:
     """Write every dump of one planned batch: program text/JSON, per-rank streams, pipelining CSV,
-    partition with SEMU costs, SEMU Chrome trace."""
+    partition with SEMU costs, SEMU Chrome trace and Gantt PNG (with --measure: the measured step)."""
     from dipc.dump import dump_step
 
     pipe, mbs = _example_pipeline(model, stages, chunks, schedule, microbatches, seed)
-    directory = dump_step(pipe, pipe.plan(mbs), mbs, out)
+    program = pipe.plan(mbs)
+    measured = pipe.step(mbs, program, record_timeline=True).timeline if measure else None
+    try:
+        directory = dump_step(pipe, program, mbs, out, measured=measured)
+    except DipcError as e:
+        raise click.ClickException(str(e)) from None
     for f in sorted(directory.iterdir()):
         click.echo(str(f))
+    if measured is not None:
+        click.echo(measured.summary())
 
 
 @cli.command()

@@ -18,6 +18,7 @@ import torch
 from dipc.errors import DipcError
 from dipc.runtime.data_parallel import GradReducer, topology
 from dipc.runtime.interpreter import RankInterpreter
+from dipc.runtime.timeline import MeasuredTimeline
 from dipc.runtime.transport import DistributedTransport
 
 if TYPE_CHECKING:
@@ -86,12 +87,44 @@ def check_same_program(program: "Program", topo, device: torch.device) -> None:
                         "deterministic functions of both).")
 
 
+def aligned_origin(topo) -> float:
+    """A ``time.perf_counter()`` reading that every rank of this pipeline takes at (nearly) the
+    same moment: right after a barrier over the pipeline's ranks returns.
+
+    Why a barrier and not the clocks themselves: ranks may run on different hosts whose monotonic
+    clocks have unrelated zeros, while a barrier releases all ranks within its release skew (tens of
+    microseconds for gloo on one host; a network round trip across hosts). Spans measured from this
+    origin are therefore comparable across ranks up to that skew. Not handled: clock drift during
+    the step (negligible over one step).
+    """
+    import torch.distributed as dist
+
+    collective("timeline clock alignment", topo.rank, lambda: dist.barrier(group=topo.pp_group))
+    return time.perf_counter()
+
+
+def gather_timeline(program: "Program", spans: Sequence[tuple], origin: float, topo) -> MeasuredTimeline:
+    """Every pipeline rank's spans (shifted to its :func:`aligned_origin`) gathered onto every rank
+    of the replica, so each process's StepResult carries the whole pipeline's timeline."""
+    import torch.distributed as dist
+
+    mine = [(r, pc, op, st, mb, s - origin, e - origin) for r, pc, op, st, mb, s, e in spans]
+    every: list[list[tuple] | None] = [None] * topo.pp
+    collective("timeline gather", topo.rank, lambda: dist.all_gather_object(every, mine, group=topo.pp_group))
+    return MeasuredTimeline.from_raw(program, [s for part in every for s in (part or ())], 0.0,
+                                     executor="distributed")
+
+
 def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mapping], program: "Program | None" = None,
-                         timeout_s: float = DEFAULT_TIMEOUT_S) -> "StepResult":
+                         timeout_s: float = DEFAULT_TIMEOUT_S, *, record_timeline: bool = False) -> "StepResult":
     """One training step on this process's rank, for this replica's ``microbatches``.
 
     Loss weights are normalised over all replicas, and gradients summed over them, so the update
     equals one backward over the global batch. Returns the global loss on every rank.
+
+    ``record_timeline``: time every instruction of every rank; ``result.timeline`` (on every rank)
+    holds this replica's whole pipeline, with clocks aligned by a barrier (:func:`aligned_origin`).
+    Costs one barrier and one object all-gather per step, so leave it off when timing the step.
     """
     import torch.distributed as dist
 
@@ -121,7 +154,9 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
         pipe.step_optimizer(rank)
 
     interp = RankInterpreter(rank, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,
-                             optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None)
+                             optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None,
+                             record_timeline=record_timeline)
+    origin = aligned_origin(topo) if record_timeline else 0.0
     interp.run()
     transport.finish()
     losses = torch.zeros(len(microbatches), dtype=torch.float64, device=device)
@@ -134,4 +169,10 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
         total_loss = torch.tensor([local.loss if rank == 0 else 0.0], dtype=torch.float64, device=device)
         collective("loss", topo.rank, lambda: dist.all_reduce(total_loss))
         local.loss = total_loss.item()
+    if record_timeline:
+        local.timeline = gather_timeline(program, interp.stats.spans or (), origin, topo)
+        if topo.rank == 0:   # one writer per dump directory
+            from dipc.dump import maybe_dump_measured
+
+            maybe_dump_measured(pipe, program, microbatches, local.timeline)
     return local

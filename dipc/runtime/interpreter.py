@@ -8,6 +8,7 @@ those of one backward over the whole batch.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,6 +43,9 @@ class _Saved:
 class StepStats:
     losses: dict[int, float] = field(default_factory=dict)   # microbatch -> unweighted loss
     instructions: int = 0
+    # (rank, pc, op, stage, mb, start, end) per executed instruction, time.perf_counter() seconds;
+    # None unless the interpreter was created with record_timeline=True
+    spans: list[tuple[int, int, Op, int, int, float, float]] | None = None
 
 
 class RankInterpreter:
@@ -50,7 +54,7 @@ class RankInterpreter:
     def __init__(self, rank: int, program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
                  loss_weights: Sequence[float], transport: Transport, treespecs: Mapping[str, Any],
                  optimizer_step: Callable[[], None] | None = None,
-                 reduce_grads: Callable[[int], None] | None = None):
+                 reduce_grads: Callable[[int], None] | None = None, record_timeline: bool = False):
         self.rank = rank
         self.program = program
         self.stream = program.streams[rank]
@@ -67,7 +71,8 @@ class RankInterpreter:
         self.saved: dict[tuple[int, int], _Saved] = {}
         self.out_grads: dict[tuple[int, int, str], list[torch.Tensor]] = {}
         self.grads_to_send: dict[tuple[int, int, int], list[torch.Tensor]] = {}
-        self.stats = StepStats()
+        self.stats = StepStats(spans=[] if record_timeline else None)
+        self._timed: dict[Op, Callable[[Instruction], None]] | None = None
         self.losses: dict[int, torch.Tensor] = {}
         # Everything the hot path looks up, resolved once per step instead of per instruction.
         self.edge_names = {(p, s.id): s.values_from(p) for s in stages for p in s.producers}
@@ -91,14 +96,17 @@ class RankInterpreter:
         Returns whether any instruction ran."""
         progressed = False
         profiling = _profiler_enabled()   # label instructions only when someone records a trace
+        # timing wraps the handlers, so the untimed loop pays one check per call, none per instruction
+        spans = self.stats.spans
+        handlers = self.handlers if spans is None else self._timed_handlers(spans)
         while self.pc < len(self.stream):
             instr = self.stream[self.pc]
             try:
                 if profiling:
                     with record_function(f"dipc:{instr}"):
-                        self.handlers[instr.op](instr)
+                        handlers[instr.op](instr)
                 else:
-                    self.handlers[instr.op](instr)
+                    handlers[instr.op](instr)
             except WouldBlock:
                 if until_blocked:
                     return progressed
@@ -114,6 +122,23 @@ class RankInterpreter:
             self.stats.losses.update(zip(self.losses, torch.stack(list(self.losses.values())).tolist()))
             self.losses.clear()
         return progressed
+
+    def _timed_handlers(self, spans: list[tuple[int, int, Op, int, int, float, float]]
+                        ) -> dict[Op, Callable[[Instruction], None]]:
+        """The handler table with each handler wrapped to append its wall-clock span (built once).
+        A receive that raises WouldBlock records nothing; its successful retry is the span."""
+        if self._timed is None:
+            clock = time.perf_counter
+
+            def timed(handler: Callable[[Instruction], None]) -> Callable[[Instruction], None]:
+                def run_timed(instr: Instruction) -> None:
+                    start = clock()
+                    handler(instr)
+                    spans.append((self.rank, self.pc, instr.op, instr.stage, instr.mb, start, clock()))
+                return run_timed
+
+            self._timed = {op: timed(h) for op, h in self.handlers.items()}
+        return self._timed
 
     # -- handlers ----------------------------------------------------------------------------
     def _load(self, i: Instruction) -> None:

@@ -8,14 +8,19 @@ from dipc.errors import ScheduleError
 from dipc.ir import Program
 from dipc.passes.partition import StageSpec
 from dipc.runtime.interpreter import RankInterpreter, StepStats
+from dipc.runtime.timeline import MeasuredTimeline
 from dipc.runtime.transport import LocalTransport
 
 
 def run_local(program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
               loss_weights: Sequence[float], treespecs: Mapping[str, Any],
-              optimizer_step: Callable[[], None] | None = None) -> list[StepStats]:
+              optimizer_step: Callable[[], None] | None = None,
+              record_timeline: bool = False) -> list[StepStats]:
+    """Run every rank's stream; returns each rank's stats. With ``record_timeline`` each stats'
+    ``spans`` hold the executed instructions' wall-clock intervals (see :func:`local_timeline`)."""
     transport = LocalTransport()
-    ranks = [RankInterpreter(r, program, stages, microbatches, loss_weights, transport, treespecs)
+    ranks = [RankInterpreter(r, program, stages, microbatches, loss_weights, transport, treespecs,
+                             record_timeline=record_timeline)
              for r in range(program.num_ranks)]
     while not all(r.done for r in ranks):
         progressed = False
@@ -28,3 +33,10 @@ def run_local(program: Program, stages: Sequence[StageSpec], microbatches: Seque
     if optimizer_step is not None:
         optimizer_step()
     return [r.stats for r in ranks]
+
+
+def local_timeline(program: Program, stats: Sequence[StepStats], origin: float) -> MeasuredTimeline:
+    """All ranks' recorded spans as one timeline; ``origin`` is the ``time.perf_counter()`` reading
+    taken when the step began (every rank of the local executor shares this process's clock)."""
+    spans = [s for st in stats for s in (st.spans or ())]
+    return MeasuredTimeline.from_raw(program, spans, origin, executor="local")

@@ -78,3 +78,21 @@ def test_dump_and_simulate_commands(tmp_path):
     assert "1f1b" in sim.output and "DIP" in sim.output
     bad = CliRunner().invoke(cli, ["simulate", "--schedules", "2f2b"])
     assert bad.exit_code != 0 and "Fix:" in bad.output
+
+
+def test_dump_measure_runs_the_step_and_writes_measured_files(tmp_path):
+    import json
+
+    out = tmp_path / "d"
+    result = CliRunner().invoke(cli, ["dump", "--microbatches", "2", "--measure", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {"gantt.png", "measured.png", "measured.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "measured.json").read_text())["otherData"]["source"] == "measured"
+    assert re.search(r"measured \(local executor\): step [\d.]+ ms, \d+ instructions", result.output)
+
+
+def test_dump_to_unwritable_directory_is_one_line_error():
+    result = CliRunner().invoke(cli, ["dump", "--microbatches", "2", "--out", "/proc/dipc-no/d"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "cannot write dumps" in lines[0] and "Fix:" in lines[0], result.output
