@@ -274,6 +274,7 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "vlm_s": lambda **kw: vlm_workload("vlm_s", **kw), "vlm_m": lambda **kw: vlm_workload("vlm_m", **kw),
     "vlm_l": lambda **kw: vlm_workload("vlm_l", **kw),
     "t2v_s": lambda **kw: t2v_workload("t2v_s"), "t2v_l": lambda **kw: t2v_workload("t2v_l"),
+    "vlm_xl_8k": lambda **kw: vlm_workload("vlm_xl_8k", **kw), "t2v_xl_3k": lambda **kw: t2v_workload("t2v_xl_3k"),
 }
 
 
@@ -601,7 +602,8 @@ def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: fl
 
     work = [sum(costs.fwd[s.id][m] + costs.bwd_in[s.id][m] + costs.bwd_w[s.id][m] for s in stages) for m in range(M)]
     heavy = sorted(range(M), key=lambda m: -work[m])
-    seeds = [items, [(mod, m) for m in heavy for mod in mods], [(mod, m) for m in reversed(heavy) for mod in mods]]
+    seeds = [items, [(mod, m) for m in heavy for mod in mods], [(mod, m) for m in reversed(heavy) for mod in mods],
+             [(mod, m) for mod in mods for m in range(M)]]   # every encoder segment first (Optimus-like)
     res = mcts_order(items, score, budget_s=budget_s, seeds=seeds, seed=seed, rollouts=4)
     return orders_for(res.order), res
 
@@ -790,15 +792,17 @@ def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: in
 
 def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm_s", seed: int = 0,
         vit_tokens: int = VIT_PATCHES, budget_s: float = 0.4, b_enc: int | None = None, trace_iterations: int = 40,
-        dp: int = 1, progress: bool = False) -> dict:
+        dp: int | None = None, profile: str | None = None, progress: bool = False) -> dict:
     """The benchmark's core for one workload: draw batches, lay out the model, evaluate every
     schedule per batch (the rise-and-fall trace only for VLMs)."""
     t_start = time.perf_counter()
     wl = WORKLOADS[model](vit_tokens=vit_tokens)
     pm = wl.paper
     P, tp = pm.pp, pm.tp
+    dp = dp or max(1, pm.num_gpus // (tp * P))
     b_enc = b_enc or wl.default_b
-    cluster = load_preset(PROFILE)
+    profile = profile or PROFILE
+    cluster = load_preset(profile)
     capacity = cluster.device.memory_capacity
     cm = cost_model(wl)
     rep = wl.draw(np.random.default_rng(seed + 10_000), wl.regimes[-1], 0, num_microbatches)
@@ -830,7 +834,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
                  if any(b["regime"] == r for b in batches)}
     setup = {
         "model": f"{model} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": dp,
-        "gpus": tp * P * dp, "profile": PROFILE, "memory_capacity_gb": capacity / 1e9,
+        "gpus": tp * P * dp, "profile": profile, "memory_capacity_gb": capacity / 1e9,
         "microbatches": num_microbatches, "batches": num_batches, "trace_iterations": trace_iterations,
         "seed": seed, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki,
         "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
@@ -936,7 +940,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=0.4, help="MCTS seconds per batch per DIP variant")
     parser.add_argument("--b-enc", type=int, default=None, help="encoder items per sub-microbatch (sets K_i)")
     parser.add_argument("--trace", type=int, default=40, help="iterations of the rise-and-fall trace (VLMs)")
-    parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas (large-scale run)")
+    parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: the paper's GPUs / (TP x PP))")
+    parser.add_argument("--profile", default=None, help=f"cluster preset (default {PROFILE}; the paper's §7.7 used H100)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     results = {}
@@ -945,7 +950,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"unknown workload {model!r}; choose from {sorted(WORKLOADS)}")
         results[model] = run(args.batches, args.microbatches, model=model, seed=args.seed, vit_tokens=args.vit_tokens,
                              budget_s=args.budget, b_enc=args.b_enc, trace_iterations=args.trace, dp=args.dp,
-                             progress=True)
+                             profile=args.profile, progress=True)
         print_table(results[model])
         print()
     args.out.parent.mkdir(parents=True, exist_ok=True)

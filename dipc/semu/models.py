@@ -69,6 +69,10 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
               vocab_size=152064),
     Component(name="dit_5b", num_layers=28, hidden_size=3584, ffn_hidden_size=10240, num_heads=28, num_kv_heads=28),
     Component(name="dit_30b", num_layers=48, hidden_size=6144, ffn_hidden_size=24576, num_heads=48, num_kv_heads=48),
+    # GPT-3 175B's shape (96 x 12288, 96 heads) in the LLaMA-style block the example LM uses: SwiGLU with
+    # 2/3 of GPT-3's 4d FFN width keeps the parameter count (3 matrices instead of 2)
+    Component(name="gpt_175b", num_layers=96, hidden_size=12288, ffn_hidden_size=32768, num_heads=96, num_kv_heads=96,
+              vocab_size=50257),
 )}
 
 PAPER_MODELS: dict[str, PaperModel] = {m.name: m for m in (
@@ -77,6 +81,9 @@ PAPER_MODELS: dict[str, PaperModel] = {m.name: m for m in (
     PaperModel(name="vlm_l", kind="vlm", encoder="vit_22b", backbone="qwen2_72b", tp=8, pp=8, num_gpus=64),
     PaperModel(name="t2v_s", kind="t2v", encoder="llama3_8b", backbone="dit_5b", tp=4, pp=4, num_gpus=16),
     PaperModel(name="t2v_l", kind="t2v", encoder="qwen2_32b", backbone="dit_30b", tp=8, pp=8, num_gpus=64),
+    # the large-scale simulations (paper §7.7, H100): data parallelism on top of TP x PP
+    PaperModel(name="vlm_xl_8k", kind="vlm", encoder="vit_22b", backbone="gpt_175b", tp=8, pp=8, num_gpus=8192),
+    PaperModel(name="t2v_xl_3k", kind="t2v", encoder="qwen2_72b", backbone="dit_30b", tp=8, pp=4, num_gpus=3072),
 )}
 
 IMAGE_TOKENS = 169        # 728 px, patch 14, spatial merge 4 -> 13 x 13
