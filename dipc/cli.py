@@ -27,6 +27,8 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--executor", type=click.Choice(["gloo", "local"]), default="gloo", show_default=True,
               help="gloo: one process per rank over torch.distributed; local: all ranks in this process")
+@click.option("--async-plan/--sync-plan", default=None,
+              help="plan batch i+1 on a CPU worker while batch i trains [default: when a core is spare]")
 def demo(**kwargs) -> None:
     """Train a tiny example model pipelined on CPU: prints the plan, loss and step time."""
     from dipc.demo import DemoConfig, run_demo

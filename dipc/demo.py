@@ -30,6 +30,7 @@ class DemoConfig:
     seed: int = 0
     executor: str = "gloo"      # "gloo": one process per rank; "local": all ranks in this process
     timeout_s: float = 60.0
+    async_plan: bool | None = None   # plan batch i+1 on a CPU worker while batch i trains (None: if cores spare)
 
 
 def _build(cfg: DemoConfig):
@@ -48,25 +49,62 @@ def _describe_program(program) -> str:
     return f"instructions per rank: {counts}\n" + format_grid(program, max_rows=24)
 
 
+def _use_async(cfg: DemoConfig) -> bool:
+    """Auto: plan ahead only when the machine has a core beyond the ranks this host runs."""
+    if cfg.async_plan is not None:
+        return cfg.async_plan
+    ranks_here = 1 if cfg.executor == "local" else int(os.environ.get("LOCAL_WORLD_SIZE", cfg.stages))
+    return (os.cpu_count() or 1) > ranks_here
+
+
 def train(cfg: DemoConfig, rank: int = 0, step_fn=None, log=print) -> list[float]:
-    """The training loop shared by both executors; returns the loss of every step."""
+    """The training loop shared by both executors; returns the loss of every step.
+
+    With async planning, rank 0 plans batch i+1 on a forked CPU worker while batch i trains and
+    (distributed) broadcasts each program; otherwise every rank plans each batch itself (plans
+    are deterministic, and the ranks check they agree before running)."""
+    from dipc.runtime.async_plan import AsyncPlanner, broadcast_program
+
     ex, pipe = _build(cfg)
-    run = step_fn or (lambda mbs: pipe.step(mbs))
+    distributed = step_fn is not None
+    planner = AsyncPlanner(pipe, workers=1) if _use_async(cfg) and rank == 0 else None
+    use_async = _use_async(cfg)
+    batches = [ex.data.microbatches(cfg.microbatches, cfg.samples_per_microbatch)]
+    if planner:
+        planner.submit(0, batches[0])
     losses = []
-    for step in range(cfg.steps):
-        mbs = ex.data.microbatches(cfg.microbatches, cfg.samples_per_microbatch)
-        t0 = time.perf_counter()
-        program = pipe.plan(mbs)
-        plan_ms = (time.perf_counter() - t0) * 1e3
-        result = run(pipe, mbs, program) if step_fn else pipe.step(mbs, program)
-        losses.append(result.loss)
-        if rank == 0:
-            if step == 0:
-                log(pipe.describe())
-                log(_describe_program(program))
-            tokens = sum(int(mb["labels"].numel()) if "labels" in mb else 0 for mb in mbs)
-            log(f"step {step:3d}  loss {result.loss:.4f}  step {result.seconds * 1e3:7.1f} ms  "
-                f"plan {plan_ms:6.1f} ms  tokens {tokens}")
+    try:
+        for step in range(cfg.steps):
+            mbs = batches[step]
+            if step + 1 < cfg.steps:
+                batches.append(ex.data.microbatches(cfg.microbatches, cfg.samples_per_microbatch))
+                if planner:
+                    planner.submit(step + 1, batches[step + 1])
+            t0 = time.perf_counter()
+            source = "sync"
+            if planner:
+                outcome = planner.get(step, mbs)
+                program, source = outcome.program, outcome.source
+            elif not use_async:
+                program = pipe.plan(mbs)
+            else:
+                program = None
+            if use_async and distributed:
+                program = broadcast_program(program)
+            plan_ms = (time.perf_counter() - t0) * 1e3
+            result = step_fn(pipe, mbs, program) if distributed else pipe.step(mbs, program)
+            batches[step] = None
+            losses.append(result.loss)
+            if rank == 0:
+                if step == 0:
+                    log(pipe.describe())
+                    log(_describe_program(program))
+                tokens = sum(int(mb["labels"].numel()) if "labels" in mb else 0 for mb in mbs)
+                log(f"step {step:3d}  loss {result.loss:.4f}  step {result.seconds * 1e3:7.1f} ms  "
+                    f"plan {plan_ms:6.1f} ms ({source})  tokens {tokens}")
+    finally:
+        if planner:
+            planner.close()
     return losses
 
 

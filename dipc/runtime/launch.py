@@ -56,7 +56,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue, timeout_s), daemon=True)
+    # not daemonic: a rank may fork CPU planning workers (dipc.runtime.async_plan), as under torchrun;
+    # the finally below still kills every rank that outlives the deadline
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue, timeout_s), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
