@@ -24,6 +24,15 @@ Choices where the paper is silent (written down here and in the notes):
   deadlock: the last stage can always proceed, and so, inductively, every earlier one. An optional per-rank ``memory_limit`` (SEMU's bytes, or stash units) is enforced on top;
   a limit too tight for any order raises :class:`InfeasibleMemoryError`;
 - beyond the paper: ``split_backward`` adds the zero-bubble input/weight split to this phase.
+
+Sub-microbatches (``subs``, as in ``Program.subs``): every sub of a split (encoder) stage is its own
+task, so short encoder subs can fill gaps. Its dependencies are the DAG of §4: a split stage's sub
+j reads sub j of its producer; the first stage that is not split needs every sub's forward; sub j's
+backward needs that consumer's backward of the microbatch. Cost callbacks are called as
+``fwd(s, m)`` for a whole microbatch and ``fwd(s, m, j)`` for sub j (likewise ``bwd``, ``wgrad``,
+``act``; ``comm(p, c, m)`` / ``comm(p, c, m, j)``); the priority key gets ``j`` appended. The
+in-flight cap counts microbatches, not subs: a stage started on a microbatch may forward its
+remaining subs (the consumer needs them all before any backward frees memory).
 """
 from __future__ import annotations
 
@@ -33,25 +42,32 @@ from dataclasses import dataclass, field
 from dipc.errors import InfeasibleMemoryError, ScheduleError
 from dipc.ir.instructions import Op
 from dipc.ir.program import StageInfo
+from dipc.ir.program import sub_indices
 from dipc.passes.schedules import ComputeAction, _check_inputs
 
-TaskFn = Callable[[int, int], float]
+TaskFn = Callable[..., float]
+_Task = tuple[int, int, int]   # (stage, microbatch, sub); sub -1 = the whole microbatch
+
+
+def _call(fn: Callable[..., float], *args: int) -> float:
+    """Call a cost callback, passing the sub only when there is one (old 2-argument callbacks work)."""
+    return fn(*args[:-1]) if args[-1] < 0 else fn(*args)
 
 
 @dataclass(frozen=True)
 class TaskCosts:
     """Durations (seconds or any unit) and memory of the tasks the scheduler places.
 
-    ``fwd``/``bwd``: (stage, mb) -> duration; with ``split_backward``, ``bwd`` is the input-grad part
+    ``fwd``/``bwd``: (stage, mb[, sub]) -> duration (the sub only for split stages); with ``split_backward``, ``bwd`` is the input-grad part
     and ``wgrad`` the weight-grad part. ``act``: activation memory a forward stashes until its
     backward frees it. ``comm``: (producer stage, consumer stage, mb) -> transfer time across ranks.
     """
 
-    fwd: TaskFn = lambda s, m: 1.0
-    bwd: TaskFn = lambda s, m: 2.0
+    fwd: TaskFn = lambda s, m, j=-1: 1.0
+    bwd: TaskFn = lambda s, m, j=-1: 2.0
     wgrad: TaskFn | None = None
-    act: TaskFn = lambda s, m: 1.0
-    comm: Callable[[int, int, int], float] = lambda p, c, m: 0.0
+    act: TaskFn = lambda s, m, j=-1: 1.0
+    comm: Callable[..., float] = lambda p, c, m, j=-1: 0.0
 
 
 @dataclass
@@ -61,78 +77,93 @@ class _Rank:
     memory: float = 0.0
     last: Op | None = None
     order: list[ComputeAction] = field(default_factory=list)
-    fwd_todo: list[tuple[int, int]] = field(default_factory=list)
-    bwd_todo: list[tuple[int, int]] = field(default_factory=list)
-    wgrad_todo: list[tuple[int, int]] = field(default_factory=list)
+    fwd_todo: list[_Task] = field(default_factory=list)
+    bwd_todo: list[_Task] = field(default_factory=list)
+    wgrad_todo: list[_Task] = field(default_factory=list)
 
 
 def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microbatches: int,
                         costs: TaskCosts | None = None, *, priority: Callable[[Op, int, int], tuple] | None = None,
                         memory_limit: float | Sequence[float] | None = None,
-                        split_backward: bool = False) -> list[list[ComputeAction]]:
+                        split_backward: bool = False,
+                        subs: Sequence[tuple[str, Sequence[int]]] = ()) -> list[list[ComputeAction]]:
     """Per-rank compute orders for one batch (see the module docstring).
 
     With a ``memory_limit`` only memory holds forwards back, so a light encoder rank may run far
     ahead; if that greedy order reaches a dead end (every rank full of stashes whose backwards
     need a forward that no longer fits), it is retried with 1F1B's in-flight bound per stage."""
+    subs_t = tuple((name, tuple(counts)) for name, counts in subs)
     if memory_limit is None:
-        return _schedule(stages, num_ranks, num_microbatches, costs, priority, None, split_backward, caps=True)
+        return _schedule(stages, num_ranks, num_microbatches, costs, priority, None, split_backward, subs_t,
+                         caps=True)
     try:
         return _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward,
-                         caps=False)
+                         subs_t, caps=False)
     except InfeasibleMemoryError:
         return _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward,
-                         caps=True)
+                         subs_t, caps=True)
 
 
-def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward, *, caps: bool):
+def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward, subs, *,
+              caps: bool):
     by_rank = _check_inputs(stages, num_ranks, num_microbatches)
-    costs = costs or TaskCosts(bwd=(lambda s, m: 1.0) if split_backward else (lambda s, m: 2.0),
-                               wgrad=(lambda s, m: 1.0) if split_backward else None)
+    costs = costs or TaskCosts(fwd=lambda *t: 1.0, bwd=(lambda *t: 1.0) if split_backward else (lambda *t: 2.0),
+                               wgrad=(lambda *t: 1.0) if split_backward else None, act=lambda *t: 1.0,
+                               comm=lambda *t: 0.0)
     if split_backward and costs.wgrad is None:
         raise ScheduleError("split_backward needs costs.wgrad (the weight-gradient durations). "
                             "Fix: pass TaskCosts(wgrad=...) or split_backward=False.")
     prio = priority or (lambda op, s, m: (m, s) if op is Op.FWD else (m, -s))
     limits = _limits(memory_limit, num_ranks)
     in_flight_cap = {s.id: max(len(stages) - s.id, num_ranks) if caps else num_microbatches for s in stages}
-    in_flight = {s.id: 0 for s in stages}
+    # in_flight[s][m]: units of microbatch m that stage s has forwarded and not yet backwarded
+    in_flight: dict[int, dict[int, int]] = {s.id: {} for s in stages}
     grad_consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
     rank_of = {s.id: s.rank for s in stages}
+    split_mods = {name for name, _ in subs}
+    split = {s.id: s.modality in split_mods for s in stages}
+
+    def units(s: int, m: int):
+        return sub_indices(subs, stages[s].modality, m)
+
     ranks = [_Rank(stages=ids) for ids in by_rank]
     for r in ranks:
-        r.fwd_todo = sorted(((s, m) for s in r.stages for m in range(num_microbatches)),
-                            key=lambda t: prio(Op.FWD, *t))
-        r.bwd_todo = sorted(((s, m) for s in r.stages for m in range(num_microbatches)),
-                            key=lambda t: prio(Op.BWD, *t))
-    done: dict[tuple[Op, int, int], float] = {}
+        tasks = [(s, m, j) for s in r.stages for m in range(num_microbatches) for j in units(s, m)]
+        r.fwd_todo = sorted(tasks, key=lambda t: (*prio(Op.FWD, t[0], t[1]), t[2]))
+        r.bwd_todo = sorted(tasks, key=lambda t: (*prio(Op.BWD, t[0], t[1]), t[2]))
+    done: dict[tuple[Op, int, int, int], float] = {}
     bwd_op = Op.BWD_I if split_backward else Op.BWD
 
-    def fwd_ready(s: int, m: int) -> float | None:
+    def fwd_ready(s: int, m: int, j: int) -> float | None:
         t = 0.0
         for p in stages[s].producers:
-            end = done.get((Op.FWD, p, m))
-            if end is None:
-                return None
-            t = max(t, end + (costs.comm(p, s, m) if rank_of[p] != rank_of[s] else 0.0))
+            for k in ((j,) if split[s] else units(p, m)):
+                end = done.get((Op.FWD, p, m, k))
+                if end is None:
+                    return None
+                t = max(t, end + (_call(costs.comm, p, s, m, k) if rank_of[p] != rank_of[s] else 0.0))
         return t
 
-    def bwd_ready(s: int, m: int) -> float | None:
-        t = done.get((Op.FWD, s, m))
+    def bwd_ready(s: int, m: int, j: int) -> float | None:
+        t = done.get((Op.FWD, s, m, j))
         if t is None:
             return None
         for c in grad_consumers[s]:
-            end = done.get((bwd_op, c, m))
+            end = done.get((bwd_op, c, m, j if split[c] else -1))
             if end is None:
                 return None
-            t = max(t, end + (costs.comm(s, c, m) if rank_of[c] != rank_of[s] else 0.0))
+            t = max(t, end + (_call(costs.comm, s, c, m, j) if rank_of[c] != rank_of[s] else 0.0))
         return t
+
+    def may_start(s: int, m: int) -> bool:
+        return m in in_flight[s] or len(in_flight[s]) < in_flight_cap[s]
 
     def proposal(rank: int, r: _Rank) -> tuple[float, Op, int, int] | None:
         now = r.free_at
-        fwd = next(((t, s, m) for s, m in r.fwd_todo if (t := fwd_ready(s, m)) is not None
-                    and in_flight[s] < in_flight_cap[s] and r.memory + costs.act(s, m) <= limits[rank] + 1e-9),
+        fwd = next(((t, s, m, j) for s, m, j in r.fwd_todo if (t := fwd_ready(s, m, j)) is not None
+                    and may_start(s, m) and r.memory + _call(costs.act, s, m, j) <= limits[rank] + 1e-9),
                    None)
-        bwd = next(((t, s, m) for s, m in r.bwd_todo if (t := bwd_ready(s, m)) is not None), None)
+        bwd = next(((t, s, m, j) for s, m, j in r.bwd_todo if (t := bwd_ready(s, m, j)) is not None), None)
         fwd_now = fwd is not None and fwd[0] <= now
         bwd_now = bwd is not None and bwd[0] <= now
         if fwd_now and bwd_now:
@@ -142,15 +173,15 @@ def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit
         elif bwd_now:
             pick = (bwd_op, bwd)
         elif r.wgrad_todo:
-            s, m = r.wgrad_todo[0]
-            return now, Op.BWD_W, s, m
+            s, m, j = r.wgrad_todo[0]
+            return now, Op.BWD_W, s, m, j
         else:
             options = [(Op.FWD, fwd)] * (fwd is not None) + [(bwd_op, bwd)] * (bwd is not None)
             if not options:
                 return None
             pick = min(options, key=lambda o: o[1][0])
-        op, (t, s, m) = pick
-        return max(now, t), op, s, m
+        op, (t, s, m, j) = pick
+        return max(now, t), op, s, m, j
 
     total = sum(len(r.fwd_todo) + len(r.bwd_todo) for r in ranks) * (1.5 if split_backward else 1)
     placed = 0
@@ -166,26 +197,29 @@ def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit
                 f"no task can start: ranks {full} hold {[ranks[i].memory for i in full]} of stashed activations "
                 f"and their memory limits {[limits[i] for i in full]} leave no room for the next forward. "
                 "Fix: raise the memory limit, use more microbatches of smaller size, or recompute activations.")
-        rank, (start, op, s, m) = best
+        rank, (start, op, s, m, j) = best
         r = ranks[rank]
-        duration = {Op.FWD: costs.fwd, Op.BWD: costs.bwd, Op.BWD_I: costs.bwd, Op.BWD_W: costs.wgrad}[op](s, m)
-        done[(op, s, m)] = start + duration
+        fn = {Op.FWD: costs.fwd, Op.BWD: costs.bwd, Op.BWD_I: costs.bwd, Op.BWD_W: costs.wgrad}[op]
+        duration = _call(fn, s, m, j)
+        done[(op, s, m, j)] = start + duration
         r.free_at, r.last = start + duration, op
-        r.order.append(ComputeAction(op, s, m))
+        r.order.append(ComputeAction(op, s, m, j))
         if op is Op.FWD:
-            r.fwd_todo.remove((s, m))
-            r.memory += costs.act(s, m)
-            in_flight[s] += 1
+            r.fwd_todo.remove((s, m, j))
+            r.memory += _call(costs.act, s, m, j)
+            in_flight[s][m] = in_flight[s].get(m, 0) + 1
         elif op is Op.BWD_W:
-            r.wgrad_todo.remove((s, m))
-            r.memory -= costs.act(s, m)
+            r.wgrad_todo.remove((s, m, j))
+            r.memory -= _call(costs.act, s, m, j)
         else:
-            r.bwd_todo.remove((s, m))
-            in_flight[s] -= 1
+            r.bwd_todo.remove((s, m, j))
+            in_flight[s][m] -= 1
+            if not in_flight[s][m] and all((bwd_op, s, m, k) in done for k in units(s, m)):
+                del in_flight[s][m]   # the microbatch's slot frees when its last sub is backwarded
             if split_backward:
-                r.wgrad_todo.append((s, m))
+                r.wgrad_todo.append((s, m, j))
             else:
-                r.memory -= costs.act(s, m)
+                r.memory -= _call(costs.act, s, m, j)
         placed += 1
     return [r.order for r in ranks]
 
