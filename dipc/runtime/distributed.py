@@ -121,7 +121,8 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
         pipe.step_optimizer(rank)
 
     interp = RankInterpreter(rank, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,
-                             optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None)
+                             optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None,
+                             sub_batches=pipe.sub_batches(microbatches))
     interp.run()
     transport.finish()
     losses = torch.zeros(len(microbatches), dtype=torch.float64, device=device)

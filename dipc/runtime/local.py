@@ -13,9 +13,11 @@ from dipc.runtime.transport import LocalTransport
 
 def run_local(program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
               loss_weights: Sequence[float], treespecs: Mapping[str, Any],
-              optimizer_step: Callable[[], None] | None = None) -> list[StepStats]:
+              optimizer_step: Callable[[], None] | None = None,
+              sub_batches: Mapping[tuple[str, int, int], Mapping[str, Any]] | None = None) -> list[StepStats]:
     transport = LocalTransport()
-    ranks = [RankInterpreter(r, program, stages, microbatches, loss_weights, transport, treespecs)
+    ranks = [RankInterpreter(r, program, stages, microbatches, loss_weights, transport, treespecs,
+                             sub_batches=sub_batches)
              for r in range(program.num_ranks)]
     while not all(r.done for r in ranks):
         progressed = False
