@@ -2,8 +2,9 @@
 from dipc.api import CompiledPipeline, StepResult, compile, default_loss_weight
 from dipc.errors import (BatchError, DipcError, InfeasibleMemoryError, IRParseError, PartitionError,
                          RuntimeStepError, ScheduleError, TaggingError, TraceError)
+from dipc.passes.submicrobatch import SplitByGroup, SplitLeadingDim, SubMicrobatches
 
 __all__ = ["BatchError", "CompiledPipeline", "DipcError", "InfeasibleMemoryError", "IRParseError",
-           "PartitionError", "RuntimeStepError", "ScheduleError", "StepResult", "TaggingError", "TraceError",
-           "compile", "default_loss_weight"]
+           "PartitionError", "RuntimeStepError", "ScheduleError", "SplitByGroup", "SplitLeadingDim", "StepResult",
+           "SubMicrobatches", "TaggingError", "TraceError", "compile", "default_loss_weight"]
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ from dipc.errors import PartitionError
 from dipc.passes.partition import StageSpec
 
 __all__ = ["Splitter", "SplitByGroup", "SplitLeadingDim", "SubMicrobatches", "SubMicrobatcher",
-           "auto_splitter", "check_exact_split", "even_groups", "join_values"]
+           "auto_splitter", "build_sub_microbatcher", "check_exact_split", "even_groups", "join_values"]
 
 
 class Splitter(Protocol):
@@ -195,19 +195,26 @@ class SubMicrobatcher:
     def modality_batch(self, modality: str, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: batch[k] for k in self.keys[modality]}
 
+    def splitter(self, modality: str) -> Splitter:
+        """The modality's splitter (resolved by :func:`build_sub_microbatcher`, never None here)."""
+        splitter = self.config[modality].splitter
+        if splitter is None:
+            raise PartitionError(f"modality {modality!r} has no splitter. Fix: build the layout with "
+                                 f"build_sub_microbatcher, which resolves it.")
+        return splitter
+
     def groups(self, modality: str, batch: Mapping[str, Any]) -> list[int]:
-        cfg = self.config[modality]
-        assert cfg.splitter is not None
-        return even_groups(cfg.splitter.num_items(self.modality_batch(modality, batch)), cfg.items_per_sub)
+        """Items per sub of ``batch``'s ``modality`` part (:func:`even_groups`)."""
+        items = self.splitter(modality).num_items(self.modality_batch(modality, batch))
+        return even_groups(items, self.config[modality].items_per_sub)
 
     def counts(self, microbatches: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """``Program.subs`` for these microbatches."""
         return tuple((mod, tuple(len(self.groups(mod, mb)) for mb in microbatches)) for mod in self.config)
 
     def parts(self, modality: str, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
-        cfg = self.config[modality]
-        assert cfg.splitter is not None
-        return cfg.splitter.split(self.modality_batch(modality, batch), self.groups(modality, batch))
+        """``batch``'s ``modality`` keys cut into its sub-microbatches, in order."""
+        return self.splitter(modality).split(self.modality_batch(modality, batch), self.groups(modality, batch))
 
     def sub_batches(self, microbatches: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int, int], dict[str, Any]]:
         """``(modality, mb, sub) -> the sub's batch keys``: what LOAD with a sub reads."""
@@ -268,13 +275,12 @@ def _run_segment(stages: Sequence[StageSpec], modality: str, batch: Mapping[str,
 def check_exact_split(sm: SubMicrobatcher, modality: str, example_batch: Mapping[str, Any]) -> None:
     """Run the segment on the example batch whole and one item per sub; the joined boundary values
     must equal the whole run (else the encoder mixes items and splitting would change training)."""
-    cfg = sm.config[modality]
-    assert cfg.splitter is not None
+    splitter = sm.splitter(modality)
     batch = sm.modality_batch(modality, example_batch)
-    n = cfg.splitter.num_items(batch)
+    n = splitter.num_items(batch)
     if n < 2:
         return   # nothing to compare: the example batch has at most one item
-    parts = cfg.splitter.split(batch, [1] * n)
+    parts = splitter.split(batch, [1] * n)
     whole = _run_segment(sm.stages, modality, batch)
     runs = [_run_segment(sm.stages, modality, p) for p in parts]
     boundary = [(name, s.id) for s in sm.stages if s.modality == modality
@@ -283,7 +289,7 @@ def check_exact_split(sm: SubMicrobatcher, modality: str, example_batch: Mapping
     fix = (f"Fix: pass sub_microbatches={{{modality!r}: SubMicrobatches(items_per_sub=..., splitter=...)}} with "
            f"a splitter that cuts between independent items, or do not split {modality!r}.")
     for name, stage in boundary:
-        where = f"modality {modality!r}, stage {stage} output {name!r} (splitter {cfg.splitter!r})"
+        where = f"modality {modality!r}, stage {stage} output {name!r} (splitter {splitter!r})"
         try:
             joined = join_values([r[name] for r in runs], where)
         except PartitionError as e:

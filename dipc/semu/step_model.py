@@ -206,7 +206,8 @@ def batch_length_stats(batch: Mapping[str, Any]) -> dict[str, LengthStats]:
                          "per-prefix LengthStats yourself (LengthStats.of / LengthStats.padded).")
 
 
-def sub_length_stats(pipe: Any, microbatches: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], dict[str, LengthStats]]:
+def sub_length_stats(pipe: Any, microbatches: Sequence[Mapping[str, Any]]
+                     ) -> dict[tuple[int, int], dict[str, LengthStats]]:
     """``(mb, sub) -> statistics`` of every sub-microbatch of a compiled pipeline with
     ``sub_microbatches`` (``StepModel(sub_stats=...)``): the microbatch with the split modality's
     keys replaced by the sub's, through :func:`batch_length_stats` (so only the example models'
