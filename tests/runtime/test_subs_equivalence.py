@@ -91,3 +91,13 @@ def test_bad_split_options_are_clear_errors(option, pattern):
     ex, mbs = _example("vlm")
     with pytest.raises(PartitionError, match=pattern):
         dipc.compile(ex.model, mbs[0], num_stages=2, loss_weight=ex.loss_weight, sub_microbatches=option)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "dual_queue"])
+def test_same_rank_encoder_and_backbone(schedule):
+    """Vision and backbone stages on one rank: subs are joined and gradients cut without messages."""
+    ex, mbs = _example("vlm")
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=1, chunks=2, schedule=schedule, loss_weight=ex.loss_weight,
+                        segments={"vision": 1, "backbone": 1}, sub_microbatches={"vision": 1})
+    program = _check_step(ex, mbs, pipe, f"vlm/{schedule}/1 rank/subs")
+    assert not any(i.is_comm for s in program.streams for i in s)
