@@ -502,7 +502,7 @@ def batch_costs(cm: CostModel, cluster, tp: int, layout: Layout, stats: Sequence
 def _specs(costs: BatchCosts):
     width = DTYPE_BYTES[MESSAGE_DTYPE]
 
-    def specs(kind: str, mb: int, producer: int, consumer: int):
+    def specs(kind: str, mb: int, producer: int, consumer: int, sub: int = -1):
         n = max(1, int(costs.msg_bytes[producer][mb] // width))
         return (TensorSpec(kind="tensor", dtype=MESSAGE_DTYPE, shape=(n,)),)
     return specs

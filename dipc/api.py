@@ -18,6 +18,7 @@ from dipc.passes.capture import CapturedModel, capture
 from dipc.passes.layers import resolve_layers
 from dipc.passes.partition import StageSpec, assign_layers, build_stages, layer_costs
 from dipc.passes.shapes import ShapeInference
+from dipc.passes.submicrobatch import SubMicrobatcher, SubMicrobatches, build_sub_microbatcher
 from dipc.passes.tag import LayerTag, tag_modalities
 from dipc.runtime.timeline import MeasuredTimeline
 
@@ -57,9 +58,13 @@ class CompiledPipeline:
     loss_weight: Callable[[Batch], float] = default_loss_weight
     optimizer_factory: OptimizerFactory | None = None
     history: list[tuple[str, Any, float]] = field(default_factory=list)
+    sub_microbatcher: SubMicrobatcher | None = None   # modality sub-microbatches (DIP §4), if any
 
     def __post_init__(self) -> None:
         self.shapes = ShapeInference(self.stages)
+        # per split modality: shapes of its segment's messages for one sub (only its keys needed)
+        self.sub_shapes = {mod: ShapeInference([s for s in self.stages if s.modality == mod], edge_stages=self.stages)
+                           for mod in (self.sub_microbatcher.config if self.sub_microbatcher else {})}
         # which parameters train decides which stage edges carry gradients and what optimizers hold
         self.trainable = tuple(p.requires_grad for p in self.model.parameters())
         self.treespecs = {name: tree_flatten(v)[1] for name, v in self.captured.example_values.items()}
@@ -113,17 +118,23 @@ class CompiledPipeline:
         self.check_trainable()
         t0 = time.perf_counter()
         edge_specs = [self.shapes.edge_specs(mb) for mb in microbatches]
+        subs = self.sub_counts(microbatches)
+        sub_specs = {(mod, m, j): self.sub_shapes[mod].edge_specs(part)
+                     for (mod, m, j), part in self.sub_batches(microbatches).items()}
 
-        def specs(kind: str, mb: int, producer: int, consumer: int):
-            act, grad = edge_specs[mb][(producer, consumer)]
+        def specs(kind: str, mb: int, producer: int, consumer: int, sub: int):
+            if sub >= 0:
+                act, grad = sub_specs[(self.stages[producer].modality, mb, sub)][(producer, consumer)]
+            else:
+                act, grad = edge_specs[mb][(producer, consumer)]
             return act if kind == "act" else grad
 
         if compute_orders is None:
             program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
-                                    schedule or self.schedule, specs=specs)
+                                    schedule or self.schedule, specs=specs, subs=subs)
         else:
             program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
-                            schedule=schedule or "custom", specs=specs)
+                            schedule=schedule or "custom", specs=specs, subs=subs)
         validate(program)
         maybe_dump(self, program, microbatches)
         entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
@@ -132,6 +143,14 @@ class CompiledPipeline:
         else:
             self.history.append(entry)
         return program
+
+    def sub_counts(self, microbatches: Sequence[Batch]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """``Program.subs`` for these microbatches (empty without sub-microbatches)."""
+        return self.sub_microbatcher.counts(microbatches) if self.sub_microbatcher else ()
+
+    def sub_batches(self, microbatches: Sequence[Batch]) -> dict[tuple[str, int, int], dict[str, Any]]:
+        """``(modality, mb, sub) -> that sub's batch keys``, what a LOAD with a sub reads."""
+        return self.sub_microbatcher.sub_batches(microbatches) if self.sub_microbatcher else {}
 
     def check_trainable(self) -> None:
         if tuple(p.requires_grad for p in self.model.parameters()) != self.trainable:
@@ -152,6 +171,10 @@ class CompiledPipeline:
             raise BatchError(f"the program was planned for {program.num_microbatches} microbatches on "
                              f"{program.num_ranks} ranks, but got {len(microbatches)} microbatches for a "
                              f"{self.num_ranks}-rank pipeline. Fix: plan these microbatches (pipe.plan(mbs)).")
+        if program.subs != self.sub_counts(microbatches):
+            raise BatchError(f"the program splits modalities into sub-microbatches {program.subs}, but these "
+                             f"microbatches split into {self.sub_counts(microbatches)}. "
+                             f"Fix: plan these microbatches (pipe.plan(mbs)).")
 
     def result(self, weights: Sequence[float], microbatch_losses: Sequence[float], t0: float,
                program: Program) -> StepResult:
@@ -184,7 +207,7 @@ class CompiledPipeline:
         origin = time.perf_counter()
         stats = run_local(program, self.stages, microbatches, weights, self.treespecs,
                           optimizer_step=self._step_all_optimizers if self.optimizers else None,
-                          record_timeline=record_timeline)
+                          sub_batches=self.sub_batches(microbatches), record_timeline=record_timeline)
         losses = {m: l for st in stats for m, l in st.losses.items()}
         result = self.result(weights, [losses[m] for m in range(len(microbatches))], t0, program)
         if record_timeline:
@@ -234,7 +257,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
             key_modalities: Mapping[str, str] | None = None, module_overrides: Mapping[str, str] | None = None,
             loss_weight: Callable[[Batch], float] | None = None,
             optimizer: OptimizerFactory | None = None, fused_kernels: bool | None = None,
-            segments: Mapping[str, int] | str = "cost") -> CompiledPipeline:
+            segments: Mapping[str, int] | str = "cost",
+            sub_microbatches: Mapping[str, int | SubMicrobatches] | None = None) -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
@@ -248,6 +272,10 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     ``fused_kernels``: run layers with dipc's Triton kernels (RMSNorm, LayerNorm, GELU, SwiGLU, RoPE).
     Default: on when the model lives on a GPU, off on CPU (where Triton only interprets). The
     user's parameters are shared, so gradients and optimizer updates land on ``model`` either way.
+    ``sub_microbatches``: modality -> items per sub-microbatch (B_i) or
+    :class:`~dipc.passes.submicrobatch.SubMicrobatches` (with a splitter): that modality's stages
+    run once per sub-microbatch (DIP §4), e.g. ``{"vision": 2}`` = two images per vision sub.
+    The split is checked on ``example_batch`` to be exact (joined sub outputs == whole run).
     """
     from dipc.passes.schedules import get_schedule
 
@@ -280,6 +308,11 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     stage_layers, stage_mod = assign_layers(tags, costs, num_stages, chunks, segments)
     stages = build_stages(captured, stage_layers, stage_mod, num_stages)
     history.append(("partition", [s.module for s in stages], (time.perf_counter() - t0) * 1e3))
-    return CompiledPipeline(model=model, captured=captured, tags=tags, stages=stages, num_ranks=num_stages,
+    sub_microbatcher = None
+    if sub_microbatches:
+        t0 = time.perf_counter()
+        sub_microbatcher = build_sub_microbatcher(stages, sub_microbatches, example_batch)
+        history.append(("sub_microbatches", sub_microbatcher, (time.perf_counter() - t0) * 1e3))
+    return CompiledPipeline(sub_microbatcher=sub_microbatcher, model=model, captured=captured, tags=tags, stages=stages, num_ranks=num_stages,
                             chunks=chunks, schedule=schedule, loss_weight=loss_weight or default_loss_weight,
                             optimizer_factory=optimizer, history=history)

@@ -100,15 +100,23 @@ _MODELS = click.Choice(["vlm", "audio_llm", "t2v"])
 _SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue"]
 
 
-def _example_pipeline(model: str, stages: int, chunks: int | None, schedule: str, microbatches: int, seed: int):
+def _example_pipeline(model: str, stages: int, chunks: int | None, schedule: str, microbatches: int, seed: int,
+                      sub_microbatches: tuple[str, ...] = ()):
     """A compiled example pipeline and one batch of its skewed synthetic data."""
     import dipc
     from examples.data import make_example
 
+    subs = {}
+    for item in sub_microbatches:
+        mod, _, n = item.partition("=")
+        if not mod or not n.isdigit():
+            raise click.BadParameter(f"{item!r}. Fix: write MODALITY=N, e.g. vision=4.",
+                                     param_hint="--sub-microbatches")
+        subs[mod] = int(n)
     ex = make_example(model, seed=seed)
     mbs = ex.data.microbatches(microbatches, 2)
     pipe = dipc.compile(ex.model, mbs[0], num_stages=stages, chunks=chunks, schedule=schedule,
-                        loss_weight=ex.loss_weight)
+                        loss_weight=ex.loss_weight, sub_microbatches=subs or None)
     return pipe, mbs
 
 
@@ -121,6 +129,8 @@ def _example_batch_options(command):
         click.option("--schedule", type=click.Choice(_SCHEDULES), default="1f1b", show_default=True),
         click.option("--microbatches", type=int, default=4, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--sub-microbatches", "sub_microbatches", multiple=True, metavar="MODALITY=N",
+                     help="split a modality into sub-microbatches of N items (repeatable), e.g. vision=2"),
     ]):
         command = option(command)
     return command
@@ -130,11 +140,11 @@ def _example_batch_options(command):
 @_example_batch_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="write the program here (.txt text dump and .json next to it); default: print it")
-def plan(model, stages, chunks, schedule, microbatches, seed, out) -> None:
+def plan(model, stages, chunks, schedule, microbatches, seed, sub_microbatches, out) -> None:
     """Plan one batch of an example model: the validated per-rank instruction streams."""
     from dipc.ir.text import dump_program
 
-    pipe, mbs = _example_pipeline(model, stages, chunks, schedule, microbatches, seed)
+    pipe, mbs = _example_pipeline(model, stages, chunks, schedule, microbatches, seed, sub_microbatches)
     program = pipe.plan(mbs)
     if out is None:
         click.echo(dump_program(program), nl=False)
@@ -152,12 +162,12 @@ def plan(model, stages, chunks, schedule, microbatches, seed, out) -> None:
 @click.option("--measure", is_flag=True,
               help="also run the step here (local executor) and dump its measured timeline "
                    "(measured.json, measured.png)")
-def dump(model, stages, chunks, schedule, microbatches, seed, out, measure) -> None:
+def dump(model, stages, chunks, schedule, microbatches, seed, sub_microbatches, out, measure) -> None:
     """Write every dump of one planned batch: program text/JSON, per-rank streams, pipelining CSV,
     partition with SEMU costs, SEMU Chrome trace and Gantt PNG (with --measure: the measured step)."""
     from dipc.dump import dump_step
 
-    pipe, mbs = _example_pipeline(model, stages, chunks, schedule, microbatches, seed)
+    pipe, mbs = _example_pipeline(model, stages, chunks, schedule, microbatches, seed, sub_microbatches)
     program = pipe.plan(mbs)
     measured = pipe.step(mbs, program, record_timeline=True).timeline if measure else None
     try:

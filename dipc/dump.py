@@ -6,7 +6,7 @@
 - ``rank{r}.txt``: one rank's instruction stream, one instruction per line;
 - ``schedule.csv``: the compute and communication order in torch.distributed.pipelining's action
   format (``{stage}{F|B|I|W|SEND_F|RECV_F|SEND_B|RECV_B}{mb}``, one row per rank), to compare with
-  PyTorch's schedules;
+  PyTorch's schedules (not written for programs with sub-microbatches: that format has no subs);
 - ``partition.txt``: stage -> rank, modality, layers, and each stage's SEMU cost for this batch;
 - ``timeline.json``: SEMU's predicted timeline as a Chrome trace (opens in Perfetto);
 - ``gantt.png``: that prediction next to SEMU's prediction of a comparison plan for the same
@@ -44,7 +44,11 @@ _PIPELINING = {Op.FWD: "F", Op.BWD: "B", Op.BWD_I: "I", Op.BWD_W: "W", Op.SEND_A
 
 def pipelining_csv(program: Program) -> str:
     """The program in torch.distributed.pipelining's CSV action format (loads, reduces and the
-    optimizer step have no counterpart there and are left out)."""
+    optimizer step have no counterpart there and are left out). It has no sub-microbatches, so a
+    program with ``subs`` raises rather than print ambiguous actions."""
+    if program.subs:
+        raise DipcError("torch.distributed.pipelining's action format has no sub-microbatches, but this "
+                        f"program splits {[m for m, _ in program.subs]}. Fix: use the dipc text or JSON dump.")
     rows = []
     for stream in program.streams:
         rows.append(",".join(f"{i.stage}{_PIPELINING[i.op]}{i.mb}" for i in stream if i.op in _PIPELINING))
@@ -81,7 +85,8 @@ def _write_program(program: Program, out: Path) -> None:
     (out / "program.json").write_text(dumps(program))
     for r, stream in enumerate(program.streams):
         (out / f"rank{r}.txt").write_text("".join(format_instruction(i) + "\n" for i in stream))
-    (out / "schedule.csv").write_text(pipelining_csv(program))
+    if not program.subs:   # PyTorch's action format has no sub-microbatches
+        (out / "schedule.csv").write_text(pipelining_csv(program))
 
 
 def _profile() -> str:

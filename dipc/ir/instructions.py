@@ -58,6 +58,9 @@ class Instruction:
     """One step of a rank's stream.
 
     ``stage``/``mb``: the stage and microbatch the instruction works on.
+    ``sub``: the modality sub-microbatch (``-1`` = the whole microbatch). A stage whose modality
+    the program splits (``Program.subs``) runs LOAD/FWD/BWD once per sub; a message on an edge out
+    of such a stage carries the producer's sub on both sides (send and receive, act and grad).
     For communication, ``peer`` is the other rank and ``other_stage`` the stage on the far side
     (the consumer for SEND_ACT / RECV_GRAD, the producer for RECV_ACT / SEND_GRAD).
     ``specs`` (receives only) lists every leaf value in the message, so no shape handshake is needed.
@@ -66,6 +69,7 @@ class Instruction:
     op: Op
     stage: int = -1
     mb: int = -1
+    sub: int = -1
     peer: int = -1
     other_stage: int = -1
     specs: tuple[TensorSpec, ...] = field(default=())
@@ -79,9 +83,9 @@ class Instruction:
     def is_comm(self) -> bool:
         return self.op in COMM_OPS
 
-    def message_key(self) -> tuple[str, int, int, int]:
+    def message_key(self) -> tuple[str, int, int, int, int]:
         """Identity of the message a SEND/RECV carries, the same on both sides:
-        (kind, microbatch, producer-side stage, consumer-side stage) of the edge."""
+        (kind, microbatch, producer-side stage, consumer-side stage, sub-microbatch) of the edge."""
         if self.op in (Op.SEND_ACT, Op.RECV_GRAD):
             src, dst = self.stage, self.other_stage
         elif self.op in (Op.RECV_ACT, Op.SEND_GRAD):
@@ -89,4 +93,4 @@ class Instruction:
         else:
             raise ValueError(f"{self.op} is not a communication instruction")
         kind = "act" if self.op in (Op.SEND_ACT, Op.RECV_ACT) else "grad"
-        return (kind, self.mb, src, dst)
+        return (kind, self.mb, src, dst, self.sub)

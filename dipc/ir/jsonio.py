@@ -3,14 +3,15 @@
 Layout (version 1)::
 
     {"format": "dipc-ir", "version": 1, "schedule": "1f1b", "num_ranks": 2,
-     "num_microbatches": 2, "attrs": {"seed": "0"},
+     "num_microbatches": 2, "attrs": {"seed": "0"}, "subs": [["vision", [3, 1]]],
      "stages": [{"id": 0, "rank": 0, "modality": "vision", "producers": [], "grad_producers": [],
                  "loads": ["pixel_values"], "has_loss": false}, ...],
      "streams": [[{"op": "LOAD", "stage": 0, "mb": 0}, ...], ...]}
 
 An instruction object lists ``op`` and only the fields not at their default (as in the text form);
 a spec is ``{"kind": "tensor", "dtype": "float32", "shape": [2, 16]}`` (dtype is torch's name).
-Attribute keys are unique (as in the text form). Anything else raises ``IRParseError``.
+Attribute keys are unique (as in the text form). ``subs`` (modality sub-microbatch counts per
+microbatch) is written only when the program has any. Anything else raises ``IRParseError``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dipc.ir.program import FORMAT_VERSION, Program, StageInfo
 __all__ = ["program_to_json", "program_from_json", "dumps", "loads"]
 
 _FORMAT = "dipc-ir"
-_INT_FIELDS = ("stage", "mb", "peer", "other_stage")
+_INT_FIELDS = ("stage", "mb", "sub", "peer", "other_stage")
 _OPS_BY_NAME = {op.value: op for op in Op}
 
 
@@ -54,7 +55,7 @@ def program_to_json(program: Program) -> dict[str, Any]:
     if len(attrs) != len(program.attrs):
         raise ValueError(f"program attributes repeat a key: {[k for k, _ in program.attrs]}. "
                          f"Fix: give each attribute one value.")
-    return {
+    out = {
         "format": _FORMAT,
         "version": FORMAT_VERSION,
         "schedule": program.schedule,
@@ -64,6 +65,9 @@ def program_to_json(program: Program) -> dict[str, Any]:
         "stages": [_stage_to_json(s) for s in program.stages],
         "streams": [[_instr_to_json(i) for i in stream] for stream in program.streams],
     }
+    if program.subs:
+        out["subs"] = [[name, list(counts)] for name, counts in program.subs]
+    return out
 
 
 # --------------------------------------------------------------------------- reading
@@ -143,7 +147,7 @@ def _stage_from_json(value: Any, where: str) -> StageInfo:
 def program_from_json(data: Any) -> Program:
     """Inverse of :func:`program_to_json`; raises ``IRParseError`` naming the bad path."""
     d = _obj(data, "program", ("format", "version", "schedule", "num_ranks", "num_microbatches",
-                               "stages", "streams"), ("attrs",))
+                               "stages", "streams"), ("attrs", "subs"))
     if d["format"] != _FORMAT:
         raise _fail("program.format", f"expected {_FORMAT!r}, got {d['format']!r}")
     if d["version"] != FORMAT_VERSION or type(d["version"]) is not int:
@@ -153,7 +157,16 @@ def program_from_json(data: Any) -> Program:
     if not isinstance(attrs, dict):
         raise _fail("program.attrs", f"expected an object, got {type(attrs).__name__}")
     streams = _list(d["streams"], "program.streams")
+    subs = []
+    for i, entry in enumerate(_list(d.get("subs", []), "program.subs")):
+        where = f"program.subs[{i}]"
+        pair = _list(entry, where)
+        if len(pair) != 2:
+            raise _fail(where, f"expected [modality, [counts...]], got {entry!r}")
+        subs.append((_str(pair[0], f"{where}[0]"),
+                     tuple(_int(c, f"{where}[1][{j}]") for j, c in enumerate(_list(pair[1], f"{where}[1]")))))
     return Program(
+        subs=tuple(subs),
         schedule=_str(d["schedule"], "program.schedule"),
         num_ranks=_int(d["num_ranks"], "program.num_ranks"),
         num_microbatches=_int(d["num_microbatches"], "program.num_microbatches"),

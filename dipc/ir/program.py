@@ -37,6 +37,10 @@ class Program:
     stages: tuple[StageInfo, ...]
     streams: tuple[tuple[Instruction, ...], ...]
     attrs: tuple[tuple[str, str], ...] = field(default=())
+    subs: tuple[tuple[str, tuple[int, ...]], ...] = field(default=())
+    """Modality sub-microbatches: ``(modality, counts)`` with ``counts[mb]`` the number of subs
+    microbatch ``mb`` is split into (>= 1). Stages of a listed modality run per sub; all other
+    stages run per whole microbatch (``sub=-1``). Empty: nothing is split."""
 
     def stage(self, stage_id: int) -> StageInfo:
         return self.stages[stage_id]
@@ -48,5 +52,24 @@ class Program:
         """Stages that send a gradient back to ``stage_id``."""
         return tuple(s.id for s in self.stages if stage_id in s.grad_producers)
 
+    def sub_counts(self, modality: str) -> tuple[int, ...] | None:
+        """Per-microbatch sub counts of ``modality``, or None when it is not split."""
+        for name, counts in self.subs:
+            if name == modality:
+                return counts
+        return None
+
+    def sub_indices(self, stage_id: int, mb: int) -> range | tuple[int]:
+        """The subs stage ``stage_id`` runs for microbatch ``mb``: ``range(n)`` or ``(-1,)``."""
+        return sub_indices(self.subs, self.stages[stage_id].modality, mb)
+
     def stages_of_rank(self, rank: int) -> tuple[int, ...]:
         return tuple(s.id for s in self.stages if s.rank == rank)
+
+
+def sub_indices(subs: tuple[tuple[str, tuple[int, ...]], ...], modality: str, mb: int) -> range | tuple[int]:
+    """``range(counts[mb])`` when ``modality`` is split by ``subs``, else ``(-1,)`` (whole)."""
+    for name, counts in subs:
+        if name == modality:
+            return range(counts[mb])
+    return (-1,)

@@ -1,14 +1,17 @@
 """The text form of the IR: one line per instruction, one stable dump per program.
 
-Instruction: ``OP key=value ...`` with keys in the fixed order ``stage mb peer other_stage specs``;
-a field at its default (``-1`` / ``()``) is omitted::
+Instruction: ``OP key=value ...`` with keys in the fixed order ``stage mb sub peer other_stage
+specs``; a field at its default (``-1`` / ``()``) is omitted, so programs without sub-microbatches
+print exactly as before subs existed::
 
     RECV_ACT stage=1 mb=0 peer=0 other_stage=0 specs=f32[2,16,64];i64[];int
+    FWD stage=0 mb=3 sub=1
 
 Program (``FORMAT_VERSION`` 1)::
 
     # dipc-ir v1
     program schedule=1f1b ranks=2 microbatches=2 seed=0
+    subs modality=vision counts=3,1
     stage id=0 rank=0 modality=vision loads=pixel_values
     stage id=1 rank=1 modality=backbone producers=0 grad_producers=0 loads=input_ids,labels loss=1
     rank 0:
@@ -18,7 +21,9 @@ Program (``FORMAT_VERSION`` 1)::
       ...
 
 Lines starting with ``#`` (after optional indentation) and blank lines are ignored wherever they
-appear, except the version header, which must come before the ``program`` line.
+appear, except the version header, which must come before the ``program`` line. ``subs`` lines
+(one per split modality, ``counts`` per microbatch) come after the program line and before the
+stages, and only when the program splits a modality.
 String values (schedule name, attribute values, modality) print bare when they are simple
 (``[A-Za-z0-9_.:/+@%-]+``) and as a JSON string literal otherwise (``name="my run"``).
 
@@ -49,7 +54,7 @@ _SHORT_ONLY = frozenset(_DTYPE_LONG) - frozenset(DTYPE_SHORT)  # "f32" is never 
 HEADER = f"# dipc-ir v{FORMAT_VERSION}"
 _HEADER_RE = re.compile(r"#\s*dipc-ir\s+v(\S*)\s*$")
 
-_INT_FIELDS = ("stage", "mb", "peer", "other_stage")
+_INT_FIELDS = ("stage", "mb", "sub", "peer", "other_stage")
 _FIELD_ORDER = _INT_FIELDS + ("specs",)
 _INT_RE = re.compile(r"-?[0-9]+\Z")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -233,6 +238,11 @@ def dump_program(program: Program) -> str:
         seen.add(key)
         head.append(f"{key}={_fmt_str(value)}")
     lines = [HEADER, " ".join(head)]
+    for name, counts in program.subs:
+        if not counts or any(c < 0 for c in counts):
+            raise ValueError(f"subs of modality {name!r} has counts {counts}. Fix: give one count "
+                             f">= 1 per microbatch.")
+        lines.append(f"subs modality={_fmt_str(name)} counts={','.join(str(c) for c in counts)}")
     lines.extend(_format_stage(s) for s in program.stages)
     for rank, stream in enumerate(program.streams):
         lines.append(f"rank {rank}:")
@@ -291,6 +301,7 @@ def parse_program(text: str) -> Program:
     header_seen = False
     head: dict[str, object] | None = None
     stages: list[StageInfo] = []
+    subs: list[tuple[str, tuple[int, ...]]] = []
     streams: list[list[Instruction]] = []
     for lineno, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
@@ -316,6 +327,11 @@ def parse_program(text: str) -> Program:
                 raise IRParseError(f"{where}: no '{HEADER}' header before the program line. Fix: add "
                                    f"it as the first line.")
             head = _parse_head(rest, f"{where}: {line!r}")
+        elif word == "subs":
+            if stages or streams:
+                raise IRParseError(f"{where}: subs line {line!r} after a stage or rank line. "
+                                   f"Fix: list subs lines right after the program line.")
+            subs.append(_parse_subs(rest, f"{where}: {line!r}"))
         elif word == "stage":
             if streams:
                 raise IRParseError(f"{where}: stage line {line!r} after the first rank section. "
@@ -342,7 +358,26 @@ def parse_program(text: str) -> Program:
     if head is None:
         raise IRParseError(f"no 'program ...' line found. Fix: the text must start with '{HEADER}' "
                            f"and a program line.")
-    return Program(stages=tuple(stages), streams=tuple(tuple(s) for s in streams), **head)  # type: ignore[arg-type]
+    return Program(stages=tuple(stages), streams=tuple(tuple(s) for s in streams), subs=tuple(subs),
+                   **head)  # type: ignore[arg-type]
+
+
+def _parse_subs(rest: str, where: str) -> tuple[str, tuple[int, ...]]:
+    fields: dict[str, object] = {}
+    for key, value, quoted in _split_kv(rest, where):
+        if key in fields:
+            raise IRParseError(f"{where}: key {key!r} given twice.")
+        if key == "modality":
+            fields[key] = _parse_str(key, value, quoted, where)
+        elif key == "counts":
+            fields[key] = _parse_int_list(key, value, quoted, where)
+        else:
+            raise IRParseError(f"{where}: unknown key {key!r}. Fix: write 'subs modality=<name> "
+                               f"counts=<n0>,<n1>,...'.")
+    if "modality" not in fields or "counts" not in fields:
+        raise IRParseError(f"{where}: a subs line needs modality= and counts=. Fix: write "
+                           f"'subs modality=vision counts=3,1'.")
+    return fields["modality"], fields["counts"]  # type: ignore[return-value]
 
 
 def _parse_head(rest: str, where: str) -> dict[str, object]:
@@ -377,13 +412,15 @@ _LABEL = {Op.LOAD: "L", Op.FWD: "F", Op.BWD: "B", Op.BWD_I: "I", Op.BWD_W: "W",
 
 
 def instruction_label(instr: Instruction) -> str:
-    """Short grid label: ``F3.1`` (FWD stage 3 mb 1), ``sA3.1>4`` (send act to stage 4),
+    """Short grid label: ``F3.1`` (FWD stage 3 mb 1), ``F0.1:2`` (its sub 2), ``sA3.1>4`` (send act to stage 4),
     ``rG3.1<4`` (receive grad from stage 4), ``L0.2``, ``O``."""
     label = _LABEL[instr.op]
     if instr.stage >= 0:
         label += str(instr.stage)
     if instr.mb >= 0:
         label += f".{instr.mb}"
+    if instr.sub >= 0:
+        label += f":{instr.sub}"
     if instr.other_stage >= 0:
         if instr.op in SEND_OPS:
             label += f">{instr.other_stage}"

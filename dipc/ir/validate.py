@@ -5,8 +5,9 @@
 1. structure: stream count, stage ids, stage graph (ids in range, acyclic, grad edges are edges);
 2. each instruction: its fields fit its op, its stage lives on this rank, a comm instruction's edge
    exists and crosses ranks, ``peer`` is the rank of ``other_stage``; no instruction twice;
-3. completeness: every (stage, microbatch) has one FWD, one BWD or one BWD_I + BWD_W, one LOAD iff
-   the stage loads batch keys, and every cross-rank edge one send and one receive per microbatch;
+3. completeness: every (stage, microbatch, sub) has one FWD, one BWD or one BWD_I + BWD_W, one LOAD
+   iff the stage loads batch keys, and every cross-rank edge one send and one receive per
+   microbatch (per sub when its producer runs in subs);
 4. dependency order inside each rank (FWD after its LOAD and inputs, BWD after FWD and its output
    grads, sends after what they send, REDUCE/OPTIM after the backward they reduce/apply);
 5. FIFO matching per ordered rank pair: the k-th send a->b carries the k-th receive's message
@@ -17,6 +18,11 @@ Every message reads ``rank r, step s: <rule broken>. Fix: ...`` followed by the 
 rank grid with that cell marked (``<-- here``); a missing instruction is reported at the end of the
 stream that should hold it (step = stream length). Problems with the stage graph itself read
 ``program: ...``. The raised error carries ``.rank`` and ``.step`` (``None`` for program-level).
+Sub-microbatches (``Program.subs``): a stage of a split modality runs once per (microbatch, sub);
+it may read only stages of the same modality (sub j reads sub j). A stage that is not split and
+reads a split producer (the encoder -> backbone boundary) needs *every* sub's activation before
+its FWD, and its backward sends one gradient per sub, which that sub's backward waits for.
+
 All checks together are linear in the number of instructions (times stage fan-in/fan-out).
 """
 from __future__ import annotations
@@ -49,7 +55,7 @@ def _key(ins: Instruction, rank: int) -> _Key:
         return (Op.OPTIM, rank)
     if ins.op is Op.REDUCE:
         return (Op.REDUCE, rank, ins.stage)
-    return (ins.op, ins.stage, ins.mb)
+    return (ins.op, ins.stage, ins.mb, ins.sub)
 
 
 def _ordinal(k: int) -> str:
@@ -141,10 +147,42 @@ class _Validator:
             cyc = [i for i in range(n) if indeg[i] > 0]
             raise self.fail(None, None, f"the stage graph has a cycle through stages {cyc}",
                             "producers must form a DAG")
+        self._check_subs()
         self.rank_of = [s.rank for s in p.stages]
         self.producer_set = [frozenset(s.producers) for s in p.stages]
         self.grad_set = [frozenset(s.grad_producers) for s in p.stages]
         self.grad_consumers = grad_consumers
+
+    def _check_subs(self) -> None:
+        p = self.p
+        modalities = {s.modality for s in p.stages}
+        seen: set[str] = set()
+        for name, counts in p.subs:
+            if name in seen:
+                raise self.fail(None, None, f"subs lists modality {name!r} twice", "list it once")
+            seen.add(name)
+            if name not in modalities:
+                raise self.fail(None, None, f"subs splits modality {name!r}, which no stage has "
+                                f"(stages have {sorted(modalities)})", "split an existing modality")
+            if len(counts) != self.M or any(c < 1 for c in counts):
+                raise self.fail(None, None, f"subs of {name!r} has counts {counts} for "
+                                f"{self.M} microbatches", "give one count >= 1 per microbatch")
+        self.split = [p.sub_counts(s.modality) is not None for s in p.stages]
+        for s in p.stages:
+            for q in s.producers:
+                if self.split[s.id] and p.stages[q].modality != s.modality:
+                    raise self.fail(None, None, f"stage {s.id} runs in {s.modality!r} subs but reads "
+                                    f"stage {q} ({p.stages[q].modality!r}), which does not run in "
+                                    f"the same subs", "a split stage may read only stages of its "
+                                    "own modality; do not split this modality")
+
+    def units(self, stage: int, mb: int) -> range | tuple[int]:
+        """The subs ``stage`` runs for ``mb`` (``(-1,)`` when not split)."""
+        return self.p.sub_indices(stage, mb)
+
+    def needed_subs(self, producer: int, consumer: int, mb: int, sub: int) -> range | tuple[int]:
+        """Which subs of ``producer``'s output consumer unit (mb, sub) reads."""
+        return (sub,) if self.split[consumer] else self.units(producer, mb)
 
     # ------------------------------------------------------------------ 2. each instruction
 
@@ -163,9 +201,9 @@ class _Validator:
                 if ins.specs and op not in RECV_OPS:
                     raise bad("only receives carry specs", "drop specs from sends and compute")
                 if op in (Op.REDUCE, Op.OPTIM):
-                    if ins.mb != -1 or ins.peer != -1 or ins.other_stage != -1:
+                    if ins.mb != -1 or ins.sub != -1 or ins.peer != -1 or ins.other_stage != -1:
                         raise bad(f"{op.value} takes only an optional stage",
-                                  "drop mb, peer and other_stage")
+                                  "drop mb, sub, peer and other_stage")
                     if ins.stage != -1 and (not 0 <= ins.stage < n or self.rank_of[ins.stage] != r):
                         raise bad(f"stage {ins.stage} is not on rank {r}",
                                   f"reduce/step only stages of rank {r}: {p.stages_of_rank(r)}")
@@ -181,7 +219,15 @@ class _Validator:
                                   "use microbatches in range(num_microbatches)")
                     if op in SEND_OPS or op in RECV_OPS:
                         self._check_comm(r, i, ins, bad)
+                        side = ins.stage if op in (Op.SEND_ACT, Op.RECV_GRAD) else ins.other_stage
                     else:
+                        side = ins.stage
+                    subs = self.units(side, ins.mb)
+                    if ins.sub not in subs:
+                        want = "sub=-1 (stage %d is not split)" % side if subs == (-1,) else \
+                            f"a sub in 0..{len(subs) - 1} (stage {side}, microbatch {ins.mb})"
+                        raise bad(f"sub={ins.sub} is out of range", f"use {want}")
+                    if op not in SEND_OPS and op not in RECV_OPS:
                         if ins.peer != -1 or ins.other_stage != -1:
                             raise bad(f"{op.value} takes no peer or other_stage",
                                       "drop peer and other_stage")
@@ -226,8 +272,8 @@ class _Validator:
     def _check_complete(self) -> None:
         p, where = self.p, self.where
 
-        def need(op: Op, stage: int, mb: int, why: str, **comm) -> None:
-            ins = Instruction(op=op, stage=stage, mb=mb, **comm)
+        def need(op: Op, stage: int, mb: int, sub: int, why: str, **comm) -> None:
+            ins = Instruction(op=op, stage=stage, mb=mb, sub=sub, **comm)
             if _key(ins, -1) not in where:
                 r = self.rank_of[stage]
                 raise self.fail_at_end(r, f"missing {format_instruction(ins)} ({why})",
@@ -236,70 +282,78 @@ class _Validator:
         for s in p.stages:
             r = s.rank
             for m in range(self.M):
-                need(Op.FWD, s.id, m, f"every stage runs forward for every microbatch")
-                if s.loads:
-                    need(Op.LOAD, s.id, m, f"stage {s.id} loads {','.join(s.loads)}")
-                b, bi, bw = ((op, s.id, m) in where for op in (Op.BWD, Op.BWD_I, Op.BWD_W))
-                if b and (bi or bw):
-                    rr, step, _ = max(where[(op, s.id, m)] for op in (Op.BWD_I, Op.BWD_W)
-                                      if (op, s.id, m) in where)
-                    raise self.fail(rr, step, f"stage {s.id} mb {m} has both BWD and a split "
-                                    f"BWD_I/BWD_W", "use either BWD or BWD_I + BWD_W")
-                if not b and not bi:
-                    if bw:
-                        rr, step, ins = where[(Op.BWD_W, s.id, m)]
-                        raise self.fail(rr, step, f"{format_instruction(ins)} has no BWD_I",
-                                        f"emit BWD_I stage={s.id} mb={m} before it")
-                    raise self.fail_at_end(r, f"missing BWD stage={s.id} mb={m} (or BWD_I + BWD_W)",
-                                           f"emit the backward in rank {r}'s stream")
-                if bi and not bw:
-                    need(Op.BWD_W, s.id, m, "a BWD_I needs its BWD_W")
-                for q in s.producers:
-                    rq = self.rank_of[q]
-                    if rq == r:
-                        continue
-                    why = f"activation of edge {q} -> {s.id}"
-                    need(Op.SEND_ACT, q, m, why, peer=r, other_stage=s.id)
-                    need(Op.RECV_ACT, s.id, m, why, peer=rq, other_stage=q)
-                    if q in self.grad_set[s.id]:
-                        why = f"gradient of edge {q} -> {s.id}"
-                        need(Op.SEND_GRAD, s.id, m, why, peer=rq, other_stage=q)
-                        need(Op.RECV_GRAD, q, m, why, peer=r, other_stage=s.id)
+                for j in self.units(s.id, m):
+                    unit = f"mb {m}" + (f" sub {j}" if j >= 0 else "")
+                    ukey = f"mb={m}" + (f" sub={j}" if j >= 0 else "")
+                    need(Op.FWD, s.id, m, j, f"every stage runs forward for every microbatch and sub")
+                    if s.loads:
+                        need(Op.LOAD, s.id, m, j, f"stage {s.id} loads {','.join(s.loads)}")
+                    b, bi, bw = ((op, s.id, m, j) in where for op in (Op.BWD, Op.BWD_I, Op.BWD_W))
+                    if b and (bi or bw):
+                        rr, step, _ = max(where[(op, s.id, m, j)] for op in (Op.BWD_I, Op.BWD_W)
+                                          if (op, s.id, m, j) in where)
+                        raise self.fail(rr, step, f"stage {s.id} {unit} has both BWD and a split "
+                                        f"BWD_I/BWD_W", "use either BWD or BWD_I + BWD_W")
+                    if not b and not bi:
+                        if bw:
+                            rr, step, ins = where[(Op.BWD_W, s.id, m, j)]
+                            raise self.fail(rr, step, f"{format_instruction(ins)} has no BWD_I",
+                                            f"emit BWD_I stage={s.id} {ukey} before it")
+                        raise self.fail_at_end(r, f"missing BWD stage={s.id} {ukey} (or BWD_I + BWD_W)",
+                                               f"emit the backward in rank {r}'s stream")
+                    if bi and not bw:
+                        need(Op.BWD_W, s.id, m, j, "a BWD_I needs its BWD_W")
+                    for q in s.producers:
+                        rq = self.rank_of[q]
+                        if rq == r:
+                            continue
+                        for k in self.needed_subs(q, s.id, m, j):
+                            why = f"activation of edge {q} -> {s.id}"
+                            need(Op.SEND_ACT, q, m, k, why, peer=r, other_stage=s.id)
+                            need(Op.RECV_ACT, s.id, m, k, why, peer=rq, other_stage=q)
+                            if q in self.grad_set[s.id]:
+                                why = f"gradient of edge {q} -> {s.id}"
+                                need(Op.SEND_GRAD, s.id, m, k, why, peer=rq, other_stage=q)
+                                need(Op.RECV_GRAD, q, m, k, why, peer=r, other_stage=s.id)
 
     # ------------------------------------------------------------------ 4. order inside a rank
 
     def _check_order(self) -> None:
         p, where = self.p, self.where
 
-        def bwd_of(stage: int, m: int) -> _Key:
-            k = (Op.BWD, stage, m)
-            return k if k in where else (Op.BWD_I, stage, m)
+        def bwd_of(stage: int, m: int, j: int) -> _Key:
+            k = (Op.BWD, stage, m, j)
+            return k if k in where else (Op.BWD_I, stage, m, j)
 
         def deps(ins: Instruction) -> list[tuple[_Key, str]]:
-            op, s, m = ins.op, ins.stage, ins.mb
+            op, s, m, j = ins.op, ins.stage, ins.mb, ins.sub
             out: list[tuple[_Key, str]] = []
             if op is Op.FWD:
                 st = p.stages[s]
                 if st.loads:
-                    out.append(((Op.LOAD, s, m), "its input batch"))
+                    out.append(((Op.LOAD, s, m, j), "its input batch"))
                 for q in st.producers:
-                    if self.rank_of[q] == self.rank_of[s]:
-                        out.append(((Op.FWD, q, m), f"the output of stage {q}"))
-                    else:
-                        out.append(((Op.RECV_ACT, ("act", m, q, s)), f"the output of stage {q}"))
+                    for k in self.needed_subs(q, s, m, j):
+                        what = f"the output of stage {q}" + (f" (sub {k})" if k >= 0 else "")
+                        if self.rank_of[q] == self.rank_of[s]:
+                            out.append(((Op.FWD, q, m, k), what))
+                        else:
+                            out.append(((Op.RECV_ACT, ("act", m, q, s, k)), what))
             elif op in _BWD_OPS:
-                out.append(((Op.FWD, s, m), "its forward"))
+                out.append(((Op.FWD, s, m, j), "its forward"))
                 for c in self.grad_consumers[s]:
+                    jc = j if self.split[c] else -1   # a split consumer's sub j, or the whole one
                     if self.rank_of[c] == self.rank_of[s]:
-                        out.append((bwd_of(c, m), f"the gradient from stage {c}"))
+                        out.append((bwd_of(c, m, jc), f"the gradient from stage {c}"))
                     else:
-                        out.append(((Op.RECV_GRAD, ("grad", m, s, c)), f"the gradient from stage {c}"))
+                        out.append(((Op.RECV_GRAD, ("grad", m, s, c, j)), f"the gradient from stage {c}"))
             elif op is Op.BWD_W:
-                out.append(((Op.BWD_I, s, m), "its BWD_I"))
+                out.append(((Op.BWD_I, s, m, j), "its BWD_I"))
             elif op is Op.SEND_ACT:
-                out.append(((Op.FWD, s, m), "the forward it sends"))
+                out.append(((Op.FWD, s, m, j), "the forward it sends"))
             elif op is Op.SEND_GRAD:
-                out.append((bwd_of(s, m), "the backward it sends"))
+                # the gradient of producer sub j comes out of the consumer's own unit
+                out.append((bwd_of(s, m, j if self.split[s] else -1), "the backward it sends"))
             return out
 
         for r, stream in enumerate(p.streams):

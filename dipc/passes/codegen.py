@@ -30,20 +30,22 @@ from collections.abc import Callable, Sequence
 from dipc.errors import ScheduleError
 from dipc.ir.instructions import Instruction, Op, TensorSpec
 from dipc.ir.program import Program, StageInfo
-from dipc.passes.schedules import ComputeAction, format_compute_orders, get_schedule
+from dipc.ir.program import sub_indices
+from dipc.passes.schedules import ComputeAction, expand_subs, format_compute_orders, get_schedule
 
 __all__ = ["SpecsFn", "build_program", "fix_recv_order", "lower"]
 
-SpecsFn = Callable[[str, int, int, int], tuple[TensorSpec, ...]]
-"""``specs(kind, mb, producer_stage, consumer_stage)`` -> the leaf specs of that message;
-``kind`` is ``"act"`` (producer -> consumer) or ``"grad"`` (consumer -> producer)."""
+SpecsFn = Callable[[str, int, int, int, int], tuple[TensorSpec, ...]]
+"""``specs(kind, mb, producer_stage, consumer_stage, sub)`` -> the leaf specs of that message;
+``kind`` is ``"act"`` (producer -> consumer) or ``"grad"`` (consumer -> producer); ``sub`` is the
+producer's sub-microbatch (``-1`` when the producer is not split)."""
 
-_MessageKey = tuple[str, int, int, int]
+_MessageKey = tuple[str, int, int, int, int]
 _SEND_OPS = (Op.SEND_ACT, Op.SEND_GRAD)
 _RECV_OPS = (Op.RECV_ACT, Op.RECV_GRAD)
 
 
-def _no_specs(kind: str, mb: int, producer: int, consumer: int) -> tuple[TensorSpec, ...]:
+def _no_specs(kind: str, mb: int, producer: int, consumer: int, sub: int) -> tuple[TensorSpec, ...]:
     return ()
 
 
@@ -54,11 +56,22 @@ def _expand_rank(
     consumers: Sequence[tuple[int, ...]],
     grad_consumers: Sequence[tuple[int, ...]],
     specs: SpecsFn,
+    subs: tuple[tuple[str, tuple[int, ...]], ...] = (),
 ) -> list[Instruction]:
-    """One rank's compute order with its loads, receives and sends around each action."""
+    """One rank's compute order with its loads, receives and sends around each action.
+
+    With sub-microbatches, a FWD of a stage that is not split receives every sub of a split
+    producer (in sub order), and its backward sends one gradient per sub; a split stage's
+    messages carry its own sub."""
     out: list[Instruction] = []
+    split_modalities = {name for name, _ in subs}
+
+    def msg_subs(p: int, c: int, m: int, j: int) -> range | tuple[int]:
+        """The subs of edge p -> c that consumer unit (m, j) reads (a split consumer: its own)."""
+        return (j,) if stages[c].modality in split_modalities else sub_indices(subs, stages[p].modality, m)
+
     for step, action in enumerate(order):
-        s, m = action.stage, action.mb
+        s, m, j = action.stage, action.mb, action.sub
         if not 0 <= s < len(stages):
             raise ScheduleError(f"rank {rank}, step {step}: {action} names stage {s}, which does not exist. "
                                 f"Fix: schedule only stages 0..{len(stages) - 1}.")
@@ -70,30 +83,32 @@ def _expand_rank(
             )
         if action.op == Op.FWD:
             if st.loads:
-                out.append(Instruction(op=Op.LOAD, stage=s, mb=m))
+                out.append(Instruction(op=Op.LOAD, stage=s, mb=m, sub=j))
             for p in st.producers:
                 peer = stages[p].rank
                 if peer != rank:
-                    out.append(Instruction(op=Op.RECV_ACT, stage=s, mb=m, other_stage=p, peer=peer,
-                                           specs=tuple(specs("act", m, p, s))))
-            out.append(Instruction(op=Op.FWD, stage=s, mb=m))
+                    for k in msg_subs(p, s, m, j):
+                        out.append(Instruction(op=Op.RECV_ACT, stage=s, mb=m, sub=k, other_stage=p, peer=peer,
+                                               specs=tuple(specs("act", m, p, s, k))))
+            out.append(Instruction(op=Op.FWD, stage=s, mb=m, sub=j))
             for c in consumers[s]:
                 peer = stages[c].rank
                 if peer != rank:
-                    out.append(Instruction(op=Op.SEND_ACT, stage=s, mb=m, other_stage=c, peer=peer))
+                    out.append(Instruction(op=Op.SEND_ACT, stage=s, mb=m, sub=j, other_stage=c, peer=peer))
         elif action.op in (Op.BWD, Op.BWD_I):
             for c in grad_consumers[s]:
                 peer = stages[c].rank
                 if peer != rank:
-                    out.append(Instruction(op=Op.RECV_GRAD, stage=s, mb=m, other_stage=c, peer=peer,
-                                           specs=tuple(specs("grad", m, s, c))))
-            out.append(Instruction(op=action.op, stage=s, mb=m))
+                    out.append(Instruction(op=Op.RECV_GRAD, stage=s, mb=m, sub=j, other_stage=c, peer=peer,
+                                           specs=tuple(specs("grad", m, s, c, j))))
+            out.append(Instruction(op=action.op, stage=s, mb=m, sub=j))
             for p in st.grad_producers:
                 peer = stages[p].rank
                 if peer != rank:
-                    out.append(Instruction(op=Op.SEND_GRAD, stage=s, mb=m, other_stage=p, peer=peer))
+                    for k in msg_subs(p, s, m, j):
+                        out.append(Instruction(op=Op.SEND_GRAD, stage=s, mb=m, sub=k, other_stage=p, peer=peer))
         else:  # BWD_W: local only
-            out.append(Instruction(op=action.op, stage=s, mb=m))
+            out.append(Instruction(op=action.op, stage=s, mb=m, sub=j))
     return out
 
 
@@ -164,6 +179,7 @@ def lower(
     specs: SpecsFn | None = None,
     add_optim: bool = True,
     add_reduce: bool = True,
+    subs: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> Program:
     """Lower per-rank compute orders to a Program with loads, sends, receives, REDUCE and OPTIM.
 
@@ -174,8 +190,11 @@ def lower(
     the peer's send order (:func:`fix_recv_order`). Same-rank edges need no messages.
     ``REDUCE stage=s`` follows each stage's last backward, so its data-parallel gradient
     all-reduce starts while the rank still works on other stages (a no-op without replicas).
+    ``subs`` (``Program.subs``): the compute orders already hold one action per sub of a split
+    stage (see :func:`dipc.passes.schedules.expand_subs`); messages get their sub here.
     The result is not validated here; call :func:`dipc.ir.validate.validate`.
     """
+    subs_t = tuple((name, tuple(counts)) for name, counts in subs)
     if len(compute_orders) != num_ranks:
         raise ScheduleError(
             f"got compute orders for {len(compute_orders)} ranks, but num_ranks={num_ranks}. "
@@ -185,7 +204,7 @@ def lower(
     consumers = [tuple(c.id for c in stages if st.id in c.producers) for st in stages]
     grad_consumers = [tuple(c.id for c in stages if st.id in c.grad_producers) for st in stages]
     streams = [
-        _expand_rank(rank, order, stages, consumers, grad_consumers, specs_fn)
+        _expand_rank(rank, order, stages, consumers, grad_consumers, specs_fn, subs_t)
         for rank, order in enumerate(compute_orders)
     ]
     fixed = fix_recv_order(streams)
@@ -194,7 +213,7 @@ def lower(
     if add_optim:
         fixed = tuple(stream + (Instruction(op=Op.OPTIM),) for stream in fixed)
     return Program(schedule=schedule, num_ranks=num_ranks, num_microbatches=num_microbatches,
-                   stages=tuple(stages), streams=fixed)
+                   stages=tuple(stages), streams=fixed, subs=subs_t)
 
 
 def _add_reduces(stream: tuple[Instruction, ...]) -> tuple[Instruction, ...]:
@@ -217,7 +236,20 @@ def build_program(
     num_microbatches: int,
     schedule_name: str,
     specs: SpecsFn | None = None,
+    subs: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> Program:
-    """Run the schedule generator ``schedule_name`` and lower its compute orders."""
-    orders = get_schedule(schedule_name)(stages, num_ranks, num_microbatches)
-    return lower(stages, num_ranks, num_microbatches, orders, schedule=schedule_name, specs=specs)
+    """Run the schedule generator ``schedule_name`` and lower its compute orders.
+
+    With ``subs``, the dual-queue scheduler places every sub as its own task; the baseline
+    generators order whole microbatches and each split stage's action becomes a block of subs
+    (:func:`~dipc.passes.schedules.expand_subs`)."""
+    if subs and schedule_name == "dual_queue":
+        from dipc.passes.dual_queue import dual_queue_schedule
+
+        orders = dual_queue_schedule(stages, num_ranks, num_microbatches, subs=subs)
+    else:
+        orders = get_schedule(schedule_name)(stages, num_ranks, num_microbatches)
+        if subs:
+            orders = expand_subs(orders, stages, subs)
+    return lower(stages, num_ranks, num_microbatches, orders, schedule=schedule_name, specs=specs,
+                 subs=subs)

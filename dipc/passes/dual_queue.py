@@ -24,6 +24,15 @@ Choices where the paper is silent (written down here and in the notes):
   deadlock: the last stage can always proceed, and so, inductively, every earlier one. An optional per-rank ``memory_limit`` (SEMU's bytes, or stash units) is enforced on top;
   a limit too tight for any order raises :class:`InfeasibleMemoryError`;
 - beyond the paper: ``split_backward`` adds the zero-bubble input/weight split to this phase.
+
+Sub-microbatches (``subs``, as in ``Program.subs``): every sub of a split (encoder) stage is its own
+task, so short encoder subs can fill gaps. Its dependencies are the DAG of §4: a split stage's sub
+j reads sub j of its producer; the first stage that is not split needs every sub's forward; sub j's
+backward needs that consumer's backward of the microbatch. Cost callbacks are called as
+``fwd(s, m)`` for a whole microbatch and ``fwd(s, m, j)`` for sub j (likewise ``bwd``, ``wgrad``,
+``act``; ``comm(p, c, m)`` / ``comm(p, c, m, j)``); the priority key gets ``j`` appended. The
+in-flight cap counts microbatches, not subs: a stage started on a microbatch may forward its
+remaining subs (the consumer needs them all before any backward frees memory).
 """
 from __future__ import annotations
 
@@ -34,25 +43,32 @@ from dataclasses import dataclass, field
 from dipc.errors import InfeasibleMemoryError, ScheduleError
 from dipc.ir.instructions import Op
 from dipc.ir.program import StageInfo
+from dipc.ir.program import sub_indices
 from dipc.passes.schedules import ComputeAction, _check_inputs
 
-TaskFn = Callable[[int, int], float]
+TaskFn = Callable[..., float]
+_Task = tuple[int, int, int]   # (stage, microbatch, sub); sub -1 = the whole microbatch
+
+
+def _call(fn: Callable[..., float], *args: int) -> float:
+    """Call a cost callback, passing the sub only when there is one (old 2-argument callbacks work)."""
+    return fn(*args[:-1]) if args[-1] < 0 else fn(*args)
 
 
 @dataclass(frozen=True)
 class TaskCosts:
     """Durations (seconds or any unit) and memory of the tasks the scheduler places.
 
-    ``fwd``/``bwd``: (stage, mb) -> duration; with ``split_backward``, ``bwd`` is the input-grad part
+    ``fwd``/``bwd``: (stage, mb[, sub]) -> duration (the sub only for split stages); with ``split_backward``, ``bwd`` is the input-grad part
     and ``wgrad`` the weight-grad part. ``act``: activation memory a forward stashes until its
     backward frees it. ``comm``: (producer stage, consumer stage, mb) -> transfer time across ranks.
     """
 
-    fwd: TaskFn = lambda s, m: 1.0
-    bwd: TaskFn = lambda s, m: 2.0
+    fwd: TaskFn = lambda s, m, j=-1: 1.0
+    bwd: TaskFn = lambda s, m, j=-1: 2.0
     wgrad: TaskFn | None = None
-    act: TaskFn = lambda s, m: 1.0
-    comm: Callable[[int, int, int], float] = lambda p, c, m: 0.0
+    act: TaskFn = lambda s, m, j=-1: 1.0
+    comm: Callable[..., float] = lambda p, c, m, j=-1: 0.0
 
 
 @dataclass
@@ -62,35 +78,40 @@ class _Rank:
     memory: float = 0.0
     last: Op | None = None
     order: list[ComputeAction] = field(default_factory=list)
-    wgrad_todo: list[tuple[int, int]] = field(default_factory=list)
+    wgrad_todo: list[_Task] = field(default_factory=list)
 
 
 def dual_queue_schedule(stages: Sequence[StageInfo], num_ranks: int, num_microbatches: int,
                         costs: TaskCosts | None = None, *, priority: Callable[[Op, int, int], tuple] | None = None,
                         memory_limit: float | Sequence[float] | None = None,
-                        split_backward: bool = False) -> list[list[ComputeAction]]:
+                        split_backward: bool = False,
+                        subs: Sequence[tuple[str, Sequence[int]]] = ()) -> list[list[ComputeAction]]:
     """Per-rank compute orders for one batch (see the module docstring).
 
     With a ``memory_limit`` only memory holds forwards back, so a light encoder rank may run far
     ahead; if that greedy order reaches a dead end (every rank full of stashes whose backwards
     need a forward that no longer fits), it is retried with 1F1B's in-flight bound per stage."""
+    subs_t = tuple((name, tuple(counts)) for name, counts in subs)
     if memory_limit is None:
-        return _schedule(stages, num_ranks, num_microbatches, costs, priority, None, split_backward, caps=True)
+        return _schedule(stages, num_ranks, num_microbatches, costs, priority, None, split_backward, subs_t,
+                         caps=True)
     try:
         return _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward,
-                         caps=False)
+                         subs_t, caps=False)
     except InfeasibleMemoryError:
         return _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward,
-                         caps=True)
+                         subs_t, caps=True)
 
 
-def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward, *, caps: bool):
+def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit, split_backward, subs, *,
+              caps: bool):
     """Event-driven list scheduling: a task enters its rank's *known* list (kept in priority order)
-    once all its dependencies are placed, with its ready time; a rank's proposal only scans its
+    once all its dependencies are placed, with its ready time; a rank's proposal scans only its
     known lists and is recomputed only when that rank's state or known lists change."""
     by_rank = _check_inputs(stages, num_ranks, num_microbatches)
-    costs = costs or TaskCosts(bwd=(lambda s, m: 1.0) if split_backward else (lambda s, m: 2.0),
-                               wgrad=(lambda s, m: 1.0) if split_backward else None)
+    costs = costs or TaskCosts(fwd=lambda *t: 1.0, bwd=(lambda *t: 1.0) if split_backward else (lambda *t: 2.0),
+                               wgrad=(lambda *t: 1.0) if split_backward else None, act=lambda *t: 1.0,
+                               comm=lambda *t: 0.0)
     if split_backward and costs.wgrad is None:
         raise ScheduleError("split_backward needs costs.wgrad (the weight-gradient durations). "
                             "Fix: pass TaskCosts(wgrad=...) or split_backward=False.")
@@ -98,58 +119,75 @@ def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit
     limits = _limits(memory_limit, num_ranks)
     M = num_microbatches
     in_flight_cap = {s.id: max(len(stages) - s.id, num_ranks) if caps else M for s in stages}
-    in_flight = {s.id: 0 for s in stages}
+    # in_flight[s][m]: units of microbatch m that stage s has forwarded and not yet backwarded
+    in_flight: dict[int, dict[int, int]] = {s.id: {} for s in stages}
     consumers = {s.id: [c.id for c in stages if s.id in c.producers] for s in stages}
     grad_consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
     rank_of = {s.id: s.rank for s in stages}
-    ranks = [_Rank(stages=ids) for ids in by_rank]
+    split_mods = {name for name, _ in subs}
+    split = {s.id: s.modality in split_mods for s in stages}
+    units = {(s.id, m): tuple(sub_indices(subs, s.modality, m)) for s in stages for m in range(M)}
+    tasks = [(s.id, m, j) for s in stages for m in range(M) for j in units[(s.id, m)]]
     bwd_op = Op.BWD_I if split_backward else Op.BWD
-    # pending dependency counts; FWD(s, m) waits for its producers' FWDs, BWD(s, m) for FWD(s, m)
-    # and its grad consumers' backwards
-    fwd_pending = {(s.id, m): len(s.producers) for s in stages for m in range(M)}
-    bwd_pending = {(s.id, m): 1 + len(grad_consumers[s.id]) for s in stages for m in range(M)}
-    fwd_key = {(s.id, m): prio(Op.FWD, s.id, m) for s in stages for m in range(M)}
-    bwd_key = {(s.id, m): prio(Op.BWD, s.id, m) for s in stages for m in range(M)}
-    fwd_order = {t: i for i, t in enumerate(sorted(fwd_key, key=fwd_key.__getitem__))}
-    bwd_order = {t: i for i, t in enumerate(sorted(bwd_key, key=bwd_key.__getitem__))}
-    known_fwd: list[list[tuple[int, float, int, int]]] = [[] for _ in ranks]   # (order, ready, s, m)
-    known_bwd: list[list[tuple[int, float, int, int]]] = [[] for _ in ranks]
-    done: dict[tuple[Op, int, int], float] = {}
-    remaining = [0] * len(ranks)
-    for s in stages:
-        remaining[s.rank] += M
-    fwd_left = list(remaining)
 
-    def ready_fwd(s: int, m: int) -> float:
-        return max((done[(Op.FWD, p, m)] + (costs.comm(p, s, m) if rank_of[p] != rank_of[s] else 0.0)
-                    for p in stages[s].producers), default=0.0)
+    # pending dependencies: FWD(s, m, j) waits for its producers' forwards (sub j of a split
+    # producer, every sub of an unsplit consumer's producer); BWD(s, m, j) for its own forward and
+    # each grad consumer's backward (sub j of a split consumer, else the whole microbatch)
+    fwd_pending = {t: sum(1 if split[t[0]] else len(units[(p, t[1])]) for p in stages[t[0]].producers)
+                   for t in tasks}
+    bwd_pending = {t: 1 + len(grad_consumers[t[0]]) for t in tasks}
+    fwd_order = {t: i for i, t in enumerate(sorted(tasks, key=lambda t: (*prio(Op.FWD, t[0], t[1]), t[2])))}
+    bwd_order = {t: i for i, t in enumerate(sorted(tasks, key=lambda t: (*prio(Op.BWD, t[0], t[1]), t[2])))}
+    ranks = [_Rank(stages=ids) for ids in by_rank]
+    known_fwd: list[list[tuple]] = [[] for _ in ranks]   # (order, ready, s, m, j)
+    known_bwd: list[list[tuple]] = [[] for _ in ranks]
+    done: dict[tuple[Op, int, int, int], float] = {}
+    fwd_left = [0] * num_ranks
+    for s, m, j in tasks:
+        fwd_left[rank_of[s]] += 1
 
-    def ready_bwd(s: int, m: int) -> float:
-        t = done[(Op.FWD, s, m)]
-        for c in grad_consumers[s]:
-            t = max(t, done[(bwd_op, c, m)] + (costs.comm(s, c, m) if rank_of[c] != rank_of[s] else 0.0))
+    def ready_fwd(s: int, m: int, j: int) -> float:
+        t = 0.0
+        for p in stages[s].producers:
+            for k in ((j,) if split[s] else units[(p, m)]):
+                t = max(t, done[(Op.FWD, p, m, k)] + (_call(costs.comm, p, s, m, k) if rank_of[p] != rank_of[s]
+                                                      else 0.0))
         return t
 
-    touched: set[int] = set()
+    def ready_bwd(s: int, m: int, j: int) -> float:
+        t = done[(Op.FWD, s, m, j)]
+        for c in grad_consumers[s]:
+            end = done[(bwd_op, c, m, j if split[c] else -1)]
+            t = max(t, end + (_call(costs.comm, s, c, m, j) if rank_of[c] != rank_of[s] else 0.0))
+        return t
 
-    def make_known(kind: str, s: int, m: int) -> None:
-        r = rank_of[s]
+    touched: set[int] = set(range(num_ranks))
+
+    def release(kind: str, t: tuple[int, int, int]) -> None:
+        pending = fwd_pending if kind == "f" else bwd_pending
+        pending[t] -= 1
+        if pending[t]:
+            return
+        r = rank_of[t[0]]
         if kind == "f":
-            insort(known_fwd[r], (fwd_order[(s, m)], ready_fwd(s, m), s, m))
+            insort(known_fwd[r], (fwd_order[t], ready_fwd(*t), *t))
         else:
-            insort(known_bwd[r], (bwd_order[(s, m)], ready_bwd(s, m), s, m))
+            insort(known_bwd[r], (bwd_order[t], ready_bwd(*t), *t))
         touched.add(r)
 
-    for s in stages:
-        for m in range(M):
-            if fwd_pending[(s.id, m)] == 0:
-                make_known("f", s.id, m)
+    for t in tasks:
+        if fwd_pending[t] == 0:
+            fwd_pending[t] = 1
+            release("f", t)
 
-    def proposal(rank: int, r: _Rank) -> tuple[float, Op, int, int] | None:
+    def may_start(s: int, m: int) -> bool:
+        return m in in_flight[s] or len(in_flight[s]) < in_flight_cap[s]
+
+    def proposal(rank: int, r: _Rank) -> tuple | None:
         now = r.free_at
-        fwd = next(((t, s, m) for _, t, s, m in known_fwd[rank]
-                    if in_flight[s] < in_flight_cap[s] and r.memory + costs.act(s, m) <= limits[rank] + 1e-9), None)
-        bwd = next(((t, s, m) for _, t, s, m in known_bwd[rank]), None)
+        fwd = next(((t, s, m, j) for _, t, s, m, j in known_fwd[rank]
+                    if may_start(s, m) and r.memory + _call(costs.act, s, m, j) <= limits[rank] + 1e-9), None)
+        bwd = next(((t, s, m, j) for _, t, s, m, j in known_bwd[rank]), None)
         fwd_now = fwd is not None and fwd[0] <= now
         bwd_now = bwd is not None and bwd[0] <= now
         if fwd_now and bwd_now:
@@ -159,19 +197,18 @@ def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit
         elif bwd_now:
             pick = (bwd_op, bwd)
         elif r.wgrad_todo:
-            s, m = r.wgrad_todo[0]
-            return now, Op.BWD_W, s, m
+            s, m, j = r.wgrad_todo[0]
+            return now, Op.BWD_W, s, m, j
         else:
             options = [(Op.FWD, fwd)] * (fwd is not None) + [(bwd_op, bwd)] * (bwd is not None)
             if not options:
                 return None
             pick = min(options, key=lambda o: o[1][0])
-        op, (t, s, m) = pick
-        return max(now, t), op, s, m
+        op, (t, s, m, j) = pick
+        return max(now, t), op, s, m, j
 
-    total = sum(remaining) * (3 if split_backward else 2)
-    proposals: list = [None] * len(ranks)
-    touched.update(range(len(ranks)))
+    total = len(tasks) * (3 if split_backward else 2)
+    proposals: list = [None] * num_ranks
     placed = 0
     while placed < total:
         for rank in touched:
@@ -187,39 +224,38 @@ def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit
                 f"no task can start: ranks {full} hold {[ranks[i].memory for i in full]} of stashed activations "
                 f"and their memory limits {[limits[i] for i in full]} leave no room for the next forward. "
                 "Fix: raise the memory limit, use more microbatches of smaller size, or recompute activations.")
-        rank, (start, op, s, m) = best
+        rank, (start, op, s, m, j) = best
         r = ranks[rank]
         touched.add(rank)
-        duration = {Op.FWD: costs.fwd, Op.BWD: costs.bwd, Op.BWD_I: costs.bwd, Op.BWD_W: costs.wgrad}[op](s, m)
-        done[(op, s, m)] = start + duration
+        fn = {Op.FWD: costs.fwd, Op.BWD: costs.bwd, Op.BWD_I: costs.bwd, Op.BWD_W: costs.wgrad}[op]
+        duration = _call(fn, s, m, j)
+        done[(op, s, m, j)] = start + duration
         r.free_at, r.last = start + duration, op
-        r.order.append(ComputeAction(op, s, m))
+        r.order.append(ComputeAction(op, s, m, j))
         if op is Op.FWD:
-            known_fwd[rank].remove(next(x for x in known_fwd[rank] if x[2] == s and x[3] == m))
+            known_fwd[rank].remove(next(x for x in known_fwd[rank] if x[2:] == (s, m, j)))
             fwd_left[rank] -= 1
-            r.memory += costs.act(s, m)
-            in_flight[s] += 1
+            r.memory += _call(costs.act, s, m, j)
+            in_flight[s][m] = in_flight[s].get(m, 0) + 1
             for c in consumers[s]:
-                fwd_pending[(c, m)] -= 1
-                if fwd_pending[(c, m)] == 0:
-                    make_known("f", c, m)
-            bwd_pending[(s, m)] -= 1
-            if bwd_pending[(s, m)] == 0:
-                make_known("b", s, m)
+                for k in ((j,) if split[c] else units[(c, m)]):
+                    release("f", (c, m, k))
+            release("b", (s, m, j))
         elif op is Op.BWD_W:
-            r.wgrad_todo.remove((s, m))
-            r.memory -= costs.act(s, m)
+            r.wgrad_todo.remove((s, m, j))
+            r.memory -= _call(costs.act, s, m, j)
         else:
-            known_bwd[rank].remove(next(x for x in known_bwd[rank] if x[2] == s and x[3] == m))
-            in_flight[s] -= 1
+            known_bwd[rank].remove(next(x for x in known_bwd[rank] if x[2:] == (s, m, j)))
+            in_flight[s][m] -= 1
+            if not in_flight[s][m] and all((bwd_op, s, m, k) in done for k in units[(s, m)]):
+                del in_flight[s][m]   # the microbatch's slot frees when its last sub is backwarded
             if split_backward:
-                r.wgrad_todo.append((s, m))
+                r.wgrad_todo.append((s, m, j))
             else:
-                r.memory -= costs.act(s, m)
+                r.memory -= _call(costs.act, s, m, j)
             for p in stages[s].grad_producers:
-                bwd_pending[(p, m)] -= 1
-                if bwd_pending[(p, m)] == 0:
-                    make_known("b", p, m)
+                for k in ((j,) if split[s] else units[(p, m)]):
+                    release("b", (p, m, k))
         placed += 1
     return [r.order for r in ranks]
 

@@ -36,6 +36,7 @@ from dipc.ir.program import StageInfo
 
 __all__ = [
     "SCHEDULES",
+    "expand_subs",
     "ComputeAction",
     "ScheduleFn",
     "format_compute_orders",
@@ -52,14 +53,16 @@ _SHORT = {Op.FWD: "F", Op.BWD: "B", Op.BWD_I: "I", Op.BWD_W: "W"}
 
 @dataclass(frozen=True, slots=True)
 class ComputeAction:
-    """One compute step of a rank: ``op`` of ``stage`` on microbatch ``mb``.
+    """One compute step of a rank: ``op`` of ``stage`` on microbatch ``mb`` (sub-microbatch ``sub``).
 
-    Prints as ``F<stage>.<mb>`` (``B``, ``I``, ``W`` for BWD, BWD_I, BWD_W), e.g. ``F2.0``.
+    Prints as ``F<stage>.<mb>`` (``B``, ``I``, ``W`` for BWD, BWD_I, BWD_W), e.g. ``F2.0``; a sub
+    adds ``:<sub>``, e.g. ``F0.1:2``.
     """
 
     op: Op
     stage: int
     mb: int
+    sub: int = -1
 
     def __post_init__(self) -> None:
         if self.op not in _COMPUTE:
@@ -69,7 +72,7 @@ class ComputeAction:
             )
 
     def __str__(self) -> str:
-        return f"{_SHORT[self.op]}{self.stage}.{self.mb}"
+        return f"{_SHORT[self.op]}{self.stage}.{self.mb}" + (f":{self.sub}" if self.sub >= 0 else "")
 
 
 ScheduleFn = Callable[[Sequence[StageInfo], int, int], list[list[ComputeAction]]]
@@ -325,6 +328,32 @@ SCHEDULES: dict[str, ScheduleFn] = {
     "zb_h1": zero_bubble_h1,
     "dual_queue": _dual_queue,
 }
+
+
+def expand_subs(orders: Sequence[Sequence[ComputeAction]], stages: Sequence[StageInfo],
+                subs: Sequence[tuple[str, Sequence[int]]]) -> list[list[ComputeAction]]:
+    """Run every action of a split stage once per sub, the subs of one microbatch back to back.
+
+    This is how the baseline generators (which order whole microbatches) serve programs with
+    sub-microbatches: each microbatch-level action of a stage whose modality ``subs`` splits
+    becomes a block of consecutive actions ``sub=0..n-1``. Every dependency between blocks is
+    one the microbatch-level order already respected (a consumer's FWD needs the whole block, a
+    sub's backward needs the consumer's backward of that microbatch, sub j of a split consumer
+    needs sub j of its producer, which comes in the producer's block), so a deadlock-free
+    microbatch order stays deadlock-free. The dual-queue scheduler instead schedules subs as
+    separate tasks (that is what lets them fill gaps).
+    """
+    from dipc.ir.program import sub_indices
+
+    subs_t = tuple((name, tuple(counts)) for name, counts in subs)
+    out: list[list[ComputeAction]] = []
+    for order in orders:
+        expanded: list[ComputeAction] = []
+        for a in order:
+            expanded.extend(ComputeAction(a.op, a.stage, a.mb, j)
+                            for j in sub_indices(subs_t, stages[a.stage].modality, a.mb))
+        out.append(expanded)
+    return out
 
 
 def get_schedule(name: str) -> ScheduleFn:

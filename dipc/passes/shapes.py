@@ -72,9 +72,11 @@ def _propagate(stages: Sequence[StageSpec], batch: Mapping[str, Any],
     return values
 
 
-def _edge_leaves(stages: Sequence[StageSpec], values: Mapping[str, Any]):
+def _edge_leaves(stages: Sequence[StageSpec], values: Mapping[str, Any], producers: set[int] | None = None):
     for st in stages:
         for p in st.producers:
+            if producers is not None and p not in producers:
+                continue
             names = st.values_from(p)
             yield (p, st.id), leaves_of(values[n] for n in names), grad_leaves(st, names, values)
 
@@ -137,8 +139,14 @@ class ShapeInference:
     TEMPLATE_AFTER_MISSES = 16
     MAX_CACHED = 4096
 
-    def __init__(self, stages: list[StageSpec], symbolic: bool = True):
+    def __init__(self, stages: list[StageSpec], symbolic: bool = True,
+                 edge_stages: Sequence[StageSpec] | None = None):
+        """``stages`` are propagated; the edges reported are those out of them into ``edge_stages``
+        (default: the same stages). A subset (one modality's segment, for its sub-microbatches)
+        needs only that segment's batch keys."""
         self.stages = stages
+        self._edge_stages = edge_stages
+        self._producers = None if edge_stages is None else {s.id for s in stages}
         self.symbolic = symbolic
         self._templates: dict[tuple, list[_SymbolicTemplate]] = {}
         self._misses: dict[tuple, int] = {}
@@ -189,7 +197,7 @@ class ShapeInference:
         except Exception:
             values = _propagate(self.stages, batch)   # data-dependent shapes: only real values can tell
         return {edge: (tuple(spec_of(x) for x in act), tuple(spec_of(x) for x in grad))
-                for edge, act, grad in _edge_leaves(self.stages, values)}
+                for edge, act, grad in _edge_leaves(self._edge_stages or self.stages, values, self._producers)}
 
     def _build_template(self, batch: Mapping[str, Any]) -> _SymbolicTemplate | None:
         """Trace once with symbolic batch dimensions; None if the model's shapes are data-dependent."""
@@ -217,7 +225,7 @@ class ShapeInference:
                 with _ShapeOnlyOps():
                     values = _propagate(self.stages, fake)
                 layout, exprs = [], []
-                for edge, act, grad in _edge_leaves(self.stages, values):
+                for edge, act, grad in _edge_leaves(self._edge_stages or self.stages, values, self._producers):
                     items = []
                     for group in (act, grad):
                         desc = []

@@ -72,7 +72,7 @@ def compute_orders_of(program: Program) -> list[list[Any]]:
     """The compute order per rank of a program (what a schedule generator returns)."""
     from dipc.passes.schedules import ComputeAction
 
-    return [[ComputeAction(i.op, i.stage, i.mb) for i in stream if i.op in COMPUTE_OPS]
+    return [[ComputeAction(i.op, i.stage, i.mb, i.sub) for i in stream if i.op in COMPUTE_OPS]
             for stream in program.streams]
 
 
@@ -154,7 +154,7 @@ class AsyncPlanner:
 
     def _fallback(self, microbatches: Sequence[Mapping[str, Any]]) -> Program:
         last = self._last
-        if last is not None and last.num_microbatches == len(microbatches) and not getattr(last, "subs", None):
+        if last is not None and last.num_microbatches == len(microbatches) and not last.subs:
             program = self.pipe.plan(microbatches, schedule=last.schedule, compute_orders=compute_orders_of(last))
         else:
             program = self.pipe.plan(microbatches)

@@ -155,7 +155,7 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
 
     interp = RankInterpreter(rank, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,
                              optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None,
-                             record_timeline=record_timeline)
+                             sub_batches=pipe.sub_batches(microbatches), record_timeline=record_timeline)
     origin = aligned_origin(topo) if record_timeline else 0.0
     interp.run()
     transport.finish()

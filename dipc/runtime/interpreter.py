@@ -5,6 +5,12 @@ into fresh leaves at FWD, so BWD runs ``autograd.backward`` on the stage outputs
 its consumers sent, and reads the input leaves' ``.grad`` to send upstream. The loss stage seeds
 its backward with the microbatch's loss weight, so the accumulated parameter gradients equal
 those of one backward over the whole batch.
+
+Sub-microbatches: state is keyed by (stage, mb, sub), sub ``-1`` for a whole microbatch. A LOAD
+with a sub reads that sub's slice (``sub_batches``); a stage outside a split modality gathers the
+values of a split producer per sub and joins them (dim-0 concatenation,
+:func:`~dipc.passes.submicrobatch.join_values`) before its FWD, and its backward cuts the gradient
+of the joined value back into one piece per sub (same row counts), sent or accumulated per sub.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from dipc.errors import RuntimeStepError
 from dipc.ir import Instruction, Op, Program
 from dipc.passes.partition import StageSpec
 from dipc.runtime.transport import Transport, WouldBlock
+from dipc.passes.submicrobatch import join_values
 from dipc.passes.values import from_wire, is_grad_leaf, leaves_of, to_wire
 
 
@@ -34,7 +41,8 @@ def _detach(leaf: Any) -> Any:
 @dataclass
 class _Saved:
     outputs: dict[str, Any]
-    grad_inputs: list[tuple[str, int, list[torch.Tensor]]]  # (value, producer stage, leaves needing grad)
+    # (value, producer stage, leaves needing grad, per-leaf row counts of each sub when joined from subs)
+    grad_inputs: list[tuple[str, int, list[torch.Tensor], list[list[int]] | None]]
     loss: torch.Tensor | None = None
     backward_args: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # kept between BWD_I and BWD_W
 
@@ -54,7 +62,9 @@ class RankInterpreter:
     def __init__(self, rank: int, program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
                  loss_weights: Sequence[float], transport: Transport, treespecs: Mapping[str, Any],
                  optimizer_step: Callable[[], None] | None = None,
-                 reduce_grads: Callable[[int], None] | None = None, record_timeline: bool = False):
+                 reduce_grads: Callable[[int], None] | None = None,
+                 sub_batches: Mapping[tuple[str, int, int], Mapping[str, Any]] | None = None,
+                 record_timeline: bool = False):
         self.rank = rank
         self.program = program
         self.stream = program.streams[rank]
@@ -65,12 +75,17 @@ class RankInterpreter:
         self.treespecs = treespecs
         self.optimizer_step = optimizer_step
         self.reduce_grads = reduce_grads
+        self.sub_batches = sub_batches or {}
         self.pc = 0
-        self.inbox: dict[tuple[int, int], dict[str, Any]] = {}
-        self.loaded: dict[tuple[int, int], list[Any]] = {}
-        self.saved: dict[tuple[int, int], _Saved] = {}
-        self.out_grads: dict[tuple[int, int, str], list[torch.Tensor]] = {}
-        self.grads_to_send: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+        # keys: (stage, mb, sub); sub -1 = the whole microbatch
+        self.inbox: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.parts: dict[tuple[int, int, str], dict[int, Any]] = {}   # (consumer, mb, value) -> sub -> part
+        self.loaded: dict[tuple[int, int, int], list[Any]] = {}
+        self.saved: dict[tuple[int, int, int], _Saved] = {}
+        self.out_grads: dict[tuple[int, int, int, str], list[torch.Tensor]] = {}
+        self.grads_to_send: dict[tuple[int, int, int, int], list[torch.Tensor]] = {}  # (stage, mb, sub, producer)
+        split_modalities = {name for name, _ in program.subs}
+        self.split = {s.id: s.modality in split_modalities for s in stages}
         self.stats = StepStats(spans=[] if record_timeline else None)
         self._timed: dict[Op, Callable[[Instruction], None]] | None = None
         self.losses: dict[int, torch.Tensor] = {}
@@ -141,40 +156,59 @@ class RankInterpreter:
         return self._timed
 
     # -- handlers ----------------------------------------------------------------------------
+    def _gathered(self, stage: int, producer: int) -> bool:
+        """Whether ``stage`` joins ``producer``'s per-sub values (the split -> whole boundary)."""
+        return self.split[producer] and not self.split[stage]
+
     def _load(self, i: Instruction) -> None:
-        mb = self.microbatches[i.mb]   # keys were checked against the example batch when planning
-        self.loaded[(i.stage, i.mb)] = [mb[k] for k in self.stages[i.stage].input_keys]
+        st = self.stages[i.stage]
+        # keys were checked against the example batch when planning
+        mb = self.microbatches[i.mb] if i.sub < 0 else self.sub_batches[(st.modality, i.mb, i.sub)]
+        self.loaded[(i.stage, i.mb, i.sub)] = [mb[k] for k in st.input_keys]
 
     def _fwd(self, i: Instruction) -> None:
         st = self.stages[i.stage]
-        args = list(self.loaded.pop((i.stage, i.mb), []))
-        box = self.inbox.pop((i.stage, i.mb), {})
+        unit = (i.stage, i.mb, i.sub)
+        args = list(self.loaded.pop(unit, []))
+        box = self.inbox.pop(unit, {})
         grad_inputs = []
         for name, producer in st.input_values:
-            value = box[name]
+            sizes = None
+            if self._gathered(i.stage, producer):
+                parts = self.parts.pop((i.stage, i.mb, name))
+                pieces = [parts[k] for k in sorted(parts)]
+                value = join_values(pieces, f"stage {i.stage} input {name!r}")
+                sizes = [[l.shape[0] for l in tree_flatten(p)[0] if is_grad_leaf(l)] for p in pieces]
+                sizes = [list(col) for col in zip(*sizes)]   # per grad leaf: rows of each sub
+            else:
+                value = box[name]
             if name in st.grad_values:
                 value = tree_map(lambda l: l.detach().requires_grad_() if is_grad_leaf(l) else l, value)
-                grad_inputs.append((name, producer, [l for l in tree_flatten(value)[0] if is_grad_leaf(l)]))
+                grad_inputs.append((name, producer, [l for l in tree_flatten(value)[0] if is_grad_leaf(l)], sizes))
             args.append(value)
         outs = st.module(*args)
         outputs = dict(zip(st.output_values, outs))
         loss = outs[-1] if st.has_loss else None
         if loss is not None:
             self.losses[i.mb] = loss.detach()
-        self.saved[(i.stage, i.mb)] = _Saved(outputs=outputs, grad_inputs=grad_inputs, loss=loss)
+        self.saved[unit] = _Saved(outputs=outputs, grad_inputs=grad_inputs, loss=loss)
         for c, names in self.local_consumers[i.stage]:
             # same values a remote consumer would get: detached (the consumer re-attaches grad leaves)
-            self.inbox.setdefault((c, i.mb), {}).update(
-                {n: outputs[n] if n in st.grad_values else tree_map(_detach, outputs[n]) for n in names})
+            values = {n: outputs[n] if n in st.grad_values else tree_map(_detach, outputs[n]) for n in names}
+            if self._gathered(c, i.stage):
+                for n, v in values.items():
+                    self.parts.setdefault((c, i.mb, n), {})[i.sub] = v
+            else:
+                self.inbox.setdefault((c, i.mb, i.sub), {}).update(values)
 
     def _backward_args(self, i: Instruction) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         st = self.stages[i.stage]
-        saved = self.saved[(i.stage, i.mb)]
+        saved = self.saved[(i.stage, i.mb, i.sub)]
         tensors, grads = [], []
         for name, value in saved.outputs.items():
             if name not in st.grad_values:
                 continue
-            g = self.out_grads.pop((i.stage, i.mb, name), None)
+            g = self.out_grads.pop((i.stage, i.mb, i.sub, name), None)
             if g is None:
                 continue
             leaves = [l for l in tree_flatten(value)[0] if is_grad_leaf(l)]
@@ -188,20 +222,26 @@ class RankInterpreter:
         return tensors, grads
 
     def _deliver_input_grads(self, i: Instruction, leaf_grads: dict[int, torch.Tensor | None]) -> None:
-        saved = self.saved[(i.stage, i.mb)]
-        per_producer: dict[int, list[torch.Tensor]] = {}
-        for name, producer, leaves in saved.grad_inputs:
+        saved = self.saved[(i.stage, i.mb, i.sub)]
+        per_producer: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for name, producer, leaves, sizes in saved.grad_inputs:
             gs = [leaf_grads.get(id(l)) for l in leaves]
             gs = [g if g is not None else torch.zeros_like(l) for g, l in zip(gs, leaves)]
-            if self.stages[producer].rank == self.rank:
-                self._accumulate(producer, i.mb, name, gs)
-            else:
-                per_producer.setdefault(producer, []).extend(gs)
-        for producer, gs in per_producer.items():
-            self.grads_to_send[(i.stage, i.mb, producer)] = gs
+            if sizes is None:   # the producer's own unit: same sub as this one
+                per_sub = {i.sub: gs}
+            else:               # joined from subs: cut each leaf's gradient back into its subs' rows
+                cuts = [torch.split(g, rows, dim=0) for g, rows in zip(gs, sizes)]
+                per_sub = {k: [c[k] for c in cuts] for k in range(len(sizes[0]) if sizes else 0)}
+            for k, g_k in per_sub.items():
+                if self.stages[producer].rank == self.rank:
+                    self._accumulate(producer, i.mb, k, name, g_k)
+                else:
+                    per_producer.setdefault((producer, k), []).extend(g_k)
+        for (producer, k), gs in per_producer.items():
+            self.grads_to_send[(i.stage, i.mb, k, producer)] = gs
 
-    def _accumulate(self, stage: int, mb: int, name: str, grads: list[torch.Tensor]) -> None:
-        key = (stage, mb, name)
+    def _accumulate(self, stage: int, mb: int, sub: int, name: str, grads: list[torch.Tensor]) -> None:
+        key = (stage, mb, sub, name)
         if key in self.out_grads:
             self.out_grads[key] = [a + b for a, b in zip(self.out_grads[key], grads)]
         else:
@@ -211,14 +251,14 @@ class RankInterpreter:
         tensors, grads = self._backward_args(i)
         if tensors:
             torch.autograd.backward(tensors, grads)
-        saved = self.saved[(i.stage, i.mb)]
-        self._deliver_input_grads(i, {id(l): l.grad for _, _, ls in saved.grad_inputs for l in ls})
-        del self.saved[(i.stage, i.mb)]
+        saved = self.saved[(i.stage, i.mb, i.sub)]
+        self._deliver_input_grads(i, {id(l): l.grad for _, _, ls, _ in saved.grad_inputs for l in ls})
+        del self.saved[(i.stage, i.mb, i.sub)]
 
     def _bwd_input(self, i: Instruction) -> None:
         tensors, grads = self._backward_args(i)
-        saved = self.saved[(i.stage, i.mb)]
-        leaves = [l for _, _, ls in saved.grad_inputs for l in ls]
+        saved = self.saved[(i.stage, i.mb, i.sub)]
+        leaves = [l for _, _, ls, _ in saved.grad_inputs for l in ls]
         result: dict[int, torch.Tensor | None] = {}
         if tensors and leaves:
             gs = torch.autograd.grad(tensors, leaves, grads, retain_graph=True, allow_unused=True)
@@ -227,39 +267,43 @@ class RankInterpreter:
         saved.backward_args = (tensors, grads)
 
     def _bwd_weight(self, i: Instruction) -> None:
-        saved = self.saved.pop((i.stage, i.mb))
+        saved = self.saved.pop((i.stage, i.mb, i.sub))
         tensors, grads = saved.backward_args or ([], [])
         params = [p for p in self.stages[i.stage].params if p.requires_grad]
         if tensors and params:
             torch.autograd.backward(tensors, grads, inputs=params)
 
     def _send_act(self, i: Instruction) -> None:
-        outputs = self.saved[(i.stage, i.mb)].outputs
+        outputs = self.saved[(i.stage, i.mb, i.sub)].outputs
         names = self.edge_names[(i.stage, i.other_stage)]
         self.transport.send(i, self.rank, [to_wire(l) for l in leaves_of(outputs[n] for n in names)])
 
     def _recv_act(self, i: Instruction) -> None:
         tensors = self.transport.recv(i, self.rank)
         leaves = [from_wire(t, s) for t, s in zip(tensors, i.specs)]
-        box = self.inbox.setdefault((i.stage, i.mb), {})
+        gathered = self._gathered(i.stage, i.other_stage)
+        box = self.inbox.setdefault((i.stage, i.mb, i.sub), {}) if not gathered else {}
         for name in self.edge_names[(i.other_stage, i.stage)]:
             spec = self.treespecs[name]
             box[name] = tree_unflatten(leaves[: spec.num_leaves], spec)
             leaves = leaves[spec.num_leaves:]
+        if gathered:   # one sub of a split producer: kept until the consumer's FWD joins them
+            for name, value in box.items():
+                self.parts.setdefault((i.stage, i.mb, name), {})[i.sub] = value
 
     def _send_grad(self, i: Instruction) -> None:
-        grads = self.grads_to_send.pop((i.stage, i.mb, i.other_stage))
+        grads = self.grads_to_send.pop((i.stage, i.mb, i.sub, i.other_stage))
         self.transport.send(i, self.rank, [g.detach().contiguous() for g in grads])
 
     def _recv_grad(self, i: Instruction) -> None:
         grads = self.transport.recv(i, self.rank)
-        outputs = self.saved[(i.stage, i.mb)].outputs
+        outputs = self.saved[(i.stage, i.mb, i.sub)].outputs
         consumer = self.stages[i.other_stage]
         for name in self.edge_names[(i.stage, i.other_stage)]:
             if name not in consumer.grad_values:
                 continue
             n = sum(1 for l in tree_flatten(outputs[name])[0] if is_grad_leaf(l))
-            self._accumulate(i.stage, i.mb, name, grads[:n])
+            self._accumulate(i.stage, i.mb, i.sub, name, grads[:n])
             grads = grads[n:]
 
     def _reduce(self, i: Instruction) -> None:

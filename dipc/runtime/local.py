@@ -15,12 +15,13 @@ from dipc.runtime.transport import LocalTransport
 def run_local(program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
               loss_weights: Sequence[float], treespecs: Mapping[str, Any],
               optimizer_step: Callable[[], None] | None = None,
+              sub_batches: Mapping[tuple[str, int, int], Mapping[str, Any]] | None = None,
               record_timeline: bool = False) -> list[StepStats]:
     """Run every rank's stream; returns each rank's stats. With ``record_timeline`` each stats'
     ``spans`` hold the executed instructions' wall-clock intervals (see :func:`local_timeline`)."""
     transport = LocalTransport()
     ranks = [RankInterpreter(r, program, stages, microbatches, loss_weights, transport, treespecs,
-                             record_timeline=record_timeline)
+                             sub_batches=sub_batches, record_timeline=record_timeline)
              for r in range(program.num_ranks)]
     while not all(r.done for r in ranks):
         progressed = False

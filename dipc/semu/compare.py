@@ -18,18 +18,21 @@ def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any
     """SEMU's model of this pipeline on ``profile`` for these microbatches (cost model cached on pipe)."""
     from dipc.semu.costs import layer_cost_model
     from dipc.semu.profiles import load_profile
-    from dipc.semu.step_model import StepModel, batch_length_stats
+    from dipc.semu.step_model import StepModel, batch_length_stats, sub_length_stats
 
     if getattr(pipe, "_cost_model", None) is None:
         pipe._cost_model = layer_cost_model(pipe.captured)
     stats = [batch_length_stats(mb) for mb in microbatches]
-    return StepModel.for_pipeline(pipe, pipe._cost_model, load_profile(profile), stats)
+    sub_stats = sub_length_stats(pipe, microbatches) if pipe.sub_microbatcher is not None else None
+    return StepModel.for_pipeline(pipe, pipe._cost_model, load_profile(profile), stats, sub_stats=sub_stats)
 
 
-def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int) -> dict[str, list]:
-    """Phase 2 of DIP's search fed with SEMU's per-(stage, microbatch) times, under a few
+def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int,
+                   subs: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, list]:
+    """Phase 2 of DIP's search fed with SEMU's per-(stage, microbatch[, sub]) times, under a few
     microbatch priority rules (in order; heaviest first; lightest first), each with and without the
-    zero-bubble backward split. Phase 1 (MCTS over segment priorities) will generate these."""
+    zero-bubble backward split. Phase 1 (MCTS over segment priorities) will generate these.
+    ``subs`` (``Program.subs``): encoder sub-microbatches are scheduled as their own tasks."""
     t = model.stage_time
     work = [sum(t(s.id, m).fwd + t(s.id, m).bwd for s in pipe.stages) for m in range(num_microbatches)]
     heavy = {m: i for i, m in enumerate(sorted(range(num_microbatches), key=lambda m: -work[m]))}
@@ -37,14 +40,15 @@ def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int) -> di
     priorities = {"in order": None,
                   "heaviest first": lambda op, s, m: (heavy[m], s if op is Op.FWD else -s),
                   "lightest first": lambda op, s, m: (light[m], s if op is Op.FWD else -s)}
-    plain = TaskCosts(fwd=lambda s, m: t(s, m).fwd, bwd=lambda s, m: t(s, m).bwd)
-    split = TaskCosts(fwd=plain.fwd, bwd=lambda s, m: t(s, m).bwd_in, wgrad=lambda s, m: t(s, m).bwd_w)
+    plain = TaskCosts(fwd=lambda s, m, j=-1: t(s, m, j).fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd)
+    split = TaskCosts(fwd=plain.fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd_in,
+                      wgrad=lambda s, m, j=-1: t(s, m, j).bwd_w)
     stages = list(pipe.stage_infos)
     out = {}
     for label, prio in priorities.items():
-        out[label] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, plain, priority=prio)
+        out[label] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, plain, priority=prio, subs=subs)
         out[label + ", split backward"] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, split,
-                                                              priority=prio, split_backward=True)
+                                                              priority=prio, split_backward=True, subs=subs)
     return out
 
 
@@ -53,7 +57,9 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
     """DIP's plan for this batch: every candidate order (and the static ``baselines``) lowered,
     validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw."""
     best = None
-    candidates = {f"dual-queue ({k})": v for k, v in dip_candidates(pipe, model, len(microbatches)).items()}
+    subs = pipe.sub_counts(microbatches)
+    candidates = {f"dual-queue ({k})": v
+                  for k, v in dip_candidates(pipe, model, len(microbatches), subs).items()}
     for name in baselines:
         candidates[name] = None
     for label, orders in candidates.items():

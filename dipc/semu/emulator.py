@@ -299,9 +299,11 @@ def simulate(
             cur[st.rank] += float(memory.static(st.id))
         peak = list(cur)
         mem_tl: list[list[tuple[float, float]]] = [[(0.0, c)] for c in cur]
-        stash: dict[tuple[int, int], float] = {}     # (stage, mb) -> stashed activation bytes
-        held_act: dict[tuple[int, int], float] = {}  # (stage, mb) -> received activation bytes
-        held_grad: dict[tuple[int, int], float] = {}  # (stage, mb) -> received gradient bytes
+        stash: dict[tuple[int, int, int], float] = {}     # (stage, mb, sub) -> stashed activation bytes
+        held_act: dict[tuple[int, int, int], float] = {}  # (stage, mb, sub) -> received activation bytes
+        held_grad: dict[tuple[int, int, int], float] = {}  # (stage, mb, sub) -> received gradient bytes
+        split_modalities = {name for name, _ in program.subs}
+        split_stage = [s.modality in split_modalities for s in program.stages]
         mem_act = memory.activations
         mem_keep = memory.kept_for_wgrad
         mem_ws = memory.workspace
@@ -326,7 +328,7 @@ def simulate(
                         if cur[r] + ws > peak[r]:
                             peak[r] = cur[r] + ws
                     delta = 0.0
-                    key = (ins.stage, ins.mb)
+                    key = (ins.stage, ins.mb, ins.sub)
                     if op is Op.FWD:
                         b = float(mem_act(ins))
                         stash[key] = b
@@ -384,7 +386,10 @@ def simulate(
                     cur[r] = c
                     if c > peak[r]:
                         peak[r] = c
-                    key = (ins.stage, ins.mb)
+                    # held by the receiving unit: a stage outside a split modality receives every
+                    # sub of its producer's output for its one whole-microbatch unit
+                    sub = ins.sub if ins.op is Op.RECV_GRAD or split_stage[ins.stage] else -1
+                    key = (ins.stage, ins.mb, sub)
                     held = held_act if ins.op is Op.RECV_ACT else held_grad
                     held[key] = held.get(key, 0.0) + nbytes
                     if record:

@@ -59,7 +59,7 @@ from dipc.semu.emulator import MemoryModel, SimResult, simulate
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
 
 __all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_length_stats", "best_contiguous_split",
-           "chain_program", "layer_time", "stats_for_layer", "StepModelError"]
+           "chain_program", "layer_time", "stats_for_layer", "StepModelError", "sub_length_stats"]
 
 StatsLike = Mapping[str, LengthStats] | LengthStats
 
@@ -206,6 +206,16 @@ def batch_length_stats(batch: Mapping[str, Any]) -> dict[str, LengthStats]:
                          "per-prefix LengthStats yourself (LengthStats.of / LengthStats.padded).")
 
 
+def sub_length_stats(pipe: Any, microbatches: Sequence[Mapping[str, Any]]
+                     ) -> dict[tuple[int, int], dict[str, LengthStats]]:
+    """``(mb, sub) -> statistics`` of every sub-microbatch of a compiled pipeline with
+    ``sub_microbatches`` (``StepModel(sub_stats=...)``): the microbatch with the split modality's
+    keys replaced by the sub's, through :func:`batch_length_stats` (so only the example models'
+    key conventions are understood)."""
+    return {(m, j): batch_length_stats({**microbatches[m], **part})
+            for (_, m, j), part in pipe.sub_batches(microbatches).items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # stages and the step
 
@@ -247,13 +257,17 @@ class StepModel:
     layers). ``dtype``: compute dtype name for every layer, or a path -> name mapping; default
     ``layer_dtypes`` (filled by :meth:`for_pipeline` from the modules' parameters), else bfloat16.
     ``dp``: data-parallel degree; REDUCE then takes a ring all-reduce of the stage's gradients.
+    ``sub_stats[(m, j)]``: the statistics of sub-microbatch ``j`` of microbatch ``m`` (see
+    :func:`sub_length_stats`); an instruction with ``sub=j`` is timed and its activations
+    counted from these, so a program with sub-microbatches is scored from each sub's own lengths.
     """
 
     def __init__(self, cost_model: CostModel, cluster: ClusterProfile, stage_layers: Sequence[Sequence[str]],
                  microbatch_stats: Sequence[StatsLike], *, tp: int = 1, dp: int = 1,
                  dtype: str | Mapping[str, str] | None = None,
                  tp_allreduces: Callable[[str], int] | None = None, gemms_per_layer: int = 4,
-                 bytes_mode: str = "max") -> None:
+                 bytes_mode: str = "max",
+                 sub_stats: Mapping[tuple[int, int], StatsLike] | None = None) -> None:
         if tp < 1 or dp < 1:
             raise StepModelError(f"tp={tp}, dp={dp}. Fix: pass degrees >= 1.")
         unknown = [p for layers in stage_layers for p in layers if p not in cost_model.exprs]
@@ -264,14 +278,15 @@ class StepModel:
         self.cluster = cluster
         self.stage_layers = [list(layers) for layers in stage_layers]
         self.microbatch_stats = list(microbatch_stats)
+        self.sub_stats = dict(sub_stats or {})
         self.tp, self.dp = tp, dp
         self.dtype = dtype
         self.tp_allreduces = tp_allreduces
         self.gemms_per_layer = gemms_per_layer
         self.bytes_mode = bytes_mode
         self._layer_cache: dict[tuple, LayerTime] = {}
-        self._stage_cache: dict[tuple[int, int], StageTime] = {}
-        self._act_cache: dict[tuple[int, int], float] = {}
+        self._stage_cache: dict[tuple[int, int, int], StageTime] = {}
+        self._act_cache: dict[tuple[int, int, int], float] = {}
 
     @classmethod
     def for_pipeline(cls, pipe: Any, cost_model: CostModel, cluster: ClusterProfile,
@@ -311,7 +326,13 @@ class StepModel:
                 gemms_per_layer=self.gemms_per_layer, bytes_mode=self.bytes_mode)
         return hit
 
-    def _stats(self, mb: int) -> StatsLike:
+    def _stats(self, mb: int, sub: int = -1) -> StatsLike:
+        if sub >= 0:
+            try:
+                return self.sub_stats[(mb, sub)]
+            except KeyError:
+                raise StepModelError(f"no statistics for sub-microbatch {sub} of microbatch {mb}. Fix: pass "
+                                     "sub_stats=sub_length_stats(pipe, microbatches).") from None
         try:
             return self.microbatch_stats[mb]
         except IndexError:
@@ -326,12 +347,12 @@ class StepModel:
                                  "the layers of every stage of the program.") from None
 
     # -- per stage -----------------------------------------------------------------------------
-    def stage_time(self, stage: int, mb: int) -> StageTime:
-        """Seconds of stage ``stage`` on microbatch ``mb`` (cached)."""
-        key = (stage, mb)
+    def stage_time(self, stage: int, mb: int, sub: int = -1) -> StageTime:
+        """Seconds of stage ``stage`` on microbatch ``mb`` (its sub-microbatch ``sub``; cached)."""
+        key = (stage, mb, sub)
         hit = self._stage_cache.get(key)
         if hit is None:
-            stats = self._stats(mb)
+            stats = self._stats(mb, sub)
             f = bi = bw = comm = 0.0
             for p in self._layers(stage):
                 t = self.layer_time(p, _lookup(stats, p))
@@ -367,12 +388,12 @@ class StepModel:
             total += pb + gb + ob
         return total / self.tp
 
-    def activation_bytes(self, stage: int, mb: int) -> float:
-        """Activations the stage's forward on ``mb`` keeps for backward, per GPU (÷ tp)."""
-        key = (stage, mb)
+    def activation_bytes(self, stage: int, mb: int, sub: int = -1) -> float:
+        """Activations the stage's forward on ``mb`` (sub ``sub``) keeps for backward, per GPU (÷ tp)."""
+        key = (stage, mb, sub)
         hit = self._act_cache.get(key)
         if hit is None:
-            stats = self._stats(mb)
+            stats = self._stats(mb, sub)
             hit = self._act_cache[key] = sum(self.cost_model.cost(p, _lookup(stats, p)).act_bytes
                                              for p in self._layers(stage)) / self.tp
         return hit
@@ -390,13 +411,13 @@ class StepModel:
         """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
         op = ins.op
         if op is Op.FWD:
-            return self.stage_time(ins.stage, ins.mb).fwd
+            return self.stage_time(ins.stage, ins.mb, ins.sub).fwd
         if op is Op.BWD:
-            return self.stage_time(ins.stage, ins.mb).bwd
+            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd
         if op is Op.BWD_I:
-            return self.stage_time(ins.stage, ins.mb).bwd_in
+            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_in
         if op is Op.BWD_W:
-            return self.stage_time(ins.stage, ins.mb).bwd_w
+            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_w
         if op is Op.REDUCE:
             return self.reduce_time(ins.stage)
         return 0.0
@@ -405,7 +426,7 @@ class StepModel:
         """Per-GPU memory: static bytes per stage, activations per (stage, microbatch). The layers'
         ``act_bytes`` include each layer's input, so received messages are not counted again."""
         return MemoryModel(static=self.static_bytes,
-                           activations=lambda ins: self.activation_bytes(ins.stage, ins.mb),
+                           activations=lambda ins: self.activation_bytes(ins.stage, ins.mb, ins.sub),
                            count_messages=False)
 
     def simulate(self, program: Program, *, memory: bool = True, **kwargs: Any) -> SimResult:
@@ -437,7 +458,7 @@ def chain_program(step: StepModel, num_microbatches: int, schedule: str = "1f1b"
                         loads=("batch",) if s == 0 else (), has_loss=s == P - 1) for s in range(P)]
     width = DTYPE_BYTES[message_dtype]
 
-    def specs(kind: str, mb: int, producer: int, consumer: int):
+    def specs(kind: str, mb: int, producer: int, consumer: int, sub: int = -1):
         last = step._layers(producer)[-1]
         nbytes = step.cost_model.cost(last, _lookup(step._stats(mb), last)).out_bytes
         if shard_messages:

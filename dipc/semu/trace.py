@@ -52,6 +52,8 @@ def to_chrome_trace(result: SimResult) -> dict[str, Any]:
             args["stage"] = ins.stage
         if ins.mb >= 0:
             args["mb"] = ins.mb
+        if ins.sub >= 0:
+            args["sub"] = ins.sub
         if stream == STREAM_SEND:
             args["to_rank"] = peer
         events.append({"name": name, "cat": _CATEGORY[stream], "ph": "X", "pid": rank, "tid": tid,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dipc.ir import Instruction, Op, Program, StageInfo, TensorSpec
+from dipc.ir.program import sub_indices
 
 I = Instruction
 
@@ -43,7 +44,8 @@ def two_rank_1f1b() -> Program:
 
 
 def build_program(stages: tuple[StageInfo, ...], num_ranks: int, num_microbatches: int, *,
-                  split: bool = False, reduce: bool = True) -> Program:
+                  split: bool = False, reduce: bool = True,
+                  subs: tuple[tuple[str, tuple[int, ...]], ...] = ()) -> Program:
     """A valid GPipe-like program for any stage DAG whose producers have smaller ids.
 
     The instructions are emitted in one global sequential order (all forwards, then all
@@ -57,33 +59,57 @@ def build_program(stages: tuple[StageInfo, ...], num_ranks: int, num_microbatche
         streams[rank[ins.stage]].append(ins)
 
     M = num_microbatches
+
+    def units(st: StageInfo, m: int):
+        return sub_indices(subs, st.modality, m)
+
+    def msg_subs(p: int, c: int, m: int, j: int):
+        split_c = units(stages[c], m) != (-1,)
+        return (j,) if split_c else units(stages[p], m)
+
     for m in range(M):
         for s in stages:
-            if s.loads:
-                emit(I(op=Op.LOAD, stage=s.id, mb=m))
-            emit(I(op=Op.FWD, stage=s.id, mb=m))
-            for c in stages:
-                if s.id in c.producers and rank[c.id] != s.rank:
-                    emit(I(op=Op.SEND_ACT, stage=s.id, mb=m, peer=rank[c.id], other_stage=c.id))
-                    emit(I(op=Op.RECV_ACT, stage=c.id, mb=m, peer=s.rank, other_stage=s.id,
-                           specs=act(8 + m)))
+            for j in units(s, m):
+                if s.loads:
+                    emit(I(op=Op.LOAD, stage=s.id, mb=m, sub=j))
+                emit(I(op=Op.FWD, stage=s.id, mb=m, sub=j))
+                for c in stages:
+                    if s.id in c.producers and rank[c.id] != s.rank:
+                        emit(I(op=Op.SEND_ACT, stage=s.id, mb=m, sub=j, peer=rank[c.id], other_stage=c.id))
+                        emit(I(op=Op.RECV_ACT, stage=c.id, mb=m, sub=j, peer=s.rank, other_stage=s.id,
+                               specs=act(8 + m)))
     for m in range(M):
         for s in reversed(stages):
-            emit(I(op=Op.BWD_I if split else Op.BWD, stage=s.id, mb=m))
-            for p in s.grad_producers:
-                if rank[p] != s.rank:
-                    emit(I(op=Op.SEND_GRAD, stage=s.id, mb=m, peer=rank[p], other_stage=p))
-                    emit(I(op=Op.RECV_GRAD, stage=p, mb=m, peer=s.rank, other_stage=s.id,
-                           specs=act(8 + m)))
+            for j in units(s, m):
+                emit(I(op=Op.BWD_I if split else Op.BWD, stage=s.id, mb=m, sub=j))
+                for p in s.grad_producers:
+                    if rank[p] != s.rank:
+                        for k in msg_subs(p, s.id, m, j):
+                            emit(I(op=Op.SEND_GRAD, stage=s.id, mb=m, sub=k, peer=rank[p], other_stage=p))
+                            emit(I(op=Op.RECV_GRAD, stage=p, mb=m, sub=k, peer=s.rank, other_stage=s.id,
+                                   specs=act(8 + m)))
         if split:
             for s in stages:
-                emit(I(op=Op.BWD_W, stage=s.id, mb=m))
+                for j in units(s, m):
+                    emit(I(op=Op.BWD_W, stage=s.id, mb=m, sub=j))
     for r in range(num_ranks):
         if reduce:
             streams[r].append(I(op=Op.REDUCE))
         streams[r].append(I(op=Op.OPTIM))
     return Program(schedule="gpipe-seq", num_ranks=num_ranks, num_microbatches=M,
-                   stages=tuple(stages), streams=tuple(tuple(s) for s in streams))
+                   stages=tuple(stages), streams=tuple(tuple(s) for s in streams), subs=subs)
+
+
+def vision_subs_stages() -> tuple[StageInfo, ...]:
+    """Two vision stages (ranks 0, 1) feeding two backbone stages (ranks 1, 0, loss on the last)."""
+    return (
+        StageInfo(id=0, rank=0, modality="vision", loads=("pixel_values",)),
+        StageInfo(id=1, rank=1, modality="vision", producers=(0,), grad_producers=(0,)),
+        StageInfo(id=2, rank=1, modality="backbone", producers=(1,), grad_producers=(1,),
+                  loads=("input_ids",)),
+        StageInfo(id=3, rank=0, modality="backbone", producers=(2,), grad_producers=(2,),
+                  loads=("labels",), has_loss=True),
+    )
 
 
 def chain_stages(num_stages: int, placement: list[int], loads_first: bool = True) -> tuple[StageInfo, ...]:

@@ -19,7 +19,8 @@ scalar_specs = st.builds(TensorSpec, kind=st.sampled_from(["int", "float", "bool
 specs = st.one_of(tensor_specs, scalar_specs)
 
 instructions = st.builds(
-    Instruction, op=st.sampled_from(list(Op)), stage=small, mb=small, peer=small, other_stage=small,
+    Instruction, op=st.sampled_from(list(Op)), stage=small, mb=small, sub=small, peer=small,
+    other_stage=small,
     specs=st.lists(specs, max_size=4).map(tuple))
 
 stage_infos = st.builds(
@@ -40,4 +41,6 @@ programs = st.builds(
     num_microbatches=st.integers(0, 64),
     stages=st.lists(stage_infos, max_size=4).map(tuple),
     streams=st.lists(st.lists(instructions, max_size=6).map(tuple), max_size=4).map(tuple),
-    attrs=attrs)
+    attrs=attrs,
+    subs=st.dictionaries(st.one_of(bare, any_text), st.lists(st.integers(0, 9), min_size=1, max_size=5)
+                         .map(tuple), max_size=2).map(lambda d: tuple(d.items())))

@@ -248,15 +248,19 @@ def test_structure_rules(change, pattern):
 def valid_programs(draw):
     n = draw(st.integers(1, 6))
     num_ranks = draw(st.integers(1, 4))
+    # the first `split` stages form an encoder segment run in sub-microbatches (it reads only itself)
+    split = draw(st.integers(0, n - 1))
     stages = []
     for i in range(n):
         producers = tuple(sorted(draw(st.sets(st.integers(0, i - 1), max_size=2)))) if i else ()
         grad = tuple(q for q in producers if draw(st.booleans()))
         stages.append(StageInfo(id=i, rank=draw(st.integers(0, num_ranks - 1)), producers=producers,
                                 grad_producers=grad, loads=("x",) if draw(st.booleans()) else (),
-                                has_loss=i == n - 1))
-    return build_program(tuple(stages), num_ranks, draw(st.integers(1, 3)), split=draw(st.booleans()),
-                         reduce=draw(st.booleans()))
+                                has_loss=i == n - 1, modality="vision" if i < split else "backbone"))
+    M = draw(st.integers(1, 3))
+    subs = (("vision", tuple(draw(st.lists(st.integers(1, 3), min_size=M, max_size=M)))),) if split else ()
+    return build_program(tuple(stages), num_ranks, M, split=draw(st.booleans()),
+                         reduce=draw(st.booleans()), subs=subs)
 
 
 @settings(max_examples=60, deadline=None)

@@ -45,7 +45,7 @@ def text(order: list[ComputeAction]) -> str:
     return " ".join(map(str, order))
 
 
-def fake_specs(kind: str, mb: int, producer: int, consumer: int) -> tuple[TensorSpec, ...]:
+def fake_specs(kind: str, mb: int, producer: int, consumer: int, sub: int = -1) -> tuple[TensorSpec, ...]:
     dtype = "f32" if kind == "act" else "bf16"
     return (TensorSpec(dtype=dtype, shape=(mb + 1, producer, consumer)), TensorSpec(kind="int"))
 
