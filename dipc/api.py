@@ -19,6 +19,7 @@ from dipc.passes.layers import resolve_layers
 from dipc.passes.partition import StageSpec, assign_layers, build_stages, layer_costs
 from dipc.passes.shapes import ShapeInference
 from dipc.passes.tag import LayerTag, tag_modalities
+from dipc.runtime.recompute import wrap_layers
 
 Batch = Mapping[str, Any]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -265,6 +266,7 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     costs = layer_costs(captured)
     stage_layers, stage_mod = assign_layers(tags, costs, num_stages, chunks, segments)
     stages = build_stages(captured, stage_layers, stage_mod, num_stages)
+    wrap_layers(stages)   # switchable activation checkpointing; programs turn it on per step
     history.append(("partition", [s.module for s in stages], (time.perf_counter() - t0) * 1e3))
     return CompiledPipeline(model=model, captured=captured, tags=tags, stages=stages, num_ranks=num_stages,
                             chunks=chunks, schedule=schedule, loss_weight=loss_weight or default_loss_weight,

@@ -8,12 +8,14 @@ from dipc.errors import ScheduleError
 from dipc.ir import Program
 from dipc.passes.partition import StageSpec
 from dipc.runtime.interpreter import RankInterpreter, StepStats
+from dipc.runtime.recompute import apply_recompute
 from dipc.runtime.transport import LocalTransport
 
 
 def run_local(program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
               loss_weights: Sequence[float], treespecs: Mapping[str, Any],
               optimizer_step: Callable[[], None] | None = None) -> list[StepStats]:
+    apply_recompute(program, stages)   # the program's activation-checkpointing choice
     transport = LocalTransport()
     ranks = [RankInterpreter(r, program, stages, microbatches, loss_weights, transport, treespecs)
              for r in range(program.num_ranks)]
