@@ -5,7 +5,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -20,6 +20,9 @@ from dipc.passes.partition import StageSpec, assign_layers, build_stages, layer_
 from dipc.passes.shapes import ShapeInference
 from dipc.passes.tag import LayerTag, tag_modalities
 from dipc.runtime.recompute import wrap_layers
+
+if TYPE_CHECKING:
+    from dipc.semu.memory_opt import MemoryPlan
 
 Batch = Mapping[str, Any]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -98,12 +101,19 @@ class CompiledPipeline:
                                  f"(it has {sorted(mb)}). Fix: give every microbatch the example batch's keys.")
 
     def plan(self, microbatches: Sequence[Batch], schedule: str | None = None,
-             compute_orders: Sequence[Sequence[Any]] | None = None) -> Program:
+             compute_orders: Sequence[Sequence[Any]] | None = None, *,
+             memory_limit: float | Sequence[float] | None = None, profile: str = "h800") -> Program:
         """The program for these microbatches (shapes of every message known, validated).
 
         ``compute_orders`` (one list of ``ComputeAction`` per rank, e.g. from
         :func:`dipc.passes.dual_queue.dual_queue_schedule` fed with SEMU's durations) replaces the
         named schedule's generator; ``schedule`` then only names the program.
+
+        ``memory_limit`` (bytes per rank, one number or one per rank) applies DIP's phase 3
+        (:func:`dipc.semu.memory_opt.optimize_memory`): the cheapest per-stage activation
+        recomputation that keeps SEMU's peak (on ``profile``) within the limit, written to the
+        program's ``recompute`` attribute, which :meth:`step` executes. Raises
+        ``InfeasibleMemoryError`` (how much over, per rank) when even full recomputation does not fit.
         """
         from dipc.ir.validate import validate
         from dipc.passes.codegen import build_program, lower
@@ -124,6 +134,8 @@ class CompiledPipeline:
             program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
                             schedule=schedule or "custom", specs=specs)
         validate(program)
+        if memory_limit is not None:
+            program = self.fit_memory(program, microbatches, memory_limit, profile).program
         maybe_dump(self, program, microbatches)
         entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
         if self.history and self.history[-1][0] == "plan":   # keep the latest plan, not one per step
@@ -131,6 +143,14 @@ class CompiledPipeline:
         else:
             self.history.append(entry)
         return program
+
+    def fit_memory(self, program: Program, microbatches: Sequence[Batch], memory_limit: float | Sequence[float],
+                   profile: str = "h800") -> "MemoryPlan":
+        """DIP phase 3 on ``program``: the recomputation plan, its simulated peaks and added time."""
+        from dipc.semu.compare import step_model
+        from dipc.semu.memory_opt import optimize_memory
+
+        return optimize_memory(program, step_model(self, microbatches, profile), memory_limit)
 
     def check_trainable(self) -> None:
         if tuple(p.requires_grad for p in self.model.parameters()) != self.trainable:

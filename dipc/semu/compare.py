@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from dipc.errors import InfeasibleMemoryError
 from dipc.ir import Op, Program
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule
 from dipc.semu.emulator import SimResult
@@ -26,10 +27,28 @@ def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any
     return StepModel.for_pipeline(pipe, pipe._cost_model, load_profile(profile), stats)
 
 
-def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int) -> dict[str, list]:
+def _activation_budgets(pipe: "CompiledPipeline", model, memory_limit: float | Sequence[float]) -> list[float]:
+    """Per rank: the memory limit less the rank's parameters, gradients and optimizer states."""
+    limits = [float(memory_limit)] * pipe.num_ranks if isinstance(memory_limit, (int, float)) else list(memory_limit)
+    return [limits[r] - sum(model.static_bytes(s.id) for s in pipe.stages if s.rank == r)
+            for r in range(pipe.num_ranks)]
+
+
+def _frugal_stash(model, stage: int, mb: int) -> float:
+    """The least a FWD can stash: every layer that saves memory recomputed (phase 2's assumption)."""
+    fps = [model.layer_footprint(stage, mb, p) for p in model.stage_layers[stage]]
+    return sum(min(f.act_bytes, f.in_bytes) for f in fps)
+
+
+def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int,
+                   memory_limit: float | Sequence[float] | None = None) -> dict[str, list]:
     """Phase 2 of DIP's search fed with SEMU's per-(stage, microbatch) times, under a few
     microbatch priority rules (in order; heaviest first; lightest first), each with and without the
-    zero-bubble backward split. Phase 1 (MCTS over segment priorities) will generate these."""
+    zero-bubble backward split. Phase 1 (MCTS over segment priorities) will generate these.
+
+    With a ``memory_limit``, forwards are held back where even the most memory-efficient
+    recomputation (the paper's phase-2 assumption) would not fit the rank's activation budget;
+    a candidate the greedy cannot fit is left out (phase 3 then decides what to recompute)."""
     t = model.stage_time
     work = [sum(t(s.id, m).fwd + t(s.id, m).bwd for s in pipe.stages) for m in range(num_microbatches)]
     heavy = {m: i for i, m in enumerate(sorted(range(num_microbatches), key=lambda m: -work[m]))}
@@ -37,31 +56,58 @@ def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int) -> di
     priorities = {"in order": None,
                   "heaviest first": lambda op, s, m: (heavy[m], s if op is Op.FWD else -s),
                   "lightest first": lambda op, s, m: (light[m], s if op is Op.FWD else -s)}
-    plain = TaskCosts(fwd=lambda s, m: t(s, m).fwd, bwd=lambda s, m: t(s, m).bwd)
-    split = TaskCosts(fwd=plain.fwd, bwd=lambda s, m: t(s, m).bwd_in, wgrad=lambda s, m: t(s, m).bwd_w)
+    budgets = None if memory_limit is None else _activation_budgets(pipe, model, memory_limit)
+    act = (lambda s, m: 1.0) if budgets is None else (lambda s, m: _frugal_stash(model, s, m))
+    plain = TaskCosts(fwd=lambda s, m: t(s, m).fwd, bwd=lambda s, m: t(s, m).bwd, act=act)
+    split = TaskCosts(fwd=plain.fwd, bwd=lambda s, m: t(s, m).bwd_in, wgrad=lambda s, m: t(s, m).bwd_w, act=act)
     stages = list(pipe.stage_infos)
     out = {}
     for label, prio in priorities.items():
-        out[label] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, plain, priority=prio)
-        out[label + ", split backward"] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, split,
-                                                              priority=prio, split_backward=True)
+        for suffix, costs, is_split in (("", plain, False), (", split backward", split, True)):
+            try:
+                out[label + suffix] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, costs,
+                                                          priority=prio, memory_limit=budgets,
+                                                          split_backward=is_split)
+            except InfeasibleMemoryError:
+                if budgets is None:
+                    raise
     return out
 
 
 def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model,
-             baselines: Sequence[str] = ()) -> tuple[str, Program, SimResult]:
+             baselines: Sequence[str] = (),
+             memory_limit: float | Sequence[float] | None = None) -> tuple[str, Program, SimResult]:
     """DIP's plan for this batch: every candidate order (and the static ``baselines``) lowered,
-    validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw."""
+    validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw.
+
+    With ``memory_limit`` (bytes per rank), every candidate first goes through phase 3
+    (:func:`dipc.semu.memory_opt.optimize_memory`), so its score includes the recomputation it
+    needs to fit; candidates that cannot fit are dropped, and if none fits the error of the one
+    that came closest is raised."""
+    from dipc.semu.memory_opt import optimize_memory
+
     best = None
-    candidates = {f"dual-queue ({k})": v for k, v in dip_candidates(pipe, model, len(microbatches)).items()}
+    failures: list[InfeasibleMemoryError] = []
+    candidates = {f"dual-queue ({k})": v
+                  for k, v in dip_candidates(pipe, model, len(microbatches), memory_limit).items()}
     for name in baselines:
         candidates[name] = None
     for label, orders in candidates.items():
         program = (pipe.plan(microbatches, schedule=label) if orders is None else
                    pipe.plan(microbatches, schedule="dual_queue", compute_orders=orders))
-        result = model.simulate(program)
+        if memory_limit is None:
+            result = model.simulate(program)
+        else:
+            try:
+                fitted = optimize_memory(program, model, memory_limit)
+            except InfeasibleMemoryError as e:
+                failures.append(e)
+                continue
+            program, result = fitted.program, fitted.result
         if best is None or result.step_time < best[2].step_time:
             best = (label, program, result)
+    if best is None:
+        raise min(failures, key=lambda e: e.excess)
     return best
 
 

@@ -80,7 +80,8 @@ class MemoryPlan:
 
 
 def _gib(x: float) -> str:
-    return f"{x / _GIB:.2f} GiB"
+    """Bytes in GiB, or MiB below 1 GiB (small test models would all print 0.00 GiB)."""
+    return f"{x / _GIB:.2f} GiB" if abs(x) >= _GIB else f"{x / 2**20:.2f} MiB"
 
 
 def stage_candidates(costs: RecomputeCosts, stage: int, num_microbatches: int,
@@ -209,10 +210,10 @@ def _infeasible(program: Program, costs: PlannableCosts, limits: list[float], pr
     frugal = {s: p.cands[s][-1] for p in problems for s in p.stages}
     peaks = simulate(with_recompute(program, frugal)).peak_memory or ()
     lines = []
-    worst = 0.0
+    excess: dict[int, float] = {}
     for r, (peak, limit, p) in enumerate(zip(peaks, limits, problems)):
         if peak > limit:
-            worst = max(worst, peak - limit)
+            excess[r] = peak - limit
             lines.append(f"rank {r}: needs {_gib(peak)} = {_gib(p.static)} parameters/gradients/optimizer "
                          f"+ {_gib(peak - p.static)} activations with every layer recomputed, "
                          f"{_gib(peak - limit)} ({int(peak - limit)} bytes) over its {_gib(limit)} limit")
@@ -223,7 +224,7 @@ def _infeasible(program: Program, costs: PlannableCosts, limits: list[float], pr
         f"{program.num_microbatches} microbatches ({why}): {detail}. Fix: spread the model over more "
         "pipeline ranks/stages (fewer parameters per rank), use smaller microbatches or a schedule with "
         "fewer microbatches in flight (1f1b or zb_h1 rather than gpipe), add tensor parallelism, or raise "
-        f"memory_limit by at least {_gib(worst)}.")
+        f"memory_limit by at least {_gib(max(excess.values(), default=0.0))}.", excess)
 
 
 def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float | Sequence[float], *,
