@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dipc.errors import ScheduleError
 from dipc.ir import Instruction, Op, Program
 from dipc.ir.recompute import RecomputePlan
 from dipc.semu.emulator import ComputeTimeFn, MemoryModel
@@ -77,14 +78,22 @@ def recomputes_in(ins: Instruction, program: Program) -> bool:
     return ins.op is Op.BWD_I and bool(program.stage(ins.stage).grad_producers)
 
 
-def _sets(plan: Mapping[int, Sequence[str]]) -> dict[int, frozenset[str]]:
+def _sets(costs: RecomputeCosts, plan: Mapping[int, Sequence[str]]) -> dict[int, frozenset[str]]:
+    """The plan as sets, after checking every named layer belongs to its stage."""
+    for stage, layers in plan.items():
+        own = costs.stage_layers[stage] if 0 <= stage < len(costs.stage_layers) else []
+        bad = [p for p in layers if p not in own]
+        if bad:
+            raise ScheduleError(f"the program recomputes {bad[:3]} in stage {stage}, which holds {own[:4]}"
+                                f"{'...' if len(own) > 4 else ''}. Fix: plan the recomputation for this "
+                                "pipeline's stages (pipe.plan(..., memory_limit=...)).")
     return {s: frozenset(layers) for s, layers in plan.items() if layers}
 
 
 def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: Program,
                            plan: RecomputePlan) -> ComputeTimeFn:
     """``base`` plus the re-run forwards in every backward instruction that recomputes."""
-    sets = _sets(plan)
+    sets = _sets(costs, plan)
     if not sets:
         return base
     cache: dict[tuple[int, int], float] = {}
@@ -105,7 +114,7 @@ def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: 
 def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: RecomputePlan) -> MemoryModel:
     """Static bytes per stage; per-FWD stash under ``plan``; recompute workspace in backwards.
     Layers' ``act_bytes`` include their inputs, so received messages are not counted again."""
-    sets = _sets(plan)
+    sets = _sets(costs, plan)
     empty: frozenset[str] = frozenset()
 
     def activations(ins: Instruction) -> float:

@@ -58,7 +58,7 @@ import torch
 from dipc.errors import DipcError
 from dipc.ir import Instruction, Op, Program, StageInfo, TensorSpec
 from dipc.semu.costs import CostModel, LayerCost, LengthStats
-from dipc.ir.recompute import RecomputePlan, recompute_plan
+from dipc.ir.recompute import recompute_plan
 from dipc.semu.emulator import MemoryModel, SimResult, simulate
 from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompute_memory_model
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
@@ -420,19 +420,10 @@ class StepModel:
         With a ``program`` that recomputes layers, its recomputed layers stash only their inputs."""
         plan = recompute_plan(program) if program is not None else {}
         if plan:
-            self._check_plan(plan)
             return recompute_memory_model(self, program, plan)
         return MemoryModel(static=self.static_bytes,
                            activations=lambda ins: self.activation_bytes(ins.stage, ins.mb),
                            count_messages=False)
-
-    def _check_plan(self, plan: RecomputePlan) -> None:
-        for stage, layers in plan.items():
-            own = self._layers(stage)
-            bad = [p for p in layers if p not in own]
-            if bad:
-                raise StepModelError(f"the program recomputes {bad[:3]} in stage {stage}, which holds "
-                                     f"{own[:4]}. Fix: plan the recomputation for this pipeline's stages.")
 
     def simulate(self, program: Program, *, memory: bool = True, **kwargs: Any) -> SimResult:
         """:func:`dipc.semu.emulator.simulate` of ``program`` with this model's times (and memory),
@@ -443,8 +434,6 @@ class StepModel:
                                  f"{len(self.microbatch_stats)} statistics were given. Fix: one per microbatch.")
         kwargs.setdefault("gpus_per_rank", self.tp)
         plan = recompute_plan(program)
-        if plan:
-            self._check_plan(plan)
         compute = recompute_compute_time(self.compute_time, self, program, plan)
         return simulate(program, self.cluster, compute,
                         memory=self.memory_model(program) if memory else None, **kwargs)

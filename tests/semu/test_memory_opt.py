@@ -134,3 +134,12 @@ def test_infeasible_request_says_by_how_much_per_rank():
     assert "rank 1" not in msg.split("Fix:")[0], "only ranks over the limit are named"
     assert "more pipeline ranks" in msg and "smaller microbatches" in msg and "raise memory_limit by at least" in msg
     assert set(err.value.excess_bytes) == {0} and err.value.excess_bytes[0] > 0.5 * 2.0**30
+
+
+def test_plan_naming_a_foreign_layer_is_refused_by_semu():
+    from dipc.errors import ScheduleError
+
+    program = chain(2, 1, 2, "1f1b")
+    costs = random_costs(0, 2, 2, 2)
+    with pytest.raises(ScheduleError, match=r"recomputes \['s1.l0'\] in stage 0.*Fix:"):
+        costs.simulate(with_recompute(program, {0: ["s1.l0"]}))
