@@ -69,14 +69,10 @@ class MemoryPlan:
     program: Program
     recompute: RecomputePlan
     result: SimResult
+    peak_memory: tuple[float, ...]
     limit: tuple[float, ...]
     added_seconds: tuple[float, ...]
     rounds: int
-
-    @property
-    def peak_memory(self) -> tuple[float, ...]:
-        assert self.result.peak_memory is not None
-        return self.result.peak_memory
 
 
 def _gib(x: float) -> str:
@@ -172,8 +168,9 @@ def _rank_problem(program: Program, costs: RecomputeCosts, rank: int, max_candid
 
 
 def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
-           time_limit: float | None) -> dict[int, tuple[str, ...]] | None:
-    """The cheapest choice with every memory row within ``budget`` bytes, or None if infeasible."""
+           time_limit: float | None) -> dict[int, int] | None:
+    """Stage -> candidate index of the cheapest choice with every memory row within ``budget``
+    bytes, or None if infeasible."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n = len(problem.cols)
@@ -198,11 +195,8 @@ def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
                options=options)
     if res.x is None:
         return None
-    choice = {}
-    for s in problem.stages:
-        j = max(range(len(problem.cands[s])), key=lambda j: res.x[problem.cols[(s, j)]])
-        choice[s] = problem.cands[s][j]
-    return choice
+    return {s: max(range(len(problem.cands[s])), key=lambda j: res.x[problem.cols[(s, j)]])
+            for s in problem.stages}
 
 
 def _infeasible(program: Program, costs: PlannableCosts, limits: list[float], problems: list[_RankProblem],
@@ -244,26 +238,25 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
     sim = simulate or costs.simulate
     problems = [_rank_problem(program, costs, r, max_candidates) for r in range(program.num_ranks)]
     budgets = [limit - p.static for limit, p in zip(limits, problems)]
-    choice: dict[int, tuple[str, ...]] = {}
+    index: dict[int, int] = {}          # stage -> chosen candidate
     todo = list(range(program.num_ranks))
     for rounds in range(1, max_rounds + 1):
         for r in todo:
             got = _solve(problems[r], budgets[r], mip_rel_gap, time_limit) if budgets[r] > 0 else None
             if got is None:
                 raise _infeasible(program, costs, limits, problems, sim, f"rank {r}'s ILP is infeasible")
-            choice.update(got)
-        planned = with_recompute(program, choice)
+            index.update(got)
+        plan = {s: p.cands[s][index[s]] for p in problems for s in p.stages if p.cands[s][index[s]]}
+        planned = with_recompute(program, plan)
         result = sim(planned)
         peaks = result.peak_memory
         if peaks is None:
             raise ValueError("the simulator returned no peak memory. Fix: simulate with a memory model.")
         todo = [r for r in range(program.num_ranks) if peaks[r] > limits[r] * (1 + 1e-9) + 1.0]
         if not todo:
-            added = tuple(float(sum(problems[r].cost[problems[r].cols[(s, problems[r].cands[s].index(choice[s]))]]
-                                    for s in problems[r].stages)) for r in range(program.num_ranks))
-            plan = {s: layers for s, layers in choice.items() if layers}
-            return MemoryPlan(program=planned, recompute=plan, result=result, limit=tuple(limits),
-                              added_seconds=added, rounds=rounds)
+            added = tuple(float(sum(p.cost[p.cols[(s, index[s])]] for s in p.stages)) for p in problems)
+            return MemoryPlan(program=planned, recompute=plan, result=result, peak_memory=tuple(peaks),
+                              limit=tuple(limits), added_seconds=added, rounds=rounds)
         for r in todo:   # the emulator disagrees with the ILP's accounting: tighten and re-solve
             budgets[r] -= peaks[r] - limits[r]
     raise _infeasible(program, costs, limits, problems, sim,
