@@ -277,6 +277,7 @@ class StepModel:
         self._layer_cache: dict[tuple, LayerTime] = {}
         self._stage_cache: dict[tuple[int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int], float] = {}
+        self._footprint_cache: dict[tuple[int, str], Footprint] = {}
 
     @classmethod
     def for_pipeline(cls, pipe: Any, cost_model: CostModel, cluster: ClusterProfile,
@@ -409,10 +410,15 @@ class StepModel:
     def layer_footprint(self, stage: int, mb: int, path: str) -> Footprint:
         """Layer ``path`` of ``stage`` on ``mb``, per GPU: its stash, its stash when recomputed and
         one re-run of its forward (for :mod:`dipc.semu.recompute_costs`)."""
-        c = self.cost_model.cost(path, _lookup(self._stats(mb), path))
-        t = self.layer_time(path, _lookup(self._stats(mb), path))
-        return Footprint(act_bytes=c.act_bytes / self.tp, in_bytes=c.in_bytes / self.tp,
-                         fwd_seconds=t.fwd + t.tp_fwd)
+        key = (mb, path)
+        hit = self._footprint_cache.get(key)
+        if hit is None:
+            stats = _lookup(self._stats(mb), path)
+            c, t = self.cost_model.cost(path, stats), self.layer_time(path, stats)
+            hit = Footprint(act_bytes=c.act_bytes / self.tp, in_bytes=c.in_bytes / self.tp,
+                            fwd_seconds=t.fwd + t.tp_fwd)
+            self._footprint_cache[key] = hit
+        return hit
 
     def memory_model(self, program: Program | None = None) -> MemoryModel:
         """Per-GPU memory: static bytes per stage, activations per (stage, microbatch). The layers'
