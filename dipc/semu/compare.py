@@ -106,8 +106,13 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
             program, result = fitted.program, fitted.result
         if best is None or result.step_time < best[2].step_time:
             best = (label, program, result)
-    if best is None:
+    if best is None and failures:
         raise min(failures, key=lambda e: e.excess)
+    if best is None:
+        raise InfeasibleMemoryError(
+            f"no phase-2 order fits a memory limit of {memory_limit} bytes per rank, even with every layer "
+            "recomputed, and no baseline schedule was given. Fix: pass baselines=('1f1b',) to get the "
+            "per-rank excess, use more pipeline ranks or smaller microbatches, or raise memory_limit.")
     return best
 
 

@@ -57,8 +57,8 @@ import torch
 
 from dipc.errors import DipcError
 from dipc.ir import Instruction, Op, Program, StageInfo, TensorSpec
-from dipc.semu.costs import CostModel, LayerCost, LengthStats
 from dipc.ir.recompute import recompute_plan
+from dipc.semu.costs import CostModel, LayerCost, LengthStats
 from dipc.semu.emulator import MemoryModel, SimResult, simulate
 from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompute_memory_model
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile

@@ -72,3 +72,9 @@ def test_limit_below_parameters_is_infeasible(zb):
         pipe.plan(mbs, memory_limit=2**20)
     with pytest.raises(InfeasibleMemoryError):
         plan_dip(pipe, mbs, step_model(pipe, mbs), baselines=("1f1b",), memory_limit=2**20)
+
+
+def test_dip_plan_without_baselines_that_cannot_fit_says_so(zb):
+    ex, pipe, mbs = zb
+    with pytest.raises(InfeasibleMemoryError, match=r"Fix:"):
+        plan_dip(pipe, mbs, step_model(pipe, mbs), memory_limit=2**20)
