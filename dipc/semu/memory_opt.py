@@ -41,17 +41,21 @@ from typing import Protocol
 
 import numpy as np
 
-from dipc.errors import InfeasibleMemoryError
+from dipc.errors import DipcError, InfeasibleMemoryError
 from dipc.ir import Op, Program
 from dipc.ir.recompute import RecomputePlan, with_recompute
 from dipc.semu.emulator import SimResult
 from dipc.semu.recompute_costs import (RecomputeCosts, recompute_seconds, recomputes_in, stash_bytes,
                                        workspace_bytes)
 
-__all__ = ["MemoryPlan", "PlannableCosts", "optimize_memory", "stage_candidates"]
+__all__ = ["MemoryLimitError", "MemoryPlan", "PlannableCosts", "optimize_memory", "stage_candidates"]
 
 _GIB = float(2**30)
 _SCALE = float(2**20)   # the ILP works in MiB, so row coefficients stay near 1
+
+
+class MemoryLimitError(DipcError, ValueError):
+    """A memory limit or phase-3 option that makes no sense (not the same as one nothing fits)."""
 
 
 class PlannableCosts(RecomputeCosts, Protocol):
@@ -84,7 +88,7 @@ def stage_candidates(costs: RecomputeCosts, stage: int, num_microbatches: int,
                      max_candidates: int = 10) -> list[tuple[str, ...]]:
     """Recompute candidates of ``stage``, fastest (``()``) first, most frugal last (see module doc)."""
     if max_candidates < 2:
-        raise ValueError(f"max_candidates={max_candidates}. Fix: keep at least 2 (none and all).")
+        raise MemoryLimitError(f"max_candidates={max_candidates}. Fix: keep at least 2 (none and all).")
     layers = costs.stage_layers[stage]
     saved = {p: 0.0 for p in layers}
     secs = {p: 0.0 for p in layers}
@@ -108,7 +112,7 @@ def _limits(memory_limit: float | Sequence[float], num_ranks: int) -> list[float
     else:
         limits = [float(x) for x in memory_limit]
     if len(limits) != num_ranks or any(not x > 0 for x in limits):
-        raise ValueError(f"memory_limit={memory_limit!r} for {num_ranks} ranks. Fix: pass bytes > 0, one "
+        raise MemoryLimitError(f"memory_limit={memory_limit!r} for {num_ranks} ranks. Fix: pass bytes > 0, one "
                          "number for all ranks or one per rank.")
     return limits
 
