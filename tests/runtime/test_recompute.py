@@ -65,12 +65,12 @@ def _saved_bytes(pipe, mbs, program) -> int:
     excluded) plus the inputs checkpointed layers hold for their re-run (checkpointing packs its
     own saves through its own hooks, which take precedence inside the layer)."""
     params = {p.untyped_storage().data_ptr() for p in pipe.model.parameters()}
-    kept: dict[int, int] = {}
+    kept: dict[int, torch.UntypedStorage] = {}   # holding each storage stops its address being reused
 
     def note(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
+            kept[storage.data_ptr()] = storage
 
     def pack(t):
         note(t)
@@ -88,7 +88,7 @@ def _saved_bytes(pipe, mbs, program) -> int:
         pipe.step(mbs, program)
     for h in hooks:
         h.remove()
-    return sum(kept.values())
+    return sum(st.nbytes() for st in kept.values())
 
 
 def test_recomputation_shrinks_what_the_step_keeps_for_backward():
@@ -102,11 +102,11 @@ def test_recomputation_shrinks_what_the_step_keeps_for_backward():
               for s in pipe.stages}
     plain = _saved_bytes(pipe, mbs, program)
     recomputed = _saved_bytes(pipe, mbs, with_recompute(program, blocks))
-    assert recomputed < 0.25 * plain, (plain, recomputed)   # measured: 14.2 MB -> 2.0 MB
+    assert recomputed < 0.25 * plain, (plain, recomputed)   # measured: 14.8 MB -> 2.1 MB
     # SEMU's stash (what phase 3 plans with) predicts the measured bytes
     model = step_model(pipe, mbs)
     predicted = sum(stash_bytes(model, s.id, m, frozenset()) for s in pipe.stages for m in range(len(mbs)))
-    assert predicted == pytest.approx(plain, rel=0.1)
+    assert predicted == pytest.approx(plain, rel=0.1), (predicted, plain)
 
 
 def test_unknown_layer_in_plan_is_refused():
