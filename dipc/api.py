@@ -5,7 +5,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -21,6 +21,10 @@ from dipc.passes.shapes import ShapeInference
 from dipc.passes.submicrobatch import SubMicrobatcher, SubMicrobatches, build_sub_microbatcher
 from dipc.passes.tag import LayerTag, tag_modalities
 from dipc.runtime.timeline import MeasuredTimeline
+from dipc.runtime.recompute import wrap_layers
+
+if TYPE_CHECKING:
+    from dipc.semu.memory_opt import MemoryPlan
 
 Batch = Mapping[str, Any]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -104,12 +108,19 @@ class CompiledPipeline:
                                  f"(it has {sorted(mb)}). Fix: give every microbatch the example batch's keys.")
 
     def plan(self, microbatches: Sequence[Batch], schedule: str | None = None,
-             compute_orders: Sequence[Sequence[Any]] | None = None) -> Program:
+             compute_orders: Sequence[Sequence[Any]] | None = None, *,
+             memory_limit: float | Sequence[float] | None = None, profile: str = "h800") -> Program:
         """The program for these microbatches (shapes of every message known, validated).
 
         ``compute_orders`` (one list of ``ComputeAction`` per rank, e.g. from
         :func:`dipc.passes.dual_queue.dual_queue_schedule` fed with SEMU's durations) replaces the
         named schedule's generator; ``schedule`` then only names the program.
+
+        ``memory_limit`` (bytes per rank, one number or one per rank) applies DIP's phase 3
+        (:func:`dipc.semu.memory_opt.optimize_memory`): the cheapest per-stage activation
+        recomputation that keeps SEMU's peak (on ``profile``) within the limit, written to the
+        program's ``recompute`` attribute, which :meth:`step` executes. Raises
+        ``InfeasibleMemoryError`` (how much over, per rank) when even full recomputation does not fit.
         """
         from dipc.ir.validate import validate
         from dipc.passes.codegen import build_program, lower
@@ -136,6 +147,8 @@ class CompiledPipeline:
             program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
                             schedule=schedule or "custom", specs=specs, subs=subs)
         validate(program)
+        if memory_limit is not None:
+            program = self.fit_memory(program, microbatches, memory_limit, profile).program
         maybe_dump(self, program, microbatches)
         entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
         if self.history and self.history[-1][0] == "plan":   # keep the latest plan, not one per step
@@ -151,6 +164,13 @@ class CompiledPipeline:
     def sub_batches(self, microbatches: Sequence[Batch]) -> dict[tuple[str, int, int], dict[str, Any]]:
         """``(modality, mb, sub) -> that sub's batch keys``, what a LOAD with a sub reads."""
         return self.sub_microbatcher.sub_batches(microbatches) if self.sub_microbatcher else {}
+    def fit_memory(self, program: Program, microbatches: Sequence[Batch], memory_limit: float | Sequence[float],
+                   profile: str = "h800") -> "MemoryPlan":
+        """DIP phase 3 on ``program``: the recomputation plan, its simulated peaks and added time."""
+        from dipc.semu.compare import step_model
+        from dipc.semu.memory_opt import optimize_memory
+
+        return optimize_memory(program, step_model(self, microbatches, profile), memory_limit)
 
     def check_trainable(self) -> None:
         if tuple(p.requires_grad for p in self.model.parameters()) != self.trainable:
@@ -307,6 +327,7 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     costs = layer_costs(captured)
     stage_layers, stage_mod = assign_layers(tags, costs, num_stages, chunks, segments)
     stages = build_stages(captured, stage_layers, stage_mod, num_stages)
+    wrap_layers(stages)   # switchable activation checkpointing; programs turn it on per step
     history.append(("partition", [s.module for s in stages], (time.perf_counter() - t0) * 1e3))
     sub_microbatcher = None
     if sub_microbatches:

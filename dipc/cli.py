@@ -140,12 +140,14 @@ def _example_batch_options(command):
 @_example_batch_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="write the program here (.txt text dump and .json next to it); default: print it")
-def plan(model, stages, chunks, schedule, microbatches, seed, sub_microbatches, out) -> None:
+@click.option("--memory-limit-mib", type=float, default=None,
+              help="per-rank memory limit on SEMU's h800 model: recompute layers to fit (DIP phase 3)")
+def plan(model, stages, chunks, schedule, microbatches, seed, sub_microbatches, out, memory_limit_mib) -> None:
     """Plan one batch of an example model: the validated per-rank instruction streams."""
     from dipc.ir.text import dump_program
 
     pipe, mbs = _example_pipeline(model, stages, chunks, schedule, microbatches, seed, sub_microbatches)
-    program = pipe.plan(mbs)
+    program = pipe.plan(mbs, memory_limit=None if memory_limit_mib is None else memory_limit_mib * 2**20)
     if out is None:
         click.echo(dump_program(program), nl=False)
         return

@@ -2,6 +2,8 @@
 with a "Fix:" clause, so users never have to read a stack trace from deep inside torch."""
 from __future__ import annotations
 
+from typing import Mapping
+
 
 class DipcError(Exception):
     """Base class of every error dipc raises on purpose."""
@@ -40,4 +42,13 @@ class RuntimeStepError(DipcError):
 
 
 class InfeasibleMemoryError(DipcError):
-    """No plan fits the memory limit."""
+    """No plan fits the memory limit. ``excess_bytes``: rank -> bytes over its limit, where known."""
+
+    def __init__(self, message: str, excess_bytes: Mapping[int, float] | None = None):
+        super().__init__(message)
+        self.excess_bytes = dict(excess_bytes or {})
+
+    @property
+    def excess(self) -> float:
+        """The largest excess over any rank's limit (infinite when unknown)."""
+        return max(self.excess_bytes.values(), default=float("inf"))

@@ -18,6 +18,7 @@ import torch
 from dipc.errors import DipcError
 from dipc.runtime.data_parallel import GradReducer, topology
 from dipc.runtime.interpreter import RankInterpreter
+from dipc.runtime.recompute import apply_recompute
 from dipc.runtime.timeline import MeasuredTimeline
 from dipc.runtime.transport import DistributedTransport
 
@@ -153,6 +154,7 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
             reducer.wait()
         pipe.step_optimizer(rank)
 
+    apply_recompute(program, pipe.stages)   # the program's activation-checkpointing choice
     interp = RankInterpreter(rank, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,
                              optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None,
                              sub_batches=pipe.sub_batches(microbatches), record_timeline=record_timeline)

@@ -8,6 +8,7 @@ from dipc.errors import ScheduleError
 from dipc.ir import Program
 from dipc.passes.partition import StageSpec
 from dipc.runtime.interpreter import RankInterpreter, StepStats
+from dipc.runtime.recompute import apply_recompute
 from dipc.runtime.timeline import MeasuredTimeline
 from dipc.runtime.transport import LocalTransport
 
@@ -19,6 +20,7 @@ def run_local(program: Program, stages: Sequence[StageSpec], microbatches: Seque
               record_timeline: bool = False) -> list[StepStats]:
     """Run every rank's stream; returns each rank's stats. With ``record_timeline`` each stats'
     ``spans`` hold the executed instructions' wall-clock intervals (see :func:`local_timeline`)."""
+    apply_recompute(program, stages)   # the program's activation-checkpointing choice
     transport = LocalTransport()
     ranks = [RankInterpreter(r, program, stages, microbatches, loss_weights, transport, treespecs,
                              sub_batches=sub_batches, record_timeline=record_timeline)

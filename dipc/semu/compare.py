@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from dipc.errors import InfeasibleMemoryError
 from dipc.ir import Op, Program
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule
 from dipc.semu.emulator import SimResult
@@ -27,11 +28,29 @@ def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any
     return StepModel.for_pipeline(pipe, pipe._cost_model, load_profile(profile), stats, sub_stats=sub_stats)
 
 
+def _activation_budgets(pipe: "CompiledPipeline", model, memory_limit: float | Sequence[float]) -> list[float]:
+    """Per rank: the memory limit less the rank's parameters, gradients and optimizer states."""
+    limits = [float(memory_limit)] * pipe.num_ranks if isinstance(memory_limit, (int, float)) else list(memory_limit)
+    return [limits[r] - sum(model.static_bytes(s.id) for s in pipe.stages if s.rank == r)
+            for r in range(pipe.num_ranks)]
+
+
+def _frugal_stash(model, stage: int, mb: int, sub: int = -1) -> float:
+    """The least a FWD can stash: every layer that saves memory recomputed (phase 2's assumption)."""
+    fps = [model.layer_footprint(stage, mb, p, sub) for p in model.stage_layers[stage]]
+    return sum(min(f.act_bytes, f.in_bytes) for f in fps)
+
+
 def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int,
+                   memory_limit: float | Sequence[float] | None = None,
                    subs: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, list]:
     """Phase 2 of DIP's search fed with SEMU's per-(stage, microbatch[, sub]) times, under a few
     microbatch priority rules (in order; heaviest first; lightest first), each with and without the
     zero-bubble backward split. Phase 1 (MCTS over segment priorities) will generate these.
+
+    With a ``memory_limit``, forwards are held back where even the most memory-efficient
+    recomputation (the paper's phase-2 assumption) would not fit the rank's activation budget;
+    a candidate the greedy cannot fit is left out (phase 3 then decides what to recompute).
     ``subs`` (``Program.subs``): encoder sub-microbatches are scheduled as their own tasks."""
     t = model.stage_time
     work = [sum(t(s.id, m).fwd + t(s.id, m).bwd for s in pipe.stages) for m in range(num_microbatches)]
@@ -40,34 +59,65 @@ def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int,
     priorities = {"in order": None,
                   "heaviest first": lambda op, s, m: (heavy[m], s if op is Op.FWD else -s),
                   "lightest first": lambda op, s, m: (light[m], s if op is Op.FWD else -s)}
-    plain = TaskCosts(fwd=lambda s, m, j=-1: t(s, m, j).fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd)
+    budgets = None if memory_limit is None else _activation_budgets(pipe, model, memory_limit)
+    act = (lambda s, m, j=-1: 1.0) if budgets is None else (lambda s, m, j=-1: _frugal_stash(model, s, m, j))
+    plain = TaskCosts(fwd=lambda s, m, j=-1: t(s, m, j).fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd, act=act)
     split = TaskCosts(fwd=plain.fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd_in,
-                      wgrad=lambda s, m, j=-1: t(s, m, j).bwd_w)
+                      wgrad=lambda s, m, j=-1: t(s, m, j).bwd_w, act=act)
     stages = list(pipe.stage_infos)
     out = {}
     for label, prio in priorities.items():
-        out[label] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, plain, priority=prio, subs=subs)
-        out[label + ", split backward"] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, split,
-                                                              priority=prio, split_backward=True, subs=subs)
+        for suffix, costs, is_split in (("", plain, False), (", split backward", split, True)):
+            try:
+                out[label + suffix] = dual_queue_schedule(stages, pipe.num_ranks, num_microbatches, costs,
+                                                          priority=prio, memory_limit=budgets,
+                                                          split_backward=is_split, subs=subs)
+            except InfeasibleMemoryError:
+                if budgets is None:
+                    raise
     return out
 
 
 def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model,
-             baselines: Sequence[str] = ()) -> tuple[str, Program, SimResult]:
+             baselines: Sequence[str] = (),
+             memory_limit: float | Sequence[float] | None = None) -> tuple[str, Program, SimResult]:
     """DIP's plan for this batch: every candidate order (and the static ``baselines``) lowered,
-    validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw."""
+    validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw.
+
+    With ``memory_limit`` (bytes per rank), every candidate first goes through phase 3
+    (:func:`dipc.semu.memory_opt.optimize_memory`), so its score includes the recomputation it
+    needs to fit; candidates that cannot fit are dropped, and if none fits the error of the one
+    that came closest is raised."""
+    from dipc.semu.memory_opt import optimize_memory
+
     best = None
     subs = pipe.sub_counts(microbatches)
+    failures: list[InfeasibleMemoryError] = []
     candidates = {f"dual-queue ({k})": v
-                  for k, v in dip_candidates(pipe, model, len(microbatches), subs).items()}
+                  for k, v in dip_candidates(pipe, model, len(microbatches), memory_limit, subs).items()}
     for name in baselines:
         candidates[name] = None
     for label, orders in candidates.items():
         program = (pipe.plan(microbatches, schedule=label) if orders is None else
                    pipe.plan(microbatches, schedule="dual_queue", compute_orders=orders))
-        result = model.simulate(program)
+        if memory_limit is None:
+            result = model.simulate(program)
+        else:
+            try:
+                fitted = optimize_memory(program, model, memory_limit)
+            except InfeasibleMemoryError as e:
+                failures.append(e)
+                continue
+            program, result = fitted.program, fitted.result
         if best is None or result.step_time < best[2].step_time:
             best = (label, program, result)
+    if best is None and failures:
+        raise min(failures, key=lambda e: e.excess)
+    if best is None:
+        raise InfeasibleMemoryError(
+            f"no phase-2 order fits a memory limit of {memory_limit} bytes per rank, even with every layer "
+            "recomputed, and no baseline schedule was given. Fix: pass baselines=('1f1b',) to get the "
+            "per-rank excess, use more pipeline ranks or smaller microbatches, or raise memory_limit.")
     return best
 
 

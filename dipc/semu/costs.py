@@ -121,6 +121,7 @@ class LayerCost:
     grad_bytes: int
     optim_bytes: int                 # Adam moments (+ fp32 master copy for non-fp32 params)
     num_params: int
+    in_bytes: float = 0.0            # the layer's stream input (kept instead of act_bytes when recomputed)
 
     @property
     def bwd_flops(self) -> float:

@@ -32,6 +32,9 @@ How one layer is timed (per GPU of a TP group; ``c = cost_model.cost(path, stats
   attention calls + 1 for layers with attention (2 for a transformer block: attention + MLP; 3
   for a DiT block with cross-attention) and 0 for the others; pass ``tp_allreduces`` to override.
 
+Activation recomputation (a program's ``recompute`` attribute): see
+:mod:`dipc.semu.recompute_costs`.
+
 Not modelled: elementwise FLOPs, overlap of TP collectives with compute, sequence parallelism,
 the work between layers (glue ops, the loss), and how BWD_I/BWD_W split the stashed activations
 (BWD_I keeps all of them for BWD_W, the conservative choice).
@@ -54,8 +57,10 @@ import torch
 
 from dipc.errors import DipcError
 from dipc.ir import Instruction, Op, Program, StageInfo, TensorSpec
+from dipc.ir.recompute import recompute_plan
 from dipc.semu.costs import CostModel, LayerCost, LengthStats
 from dipc.semu.emulator import MemoryModel, SimResult, simulate
+from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompute_memory_model
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
 
 __all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_length_stats", "best_contiguous_split",
@@ -287,6 +292,7 @@ class StepModel:
         self._layer_cache: dict[tuple, LayerTime] = {}
         self._stage_cache: dict[tuple[int, int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int, int], float] = {}
+        self._footprint_cache: dict[tuple[int, int, str], Footprint] = {}
 
     @classmethod
     def for_pipeline(cls, pipe: Any, cost_model: CostModel, cluster: ClusterProfile,
@@ -422,22 +428,42 @@ class StepModel:
             return self.reduce_time(ins.stage)
         return 0.0
 
-    def memory_model(self) -> MemoryModel:
+    def layer_footprint(self, stage: int, mb: int, path: str, sub: int = -1) -> Footprint:
+        """Layer ``path`` of ``stage`` on ``mb`` (sub ``sub``), per GPU: its stash, its stash when
+        recomputed and one re-run of its forward (for :mod:`dipc.semu.recompute_costs`)."""
+        key = (mb, sub, path)
+        hit = self._footprint_cache.get(key)
+        if hit is None:
+            stats = _lookup(self._stats(mb, sub), path)
+            c, t = self.cost_model.cost(path, stats), self.layer_time(path, stats)
+            hit = Footprint(act_bytes=c.act_bytes / self.tp, in_bytes=c.in_bytes / self.tp,
+                            fwd_seconds=t.fwd + t.tp_fwd)
+            self._footprint_cache[key] = hit
+        return hit
+
+    def memory_model(self, program: Program | None = None) -> MemoryModel:
         """Per-GPU memory: static bytes per stage, activations per (stage, microbatch). The layers'
-        ``act_bytes`` include each layer's input, so received messages are not counted again."""
+        ``act_bytes`` include each layer's input, so received messages are not counted again.
+        With a ``program`` that recomputes layers, its recomputed layers stash only their inputs."""
+        plan = recompute_plan(program) if program is not None else {}
+        if plan:
+            return recompute_memory_model(self, program, plan)
         return MemoryModel(static=self.static_bytes,
                            activations=lambda ins: self.activation_bytes(ins.stage, ins.mb, ins.sub),
                            count_messages=False)
 
     def simulate(self, program: Program, *, memory: bool = True, **kwargs: Any) -> SimResult:
         """:func:`dipc.semu.emulator.simulate` of ``program`` with this model's times (and memory),
-        one pipeline rank spanning ``tp`` GPUs."""
+        one pipeline rank spanning ``tp`` GPUs; the program's ``recompute`` attribute adds the
+        re-run forwards to its backwards and shrinks the stashes."""
         if program.num_microbatches > len(self.microbatch_stats):
             raise StepModelError(f"the program has {program.num_microbatches} microbatches but "
                                  f"{len(self.microbatch_stats)} statistics were given. Fix: one per microbatch.")
         kwargs.setdefault("gpus_per_rank", self.tp)
-        return simulate(program, self.cluster, self.compute_time,
-                        memory=self.memory_model() if memory else None, **kwargs)
+        plan = recompute_plan(program)
+        compute = recompute_compute_time(self.compute_time, self, program, plan)
+        return simulate(program, self.cluster, compute,
+                        memory=self.memory_model(program) if memory else None, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

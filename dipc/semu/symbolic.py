@@ -43,7 +43,7 @@ __all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS"]
 
 # The symbolic quantities of one layer, in this order everywhere (LocalCost.exprs, LayerCost fields).
 COST_FIELDS = ("fwd_flops", "bwd_in_flops", "bwd_w_flops", "attn_fwd_flops", "fwd_bytes", "bwd_bytes",
-               "act_bytes", "out_bytes")
+               "act_bytes", "out_bytes", "in_bytes")
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -56,6 +56,15 @@ def _expr(x: Any) -> sympy.Expr:
 
 def _nbytes(t: torch.Tensor) -> sympy.Expr:
     return _expr(t.numel()) * t.element_size()
+
+
+def _stream_bytes(inputs: list[Any]) -> sympy.Expr:
+    """Bytes of the layer's stream input (the first floating tensor, else the first tensor): what
+    a recomputed (checkpointed) layer keeps for its backward. Other inputs (masks, RoPE tables)
+    are shared by the stage's layers and kept by the glue anyway, so they are not counted."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    stream = next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
+    return _nbytes(stream) if stream is not None else sympy.Integer(0)
 
 
 @dataclass(frozen=True)
@@ -280,6 +289,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 "bwd_bytes": sympy.Add(*rec.terms["bwd"]),
                 "act_bytes": sympy.Add(*saved.values()) + attn.extra_saved,
                 "out_bytes": out_bytes,
+                "in_bytes": _stream_bytes(fake),
             }
             if not grad_outs:   # nothing differentiable leaves the layer: no stash either
                 exprs["act_bytes"] = sympy.Integer(0)

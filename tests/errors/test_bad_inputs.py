@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dipc
-from dipc.errors import BatchError, DipcError, PartitionError, ScheduleError, TraceError
+from dipc.errors import BatchError, DipcError, InfeasibleMemoryError, PartitionError, ScheduleError, TraceError
+from dipc.semu.memory_opt import MemoryLimitError
 from examples.data import make_example
 
 
@@ -77,7 +78,21 @@ CASES = [
      TraceError, r"'vision.nope' does not exist.*Fix:"),
     ("no microbatches", lambda ex, mb: dipc.compile(ex.model, mb).plan([]),
      BatchError, r"no microbatches.*Fix:"),
+    ("memory limit nothing fits", lambda ex, mb: dipc.compile(ex.model, mb).plan([mb, mb], memory_limit=2**20),
+     InfeasibleMemoryError, r"rank \d: needs .* MiB parameters/gradients/optimizer .* over its 1.00 MiB limit.*Fix:"),
+    ("memory limit per rank of the wrong length",
+     lambda ex, mb: dipc.compile(ex.model, mb).plan([mb], memory_limit=[1e9]),
+     MemoryLimitError, r"memory_limit=\[1000000000.0\] for 2 ranks.*Fix:"),
+    ("recompute plan naming a foreign layer",
+     lambda ex, mb: _step_with_plan(dipc.compile(ex.model, mb), [mb], {0: ["lm_head"]}),
+     ScheduleError, r"recomputes \['lm_head'\] in stage 0.*Fix:"),
 ]
+
+
+def _step_with_plan(pipe, mbs, plan):
+    from dipc.ir.recompute import with_recompute
+
+    return pipe.step(mbs, with_recompute(pipe.plan(mbs), plan))
 
 
 @pytest.mark.parametrize("what,call,exc,pattern", CASES, ids=[c[0] for c in CASES])

@@ -1,0 +1,95 @@
+"""Activation recomputation that the runtime executes: switchable checkpointing of layer leaves.
+
+Each layer leaf of a stage GraphModule is replaced once (at compile time, or lazily here) by a
+:class:`RecomputableLayer` that wraps the user's module object. Only the stage module's own
+container chain is rewired — ``fx.GraphModule`` copies intermediate containers and keeps the
+leaves — so the user's model, its parameter names and the stages' parameter lists are unchanged.
+Executors call :func:`apply_recompute` with the program before the step: the program's
+``recompute`` attribute (:mod:`dipc.ir.recompute`) turns each wrapper on or off, so the
+interpreter's handlers never see recomputation.
+
+An enabled wrapper runs its layer under ``torch.utils.checkpoint`` (non-reentrant): the forward
+keeps only the layer's inputs, and every backward graph task that reaches the layer re-runs its
+forward. BWD re-runs it once; the zero-bubble split re-runs it twice (BWD_I's
+``autograd.grad(..., retain_graph=True)`` and BWD_W's backward to the parameters are two graph
+tasks, and torch discards the recomputed tensors at the end of each), which SEMU charges too.
+RNG state is restored for the re-run (torch's default), so dropout masks match.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dipc.errors import ScheduleError
+from dipc.ir import Program
+from dipc.ir.recompute import recompute_plan
+from dipc.passes.partition import StageSpec
+
+__all__ = ["RecomputableLayer", "apply_recompute", "wrap_layers"]
+
+
+class RecomputableLayer(nn.Module):
+    """A layer that checkpoints its forward while ``enabled`` (and autograd records)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.enabled = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.enabled and torch.is_grad_enabled():
+            return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+        return self.layer(*args, **kwargs)
+
+
+def _owner(stage: StageSpec, path: str) -> tuple[nn.Module, str]:
+    parent, _, name = path.rpartition(".")
+    return (stage.module.get_submodule(parent) if parent else stage.module), name
+
+
+def wrap_layers(stages: Sequence[StageSpec]) -> None:
+    """Put every layer leaf of every stage behind a (disabled) :class:`RecomputableLayer`.
+    Idempotent; layers a stage's graph does not call (none, normally) are left alone."""
+    for st in stages:
+        called = {n.target for n in st.module.graph.nodes if n.op == "call_module"}
+        for path in st.layers:
+            if path not in called:
+                continue
+            owner, name = _owner(st, path)
+            layer = getattr(owner, name)
+            if not isinstance(layer, RecomputableLayer):
+                setattr(owner, name, RecomputableLayer(layer))
+
+
+def apply_recompute(program: Program, stages: Sequence[StageSpec]) -> int:
+    """Switch every stage's wrappers to ``program``'s recompute choice (all off without one).
+    Returns how many layers will recompute. Raises ``ScheduleError`` for a layer the stage lacks."""
+    plan = recompute_plan(program)
+    by_id = {st.id: st for st in stages}
+    for stage_id, layers in plan.items():
+        st = by_id.get(stage_id)
+        missing = [p for p in layers if st is None or p not in st.layers]
+        if missing:
+            have = st.layers if st is not None else []
+            raise ScheduleError(f"the program recomputes {missing[:3]} in stage {stage_id}, whose layers are "
+                                f"{have[:4]}{'...' if len(have) > 4 else ''}. Fix: plan the program for this "
+                                "pipeline (pipe.plan(..., memory_limit=...)), or drop its 'recompute' attribute.")
+    if plan:
+        wrap_layers([by_id[s] for s in plan])
+    count = 0
+    for st in stages:
+        chosen = set(plan.get(st.id, ()))
+        for path in st.layers:
+            try:
+                owner, name = _owner(st, path)
+            except AttributeError:
+                continue
+            layer = getattr(owner, name, None)
+            if isinstance(layer, RecomputableLayer):
+                layer.enabled = path in chosen
+                count += layer.enabled
+    return count

@@ -1,0 +1,271 @@
+"""DIP phase 3: fit each rank's memory by recomputing layers, at the least added time (an ILP per rank).
+
+Candidates (paper: up to S per stage pair, from the fastest to the most frugal, the ones between
+found by a multiple-choice knapsack). Here a stage's candidates are prefixes of one ranking: its
+layers that save memory when recomputed (``act_bytes > in_bytes`` summed over the batch's
+microbatches), sorted by saved bytes per re-run second, best first. Candidate ``k`` recomputes
+the first ``k`` of them; ``k = 0`` is the fastest (nothing recomputed) and ``k = all`` the most
+frugal. With more than ``max_candidates`` prefixes, evenly spaced ones are kept (both ends
+always). Layers that save nothing are never recomputed.
+
+The ILP (paper §5.4, one per rank, since phase 2 fixed every rank's order). Variables
+``o[s, j] ∈ {0, 1}``: stage ``s`` of the rank uses candidate ``j``; ``Σ_j o[s, j] = 1``.
+The choice is per stage, the same for all microbatches of the program, because the runtime
+switches checkpointing per stage and step (:mod:`dipc.runtime.recompute`); the paper's per
+stage-pair choice would need the interpreter to switch it per instruction. Objective: the
+rank's added seconds, each re-run counted once per backward instruction that re-runs it (twice
+under the zero-bubble split, see :mod:`dipc.semu.recompute_costs`). Memory: where the paper
+checks the Iverson sum of overlapping stage pairs at every start time, the time-free equivalent
+is exact here: a rank's memory only changes at its own instructions, so walking its stream in
+order gives the live stashes after every FWD and during every backward (plus that backward's
+recompute workspace) — the same accounting as the emulator's :class:`MemoryModel`, whose peaks
+do not depend on timings. Every such point gives one row ``static + Σ o·stash (+ workspace) ≤ M``.
+Solved with ``scipy.optimize.milp`` (HiGHS), exactly by default: instances are small (one
+variable per stage and candidate); ``mip_rel_gap=0.05`` gives the paper's 5% gap. The paper's
+greedy warm start is not available through scipy and not needed at these sizes.
+
+Then the plan is simulated; a rank the emulator still finds over the limit (it would need a
+memory model the ILP does not mirror) has its budget lowered by the excess and is solved again,
+up to ``max_rounds``. If even the most frugal candidates do not fit, or the ILP is infeasible,
+:class:`~dipc.errors.InfeasibleMemoryError` says by how much per rank and what to change.
+
+Not done: offloading (the paper's other strategy), per-microbatch choices, re-running phase 2
+with the chosen latencies (the paper leaves this open too: the score is the simulated step of the
+final plan, as here).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from dipc.errors import DipcError, InfeasibleMemoryError
+from dipc.ir import Op, Program
+from dipc.ir.recompute import RecomputePlan, with_recompute
+from dipc.semu.emulator import SimResult
+from dipc.semu.recompute_costs import (RecomputeCosts, recompute_seconds, recomputes_in, stash_bytes,
+                                       workspace_bytes)
+
+__all__ = ["MemoryLimitError", "MemoryPlan", "PlannableCosts", "optimize_memory", "stage_candidates"]
+
+_GIB = float(2**30)
+_SCALE = float(2**20)   # the ILP works in MiB, so row coefficients stay near 1
+
+
+class MemoryLimitError(DipcError, ValueError):
+    """A memory limit or phase-3 option that makes no sense (not the same as one nothing fits)."""
+
+
+class PlannableCosts(RecomputeCosts, Protocol):
+    """A cost model phase 3 can plan with: recompute accounting plus a simulator."""
+
+    def simulate(self, program: Program) -> SimResult: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryPlan:
+    """Phase 3's result: the program with its ``recompute`` attribute set, the choice, the
+    simulated peak per rank, the limit per rank, the added re-run seconds per rank and how many
+    ILP rounds the emulator check took."""
+
+    program: Program
+    recompute: RecomputePlan
+    result: SimResult
+    peak_memory: tuple[float, ...]
+    limit: tuple[float, ...]
+    added_seconds: tuple[float, ...]
+    rounds: int
+
+
+def _gib(x: float) -> str:
+    """Bytes in GiB, or MiB below 1 GiB (small test models would all print 0.00 GiB)."""
+    return f"{x / _GIB:.2f} GiB" if abs(x) >= _GIB else f"{x / 2**20:.2f} MiB"
+
+
+def stage_candidates(costs: RecomputeCosts, stage: int, num_microbatches: int,
+                     max_candidates: int = 10) -> list[tuple[str, ...]]:
+    """Recompute candidates of ``stage``, fastest (``()``) first, most frugal last (see module doc)."""
+    if max_candidates < 2:
+        raise MemoryLimitError(f"max_candidates={max_candidates}. Fix: keep at least 2 (none and all).")
+    layers = costs.stage_layers[stage]
+    saved = {p: 0.0 for p in layers}
+    secs = {p: 0.0 for p in layers}
+    for m in range(num_microbatches):
+        for p in layers:
+            f = costs.layer_footprint(stage, m, p)
+            saved[p] += f.saved_bytes
+            secs[p] += f.fwd_seconds
+    useful = [p for p in layers if saved[p] > 0]
+    useful.sort(key=lambda p: (-(saved[p] / secs[p]) if secs[p] > 0 else -float("inf"), layers.index(p)))
+    counts = range(len(useful) + 1)
+    if len(counts) > max_candidates:
+        counts = sorted({int(round(x)) for x in np.linspace(0, len(useful), max_candidates)})
+    order = {p: i for i, p in enumerate(layers)}
+    return [tuple(sorted(useful[:k], key=order.__getitem__)) for k in counts]
+
+
+def _limits(memory_limit: float | Sequence[float], num_ranks: int) -> list[float]:
+    if isinstance(memory_limit, (int, float)):
+        limits = [float(memory_limit)] * num_ranks
+    else:
+        limits = [float(x) for x in memory_limit]
+    if len(limits) != num_ranks or any(not x > 0 for x in limits):
+        raise MemoryLimitError(f"memory_limit={memory_limit!r} for {num_ranks} ranks. Fix: pass bytes > 0, one "
+                         "number for all ranks or one per rank.")
+    return limits
+
+
+@dataclass
+class _RankProblem:
+    stages: list[int]
+    cands: dict[int, list[tuple[str, ...]]]
+    cols: dict[tuple[int, int], int]          # (stage, candidate) -> column
+    rows: list[dict[int, float]]              # memory rows: column -> MiB
+    cost: np.ndarray                          # seconds per column
+    static: float
+
+
+def _rank_problem(program: Program, costs: RecomputeCosts, rank: int, max_candidates: int) -> _RankProblem:
+    stages = list(program.stages_of_rank(rank))
+    M = program.num_microbatches
+    cands = {s: stage_candidates(costs, s, M, max_candidates) for s in stages}
+    cols = {(s, j): i for i, (s, j) in enumerate((s, j) for s in stages for j in range(len(cands[s])))}
+    sets = {s: [frozenset(c) for c in cands[s]] for s in stages}
+    stash: dict[tuple[int, int, int], list[float]] = {}
+    for ins in program.streams[rank]:
+        if ins.op is Op.FWD and (ins.stage, ins.mb, ins.sub) not in stash:
+            stash[(ins.stage, ins.mb, ins.sub)] = [stash_bytes(costs, ins.stage, ins.mb, c, ins.sub) / _SCALE
+                                                   for c in sets[ins.stage]]
+    cost = np.zeros(len(cols))
+    rows: list[dict[int, float]] = []
+    seen: set[tuple] = set()
+    live: dict[tuple[int, int, int], None] = {}
+
+    def add_row(extra: tuple[int, int, int] | None) -> None:
+        row: dict[int, float] = {}
+        for key in live:
+            for j, b in enumerate(stash[key]):
+                row[cols[(key[0], j)]] = row.get(cols[(key[0], j)], 0.0) + b
+        if extra is not None:
+            s, m, sub = extra
+            for j, c in enumerate(sets[s]):
+                row[cols[(s, j)]] = row.get(cols[(s, j)], 0.0) + workspace_bytes(costs, s, m, c, sub) / _SCALE
+        key = tuple(sorted(row.items()))
+        if row and key not in seen:
+            seen.add(key)
+            rows.append(row)
+
+    for ins in program.streams[rank]:
+        key = (ins.stage, ins.mb, ins.sub)
+        if ins.op is Op.FWD:
+            live[key] = None
+            add_row(None)
+        elif ins.op in (Op.BWD, Op.BWD_I, Op.BWD_W):
+            if recomputes_in(ins, program):
+                s, m, sub = key
+                for j, c in enumerate(sets[s]):
+                    cost[cols[(s, j)]] += recompute_seconds(costs, s, m, c, sub)
+                if any(sets[s]):
+                    add_row(key)
+            if ins.op is not Op.BWD_I:
+                live.pop(key, None)
+    static = sum(costs.static_bytes(s) for s in stages)
+    return _RankProblem(stages, cands, cols, rows, cost, static)
+
+
+def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
+           time_limit: float | None) -> dict[int, int] | None:
+    """Stage -> candidate index of the cheapest choice with every memory row within ``budget``
+    bytes, or None if infeasible."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n = len(problem.cols)
+    if n == 0:
+        return {}
+    constraints = []
+    if problem.rows:
+        A = np.zeros((len(problem.rows), n))
+        for i, row in enumerate(problem.rows):
+            for c, v in row.items():
+                A[i, c] = v
+        constraints.append(LinearConstraint(A, -np.inf, budget / _SCALE))
+    E = np.zeros((len(problem.stages), n))
+    for (s, _), c in problem.cols.items():
+        E[problem.stages.index(s), c] = 1.0
+    constraints.append(LinearConstraint(E, 1.0, 1.0))
+    options: dict[str, float | bool] = {"disp": False, "mip_rel_gap": mip_rel_gap}
+    if time_limit is not None:
+        options["time_limit"] = time_limit
+    # seconds are tiny; milliseconds keep the objective's scale near the constraints'
+    res = milp(problem.cost * 1e3, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
+               options=options)
+    if res.x is None:
+        return None
+    return {s: max(range(len(problem.cands[s])), key=lambda j: res.x[problem.cols[(s, j)]])
+            for s in problem.stages}
+
+
+def _infeasible(program: Program, costs: PlannableCosts, limits: list[float], problems: list[_RankProblem],
+                simulate: Callable[[Program], SimResult], why: str) -> InfeasibleMemoryError:
+    frugal = {s: p.cands[s][-1] for p in problems for s in p.stages}
+    peaks = simulate(with_recompute(program, frugal)).peak_memory or ()
+    lines = []
+    excess: dict[int, float] = {}
+    for r, (peak, limit, p) in enumerate(zip(peaks, limits, problems)):
+        if peak > limit:
+            excess[r] = peak - limit
+            lines.append(f"rank {r}: needs {_gib(peak)} = {_gib(p.static)} parameters/gradients/optimizer "
+                         f"+ {_gib(peak - p.static)} activations with every layer recomputed, "
+                         f"{_gib(peak - limit)} ({int(peak - limit)} bytes) over its {_gib(limit)} limit")
+    detail = "; ".join(lines) or (f"the emulator's peaks {[_gib(x) for x in peaks]} fit the most frugal plan, "
+                                  "but no per-stage choice fits every memory point")
+    return InfeasibleMemoryError(
+        f"no recomputation plan fits the memory limit for schedule {program.schedule!r} with "
+        f"{program.num_microbatches} microbatches ({why}): {detail}. Fix: spread the model over more "
+        "pipeline ranks/stages (fewer parameters per rank), use smaller microbatches or a schedule with "
+        "fewer microbatches in flight (1f1b or zb_h1 rather than gpipe), add tensor parallelism, or raise "
+        f"memory_limit by at least {_gib(max(excess.values(), default=0.0))}.", excess)
+
+
+def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float | Sequence[float], *,
+                    max_candidates: int = 10, max_rounds: int = 4, mip_rel_gap: float = 0.0,
+                    time_limit: float | None = None,
+                    simulate: Callable[[Program], SimResult] | None = None) -> MemoryPlan:
+    """``program`` with the cheapest per-stage recomputation that keeps every rank's simulated peak
+    memory within ``memory_limit`` bytes (one number, or one per rank); see the module docstring.
+
+    Example::
+
+        model = step_model(pipe, mbs)                       # dipc.semu.compare
+        plan = optimize_memory(pipe.plan(mbs), model, 40 * 2**30)
+        pipe.step(mbs, plan.program)                        # the runtime recomputes plan.recompute
+    """
+    limits = _limits(memory_limit, program.num_ranks)
+    sim = simulate or costs.simulate
+    problems = [_rank_problem(program, costs, r, max_candidates) for r in range(program.num_ranks)]
+    budgets = [limit - p.static for limit, p in zip(limits, problems)]
+    index: dict[int, int] = {}          # stage -> chosen candidate
+    todo = list(range(program.num_ranks))
+    for rounds in range(1, max_rounds + 1):
+        for r in todo:
+            got = _solve(problems[r], budgets[r], mip_rel_gap, time_limit) if budgets[r] > 0 else None
+            if got is None:
+                raise _infeasible(program, costs, limits, problems, sim, f"rank {r}'s ILP is infeasible")
+            index.update(got)
+        plan = {s: p.cands[s][index[s]] for p in problems for s in p.stages if p.cands[s][index[s]]}
+        planned = with_recompute(program, plan)
+        result = sim(planned)
+        peaks = result.peak_memory
+        if peaks is None:
+            raise ValueError("the simulator returned no peak memory. Fix: simulate with a memory model.")
+        todo = [r for r in range(program.num_ranks) if peaks[r] > limits[r] * (1 + 1e-9) + 1.0]
+        if not todo:
+            added = tuple(float(sum(p.cost[p.cols[(s, index[s])]] for s in p.stages)) for p in problems)
+            return MemoryPlan(program=planned, recompute=plan, result=result, peak_memory=tuple(peaks),
+                              limit=tuple(limits), added_seconds=added, rounds=rounds)
+        for r in todo:   # the emulator disagrees with the ILP's accounting: tighten and re-solve
+            budgets[r] -= peaks[r] - limits[r]
+    raise _infeasible(program, costs, limits, problems, sim,
+                      f"the emulator still found ranks {todo} over the limit after {max_rounds} rounds")

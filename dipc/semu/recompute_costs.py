@@ -1,0 +1,131 @@
+"""SEMU's accounting of activation recomputation: stash, re-run time and transient memory.
+
+A layer run under checkpointing keeps only its stream input (``in_bytes``) from forward to
+backward instead of everything its backward reads (``act_bytes``), and re-runs its forward in
+each backward graph task that reaches it: once in BWD, once in BWD_I *and* once more in BWD_W
+under the zero-bubble split (torch frees the recomputed tensors at the end of each graph task;
+see :mod:`dipc.runtime.recompute`). BWD_I of a stage without input gradients (the first stage)
+runs no graph task at all, so it re-runs nothing. While a recomputed layer's backward runs, its
+recomputed activations exist on top of the stash: charged as workspace, the largest
+``act_bytes - in_bytes`` among the stage's recomputed layers (layers are re-run one at a time).
+
+Not modelled: a recomputed layer's input may also be saved by the previous, non-recomputed
+layer (e.g. when that layer's last op saves its output); it is then counted twice
+(conservative). Recomputation reads the same inputs, so its time is the layer's forward time.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from dipc.errors import ScheduleError
+from dipc.ir import Instruction, Op, Program
+from dipc.ir.recompute import RecomputePlan
+from dipc.semu.emulator import ComputeTimeFn, MemoryModel
+
+__all__ = ["Footprint", "RecomputeCosts", "recompute_compute_time", "recompute_memory_model",
+           "recompute_seconds", "recomputes_in", "stash_bytes", "workspace_bytes"]
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """One layer on one microbatch, per GPU: bytes stashed normally, bytes stashed when
+    recomputed (its stream input), and seconds of one forward re-run."""
+
+    act_bytes: float
+    in_bytes: float
+    fwd_seconds: float
+
+    @property
+    def saved_bytes(self) -> float:
+        return self.act_bytes - self.in_bytes
+
+
+class RecomputeCosts(Protocol):
+    """What phase 3 needs of a cost model (``StepModel`` provides it)."""
+
+    stage_layers: list[list[str]]
+
+    def static_bytes(self, stage: int) -> float: ...
+
+    def layer_footprint(self, stage: int, mb: int, path: str, sub: int = -1) -> Footprint: ...
+
+
+def stash_bytes(costs: RecomputeCosts, stage: int, mb: int, recompute: frozenset[str], sub: int = -1) -> float:
+    """Bytes a FWD of ``stage`` on ``mb`` (sub ``sub``) keeps for its backward when ``recompute`` is
+    checkpointed."""
+    total = 0.0
+    for p in costs.stage_layers[stage]:
+        f = costs.layer_footprint(stage, mb, p, sub)
+        total += f.in_bytes if p in recompute else f.act_bytes
+    return total
+
+
+def workspace_bytes(costs: RecomputeCosts, stage: int, mb: int, recompute: frozenset[str], sub: int = -1) -> float:
+    """Transient bytes while a backward re-runs the recomputed layers (the largest one's)."""
+    return max((max(costs.layer_footprint(stage, mb, p, sub).saved_bytes, 0.0) for p in recompute), default=0.0)
+
+
+def recompute_seconds(costs: RecomputeCosts, stage: int, mb: int, recompute: frozenset[str], sub: int = -1) -> float:
+    """Seconds of one re-run of the recomputed layers' forwards."""
+    return sum(costs.layer_footprint(stage, mb, p, sub).fwd_seconds for p in recompute)
+
+
+def recomputes_in(ins: Instruction, program: Program) -> bool:
+    """Whether this instruction re-runs the stage's recomputed forwards (see the module docstring)."""
+    if ins.op is Op.BWD or ins.op is Op.BWD_W:
+        return True
+    return ins.op is Op.BWD_I and bool(program.stage(ins.stage).grad_producers)
+
+
+def _sets(costs: RecomputeCosts, plan: Mapping[int, Sequence[str]]) -> dict[int, frozenset[str]]:
+    """The plan as sets, after checking every named layer belongs to its stage."""
+    for stage, layers in plan.items():
+        own = costs.stage_layers[stage] if 0 <= stage < len(costs.stage_layers) else []
+        bad = [p for p in layers if p not in own]
+        if bad:
+            raise ScheduleError(f"the program recomputes {bad[:3]} in stage {stage}, which holds {own[:4]}"
+                                f"{'...' if len(own) > 4 else ''}. Fix: plan the recomputation for this "
+                                "pipeline's stages (pipe.plan(..., memory_limit=...)).")
+    return {s: frozenset(layers) for s, layers in plan.items() if layers}
+
+
+def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: Program,
+                           plan: RecomputePlan) -> ComputeTimeFn:
+    """``base`` plus the re-run forwards in every backward instruction that recomputes."""
+    sets = _sets(costs, plan)
+    if not sets:
+        return base
+    cache: dict[tuple[int, int, int], float] = {}
+
+    def time(ins: Instruction) -> float:
+        t = base(ins)
+        layers = sets.get(ins.stage)
+        if layers and recomputes_in(ins, program):
+            key = (ins.stage, ins.mb, ins.sub)
+            if key not in cache:
+                cache[key] = recompute_seconds(costs, ins.stage, ins.mb, layers, ins.sub)
+            t += cache[key]
+        return t
+
+    return time
+
+
+def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: RecomputePlan) -> MemoryModel:
+    """Static bytes per stage; per-FWD stash under ``plan``; recompute workspace in backwards.
+    Layers' ``act_bytes`` include their inputs, so received messages are not counted again."""
+    sets = _sets(costs, plan)
+    empty: frozenset[str] = frozenset()
+
+    def activations(ins: Instruction) -> float:
+        return stash_bytes(costs, ins.stage, ins.mb, sets.get(ins.stage, empty), ins.sub)
+
+    def workspace(ins: Instruction) -> float:
+        layers = sets.get(ins.stage)
+        if not layers or not recomputes_in(ins, program):
+            return 0.0
+        return workspace_bytes(costs, ins.stage, ins.mb, layers, ins.sub)
+
+    return MemoryModel(static=costs.static_bytes, activations=activations,
+                       workspace=workspace if sets else None, count_messages=False)
