@@ -34,7 +34,7 @@ class RandomCosts:
     def static_bytes(self, stage: int) -> float:
         return self.static[stage]
 
-    def layer_footprint(self, stage: int, mb: int, path: str) -> Footprint:
+    def layer_footprint(self, stage: int, mb: int, path: str, sub: int = -1) -> Footprint:
         return self.table[(stage, mb, path)]
 
     def simulate(self, program: Program):
