@@ -73,7 +73,8 @@ from dipc.ir.validate import validate  # noqa: E402
 from dipc.passes.capture import capture  # noqa: E402
 from dipc.passes.codegen import lower  # noqa: E402
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule  # noqa: E402
-from dipc.passes.schedules import SCHEDULES, ComputeAction  # noqa: E402
+from dipc.passes.schedules import SCHEDULES, ComputeAction, expand_subs  # noqa: E402
+from dipc.semu.memory_opt import optimize_memory  # noqa: E402
 from dipc.passes.priorities import critical_path_priority, grouped_priority, microbatch_priority  # noqa: E402
 from dipc.passes.segment_order import mcts_order, priority_from_order  # noqa: E402
 from dipc.semu.costs import CostModel, LengthStats, layer_cost_model  # noqa: E402
@@ -225,6 +226,22 @@ class Workload:
     example_batch: Callable[[], dict]
     unit: str                                     # what an encoder item is (for B_i)
     default_b: int
+    num_items: Callable[[Any], int]               # encoder items (images, captions) of a microbatch
+    part_stats: Callable[[Any, int, int], dict[str, LengthStats]]   # stats with encoder items [a, b) only
+
+    def sub_counts(self, mbs: Sequence[Any], b: int) -> tuple[int, ...]:
+        """M_i = ceil(N_i / B_i) sub-microbatches per microbatch (at least one)."""
+        return tuple(max(1, math.ceil(self.num_items(mb) / b)) for mb in mbs)
+
+    def sub_stats(self, mbs: Sequence[Any], counts: Sequence[int]) -> dict[tuple[int, int], dict[str, LengthStats]]:
+        """Per (mb, sub): the microbatch's statistics with its encoder items spread evenly over its subs."""
+        out = {}
+        for m, (mb, n) in enumerate(zip(mbs, counts)):
+            items = self.num_items(mb)
+            bounds = [round(items * j / n) for j in range(n + 1)]
+            for j in range(n):
+                out[(m, j)] = self.part_stats(mb, bounds[j], bounds[j + 1])
+        return out
 
     def is_encoder(self, path: str) -> bool:
         return path.startswith(self.encoder_prefixes)
@@ -250,7 +267,10 @@ def vlm_workload(model: str = "vlm_s", vit_tokens: int = VIT_PATCHES) -> Workloa
     return Workload(model=model, encoder="vision", encoder_prefixes=("vision", "projector"), regimes=REGIMES,
                     draw=draw, stats=stats, unit_stats=unit,
                     describe_mb=lambda mbs: {"images": [mb.num_images for mb in mbs], "tokens": [mb.tokens for mb in mbs]},
-                    example_batch=lambda: paper_example_batch(model, num_images=8), unit="images", default_b=12)
+                    example_batch=lambda: paper_example_batch(model, num_images=8), unit="images", default_b=12,
+                    num_items=lambda mb: mb.num_images,
+                    part_stats=lambda mb, a, b: {**stats(mb), "vision": LengthStats.of([vit_tokens] * (b - a)),
+                                                 "projector": LengthStats.of([IMAGE_TOKENS] * (b - a))})
 
 
 def t2v_workload(model: str = "t2v_s") -> Workload:
@@ -267,7 +287,9 @@ def t2v_workload(model: str = "t2v_s") -> Workload:
                     describe_mb=lambda mbs: {"clips": [len(mb.clips) for mb in mbs],
                                              "seconds": [round(sum(c[0] for c in mb.clips), 2) for mb in mbs]},
                     example_batch=lambda: paper_example_batch(model, clip_seconds=(2.0, 3.0, 1.0)),
-                    unit="captions", default_b=8)
+                    unit="captions", default_b=8, num_items=lambda mb: len(mb.clips),
+                    part_stats=lambda mb, a, b: {**t2v_batch_stats(list(mb.clips)), "text_encoder": LengthStats.of(
+                        [c[2] for c in mb.clips[a:b]] or [1])})
 
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {
@@ -443,79 +465,103 @@ def ki_layout(wl: Workload, cm: CostModel, cluster, tp: int, rep: Sequence[dict[
 
 @dataclass
 class BatchCosts:
-    """Per-(stage, microbatch) numbers from SEMU, computed once per batch and layout."""
+    """SEMU's numbers for one batch on one layout, per (stage, microbatch[, sub]), cached by the
+    step model: times, stashes (``frugal``: every layer that saves memory recomputed, phase 2's
+    assumption), message bytes, static bytes per rank."""
 
     step: StepModel
-    fwd: list[list[float]]
-    bwd_in: list[list[float]]
-    bwd_w: list[list[float]]
-    act: list[list[float]]
-    msg_bytes: list[list[float]]        # output of stage s on mb m, per GPU (sharded over TP)
-    static: list[float]                 # per rank
-    comm: Callable[[int, int, int], float]
+    layout: Layout
+    stats: list[dict]
+    tp: int
+    cluster: Any
+    static: list[float]
+    subs: tuple = ()                     # Program.subs
+    frugal: bool = False
+    _msg: dict = field(default_factory=dict)
+
+    def time(self, s: int, m: int, j: int = -1):
+        return self.step.stage_time(s, m, j)
+
+    def act(self, s: int, m: int, j: int = -1) -> float:
+        if not self.frugal:
+            return self.step.activation_bytes(s, m, j)
+        return sum(min(f.act_bytes, f.in_bytes) for f in
+                   (self.step.layer_footprint(s, m, p, j) for p in self.layout.stage_layers[s]))
+
+    def msg_bytes(self, s: int, m: int, j: int = -1) -> float:
+        key = (s, m, j)
+        if key not in self._msg:
+            last = self.layout.stage_layers[s][-1]
+            stats = self.step._stats(m, j)
+            self._msg[key] = self.step.cost_model.cost(last, stats_for_layer(stats, last)).out_bytes / self.tp
+        return self._msg[key]
+
+    def comm(self, p: int, c: int, m: int, j: int = -1) -> float:
+        # the emulator moves whole elements of MESSAGE_DTYPE; same rounding as the specs below
+        width = DTYPE_BYTES[MESSAGE_DTYPE]
+        nbytes = max(1, int(self.msg_bytes(p, m, j) // width)) * width
+        P = self.layout.P
+        return self.cluster.transfer_time(p % P, c % P, nbytes, self.tp)
 
     def task_costs(self, split: bool) -> TaskCosts:
-        f, bi, bw, a = self.fwd, self.bwd_in, self.bwd_w, self.act
+        t = self.time
         if split:
-            return TaskCosts(fwd=lambda s, m: f[s][m], bwd=lambda s, m: bi[s][m], wgrad=lambda s, m: bw[s][m],
-                             act=lambda s, m: a[s][m], comm=self.comm)
-        return TaskCosts(fwd=lambda s, m: f[s][m], bwd=lambda s, m: bi[s][m] + bw[s][m],
-                         act=lambda s, m: a[s][m], comm=self.comm)
+            return TaskCosts(fwd=lambda s, m, j=-1: t(s, m, j).fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd_in,
+                             wgrad=lambda s, m, j=-1: t(s, m, j).bwd_w, act=self.act, comm=self.comm)
+        return TaskCosts(fwd=lambda s, m, j=-1: t(s, m, j).fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd,
+                         act=self.act, comm=self.comm)
+
+    def units(self, s: int, m: int) -> tuple[int, ...]:
+        from dipc.ir.program import sub_indices
+
+        return tuple(sub_indices(self.subs, self.layout.stage_modality[s], m))
+
+    def mb_work(self, m: int) -> float:
+        return sum(self.time(s, m, j).fwd + self.time(s, m, j).bwd for s in range(len(self.layout.stage_layers))
+                   for j in self.units(s, m))
 
     def work(self, P: int, stages: Sequence[StageInfo]) -> list[float]:
         w = [0.0] * P
         for st in stages:
-            w[st.rank] += sum(self.fwd[st.id]) + sum(self.bwd_in[st.id]) + sum(self.bwd_w[st.id])
+            for m in range(len(self.stats)):
+                w[st.rank] += sum(self.time(st.id, m, j).fwd + self.time(st.id, m, j).bwd for j in self.units(st.id, m))
         return w
 
 
 def batch_costs(cm: CostModel, cluster, tp: int, layout: Layout, stats: Sequence[dict],
-                layer_cache: dict | None = None, *, dp: int = 1) -> BatchCosts:
+                layer_cache: dict | None = None, *, dp: int = 1, sub_stats: dict | None = None,
+                subs: tuple = (), frugal: bool = False) -> BatchCosts:
     step = StepModel(cm, cluster, [list(x) for x in layout.stage_layers], list(stats), tp=tp, dp=dp,
-                     dtype="bfloat16")
+                     dtype="bfloat16", sub_stats=sub_stats)
     if layer_cache is not None:   # layer times depend only on (layer, stats): share across layouts
         step._layer_cache = layer_cache
-    S, M = len(layout.stage_layers), len(stats)
-    st = [[step.stage_time(s, m) for m in range(M)] for s in range(S)]
-    msg = [[0.0] * M for _ in range(S)]
-    for s in range(S):
-        last = layout.stage_layers[s][-1]
-        for m in range(M):
-            msg[s][m] = cm.cost(last, stats_for_layer(stats[m], last)).out_bytes / tp
-    P = layout.P
-
-    def comm(p: int, c: int, m: int) -> float:
-        # the emulator moves whole elements of MESSAGE_DTYPE; same rounding as the specs below
-        width = DTYPE_BYTES[MESSAGE_DTYPE]
-        nbytes = max(1, int(msg[p][m] // width)) * width
-        return cluster.transfer_time(p % P, c % P, nbytes, tp)
-
-    static = [0.0] * P
-    for s in range(S):
-        static[s % P] += step.static_bytes(s)
-    return BatchCosts(step=step, fwd=[[x.fwd for x in row] for row in st],
-                      bwd_in=[[x.bwd_in for x in row] for row in st], bwd_w=[[x.bwd_w for x in row] for row in st],
-                      act=[[step.activation_bytes(s, m) for m in range(M)] for s in range(S)],
-                      msg_bytes=msg, static=static, comm=comm)
+    static = [0.0] * layout.P
+    for s in range(len(layout.stage_layers)):
+        static[s % layout.P] += step.static_bytes(s)
+    return BatchCosts(step=step, layout=layout, stats=list(stats), tp=tp, cluster=cluster, static=static,
+                      subs=subs, frugal=frugal)
 
 
 def _specs(costs: BatchCosts):
     width = DTYPE_BYTES[MESSAGE_DTYPE]
 
     def specs(kind: str, mb: int, producer: int, consumer: int, sub: int = -1):
-        n = max(1, int(costs.msg_bytes[producer][mb] // width))
+        n = max(1, int(costs.msg_bytes(producer, mb, sub) // width))
         return (TensorSpec(kind="tensor", dtype=MESSAGE_DTYPE, shape=(n,)),)
     return specs
 
 
 def _static(name: str):
-    return lambda layout, stages, P, M, costs, limits: SCHEDULES[name](stages, P, M)
+    def build(layout, stages, P, M, costs, limits):
+        orders = SCHEDULES[name](stages, P, M)
+        return expand_subs(orders, stages, costs.subs) if costs.subs else orders
+    return build
 
 
 def _score_orders(layout, stages, P, M, costs, limits, orders) -> float:
     """SEMU's step time of compute orders (inf if they do not lower or overflow memory)."""
     try:
-        program = lower(stages, P, M, orders, schedule="dip", specs=_specs(costs))
+        program = lower(stages, P, M, orders, schedule="dip", specs=_specs(costs), subs=costs.subs)
     except DipcError:
         return math.inf
     res = costs.step.simulate(program, record=False)
@@ -528,12 +574,13 @@ def dq_rules(layout, stages, P, M, costs, limits, *, split: bool):
     with the name of the rule that won."""
     tc = costs.task_costs(split)
     rules = {"microbatch": microbatch_priority, f"groups of {P}": grouped_priority(P),
-             "critical path": critical_path_priority(stages, M, tc.fwd, lambda s, m: tc.bwd(s, m) + (
-                 tc.wgrad(s, m) if split else 0.0))}
+             "critical path": critical_path_priority(stages, M, lambda s, m: costs.time(s, m).fwd,
+                                                     lambda s, m: costs.time(s, m).bwd)}
     best = (math.inf, None, None)
     for name, prio in rules.items():
         try:
-            orders = dual_queue_schedule(stages, P, M, tc, priority=prio, memory_limit=limits, split_backward=split)
+            orders = dual_queue_schedule(stages, P, M, tc, priority=prio, memory_limit=limits, split_backward=split,
+                                         subs=costs.subs)
         except DipcError:
             continue
         t = _score_orders(layout, stages, P, M, costs, limits, orders)
@@ -572,7 +619,7 @@ def optimus_orders(layout, stages, P, M, costs, limits):
         body = [ComputeAction(a.op, a.stage + base, a.mb) for a in lm_sched[r]]
         tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
         orders.append(head + body + tail)
-    return orders
+    return expand_subs(orders, stages, costs.subs) if costs.subs else orders
 
 
 def _item_of(layout: Layout):
@@ -591,7 +638,7 @@ def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: fl
 
     def orders_for(order):
         return dual_queue_schedule(stages, P, M, tc, priority=priority_from_order(order, item_of),
-                                   memory_limit=limits, split_backward=split)
+                                   memory_limit=limits, split_backward=split, subs=costs.subs)
 
     def score(order) -> float:
         try:
@@ -600,7 +647,7 @@ def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: fl
             return math.inf
         return _score_orders(layout, stages, P, M, costs, limits, orders)
 
-    work = [sum(costs.fwd[s.id][m] + costs.bwd_in[s.id][m] + costs.bwd_w[s.id][m] for s in stages) for m in range(M)]
+    work = [costs.mb_work(m) for m in range(M)]
     heavy = sorted(range(M), key=lambda m: -work[m])
     seeds = [items, [(mod, m) for m in heavy for mod in mods], [(mod, m) for m in reversed(heavy) for mod in mods],
              [(mod, m) for mod in mods for m in range(M)]]   # every encoder segment first (Optimus-like)
@@ -645,6 +692,7 @@ def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
         ("DIP +interleaving", "dip", _dq(False), "ablation"),
         ("DIP +reordering", "dip", _dip(False, budget_s), "dip"),
         ("DIP +zero-bubble split", "dip", _dip(True, budget_s, rules=True), "dip"),
+        ("DIP +sub-microbatches", "dip_subs", _dip(True, budget_s, rules=True), "dip"),
     )
 
 
@@ -666,8 +714,13 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
         t0 = time.perf_counter()
         try:
             orders = build(layout, stages, P, M, c, limits)
-            program = lower(stages, P, M, orders, schedule=name, specs=_specs(c))
+            program = lower(stages, P, M, orders, schedule=name, specs=_specs(c), subs=c.subs)
             validate(program)
+            res = c.step.simulate(program, record=False)
+            if res.ranks_over(capacity):          # phase 3: recompute what must be to fit
+                fitted = optimize_memory(program, c.step, capacity)
+                program, res = fitted.program, fitted.result
+                rec["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
         except DipcError as e:
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
         else:
@@ -678,7 +731,6 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
         if getattr(build, "rule", None) is not None:
             rec["rule"] = build.rule
         if rec["validated"]:
-            res = c.step.simulate(program, record=False)
             work = c.work(P, stages)
             rec.update(step_s=res.step_time, bubble=res.bubble_fraction,
                        bound_frac=sum(res.busy) / (P * res.step_time),
@@ -820,9 +872,13 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         stats = [wl.stats(mb) for mb in mbs]
         t0 = time.perf_counter()
         cache: dict = {}
-        costs = {k: batch_costs(cm, cluster, tp, lay, stats, cache, dp=dp) for k, lay in layouts.items()}
+        costs = {k: batch_costs(cm, cluster, tp, lay, stats, cache, dp=dp, frugal=k == "dip")
+                 for k, lay in layouts.items()}
+        counts = wl.sub_counts(mbs, b_enc)
+        costs["dip_subs"] = batch_costs(cm, cluster, tp, layouts["dip"], stats, cache, dp=dp, frugal=True,
+                                        sub_stats=wl.sub_stats(mbs, counts), subs=((wl.encoder, counts),))
         t_costs = time.perf_counter() - t0
-        scheds = evaluate_batch(layouts, costs, num_microbatches, capacity, budget_s)
+        scheds = evaluate_batch({**layouts, "dip_subs": layouts["dip"]}, costs, num_microbatches, capacity, budget_s)
         batches.append({"index": i, "regime": regime, **wl.describe_mb(mbs), "semu_costs_ms": t_costs * 1e3,
                         "schedules": scheds})
         if progress and (n + 1) % 10 == 0:
