@@ -432,6 +432,23 @@ def mixed_layout(wl: Workload, cm: CostModel, cluster, tp: int, rep: Sequence[di
     return _make(wl, f"mixed {by} V={V}", P, parts, ms, rule)
 
 
+def choose_sub_size(wl: Workload, cm: CostModel, cluster, tp: int, sizes: Sequence[int] = tuple(range(1, 49)),
+                    threshold: float = 0.95) -> dict:
+    """DIP's offline B_i (paper §4): the smallest sub-microbatch size whose encoder efficiency
+    (fwd+bwd FLOPs per second on SEMU's profile) reaches ``threshold`` of the best over ``sizes``."""
+    layers = [p for p in cm.layers if wl.is_encoder(p)]
+    eff = {}
+    for b in sizes:
+        stats = wl.unit_stats(b)
+        ms = _layer_ms(cm, cluster, tp, [stats])
+        flops = sum((lambda c: c.fwd_flops + c.bwd_in_flops + c.bwd_w_flops)(cm.cost(p, stats_for_layer(stats, p)))
+                    for p in layers) / tp
+        eff[b] = flops / (sum(ms[p] for p in layers) / 1e3)
+    best = max(eff.values())
+    chosen = min(b for b in sizes if eff[b] >= threshold * best)
+    return {"B": chosen, "tflops_per_gpu": {b: eff[b] / 1e12 for b in sizes}, "threshold": threshold}
+
+
 def segment_counts(wl: Workload, cm: CostModel, cluster, tp: int, b_enc: int, *, min_layers: int = 2,
                    P: int = 4) -> dict:
     """DIP's offline K_i (paper §4): T_i = module i's fwd+bwd time at its sub-microbatch size
@@ -869,7 +886,8 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
     pm = wl.paper
     P, tp = pm.pp, pm.tp
     dp = dp or max(1, pm.num_gpus // (tp * P))
-    b_enc = b_enc or wl.default_b
+    sub_size = choose_sub_size(wl, cost_model(wl), load_preset(profile or PROFILE), tp) if b_enc is None else None
+    b_enc = b_enc or sub_size["B"]
     profile = profile or PROFILE
     cluster = load_preset(profile)
     capacity = cluster.device.memory_capacity
@@ -909,7 +927,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         "model": f"{model} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": dp,
         "gpus": tp * P * dp, "profile": profile, "memory_capacity_gb": capacity / 1e9,
         "microbatches": num_microbatches, "batches": num_batches, "trace_iterations": trace_iterations,
-        "seed": seed, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki,
+        "seed": seed, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki, "sub_size": sub_size,
         "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
         "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
         "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
