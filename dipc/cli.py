@@ -36,6 +36,32 @@ def demo(**kwargs) -> None:
     run_demo(DemoConfig(**kwargs))
 
 
+@cli.command(context_settings={"show_default": True})
+@click.option("--model", type=click.Choice(["vlm", "audio_llm", "t2v"]), default="vlm")
+@click.option("--pp", type=int, default=2, help="pipeline ranks; the world size must be a multiple (DP = world / pp)")
+@click.option("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved_1f1b, zb_h1 or dual_queue")
+@click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
+@click.option("--steps", type=int, default=20)
+@click.option("--microbatches", type=int, default=4, help="per global batch (split over the DP replicas)")
+@click.option("--samples-per-microbatch", type=int, default=2)
+@click.option("--lr", type=float, default=3e-3)
+@click.option("--seed", type=int, default=0)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: never)")
+@click.option("--resume", is_flag=True, help="continue from --checkpoint-dir exactly")
+@click.option("--async-plan", is_flag=True, help="plan batch i+1 on a CPU worker while batch i trains")
+@click.option("--timeout", "timeout_s", type=float, default=60.0, help="seconds any rank waits for a peer")
+@click.option("--nproc", type=int, default=None, help="without torchrun: processes to spawn here [default: pp]")
+def run(**kwargs) -> None:
+    """Train pipelined (x data parallel) under torchrun: `torchrun --nproc-per-node 4 -m dipc.run --pp 2`."""
+    from dipc.run import RunConfig, run as run_job
+
+    try:
+        run_job(RunConfig(**kwargs))
+    except DipcError as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+
+
 @cli.command()
 @click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True,
               help="where to write the profile JSON")
