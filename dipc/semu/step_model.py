@@ -32,6 +32,13 @@ How one layer is timed (per GPU of a TP group; ``c = cost_model.cost(path, stats
   attention calls + 1 for layers with attention (2 for a transformer block: attention + MLP; 3
   for a DiT block with cross-attention) and 0 for the others; pass ``tp_allreduces`` to override.
 
+Calibrated profiles (:mod:`dipc.semu.calibrate`) add three terms the GPU presets leave at 0:
+``device.op_overhead`` per ATen op the layer dispatches (``LocalCost.ops``, counted by the trace;
+BWD_W is charged the whole backward's ops minus BWD_I's), ``device.instruction_overhead`` per
+compute instruction (FWD/BWD/BWD_I/BWD_W: the interpreter and the stage's glue), and, with
+``device.dense_masked_attention``, masked attention over *packed* streams costs the dense pairs
+``(ΣL)²`` (cross: ``ΣL·ΣLc``) instead of the attended ``ΣL²``.
+
 Not modelled: elementwise FLOPs, overlap of TP collectives with compute, sequence parallelism,
 the work between layers (glue ops, the loss), and how BWD_I/BWD_W split the stashed activations
 (BWD_I keeps all of them for BWD_W, the conservative choice).
@@ -144,6 +151,27 @@ def layer_time(cost: LayerCost, cluster: ClusterProfile, *, tp: int = 1, dtype: 
     return LayerTime(fwd=fwd, bwd_in=bwd_in, bwd_w=bwd_w, tp_fwd=ar, tp_bwd=ar)
 
 
+def _dense_attention(cm: CostModel, path: str, stats: LengthStats, cost: LayerCost) -> LayerCost:
+    """``cost`` with its attention FLOPs counted densely over packed streams (see module docstring)."""
+    from dataclasses import replace
+
+    from dipc.semu.costs import STAT_SYMBOLS
+
+    bound = set(cm.expr(path).binding.values())
+    padded, padded_ctx = STAT_SYMBOLS[3] in bound, STAT_SYMBOLS[7] in bound   # T / Tc: a padded stream
+    ctx = stats.context
+    if ctx is not None and not padded_ctx:
+        ctx = replace(ctx, sum_sq=ctx.tokens * ctx.tokens)
+    dense = replace(stats, sum_sq=stats.sum_sq if padded else stats.tokens * stats.tokens, context=ctx,
+                    cross_pairs=(stats.tokens * stats.context.tokens if stats.context is not None
+                                 and not (padded or padded_ctx) else stats.cross_pairs))
+    extra = cm.cost(path, dense).attn_fwd_flops - cost.attn_fwd_flops
+    if extra <= 0:
+        return cost
+    return replace(cost, fwd_flops=cost.fwd_flops + extra, bwd_in_flops=cost.bwd_in_flops + 2 * extra,
+                   attn_fwd_flops=cost.attn_fwd_flops + extra)
+
+
 # ------------------------------------------------------------------------------------------------
 # length statistics per layer
 
@@ -247,13 +275,19 @@ class StepModel:
     layers). ``dtype``: compute dtype name for every layer, or a path -> name mapping; default
     ``layer_dtypes`` (filled by :meth:`for_pipeline` from the modules' parameters), else bfloat16.
     ``dp``: data-parallel degree; REDUCE then takes a ring all-reduce of the stage's gradients.
+    ``no_input_grads``: stages whose inputs take no gradient (the first stage): their BWD_I does
+    nothing (0 s) and their BWD_W runs the whole backward (:meth:`for_pipeline` fills it in).
+    ``wgrad_recomputes``: BWD_W walks the whole backward graph again (activation gradients
+    included) and costs a full backward, as dipc's interpreter does today (``autograd.backward``
+    with ``inputs=params`` after BWD_I's ``autograd.grad``); False models an ideal zero-bubble split.
     """
 
     def __init__(self, cost_model: CostModel, cluster: ClusterProfile, stage_layers: Sequence[Sequence[str]],
                  microbatch_stats: Sequence[StatsLike], *, tp: int = 1, dp: int = 1,
                  dtype: str | Mapping[str, str] | None = None,
                  tp_allreduces: Callable[[str], int] | None = None, gemms_per_layer: int = 4,
-                 bytes_mode: str = "max") -> None:
+                 bytes_mode: str = "max", no_input_grads: Sequence[int] = (),
+                 wgrad_recomputes: bool = False) -> None:
         if tp < 1 or dp < 1:
             raise StepModelError(f"tp={tp}, dp={dp}. Fix: pass degrees >= 1.")
         unknown = [p for layers in stage_layers for p in layers if p not in cost_model.exprs]
@@ -269,6 +303,8 @@ class StepModel:
         self.tp_allreduces = tp_allreduces
         self.gemms_per_layer = gemms_per_layer
         self.bytes_mode = bytes_mode
+        self.no_input_grads = frozenset(no_input_grads)
+        self.wgrad_recomputes = wgrad_recomputes
         self._layer_cache: dict[tuple, LayerTime] = {}
         self._stage_cache: dict[tuple[int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int], float] = {}
@@ -279,6 +315,7 @@ class StepModel:
         """A step model of a compiled pipeline (``dipc.compile``): its stages' layers, and each
         layer's compute dtype read from its parameters (unless ``dtype=`` is given)."""
         stages = sorted(pipe.stages, key=lambda s: s.id)
+        kwargs.setdefault("no_input_grads", [s.id for s in stages if not s.grad_producers])
         if kwargs.get("dtype") is None:
             gm = pipe.captured.graph_module
             kwargs["dtype"] = {p: _module_dtype(gm.get_submodule(p)) or "float32"
@@ -306,9 +343,19 @@ class StepModel:
         key = (self.cost_model.signature(path), stats.values(), dtype, n_ar)
         hit = self._layer_cache.get(key)
         if hit is None:
-            hit = self._layer_cache[key] = layer_time(
-                self.cost_model.cost(path, stats), self.cluster, tp=self.tp, dtype=dtype, tp_allreduces=n_ar,
-                gemms_per_layer=self.gemms_per_layer, bytes_mode=self.bytes_mode)
+            dev = self.cluster.device
+            cost = self.cost_model.cost(path, stats)
+            if dev.dense_masked_attention and cost.attn_fwd_flops > 0:
+                cost = _dense_attention(self.cost_model, path, stats, cost)
+            t = layer_time(cost, self.cluster, tp=self.tp, dtype=dtype, tp_allreduces=n_ar,
+                           gemms_per_layer=self.gemms_per_layer, bytes_mode=self.bytes_mode)
+            if dev.op_overhead:
+                ops = self.cost_model.expr(path).local.ops
+                f, bi, b = ops.get("fwd", 0), ops.get("bwd_in", 0), ops.get("bwd", 0)
+                oo = dev.op_overhead
+                t = LayerTime(fwd=t.fwd + f * oo, bwd_in=t.bwd_in + bi * oo, bwd_w=t.bwd_w + max(b - bi, 0) * oo,
+                              tp_fwd=t.tp_fwd, tp_bwd=t.tp_bwd)
+            hit = self._layer_cache[key] = t
         return hit
 
     def _stats(self, mb: int) -> StatsLike:
@@ -389,14 +436,19 @@ class StepModel:
     def compute_time(self, ins: Instruction) -> float:
         """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
         op = ins.op
+        fixed = self.cluster.device.instruction_overhead
         if op is Op.FWD:
-            return self.stage_time(ins.stage, ins.mb).fwd
+            return self.stage_time(ins.stage, ins.mb).fwd + fixed
         if op is Op.BWD:
-            return self.stage_time(ins.stage, ins.mb).bwd
+            return self.stage_time(ins.stage, ins.mb).bwd + fixed
         if op is Op.BWD_I:
-            return self.stage_time(ins.stage, ins.mb).bwd_in
+            if ins.stage in self.no_input_grads:
+                return 0.0
+            return self.stage_time(ins.stage, ins.mb).bwd_in + fixed
         if op is Op.BWD_W:
-            return self.stage_time(ins.stage, ins.mb).bwd_w
+            if self.wgrad_recomputes or ins.stage in self.no_input_grads:
+                return self.stage_time(ins.stage, ins.mb).bwd + fixed
+            return self.stage_time(ins.stage, ins.mb).bwd_w + fixed
         if op is Op.REDUCE:
             return self.reduce_time(ins.stage)
         return 0.0

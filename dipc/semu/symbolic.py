@@ -95,6 +95,10 @@ class LocalCost:
     grad_bytes: int
     optim_bytes: int
     guards: list[sympy.Expr] = field(default_factory=list)
+    # ATen ops one call dispatches (views included): forward, input-gradient backward, whole backward.
+    # Fixed per layer (shapes do not change the op sequence of a traceable layer); SEMU charges the
+    # profile's per-op overhead for each, which dominates small layers on CPU.
+    ops: dict[str, int] = field(default_factory=dict)
 
 
 class _AttentionStandIn(torch.autograd.Function):
@@ -120,6 +124,7 @@ class _Recorder(TorchDispatchMode):
         self.phase = "fwd"
         self.quiet = False
         self.terms: dict[str, list[sympy.Expr]] = {"fwd": [], "bwd": []}
+        self.ops: dict[str, int] = {"fwd": 0, "skip": 0, "bwd": 0}   # ATen ops dispatched per phase
 
     def add(self, phase: str, e: sympy.Expr) -> None:
         self.terms[phase].append(e)
@@ -127,6 +132,8 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not self.quiet:
+            self.ops[self.phase] += 1
         if self.quiet or self.phase == "skip" or func.is_view or func.overloadpacket in _NO_TRAFFIC:
             return out
         leaves = [x for x in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
@@ -180,6 +187,9 @@ class _AttentionMode(TorchFunctionMode):
         rec.add("fwd", io + out_bytes + lse)
         rec.add("bwd", 2 * io + 3 * out_bytes + lse)       # read q,k,v,out,dout,lse; write dq,dk,dv
         self.extra_saved = self.extra_saved + lse
+        rec.ops["fwd"] += 1   # one fused kernel forward; its backward is counted as one below
+        rec.ops["skip"] += 1
+        rec.ops["bwd"] += 1
         rec.quiet = True
         try:
             return _AttentionStandIn.apply(q, k, v)
@@ -285,9 +295,11 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 exprs["act_bytes"] = sympy.Integer(0)
     finally:
         fake_log.level = level
-    return _canonicalize(env, exprs, raw_syms, [isinstance(x, torch.Tensor) and x.is_floating_point() for x in real],
+    local = _canonicalize(env, exprs, raw_syms, [isinstance(x, torch.Tensor) and x.is_floating_point() for x in real],
                          attn.calls, module, name, [x.shape if isinstance(x, torch.Tensor) else None for x in flat],
                          out_shapes)
+    local.ops = {"fwd": rec.ops["fwd"], "bwd_in": rec.ops["skip"], "bwd": rec.ops["bwd"]}
+    return local
 
 
 def _to_meta(module: nn.Module) -> nn.Module:

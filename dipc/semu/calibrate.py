@@ -1,0 +1,206 @@
+"""Calibrate a device profile to measured runs, so SEMU's step times match the real runtime.
+
+A measured profile (``dipc profile``) knows the machine's peak FLOP/s and bandwidth from micro-
+benchmarks, but a pipeline stage on CPU is dominated by what those do not see: eager dispatch of
+hundreds of small ATen ops, the interpreter, and a CPU attention kernel that computes masked
+attention densely. The fit here takes per-instruction wall times of real steps (the local executor
+runs ranks one after another, so each instruction's time is its own; see
+:func:`dipc.runtime.measure.timed_local_step`) and models each compute instruction as
+
+    t = a · roofline(instr; profile) + op_overhead · ops(instr) + instruction_overhead
+
+where ``roofline`` is what :class:`~dipc.semu.step_model.StepModel` computes from the measured
+profile with every overhead at 0, and ``ops`` the ATen ops the instruction's layers dispatch
+(counted by the symbolic trace). A non-negative least-squares fit of relative errors gives
+``a``, ``op_overhead`` and ``instruction_overhead``; it is run with masked attention counted
+sparsely and densely, and the better fit decides ``dense_masked_attention``. The profile then
+gets peak FLOP/s and memory bandwidth divided by ``a`` (which scales the roofline by exactly
+``a``), ``launch_overhead`` 0 (``op_overhead`` replaces it) and the two overheads; links come
+from a gloo ping-pong fit (:func:`fit_link`). The result is an ordinary profile JSON.
+
+Fit on calibration batches, evaluate on others (``benchmarks/semu_accuracy.py`` does).
+
+Not modelled: per-op costs that vary by op kind (one overhead for all), cache effects between
+consecutive microbatches, the stage glue's dependence on the batch (a constant per instruction),
+and run-to-run noise of a shared machine (medians of repeats are the caller's job).
+
+Example::
+
+    samples = [CalibrationSample(stats=[batch_length_stats(mb) for mb in mbs],
+                                 timings=timed_local_step(pipe, mbs).compute_times())]
+    sets = [CalibrationSet(stage_layers=[s.layers for s in pipe.stages], cost_model=cost_model, samples=samples)]
+    result = fit_profile(measured, sets)
+    save_profile(result.profile, "calibrated.json")
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dipc.errors import DipcError
+from dipc.ir import Instruction, Op
+from dipc.semu.costs import CostModel
+from dipc.semu.profiles import ClusterProfile, LinkProfile
+from dipc.semu.step_model import StatsLike, StepModel
+
+__all__ = ["CalibrationError", "CalibrationResult", "CalibrationSample", "CalibrationSet", "fit_link", "fit_profile", "stage_ops"]
+
+_COMPUTE = {"FWD": Op.FWD, "BWD": Op.BWD, "BWD_I": Op.BWD_I, "BWD_W": Op.BWD_W}
+
+
+class CalibrationError(DipcError, ValueError):
+    """Too few or inconsistent measurements to fit a profile."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSample:
+    """One measured step: the statistics of its microbatches and ``(op, stage, mb, seconds)`` of
+    its compute instructions (op names ``FWD``/``BWD``/``BWD_I``/``BWD_W``)."""
+
+    stats: Sequence[StatsLike]
+    timings: Sequence[tuple[str, int, int, float]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSet:
+    """Samples of one pipeline: its stages' layer paths and its cost model (one device profile can
+    be fitted to several pipelines and models at once)."""
+
+    stage_layers: Sequence[Sequence[str]]
+    cost_model: CostModel
+    samples: Sequence[CalibrationSample]
+    no_input_grads: Sequence[int] = ()     # stages whose BWD_I is a no-op (StepModel's knob)
+    wgrad_recomputes: bool = True          # BWD_W costs a full backward (dipc's interpreter today)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationResult:
+    """The calibrated profile and how well it fits its own samples."""
+
+    profile: ClusterProfile
+    scale: float                     # a: roofline multiplier (peaks and bandwidth were divided by it)
+    op_overhead: float
+    instruction_overhead: float
+    dense_masked_attention: bool
+    num_points: int
+    median_rel_error: float          # per instruction, on the calibration samples
+    residuals: dict[str, float] = field(default_factory=dict)   # relative RMS per attention variant
+
+
+def stage_ops(cost_model: CostModel, layers: Sequence[str], op: str, input_grads: bool = True,
+              wgrad_recomputes: bool = False) -> int:
+    """ATen ops the instruction ``op`` dispatches over a stage's ``layers`` (see module docstring);
+    without ``input_grads`` BWD_I does nothing and BWD_W the whole backward (also when
+    ``wgrad_recomputes``, see :class:`~dipc.semu.step_model.StepModel`)."""
+    if op == "BWD_I" and not input_grads:
+        return 0
+    if op == "BWD_W" and (wgrad_recomputes or not input_grads):
+        return stage_ops(cost_model, layers, "BWD")
+    total = 0
+    for p in layers:
+        ops = cost_model.expr(p).local.ops
+        if not ops:
+            raise CalibrationError(f"layer {p!r} has no op counts. Fix: rebuild the cost model with this dipc "
+                                   "(layer_cost_model counts ops while tracing).")
+        if op == "FWD":
+            total += ops["fwd"]
+        elif op == "BWD":
+            total += ops["bwd"]
+        elif op == "BWD_I":
+            total += ops["bwd_in"]
+        else:
+            total += max(ops["bwd"] - ops["bwd_in"], 0)
+    return total
+
+
+def _bare(profile: ClusterProfile, dense: bool) -> ClusterProfile:
+    dev = dataclasses.replace(profile.device, launch_overhead=0.0, op_overhead=0.0, instruction_overhead=0.0,
+                              dense_masked_attention=dense)
+    return dataclasses.replace(profile, device=dev)
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares by enumerating active sets (three unknowns: exact and cheap)."""
+    k = x.shape[1]
+    best, best_err = np.zeros(k), float(np.sum(y * y))
+    for r in range(1, k + 1):
+        for cols in itertools.combinations(range(k), r):
+            coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.any(coef < 0):
+                continue
+            full = np.zeros(k)
+            full[list(cols)] = coef
+            err = float(np.sum((x @ full - y) ** 2))
+            if err < best_err:
+                best, best_err = full, err
+    return best
+
+
+def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
+                name: str | None = None, dtype: str = "float32") -> CalibrationResult:
+    """Fit ``measured``'s throughput scale and overheads to the samples (see module docstring).
+    ``dtype``: the layers' compute dtype (its peak must be in the profile)."""
+    samples = [(cs, s) for cs in sets for s in cs.samples]
+    points = [(si, op, stage, mb, t) for si, (cs, s) in enumerate(samples) for op, stage, mb, t in s.timings
+              if op in _COMPUTE and t > 0 and not (op == "BWD_I" and stage in cs.no_input_grads)]
+    if len(points) < 4:
+        raise CalibrationError(f"{len(points)} timed compute instructions. Fix: time at least a few steps "
+                               "with several microbatches each (timed_local_step).")
+    y = np.array([t for *_, t in points])
+    ops = np.array([stage_ops(samples[si][0].cost_model, samples[si][0].stage_layers[stage], op,
+                              stage not in samples[si][0].no_input_grads, samples[si][0].wgrad_recomputes)
+                    for si, op, stage, _, _ in points], dtype=float)
+    fits = {}
+    for dense in (False, True):
+        bare = _bare(measured, dense)
+        models = [StepModel(cs.cost_model, bare, cs.stage_layers, s.stats, dtype=dtype,
+                            no_input_grads=cs.no_input_grads, wgrad_recomputes=cs.wgrad_recomputes) for cs, s in samples]
+        roof = np.array([models[si].compute_time(Instruction(op=_COMPUTE[op], stage=stage, mb=mb))
+                         for si, op, stage, mb, _ in points])
+        x = np.stack([roof, ops, np.ones_like(y)], axis=1)
+        # relative errors, so small and large instructions count alike; the floor keeps a few
+        # near-empty instructions (timer noise) from steering the fit
+        w = 1.0 / np.maximum(y, 0.1 * float(np.median(y)))
+        coef = _nnls(x * w[:, None], y * w)
+        rel = (x @ coef - y) / y
+        fits[dense] = (float(np.sqrt(np.mean(rel ** 2))), coef, rel)
+    dense = fits[True][0] < fits[False][0]
+    _, (a, oo, c), rel = fits[dense]
+    if a <= 0:
+        a = 1.0   # the roofline explains nothing: keep the measured throughput (overheads carry the fit)
+    dev = measured.device
+    cal_dev = dataclasses.replace(
+        dev, peak_flops={k: v / a for k, v in dev.peak_flops.items()}, memory_bandwidth=dev.memory_bandwidth / a,
+        launch_overhead=0.0, op_overhead=float(oo), instruction_overhead=float(c), dense_masked_attention=dense,
+        source=(f"{dev.source}; calibrated on {len(points)} timed instructions of {len(samples)} steps: "
+                f"throughput / {a:.3g}, {oo * 1e6:.3g} us per ATen op, {c * 1e6:.3g} us per instruction, "
+                f"masked attention {'dense' if dense else 'sparse'}"))
+    links = {}
+    if link is not None:
+        links = {"intra_node": link, "inter_node": link}
+    profile = dataclasses.replace(measured, name=name or f"{measured.name}-calibrated", device=cal_dev,
+                                  source=measured.source + ("; links fitted by gloo ping-pong" if link else ""),
+                                  **links)
+    return CalibrationResult(profile=profile, scale=float(a), op_overhead=float(oo), instruction_overhead=float(c),
+                             dense_masked_attention=dense, num_points=len(points),
+                             median_rel_error=float(np.median(np.abs(rel))),
+                             residuals={"sparse": fits[False][0], "dense": fits[True][0]})
+
+
+def fit_link(one_way: Sequence[tuple[float, float]]) -> LinkProfile:
+    """``latency + bytes / bandwidth`` fitted to ``(bytes, one-way seconds)`` measurements."""
+    if len(one_way) < 2 or len({b for b, _ in one_way}) < 2:
+        raise CalibrationError("a link fit needs times at two or more message sizes. Fix: measure more sizes.")
+    b = np.array([x for x, _ in one_way], dtype=float)
+    t = np.array([y for _, y in one_way], dtype=float)
+    coef = _nnls(np.stack([np.ones_like(b), b], axis=1), t)
+    latency, per_byte = float(coef[0]), float(coef[1])
+    bandwidth = 1.0 / per_byte if per_byte > 0 else 1e12
+    if not math.isfinite(bandwidth):
+        bandwidth = 1e12
+    return LinkProfile(latency=latency, bandwidth=bandwidth)
