@@ -163,7 +163,7 @@ def main() -> None:
     from dipc.semu.costs import layer_cost_model
     from dipc.semu.profile_machine import measure_profile
     from dipc.semu.profiles import save_profile
-    from dipc.semu.step_model import StepModel, batch_length_stats
+    from dipc.semu.step_model import StepModel, pipeline_length_stats
     from examples.data import make_example
 
     torch.set_num_threads(1)     # one thread per rank, as the gloo launcher gives each rank
@@ -192,7 +192,7 @@ def main() -> None:
                     timed_local_step(pipe, mbs, program)
                     runs = [timed_local_step(pipe, mbs, program).by_key() for _ in range(3)]
                     timings = [(op, s, m, statistics.median(r[(op, s, m)] for r in runs)) for (op, s, m) in runs[0]]
-                    samples.append(CalibrationSample(stats=[batch_length_stats(mb) for mb in mbs], timings=timings))
+                    samples.append(CalibrationSample(stats=[pipeline_length_stats(pipe, mb) for mb in mbs], timings=timings))
             stages = sorted(pipe.stages, key=lambda s: s.id)
             sets.append(CalibrationSet(stage_layers=[s.layers for s in stages], cost_model=cms[chunks],
                                        samples=samples, no_input_grads=[s.id for s in stages if not s.grad_producers]))
@@ -207,11 +207,12 @@ def main() -> None:
     cases = []
     for name, (ex, test, pipes, cms) in models.items():
         for b, mbs in enumerate(test):
-            stats = [batch_length_stats(mb) for mb in mbs]
+            stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
             for schedule, chunks in SCHEDULE_CHUNKS.items():
                 pipe = pipes[chunks]
                 program = pipe.plan(mbs, schedule=schedule)
-                sm = StepModel.for_pipeline(pipe, cms[chunks], profile, stats, wgrad_recomputes=True)
+                sm = StepModel.for_pipeline(pipe, cms[chunks], profile, stats,
+                                                **StepModel.runtime_options(pipe))
                 sim = sm.simulate(program)
                 for _ in range(warmup):
                     timed_local_step(pipe, mbs, program)
@@ -228,13 +229,14 @@ def main() -> None:
     for name, (ex, test, pipes, cms) in models.items():
         mpipes = _pipes(ex, test[0][0], memory=True)
         for b, mbs in enumerate(test[:mem_batches]):
-            stats = [batch_length_stats(mb) for mb in mbs]
+            stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
             for schedule, chunks in SCHEDULE_CHUNKS.items():
                 pipe = mpipes[chunks]
                 program = pipe.plan(mbs, schedule=schedule)
                 pipe.step(mbs, program)                   # creates the optimizer states
                 got = measured_peak_memory(pipe, mbs, program)
-                want = StepModel.for_pipeline(pipe, cms[chunks], profile, stats, wgrad_recomputes=True).simulate(program).peak_memory
+                want = StepModel.for_pipeline(pipe, cms[chunks], profile, stats,
+                                                **StepModel.runtime_options(pipe)).simulate(program).peak_memory
                 memory.append({"model": name, "schedule": schedule, "batch": b, "measured_bytes": got,
                                "predicted_bytes": list(want),
                                "rel_err": [p / m - 1 for p, m in zip(want, got)]})

@@ -55,6 +55,9 @@ class CompiledPipeline:
     loss_weight: Callable[[Batch], float] = default_loss_weight
     optimizer_factory: OptimizerFactory | None = None
     history: list[tuple[str, Any, float]] = field(default_factory=list)
+    # microbatch -> per-module-prefix LengthStats for SEMU (dipc.semu.step_model.pipeline_length_stats);
+    # None: derived from the batch keys dipc knows
+    length_stats: Callable[[Batch], Any] | None = None
 
     def __post_init__(self) -> None:
         self.shapes = ShapeInference(self.stages)
@@ -220,7 +223,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
             key_modalities: Mapping[str, str] | None = None, module_overrides: Mapping[str, str] | None = None,
             loss_weight: Callable[[Batch], float] | None = None,
             optimizer: OptimizerFactory | None = None, fused_kernels: bool | None = None,
-            segments: Mapping[str, int] | str = "cost") -> CompiledPipeline:
+            segments: Mapping[str, int] | str = "cost",
+            length_stats: Callable[[Batch], Any] | None = None) -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
@@ -231,6 +235,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     ``optimizer``: params -> optimizer, created per rank over that rank's parameters.
     ``segments``: stages per modality module: ``"cost"`` (proportional to cost), ``"spread"`` (equal,
     so with ``chunks`` = number of modules every module spans all ranks), or ``{module: stages}``.
+    ``length_stats``: microbatch -> ``{module path prefix: LengthStats}`` for SEMU, for batch layouts
+    :func:`dipc.semu.step_model.batch_length_stats` does not know.
     ``fused_kernels``: run layers with dipc's Triton kernels (RMSNorm, LayerNorm, GELU, SwiGLU, RoPE).
     Default: on when the model lives on a GPU, off on CPU (where Triton only interprets). The
     user's parameters are shared, so gradients and optimizer updates land on ``model`` either way.
@@ -268,4 +274,4 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     history.append(("partition", [s.module for s in stages], (time.perf_counter() - t0) * 1e3))
     return CompiledPipeline(model=model, captured=captured, tags=tags, stages=stages, num_ranks=num_stages,
                             chunks=chunks, schedule=schedule, loss_weight=loss_weight or default_loss_weight,
-                            optimizer_factory=optimizer, history=history)
+                            optimizer_factory=optimizer, history=history, length_stats=length_stats)

@@ -7,15 +7,17 @@ attention densely. The fit here takes per-instruction wall times of real steps (
 runs ranks one after another, so each instruction's time is its own; see
 :func:`dipc.runtime.measure.timed_local_step`) and models each compute instruction as
 
-    t = a · roofline(instr; profile) + op_overhead · ops(instr) + instruction_overhead
+    t = a · rest(instr) + b · attention(instr) + op_overhead · ops(instr) + instruction_overhead
 
-where ``roofline`` is what :class:`~dipc.semu.step_model.StepModel` computes from the measured
-profile with every overhead at 0, and ``ops`` the ATen ops the instruction's layers dispatch
-(counted by the symbolic trace). A non-negative least-squares fit of relative errors gives
-``a``, ``op_overhead`` and ``instruction_overhead``; it is run with masked attention counted
-sparsely and densely, and the better fit decides ``dense_masked_attention``. The profile then
-gets peak FLOP/s and memory bandwidth divided by ``a`` (which scales the roofline by exactly
-``a``), ``launch_overhead`` 0 (``op_overhead`` replaces it) and the two overheads; links come
+where ``attention`` is the attention part and ``rest`` the remainder of what
+:class:`~dipc.semu.step_model.StepModel` computes from the measured profile with every overhead
+at 0, and ``ops`` the ATen ops the instruction's layers dispatch (counted by the symbolic trace).
+A non-negative least-squares fit of relative errors gives ``a``, ``b``, ``op_overhead`` and
+``instruction_overhead``; it is run with masked attention counted sparsely and densely, and the
+better fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s and memory
+bandwidth divided by ``a`` (which scales the roofline by exactly ``a``), the attention curve
+scaled by ``a / b``, ``launch_overhead`` 0 (``op_overhead`` replaces it) and the two overheads
+(exact only where the roofline's max picks the FLOP term, as it does for these layers); links come
 from a gloo ping-pong fit (:func:`fit_link`). The result is an ordinary profile JSON.
 
 Fit on calibration batches, evaluate on others (``benchmarks/semu_accuracy.py`` does).
@@ -45,7 +47,7 @@ import numpy as np
 from dipc.errors import DipcError
 from dipc.ir import Instruction, Op
 from dipc.semu.costs import CostModel
-from dipc.semu.profiles import ClusterProfile, LinkProfile
+from dipc.semu.profiles import ClusterProfile, EfficiencyCurve, LinkProfile
 from dipc.semu.step_model import StatsLike, StepModel
 
 __all__ = ["CalibrationError", "CalibrationResult", "CalibrationSample", "CalibrationSet", "fit_link", "fit_profile", "stage_ops"]
@@ -84,6 +86,7 @@ class CalibrationResult:
 
     profile: ClusterProfile
     scale: float                     # a: roofline multiplier (peaks and bandwidth were divided by it)
+    attention_scale: float           # b: the same for attention FLOPs (its curve was scaled by a / b)
     op_overhead: float
     instruction_overhead: float
     dense_masked_attention: bool
@@ -141,6 +144,28 @@ def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
+def _attention_seconds(sm: StepModel, ins: Instruction) -> float:
+    """The attention part of ``sm.compute_time(ins)`` (masked attention dense when the profile says so)."""
+    from dipc.semu.step_model import _dense_attention, stats_for_layer
+
+    dev, stage = sm.cluster.device, ins.stage
+    whole = sm.wgrad_recomputes or stage in sm.no_input_grads
+    mult = {Op.FWD: 1, Op.BWD: 2, Op.BWD_I: 0 if stage in sm.no_input_grads else 2,
+            Op.BWD_W: 2 if whole else 0}.get(ins.op, 0)
+    if mult == 0:
+        return 0.0
+    stats = sm.microbatch_stats[ins.mb]
+    total = 0.0
+    for p in sm.stage_layers[stage]:
+        st = stats_for_layer(stats, p)
+        c = sm.cost_model.cost(p, st)
+        if c.attn_fwd_flops > 0 and dev.dense_masked_attention:
+            c = _dense_attention(sm.cost_model, p, st, c)
+        if c.attn_fwd_flops > 0:
+            total += dev.op_time("attention", flops=mult * c.attn_fwd_flops, dtype=sm.layer_dtype(p), num_kernels=0)
+    return total
+
+
 def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
                 name: str | None = None, dtype: str = "float32") -> CalibrationResult:
     """Fit ``measured``'s throughput scale and overheads to the samples (see module docstring).
@@ -162,7 +187,9 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                             no_input_grads=cs.no_input_grads, wgrad_recomputes=cs.wgrad_recomputes) for cs, s in samples]
         roof = np.array([models[si].compute_time(Instruction(op=_COMPUTE[op], stage=stage, mb=mb))
                          for si, op, stage, mb, _ in points])
-        x = np.stack([roof, ops, np.ones_like(y)], axis=1)
+        attn = np.array([_attention_seconds(models[si], Instruction(op=_COMPUTE[op], stage=stage, mb=mb))
+                         for si, op, stage, mb, _ in points])
+        x = np.stack([np.maximum(roof - attn, 0.0), attn, ops, np.ones_like(y)], axis=1)
         # relative errors, so small and large instructions count alike; the floor keeps a few
         # near-empty instructions (timer noise) from steering the fit
         w = 1.0 / np.maximum(y, 0.1 * float(np.median(y)))
@@ -170,15 +197,20 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         rel = (x @ coef - y) / y
         fits[dense] = (float(np.sqrt(np.mean(rel ** 2))), coef, rel)
     dense = fits[True][0] < fits[False][0]
-    _, (a, oo, c), rel = fits[dense]
+    _, (a, b, oo, c), rel = fits[dense]
     if a <= 0:
         a = 1.0   # the roofline explains nothing: keep the measured throughput (overheads carry the fit)
     dev = measured.device
+    # attention runs at its own multiplier b: its curve is scaled by a / b (clamped to 1: an attention
+    # faster than the measured matmul peak cannot be expressed; 1 is the closest)
+    ratio = a / b if b > 0 else float("inf")
+    att = EfficiencyCurve(points=tuple((x, min(1.0, e * ratio)) for x, e in dev.efficiency["attention"].points))
     cal_dev = dataclasses.replace(
         dev, peak_flops={k: v / a for k, v in dev.peak_flops.items()}, memory_bandwidth=dev.memory_bandwidth / a,
+        efficiency={**dev.efficiency, "attention": att},
         launch_overhead=0.0, op_overhead=float(oo), instruction_overhead=float(c), dense_masked_attention=dense,
         source=(f"{dev.source}; calibrated on {len(points)} timed instructions of {len(samples)} steps: "
-                f"throughput / {a:.3g}, {oo * 1e6:.3g} us per ATen op, {c * 1e6:.3g} us per instruction, "
+                f"throughput / {a:.3g} (attention / {b:.3g}), {oo * 1e6:.3g} us per ATen op, {c * 1e6:.3g} us per instruction, "
                 f"masked attention {'dense' if dense else 'sparse'}"))
     links = {}
     if link is not None:
@@ -186,7 +218,7 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
     profile = dataclasses.replace(measured, name=name or f"{measured.name}-calibrated", device=cal_dev,
                                   source=measured.source + ("; links fitted by gloo ping-pong" if link else ""),
                                   **links)
-    return CalibrationResult(profile=profile, scale=float(a), op_overhead=float(oo), instruction_overhead=float(c),
+    return CalibrationResult(profile=profile, scale=float(a), attention_scale=float(b), op_overhead=float(oo), instruction_overhead=float(c),
                              dense_masked_attention=dense, num_points=len(points),
                              median_rel_error=float(np.median(np.abs(rel))),
                              residuals={"sparse": fits[False][0], "dense": fits[True][0]})

@@ -48,7 +48,7 @@ Example::
     pipe = dipc.compile(model, batch, num_stages=4)
     cm = layer_cost_model(pipe.captured)
     mbs = data.microbatches(8, 2)
-    sm = StepModel.for_pipeline(pipe, cm, load_preset("h800"), [batch_length_stats(mb) for mb in mbs], tp=4)
+    sm = StepModel.for_pipeline(pipe, cm, load_preset("h800"), [pipeline_length_stats(pipe, mb) for mb in mbs], tp=4)
     result = sm.simulate(pipe.plan(mbs))
 """
 from __future__ import annotations
@@ -66,6 +66,7 @@ from dipc.semu.emulator import MemoryModel, SimResult, simulate
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
 
 __all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_length_stats", "best_contiguous_split",
+           "pipeline_length_stats",
            "chain_program", "layer_time", "stats_for_layer", "StepModelError"]
 
 StatsLike = Mapping[str, LengthStats] | LengthStats
@@ -197,17 +198,41 @@ def _segments(ids: torch.Tensor, n: int | None = None) -> list[int]:
     return torch.bincount(ids.reshape(-1).long(), minlength=n or 0).tolist()
 
 
-def batch_length_stats(batch: Mapping[str, Any]) -> dict[str, LengthStats]:
-    """Per-modality length statistics of a collated microbatch of one of dipc's example models
-    (or a paper model built from them), keyed by module path prefix, for :class:`StepModel`.
+def _time_downsample(captured: Any, key: str, prefix: str, skip: str) -> int:
+    """How many of ``key``'s last-dim steps make one position of the first layer under ``prefix``
+    (outside ``skip``), read off the captured example batch: e.g. an audio front-end that turns
+    ``frames`` mel frames into ``frames / 4`` encoder positions gives 4."""
+    gm = captured.graph_module
+    frames = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target == key:
+            frames = int(captured.example_values[node.name].shape[-1])
+        elif node.op == "call_module" and node.target.startswith(prefix + ".") and \
+                not node.target.startswith(skip + ".") and node.target != skip and frames is not None:
+            x = captured.example_values.get(node.args[0].name) if node.args and hasattr(node.args[0], "name") else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-2] > 0:
+                return max(1, round(frames / int(x.shape[-2])))
+    raise StepModelError(f"cannot find the first {prefix!r} layer after {skip!r} reading batch key {key!r} in the "
+                         "captured model. Fix: pass length_stats= to dipc.compile (per-prefix LengthStats).")
 
-    - VLM (``image_ids``): ``vision``/``projector``: one packed sequence per image (its patch
-      count, from ``image_ids``); ``language_model``/``lm_head``: padded ``input_ids`` ``[B, T]``.
-    - Audio LLM (``input_features [n, mels, frames]``): ``audio.frontend`` padded (n, frames), the
-      audio encoder and projector padded (n, frames / 4); the LM as for the VLM.
-    - T2V (``video_ids``): ``text_encoder``: one packed sequence per caption
+
+def batch_length_stats(batch: Mapping[str, Any], captured: Any | None = None) -> dict[str, LengthStats]:
+    """Per-modality length statistics of a collated microbatch, keyed by module path prefix, for
+    :class:`StepModel`, for the batch layouts dipc knows (the example models' and the paper models
+    built from them), recognised by their batch keys:
+
+    - packed images (``image_ids``): ``vision``/``projector``: one packed sequence per image (its
+      patch count, from ``image_ids``); ``language_model``/``lm_head``: padded ``input_ids`` ``[B, T]``.
+    - padded audio (``input_features [n, mels, frames]``): ``audio.frontend`` padded (n, frames),
+      the audio encoder and projector padded (n, frames / r), where the front-end's time
+      downsampling ``r`` is read off the ``captured`` model's example values (so ``captured`` is
+      required here); the LM as above.
+    - packed video (``video_ids``): ``text_encoder``: one packed sequence per caption
       (``text_sample_ids``); ``time_embed``: one token per sample; ``video``, ``blocks``,
       ``final_layer``: one packed sequence per clip, cross-attending to its caption.
+
+    Any other model: give ``dipc.compile(..., length_stats=fn)`` a function from a microbatch to
+    this mapping (:func:`pipeline_length_stats` prefers it).
     """
     if "image_ids" in batch:
         images = [x for x in _segments(batch["image_ids"]) if x > 0]
@@ -215,11 +240,13 @@ def batch_length_stats(batch: Mapping[str, Any]) -> dict[str, LengthStats]:
         img, lm = LengthStats.of(images), LengthStats.padded(b, t)
         return {"vision": img, "projector": img, "language_model": lm, "lm_head": lm}
     if "input_features" in batch:
-        from examples.models import AudioLLMConfig
-
+        if captured is None:
+            raise StepModelError("an audio batch (input_features) needs the captured model to read the "
+                                 "front-end's time downsampling. Fix: batch_length_stats(batch, pipe.captured), "
+                                 "or pipeline_length_stats(pipe, batch).")
         n, _, frames = batch["input_features"].shape
         b, t = batch["input_ids"].shape
-        enc = LengthStats.padded(n, frames // AudioLLMConfig.downsample)
+        enc = LengthStats.padded(n, frames // _time_downsample(captured, "input_features", "audio", "audio.frontend"))
         lm = LengthStats.padded(b, t)
         return {"audio": enc, "audio.frontend": LengthStats.padded(n, frames), "projector": enc,
                 "language_model": lm, "lm_head": lm}
@@ -230,8 +257,18 @@ def batch_length_stats(batch: Mapping[str, Any]) -> dict[str, LengthStats]:
         vid = LengthStats.of(video, context=text)
         return {"text_encoder": LengthStats.of(text), "time_embed": LengthStats.of([1] * n),
                 "video": vid, "blocks": vid, "final_layer": vid}
-    raise StepModelError(f"cannot tell the model from batch keys {sorted(batch)}. Fix: build the "
-                         "per-prefix LengthStats yourself (LengthStats.of / LengthStats.padded).")
+    raise StepModelError(f"cannot tell the batch layout from batch keys {sorted(batch)}. Fix: pass "
+                         "dipc.compile(..., length_stats=fn) returning per-prefix LengthStats for a microbatch "
+                         "(LengthStats.of for packed sequences, LengthStats.padded for [n, T]).")
+
+
+def pipeline_length_stats(pipe: Any, batch: Mapping[str, Any]) -> dict[str, LengthStats] | LengthStats:
+    """The statistics SEMU uses for ``batch`` on ``pipe``: the pipeline's ``length_stats`` hook when
+    it has one, else :func:`batch_length_stats` with the pipeline's captured model."""
+    hook = getattr(pipe, "length_stats", None)
+    if hook is not None:
+        return hook(batch)
+    return batch_length_stats(batch, pipe.captured)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +313,7 @@ class StepModel:
     ``layer_dtypes`` (filled by :meth:`for_pipeline` from the modules' parameters), else bfloat16.
     ``dp``: data-parallel degree; REDUCE then takes a ring all-reduce of the stage's gradients.
     ``no_input_grads``: stages whose inputs take no gradient (the first stage): their BWD_I does
-    nothing (0 s) and their BWD_W runs the whole backward (:meth:`for_pipeline` fills it in).
+    nothing (0 s) and their BWD_W runs the whole backward.
     ``wgrad_recomputes``: BWD_W walks the whole backward graph again (activation gradients
     included) and costs a full backward, as dipc's interpreter does today (``autograd.backward``
     with ``inputs=params`` after BWD_I's ``autograd.grad``); False models an ideal zero-bubble split.
@@ -309,13 +346,19 @@ class StepModel:
         self._stage_cache: dict[tuple[int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int], float] = {}
 
+    @staticmethod
+    def runtime_options(pipe: Any) -> dict[str, Any]:
+        """The options that make the model follow dipc's interpreter rather than an ideal runtime:
+        the stages without input gradients, and BWD_W recomputing the backward. Calibration and
+        the accuracy benchmark use them; schedule search keeps the ideal defaults."""
+        return {"no_input_grads": [s.id for s in pipe.stages if not s.grad_producers], "wgrad_recomputes": True}
+
     @classmethod
     def for_pipeline(cls, pipe: Any, cost_model: CostModel, cluster: ClusterProfile,
                      microbatch_stats: Sequence[StatsLike], **kwargs: Any) -> "StepModel":
         """A step model of a compiled pipeline (``dipc.compile``): its stages' layers, and each
         layer's compute dtype read from its parameters (unless ``dtype=`` is given)."""
         stages = sorted(pipe.stages, key=lambda s: s.id)
-        kwargs.setdefault("no_input_grads", [s.id for s in stages if not s.grad_producers])
         if kwargs.get("dtype") is None:
             gm = pipe.captured.graph_module
             kwargs["dtype"] = {p: _module_dtype(gm.get_submodule(p)) or "float32"
