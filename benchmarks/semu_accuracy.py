@@ -10,10 +10,12 @@ What it does, in order:
 
 1. measures this CPU (``measure_profile``, one thread per rank) and the gloo link between two local
    processes (ping-pong, :func:`dipc.runtime.measure.measure_gloo_link`);
-2. calibrates the profile (:mod:`dipc.semu.calibrate`) on per-instruction times of *calibration*
-   batches, drawn from a data source with a different seed than the test batches;
+2. calibrates the profile (:mod:`dipc.semu.calibrate`) on per-instruction CPU times (1f1b, zb_h1 and
+   interleaved 1F1B steps) of *calibration* batches, drawn from a data source with a different seed
+   than the test batches;
 3. for every model x schedule x test batch: the median step time (after a warm-up step) of the
-   local executor (ranks run one after another: SEMU predicts the sum of all ranks' busy time) and
+   local executor (ranks run one after another: SEMU predicts the sum of all ranks' busy time;
+   ``--clock cpu`` times it in CPU time, which other processes on a shared machine do not inflate) and
    of 2 gloo processes (SEMU predicts the simulated step time, the slowest rank's end); the peak
    live tensor bytes per rank of one local step with Adam (``measured_peak_memory``) vs the
    emulator's peak per rank;
@@ -151,6 +153,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=None, help="test batches per model (default 20; quick 4)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case after warm-up (default 3)")
     ap.add_argument("--no-dist", action="store_true", help="skip the gloo runs")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="local executor step clock: wall (default) or this thread's CPU time (robust to other "
+                         "processes on a shared machine; calibration always uses CPU time)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "semu_accuracy.json"))
     a = ap.parse_args()
     num_batches = a.batches or (4 if a.quick else 20)
@@ -189,8 +194,8 @@ def main() -> None:
             for mbs in _batches(name, CALIBRATION_SEED, num_calib):
                 for schedule in schedules:
                     program = pipe.plan(mbs, schedule=schedule)
-                    timed_local_step(pipe, mbs, program)
-                    runs = [timed_local_step(pipe, mbs, program).by_key() for _ in range(3)]
+                    timed_local_step(pipe, mbs, program, clock="cpu")
+                    runs = [timed_local_step(pipe, mbs, program, clock="cpu").by_key() for _ in range(3)]
                     timings = [(op, s, m, statistics.median(r[(op, s, m)] for r in runs)) for (op, s, m) in runs[0]]
                     samples.append(CalibrationSample(stats=[pipeline_length_stats(pipe, mb) for mb in mbs], timings=timings))
             stages = sorted(pipe.stages, key=lambda s: s.id)
@@ -215,10 +220,11 @@ def main() -> None:
                                                 **StepModel.runtime_options(pipe))
                 sim = sm.simulate(program)
                 for _ in range(warmup):
-                    timed_local_step(pipe, mbs, program)
-                local = statistics.median(timed_local_step(pipe, mbs, program).step_seconds for _ in range(repeats))
+                    timed_local_step(pipe, mbs, program, clock=a.clock)
+                runs = [timed_local_step(pipe, mbs, program, clock=a.clock).step_seconds for _ in range(repeats)]
+                local = statistics.median(runs)
                 cases.append({"model": name, "schedule": schedule, "batch": b,
-                              "local": {"measured_s": local, "predicted_s": sum(sim.busy)},
+                              "local": {"measured_s": local, "measured_min_s": min(runs), "predicted_s": sum(sim.busy)},
                               "gloo": {"predicted_s": sim.step_time},
                               "predicted_peak_bytes": list(sim.peak_memory or ())})
         print(f"local executor: {name} done ({time.perf_counter() - t_start:.0f} s)")
@@ -247,7 +253,9 @@ def main() -> None:
 
         per_rank = spawn(_dist_cases, NUM_RANKS, num_batches, warmup, repeats, timeout_s=3000)
         for c in cases:
-            c["gloo"]["measured_s"] = statistics.median(per_rank[0][f"{c['model']}|{c['schedule']}|{c['batch']}"])
+            times = per_rank[0][f"{c['model']}|{c['schedule']}|{c['batch']}"]
+            c["gloo"]["measured_s"] = statistics.median(times)
+            c["gloo"]["measured_min_s"] = min(times)
         print(f"gloo: done ({time.perf_counter() - t_start:.0f} s)")
 
     # -- summary --------------------------------------------------------------------------------
@@ -316,7 +324,7 @@ def main() -> None:
     result = {
         "benchmark": "semu_accuracy", "quick": a.quick, "num_ranks": NUM_RANKS,
         "microbatches": MICROBATCHES, "samples_per_microbatch": SAMPLES, "test_batches_per_model": num_batches,
-        "calibration_batches_per_model": num_calib, "repeats": repeats, "warmup": warmup,
+        "calibration_batches_per_model": num_calib, "repeats": repeats, "warmup": warmup, "local_clock": a.clock,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
                     "note": "shared, noisy machine unless rerun on a quiet one"},
         "calibration": {"scale": cal.scale, "op_overhead_s": cal.op_overhead,

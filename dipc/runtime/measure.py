@@ -57,8 +57,18 @@ class InstructionTiming:
                 if i.op in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W)}
 
 
-def _timed_handlers(interp: RankInterpreter, sink: list[tuple[int, Instruction, float]]) -> None:
-    clock = time.perf_counter
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _clock(name: str) -> Callable[[], float]:
+    try:
+        return _CLOCKS[name]
+    except KeyError:
+        raise ValueError(f"clock={name!r}. Fix: use 'wall' or 'cpu'.") from None
+
+
+def _timed_handlers(interp: RankInterpreter, sink: list[tuple[int, Instruction, float]],
+                    clock: Callable[[], float]) -> None:
     for op, handler in list(interp.handlers.items()):
         def timed(instr: Instruction, _h: Callable[[Instruction], None] = handler) -> None:
             t0 = clock()
@@ -96,13 +106,18 @@ def _run_ranks(pipe: "CompiledPipeline", program: Program, microbatches: Sequenc
 
 
 def timed_local_step(pipe: "CompiledPipeline", microbatches: Sequence[Mapping],
-                     program: Program | None = None) -> InstructionTiming:
-    """One local step with every instruction timed (the optimizer step included in the total)."""
+                     program: Program | None = None, clock: str = "wall") -> InstructionTiming:
+    """One local step with every instruction timed (the optimizer step included in the total).
+
+    ``clock="cpu"`` times with this thread's CPU time instead of wall time: with one torch thread
+    the work runs on this thread, so on a shared, oversubscribed machine it measures the work and
+    not the time other processes held the core (what calibration wants)."""
+    tick = _clock(clock)
     program = pipe.program_for(microbatches, program)
     out = InstructionTiming()
-    t0 = time.perf_counter()
-    _run_ranks(pipe, program, microbatches, prepare=lambda r: _timed_handlers(r, out.records))
-    out.step_seconds = time.perf_counter() - t0
+    t0 = tick()
+    _run_ranks(pipe, program, microbatches, prepare=lambda r: _timed_handlers(r, out.records, tick))
+    out.step_seconds = tick() - t0
     return out
 
 

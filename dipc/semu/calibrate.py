@@ -12,7 +12,7 @@ runs ranks one after another, so each instruction's time is its own; see
 where ``attention`` is the attention part and ``rest`` the remainder of what
 :class:`~dipc.semu.step_model.StepModel` computes from the measured profile with every overhead
 at 0, and ``ops`` the ATen ops the instruction's layers dispatch (counted by the symbolic trace).
-A non-negative least-squares fit of relative errors gives ``a``, ``b``, ``op_overhead`` and
+A non-negative least-squares fit (of seconds, or of relative errors) gives ``a``, ``b``, ``op_overhead`` and
 ``instruction_overhead``; it is run with masked attention counted sparsely and densely, and the
 better fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s and memory
 bandwidth divided by ``a`` (which scales the roofline by exactly ``a``), the attention curve
@@ -167,9 +167,13 @@ def _attention_seconds(sm: StepModel, ins: Instruction) -> float:
 
 
 def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
-                name: str | None = None, dtype: str = "float32") -> CalibrationResult:
+                name: str | None = None, dtype: str = "float32", weighting: str = "absolute") -> CalibrationResult:
     """Fit ``measured``'s throughput scale and overheads to the samples (see module docstring).
-    ``dtype``: the layers' compute dtype (its peak must be in the profile)."""
+    ``dtype``: the layers' compute dtype (its peak must be in the profile). ``weighting``:
+    ``"absolute"`` minimises squared seconds (long instructions dominate, as they dominate step
+    times), ``"relative"`` squared relative errors (every instruction alike)."""
+    if weighting not in ("absolute", "relative"):
+        raise CalibrationError(f"weighting={weighting!r}. Fix: use 'absolute' or 'relative'.")
     samples = [(cs, s) for cs in sets for s in cs.samples]
     points = [(si, op, stage, mb, t) for si, (cs, s) in enumerate(samples) for op, stage, mb, t in s.timings
               if op in _COMPUTE and t > 0 and not (op == "BWD_I" and stage in cs.no_input_grads)]
@@ -190,12 +194,12 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         attn = np.array([_attention_seconds(models[si], Instruction(op=_COMPUTE[op], stage=stage, mb=mb))
                          for si, op, stage, mb, _ in points])
         x = np.stack([np.maximum(roof - attn, 0.0), attn, ops, np.ones_like(y)], axis=1)
-        # relative errors, so small and large instructions count alike; the floor keeps a few
-        # near-empty instructions (timer noise) from steering the fit
-        w = 1.0 / np.maximum(y, 0.1 * float(np.median(y)))
+        # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
+        w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
         coef = _nnls(x * w[:, None], y * w)
         rel = (x @ coef - y) / y
-        fits[dense] = (float(np.sqrt(np.mean(rel ** 2))), coef, rel)
+        resid = rel if weighting == "relative" else (x @ coef - y) / float(np.mean(y))
+        fits[dense] = (float(np.sqrt(np.mean(resid ** 2))), coef, rel)
     dense = fits[True][0] < fits[False][0]
     _, (a, b, oo, c), rel = fits[dense]
     if a <= 0:
