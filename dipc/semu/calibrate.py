@@ -167,11 +167,13 @@ def _attention_seconds(sm: StepModel, ins: Instruction) -> float:
 
 
 def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
-                name: str | None = None, dtype: str = "float32", weighting: str = "absolute") -> CalibrationResult:
+                name: str | None = None, dtype: str = "float32", weighting: str = "absolute",
+                instruction_overhead: float | None = None) -> CalibrationResult:
     """Fit ``measured``'s throughput scale and overheads to the samples (see module docstring).
     ``dtype``: the layers' compute dtype (its peak must be in the profile). ``weighting``:
     ``"absolute"`` minimises squared seconds (long instructions dominate, as they dominate step
-    times), ``"relative"`` squared relative errors (every instruction alike)."""
+    times), ``"relative"`` squared relative errors (every instruction alike).
+    ``instruction_overhead``: a directly measured per-instruction overhead to hold fixed (else fitted)."""
     if weighting not in ("absolute", "relative"):
         raise CalibrationError(f"weighting={weighting!r}. Fix: use 'absolute' or 'relative'.")
     samples = [(cs, s) for cs in sets for s in cs.samples]
@@ -196,7 +198,10 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         x = np.stack([np.maximum(roof - attn, 0.0), attn, ops, np.ones_like(y)], axis=1)
         # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
         w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
-        coef = _nnls(x * w[:, None], y * w)
+        if instruction_overhead is None:
+            coef = _nnls(x * w[:, None], y * w)
+        else:
+            coef = np.append(_nnls(x[:, :3] * w[:, None], (y - instruction_overhead) * w), instruction_overhead)
         rel = (x @ coef - y) / y
         resid = rel if weighting == "relative" else (x @ coef - y) / float(np.mean(y))
         fits[dense] = (float(np.sqrt(np.mean(resid ** 2))), coef, rel)

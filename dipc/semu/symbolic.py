@@ -182,7 +182,8 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.quiet:
+        # count what eager dispatches: fake mode's own prim.device / sym_size queries are not kernels
+        if not self.quiet and func.namespace != "prim" and not func.__name__.startswith("sym_"):
             self.ops[self.phase] += 1
             if not _has_formula(func):
                 self.unknown.setdefault(str(func.overloadpacket), None)
