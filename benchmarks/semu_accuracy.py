@@ -212,7 +212,7 @@ def main() -> None:
     cases = []
     for name, (ex, test, pipes, cms) in models.items():
         for b, mbs in enumerate(test):
-            stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+            stats = [pipeline_length_stats(pipes[1], mb) for mb in mbs]
             for schedule, chunks in SCHEDULE_CHUNKS.items():
                 pipe = pipes[chunks]
                 program = pipe.plan(mbs, schedule=schedule)
@@ -235,14 +235,14 @@ def main() -> None:
     for name, (ex, test, pipes, cms) in models.items():
         mpipes = _pipes(ex, test[0][0], memory=True)
         for b, mbs in enumerate(test[:mem_batches]):
-            stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+            stats = [pipeline_length_stats(mpipes[1], mb) for mb in mbs]
             for schedule, chunks in SCHEDULE_CHUNKS.items():
                 pipe = mpipes[chunks]
                 program = pipe.plan(mbs, schedule=schedule)
                 pipe.step(mbs, program)                   # creates the optimizer states
                 got = measured_peak_memory(pipe, mbs, program)
-                want = StepModel.for_pipeline(pipe, cms[chunks], profile, stats,
-                                                **StepModel.runtime_options(pipe)).simulate(program).peak_memory
+                sm = StepModel.for_pipeline(pipe, cms[chunks], profile, stats, **StepModel.runtime_options(pipe))
+                want = sm.simulate(program).peak_memory
                 memory.append({"model": name, "schedule": schedule, "batch": b, "measured_bytes": got,
                                "predicted_bytes": list(want),
                                "rel_err": [p / m - 1 for p, m in zip(want, got)]})

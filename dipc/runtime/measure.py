@@ -9,6 +9,8 @@ plain-data samples these functions return.
   (the local executor runs ranks one after another, so an instruction's wall time is its own).
 - :func:`timed_distributed_step`: one step of this process's rank under ``torch.distributed``;
   returns the step's wall time from a barrier (all ranks start together) to this rank's end.
+- :func:`measure_gloo_link`: one-way times of gloo messages between two local processes
+  (ping-pong), for :func:`dipc.semu.calibrate.fit_link`.
 - :class:`LiveMemory`: a ``TorchDispatchMode`` that counts the bytes of every storage an op
   creates until the storage is freed (weak references), attributed to the rank that was running
   when it was allocated; :func:`measured_peak_memory` runs one step under it.
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from dipc.api import CompiledPipeline
 
 __all__ = ["InstructionTiming", "LiveMemory", "measure_gloo_link", "measured_peak_memory", "timed_distributed_step",
-           "timed_local_step", "median_step_time"]
+           "timed_local_step"]
 
 
 @dataclass
@@ -77,15 +79,11 @@ def _timed_handlers(interp: RankInterpreter, sink: list[tuple[int, Instruction, 
         interp.handlers[op] = timed
 
 
-def _weights(pipe: "CompiledPipeline", microbatches: Sequence[Mapping]) -> list[float]:
-    return pipe.loss_weights(microbatches)
-
-
 def _run_ranks(pipe: "CompiledPipeline", program: Program, microbatches: Sequence[Mapping],
                prepare: Callable[[RankInterpreter], None] | None = None,
                on_switch: Callable[[int], None] | None = None) -> None:
     transport = LocalTransport()
-    weights = _weights(pipe, microbatches)
+    weights = pipe.loss_weights(microbatches)
     ranks = [RankInterpreter(r, program, pipe.stages, microbatches, weights, transport, pipe.treespecs)
              for r in range(program.num_ranks)]
     for r in ranks:
@@ -119,13 +117,6 @@ def timed_local_step(pipe: "CompiledPipeline", microbatches: Sequence[Mapping],
     _run_ranks(pipe, program, microbatches, prepare=lambda r: _timed_handlers(r, out.records, tick))
     out.step_seconds = tick() - t0
     return out
-
-
-def median_step_time(run: Callable[[], float], *, warmup: int = 1, repeats: int = 5) -> float:
-    """Median of ``repeats`` calls of ``run`` (each returns seconds) after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    return statistics.median(run() for _ in range(repeats))
 
 
 def timed_distributed_step(pipe: "CompiledPipeline", microbatches: Sequence[Mapping],
