@@ -111,3 +111,34 @@ def test_op_counts_split_the_backward(vlm):
     assert stage_ops(cm, layers, "BWD_W") == b - bi
     assert stage_ops(cm, layers, "BWD_W", wgrad_recomputes=True) == b
     assert stage_ops(cm, layers, "BWD_I", input_grads=False) == 0
+
+
+def test_runtime_options_and_dense_attention(vlm):
+    """StepModel follows dipc's interpreter when asked: the first stage's BWD_I is empty and BWD_W
+    costs a whole backward; dense masked attention costs more only for packed streams."""
+    ex, pipe, cm = vlm
+    mbs = ex.data.microbatches(2, 2)
+    stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+    prof = _cpu_like()
+    dev = dataclasses.replace(prof.device, instruction_overhead=1e-3)
+    prof = dataclasses.replace(prof, device=dev)
+    opts = StepModel.runtime_options(pipe)
+    assert opts["no_input_grads"] == [0] and opts["wgrad_recomputes"]
+    ideal = StepModel.for_pipeline(pipe, cm, prof, stats)
+    real = StepModel.for_pipeline(pipe, cm, prof, stats, **opts)
+    t = lambda sm, op, s: sm.compute_time(Instruction(op=op, stage=s, mb=0))
+    assert t(real, Op.BWD_I, 0) == 0.0 and t(ideal, Op.BWD_I, 0) > 1e-3
+    assert t(real, Op.BWD_W, 1) == pytest.approx(t(real, Op.BWD, 1))
+    assert t(real, Op.BWD_W, 1) > t(ideal, Op.BWD_W, 1)
+    assert t(real, Op.FWD, 1) == pytest.approx(t(ideal, Op.FWD, 1))
+    from dipc.semu.step_model import _dense_attention
+
+    vision = [p for p in pipe.stages[0].layers if ".blocks." in p][0]   # packed, block-diagonal mask
+    lm = [p for p in pipe.stages[1].layers if ".layers." in p][0]        # padded, causal
+    st = stats[0]["vision"]
+    sparse = cm.cost(vision, st)
+    dense = _dense_attention(cm, vision, st, sparse)
+    assert dense.attn_fwd_flops == pytest.approx(sparse.attn_fwd_flops * st.tokens ** 2 / st.sum_sq)
+    assert dense.bwd_in_flops - sparse.bwd_in_flops == pytest.approx(2 * (dense.attn_fwd_flops - sparse.attn_fwd_flops))
+    lm_cost = cm.cost(lm, stats[0]["language_model"])
+    assert lm_cost.attn_fwd_flops > 0 and _dense_attention(cm, lm, stats[0]["language_model"], lm_cost) == lm_cost
