@@ -37,7 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 __all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownOpCostWarning", "register_op_cost"]
 
@@ -89,8 +89,6 @@ def _flop_counter() -> FlopCounterMode:
 def _has_formula(func: Any) -> bool:
     """Whether SEMU knows ``func``'s FLOPs: a FLOP formula (torch's or a registered one), a view,
     a pointwise op, or an op that does no matmul-like work (deliberately costed by bytes only)."""
-    from torch.utils.flop_counter import flop_registry
-
     packet = func.overloadpacket
     if packet in flop_registry or packet in _OP_FLOPS or packet in _NO_FLOPS or packet in _BYTES_ONLY:
         return True
