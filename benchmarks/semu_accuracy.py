@@ -12,7 +12,8 @@ What it does, in order:
    processes (ping-pong, :func:`dipc.runtime.measure.measure_gloo_link`);
 2. calibrates the profile (:mod:`dipc.semu.calibrate`) on per-instruction CPU times (1f1b, zb_h1 and
    interleaved 1F1B steps) of *calibration* batches, drawn from a data source with a different seed
-   than the test batches;
+   than the test batches; the calibration steps run interleaved with the test steps of step 3, so
+   both see the same machine load, and the fit uses none of the test steps;
 3. for every model x schedule x test batch: the median step time (after a warm-up step) of the
    local executor (ranks run one after another: SEMU predicts the sum of all ranks' busy time;
    ``--clock cpu`` times it in CPU time, which other processes on a shared machine do not inflate) and
@@ -180,54 +181,64 @@ def main() -> None:
           f"{measured.device.memory_bandwidth / 1e9:.1f} GB/s; gloo link {link.latency * 1e6:.0f} us + "
           f"{link.bandwidth / 1e9:.2f} GB/s")
 
-    # -- calibration (different data seed from the test batches) --------------------------------
-    models, sets = {}, []
+    # -- local executor + calibration, interleaved ---------------------------------------------
+    # Calibration steps (batches of another data seed) run between the test steps, so both see the
+    # same load on a shared machine; the fit uses only the calibration steps, and predictions for
+    # the test steps are made after it.
+    models, cases = {}, []
+    cal_timings: dict[tuple[str, int], list] = {}
     for name in MODELS:
         ex = make_example(name, seed=0)
         test = _batches(name, TEST_SEED, num_batches)
+        calib = _batches(name, CALIBRATION_SEED, num_calib)
         pipes = _pipes(ex, test[0][0])
         cms = {c: layer_cost_model(p.captured) for c, p in pipes.items()}
         models[name] = (ex, test, pipes, cms)
-        for chunks, pipe in pipes.items():
-            samples = []
-            schedules = ["interleaved_1f1b"] if chunks == 2 else ["1f1b", "zb_h1"]
-            for mbs in _batches(name, CALIBRATION_SEED, num_calib):
-                for schedule in schedules:
-                    program = pipe.plan(mbs, schedule=schedule)
-                    timed_local_step(pipe, mbs, program, clock="cpu")
-                    runs = [timed_local_step(pipe, mbs, program, clock="cpu").by_key() for _ in range(3)]
-                    timings = [(op, s, m, statistics.median(r[(op, s, m)] for r in runs)) for (op, s, m) in runs[0]]
-                    samples.append(CalibrationSample(stats=[pipeline_length_stats(pipe, mb) for mb in mbs], timings=timings))
-            stages = sorted(pipe.stages, key=lambda s: s.id)
-            sets.append(CalibrationSet(stage_layers=[s.layers for s in stages], cost_model=cms[chunks],
-                                       samples=samples, no_input_grads=[s.id for s in stages if not s.grad_producers]))
-    cal = fit_profile(measured, sets, link=link, name="this-cpu-calibrated")
-    profile = cal.profile
-    print(f"calibrated: roofline x{cal.scale:.2f}, {cal.op_overhead * 1e6:.3f} us/op, "
-          f"{cal.instruction_overhead * 1e6:.0f} us/instruction, masked attention "
-          f"{'dense' if cal.dense_masked_attention else 'sparse'}; fit median |err| per instruction "
-          f"{cal.median_rel_error:.1%} over {cal.num_points} instructions")
-
-    # -- local executor -------------------------------------------------------------------------
-    cases = []
-    for name, (ex, test, pipes, cms) in models.items():
+        cal_every = max(1, num_batches // num_calib)
         for b, mbs in enumerate(test):
-            stats = [pipeline_length_stats(pipes[1], mb) for mb in mbs]
             for schedule, chunks in SCHEDULE_CHUNKS.items():
                 pipe = pipes[chunks]
                 program = pipe.plan(mbs, schedule=schedule)
-                sm = StepModel.for_pipeline(pipe, cms[chunks], profile, stats,
-                                                **StepModel.runtime_options(pipe))
-                sim = sm.simulate(program)
                 for _ in range(warmup):
                     timed_local_step(pipe, mbs, program, clock=a.clock)
                 runs = [timed_local_step(pipe, mbs, program, clock=a.clock).step_seconds for _ in range(repeats)]
-                local = statistics.median(runs)
                 cases.append({"model": name, "schedule": schedule, "batch": b,
-                              "local": {"measured_s": local, "measured_min_s": min(runs), "predicted_s": sum(sim.busy)},
-                              "gloo": {"predicted_s": sim.step_time},
-                              "predicted_peak_bytes": list(sim.peak_memory or ())})
+                              "local": {"measured_s": statistics.median(runs), "measured_min_s": min(runs)},
+                              "gloo": {}})
+            if b % cal_every == 0 and b // cal_every < num_calib:
+                cmbs = calib[b // cal_every]
+                for chunks, pipe in pipes.items():
+                    for schedule in (["interleaved_1f1b"] if chunks == 2 else ["1f1b", "zb_h1"]):
+                        program = pipe.plan(cmbs, schedule=schedule)
+                        timed_local_step(pipe, cmbs, program, clock="cpu")
+                        rs = [timed_local_step(pipe, cmbs, program, clock="cpu").by_key() for _ in range(3)]
+                        timings = [(op, st, m, statistics.median(r[(op, st, m)] for r in rs)) for (op, st, m) in rs[0]]
+                        cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
+                            stats=[pipeline_length_stats(pipe, mb) for mb in cmbs], timings=timings))
         print(f"local executor: {name} done ({time.perf_counter() - t_start:.0f} s)")
+
+    sets = []
+    for (name, chunks), samples in cal_timings.items():
+        pipe = models[name][2][chunks]
+        stages = sorted(pipe.stages, key=lambda s: s.id)
+        sets.append(CalibrationSet(stage_layers=[s.layers for s in stages], cost_model=models[name][3][chunks],
+                                   samples=samples, no_input_grads=[s.id for s in stages if not s.grad_producers]))
+    cal = fit_profile(measured, sets, link=link, name="this-cpu-calibrated")
+    profile = cal.profile
+    print(f"calibrated: roofline x{cal.scale:.2f} (attention x{cal.attention_scale:.2f}), "
+          f"{cal.op_overhead * 1e6:.3f} us/op, {cal.instruction_overhead * 1e6:.0f} us/instruction, masked "
+          f"attention {'dense' if cal.dense_masked_attention else 'sparse'}; fit median |err| per instruction "
+          f"{cal.median_rel_error:.1%} over {cal.num_points} instructions")
+    for c in cases:
+        ex, test, pipes, cms = models[c["model"]]
+        chunks = SCHEDULE_CHUNKS[c["schedule"]]
+        pipe, mbs = pipes[chunks], test[c["batch"]]
+        sm = StepModel.for_pipeline(pipe, cms[chunks], profile, [pipeline_length_stats(pipe, mb) for mb in mbs],
+                                    **StepModel.runtime_options(pipe))
+        sim = sm.simulate(pipe.plan(mbs, schedule=c["schedule"]))
+        c["local"]["predicted_s"] = sum(sim.busy)
+        c["gloo"]["predicted_s"] = sim.step_time
+        c["predicted_peak_bytes"] = list(sim.peak_memory or ())
 
     # -- peak memory (local executor, Adam, one step per model x schedule x first batches) -------
     mem_batches = 1 if a.quick else 3
@@ -327,7 +338,7 @@ def main() -> None:
         "calibration_batches_per_model": num_calib, "repeats": repeats, "warmup": warmup, "local_clock": a.clock,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
                     "note": "shared, noisy machine unless rerun on a quiet one"},
-        "calibration": {"scale": cal.scale, "op_overhead_s": cal.op_overhead,
+        "calibration": {"scale": cal.scale, "attention_scale": cal.attention_scale, "op_overhead_s": cal.op_overhead,
                         "instruction_overhead_s": cal.instruction_overhead,
                         "dense_masked_attention": cal.dense_masked_attention, "num_points": cal.num_points,
                         "fit_median_rel_err": cal.median_rel_error, "residuals": cal.residuals,
