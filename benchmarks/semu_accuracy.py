@@ -229,7 +229,8 @@ def main() -> None:
                                    samples=samples, no_input_grads=[s.id for s in stages if not s.grad_producers]))
     cal = fit_profile(measured, sets, link=link, name="this-cpu-calibrated")
     profile = cal.profile
-    print(f"calibrated: roofline x{cal.scale:.2f} (attention x{cal.attention_scale:.2f}), "
+    print(f"calibrated: compute x{cal.scale:.2f}, attention x{cal.attention_scale:.2f}, memory traffic "
+          f"x{cal.memory_scale:.2f}, "
           f"{cal.op_overhead * 1e6:.3f} us/op, {cal.instruction_overhead * 1e6:.0f} us/instruction, masked "
           f"attention {'dense' if cal.dense_masked_attention else 'sparse'}; fit median |err| per instruction "
           f"{cal.median_rel_error:.1%} over {cal.num_points} instructions")
@@ -342,7 +343,8 @@ def main() -> None:
         "calibration_batches_per_model": num_calib, "repeats": repeats, "warmup": warmup, "local_clock": a.clock,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
                     "note": "shared, noisy machine unless rerun on a quiet one"},
-        "calibration": {"scale": cal.scale, "attention_scale": cal.attention_scale, "op_overhead_s": cal.op_overhead,
+        "calibration": {"scale": cal.scale, "attention_scale": cal.attention_scale,
+                        "memory_scale": cal.memory_scale, "op_overhead_s": cal.op_overhead,
                         "instruction_overhead_s": cal.instruction_overhead,
                         "dense_masked_attention": cal.dense_masked_attention, "num_points": cal.num_points,
                         "fit_median_rel_err": cal.median_rel_error, "residuals": cal.residuals,

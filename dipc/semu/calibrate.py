@@ -7,17 +7,19 @@ attention densely. The fit here takes per-instruction wall times of real steps (
 runs ranks one after another, so each instruction's time is its own; see
 :func:`dipc.runtime.measure.timed_local_step`) and models each compute instruction as
 
-    t = a · rest(instr) + b · attention(instr) + op_overhead · ops(instr) + instruction_overhead
+    t = a · compute(instr) + b · attention(instr) + m · memory(instr) + op_overhead · ops(instr)
+        + instruction_overhead
 
-where ``attention`` is the attention part and ``rest`` the remainder of what
-:class:`~dipc.semu.step_model.StepModel` computes from the measured profile with every overhead
-at 0, and ``ops`` the ATen ops the instruction's layers dispatch (counted by the symbolic trace).
-A non-negative least-squares fit (of seconds, or of relative errors) gives ``a``, ``b``, ``op_overhead`` and
-``instruction_overhead``; it is run with masked attention counted sparsely and densely, and the
-better fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s and memory
-bandwidth divided by ``a`` (which scales the roofline by exactly ``a``), the attention curve
-scaled by ``a / b``, ``launch_overhead`` 0 (``op_overhead`` replaces it) and the two overheads
-(exact only where the roofline's max picks the FLOP term, as it does for these layers); links come
+where ``attention`` is the attention FLOP time, ``compute`` the other FLOP time and ``memory``
+the bytes / bandwidth time :class:`~dipc.semu.step_model.StepModel` computes from the measured
+profile with every overhead at 0, and ``ops`` the ATen ops the instruction's layers dispatch
+(counted by the symbolic trace). A non-negative least-squares fit (of seconds, or of relative
+errors) gives the five coefficients; it is run with masked attention counted sparsely and
+densely, and the better fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s
+divided by ``a``, the attention curve scaled by ``a / b``, memory bandwidth divided by ``m``
+(unlimited when ``m = 0``), ``launch_overhead`` 0 (``op_overhead`` replaces it) and the two
+overheads (the step model's per-layer max(compute, memory) makes this exact only where one of the
+two dominates, as it does for these layers); links come
 from a gloo ping-pong fit (:func:`fit_link`). The result is an ordinary profile JSON.
 
 Fit on calibration batches, evaluate on others (``benchmarks/semu_accuracy.py`` does).
@@ -87,6 +89,7 @@ class CalibrationResult:
     profile: ClusterProfile
     scale: float                     # a: roofline multiplier (peaks and bandwidth were divided by it)
     attention_scale: float           # b: the same for attention FLOPs (its curve was scaled by a / b)
+    memory_scale: float              # m: multiplier of bytes / bandwidth (0: bandwidth left unlimited)
     op_overhead: float
     instruction_overhead: float
     dense_masked_attention: bool
@@ -189,45 +192,55 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
     fits = {}
     for dense in (False, True):
         bare = _bare(measured, dense)
-        models = [StepModel(cs.cost_model, bare, cs.stage_layers, s.stats, dtype=dtype,
-                            no_input_grads=cs.no_input_grads, wgrad_recomputes=cs.wgrad_recomputes) for cs, s in samples]
-        roof = np.array([models[si].compute_time(Instruction(op=_COMPUTE[op], stage=stage, mb=mb))
-                         for si, op, stage, mb, _ in points])
-        attn = np.array([_attention_seconds(models[si], Instruction(op=_COMPUTE[op], stage=stage, mb=mb))
-                         for si, op, stage, mb, _ in points])
-        x = np.stack([np.maximum(roof - attn, 0.0), attn, ops, np.ones_like(y)], axis=1)
+        # compute alone (bandwidth taken as unlimited) and the memory traffic apart: on a CPU the two
+        # add up rather than overlap, so they get their own multipliers
+        nomem = dataclasses.replace(bare, device=dataclasses.replace(bare.device, memory_bandwidth=1e30))
+        kw = {"dtype": dtype, "bytes_mode": "sum"}
+        models = [StepModel(cs.cost_model, nomem, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
+                            wgrad_recomputes=cs.wgrad_recomputes, **kw) for cs, s in samples]
+        with_mem = [StepModel(cs.cost_model, bare, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
+                              wgrad_recomputes=cs.wgrad_recomputes, **kw) for cs, s in samples]
+        ins = [(si, Instruction(op=_COMPUTE[op], stage=stage, mb=mb)) for si, op, stage, mb, _ in points]
+        compute = np.array([models[si].compute_time(i) for si, i in ins])
+        attn = np.array([_attention_seconds(models[si], i) for si, i in ins])
+        mem = np.array([with_mem[si].compute_time(i) for si, i in ins]) - compute
+        x = np.stack([np.maximum(compute - attn, 0.0), attn, np.maximum(mem, 0.0), ops, np.ones_like(y)], axis=1)
         # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
         w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
         if instruction_overhead is None:
             coef = _nnls(x * w[:, None], y * w)
         else:
-            coef = np.append(_nnls(x[:, :3] * w[:, None], (y - instruction_overhead) * w), instruction_overhead)
+            coef = np.append(_nnls(x[:, :4] * w[:, None], (y - instruction_overhead) * w), instruction_overhead)
         rel = (x @ coef - y) / y
         resid = rel if weighting == "relative" else (x @ coef - y) / float(np.mean(y))
         fits[dense] = (float(np.sqrt(np.mean(resid ** 2))), coef, rel)
     dense = fits[True][0] < fits[False][0]
-    _, (a, b, oo, c), rel = fits[dense]
+    _, (a, b, m, oo, c), rel = fits[dense]
     if a <= 0:
         a = 1.0   # the roofline explains nothing: keep the measured throughput (overheads carry the fit)
     dev = measured.device
     # attention runs at its own multiplier b: its curve is scaled by a / b (clamped to 1: an attention
-    # faster than the measured matmul peak cannot be expressed; 1 is the closest)
+    # faster than the measured matmul peak cannot be expressed; 1 is the closest). Memory traffic at
+    # multiplier m: bandwidth / m (the step model takes max(compute, memory) per layer, so this is exact
+    # only where memory dominates); m = 0 (traffic explains nothing) leaves the bandwidth unlimited.
     ratio = a / b if b > 0 else float("inf")
     att = EfficiencyCurve(points=tuple((x, min(1.0, e * ratio)) for x, e in dev.efficiency["attention"].points))
+    bandwidth = dev.memory_bandwidth / m if m > 0 else dev.memory_bandwidth * 1e6
     cal_dev = dataclasses.replace(
-        dev, peak_flops={k: v / a for k, v in dev.peak_flops.items()}, memory_bandwidth=dev.memory_bandwidth / a,
+        dev, peak_flops={k: v / a for k, v in dev.peak_flops.items()}, memory_bandwidth=bandwidth,
         efficiency={**dev.efficiency, "attention": att},
         launch_overhead=0.0, op_overhead=float(oo), instruction_overhead=float(c), dense_masked_attention=dense,
         source=(f"{dev.source}; calibrated on {len(points)} timed instructions of {len(samples)} steps: "
-                f"throughput / {a:.3g} (attention / {b:.3g}), {oo * 1e6:.3g} us per ATen op, {c * 1e6:.3g} us per instruction, "
-                f"masked attention {'dense' if dense else 'sparse'}"))
+                f"compute time x {a:.3g}, attention x {b:.3g}, memory traffic x {m:.3g}, {oo * 1e6:.3g} us per "
+                f"ATen op, {c * 1e6:.3g} us per instruction, masked attention {'dense' if dense else 'sparse'}"))
     links = {}
     if link is not None:
         links = {"intra_node": link, "inter_node": link}
     profile = dataclasses.replace(measured, name=name or f"{measured.name}-calibrated", device=cal_dev,
                                   source=measured.source + ("; links fitted by gloo ping-pong" if link else ""),
                                   **links)
-    return CalibrationResult(profile=profile, scale=float(a), attention_scale=float(b), op_overhead=float(oo), instruction_overhead=float(c),
+    return CalibrationResult(profile=profile, scale=float(a), attention_scale=float(b), memory_scale=float(m),
+                             op_overhead=float(oo), instruction_overhead=float(c),
                              dense_masked_attention=dense, num_points=len(points),
                              median_rel_error=float(np.median(np.abs(rel))),
                              residuals={"sparse": fits[False][0], "dense": fits[True][0]})

