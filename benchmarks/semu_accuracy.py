@@ -59,7 +59,7 @@ LIMITS = [
     "steps took longer than the serial CPU time of both ranks; gloo errors are dominated by contention",
     "local steps are timed in CPU time (--clock cpu) to resist that, but CPU time still drifts with cache/SMT "
     "contention between calibration and test (hence calibration runs interleaved with the test steps)",
-    "one profile for 2- and 4-stage pipelines: the fitted per-instruction constant (~2 ms) over-predicts "
+    "one profile for 2- and 4-stage pipelines: the fitted per-instruction constant (1.5-2 ms) over-predicts "
     "interleaved 1F1B (twice the instructions, half the layers each) while large stages are under-predicted; "
     "the traced per-op count explains little of the per-layer overhead (the fit gives it ~0-2 us/op)",
     "CPU attention: masked SDPA over packed sequences runs dense (the fit chooses dense_masked_attention); its "
