@@ -63,6 +63,9 @@ class CompiledPipeline:
     optimizer_factory: OptimizerFactory | None = None
     history: list[tuple[str, Any, float]] = field(default_factory=list)
     sub_microbatcher: SubMicrobatcher | None = None   # modality sub-microbatches (DIP §4), if any
+    # microbatch -> per-module-prefix LengthStats for SEMU (dipc.semu.step_model.pipeline_length_stats);
+    # None: derived from the batch keys dipc knows
+    length_stats: Callable[[Batch], Any] | None = None
 
     def __post_init__(self) -> None:
         self.shapes = ShapeInference(self.stages)
@@ -278,7 +281,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
             loss_weight: Callable[[Batch], float] | None = None,
             optimizer: OptimizerFactory | None = None, fused_kernels: bool | None = None,
             segments: Mapping[str, int] | str = "cost",
-            sub_microbatches: Mapping[str, int | SubMicrobatches] | None = None) -> CompiledPipeline:
+            sub_microbatches: Mapping[str, int | SubMicrobatches] | None = None,
+            length_stats: Callable[[Batch], Any] | None = None) -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
@@ -289,6 +293,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     ``optimizer``: params -> optimizer, created per rank over that rank's parameters.
     ``segments``: stages per modality module: ``"cost"`` (proportional to cost), ``"spread"`` (equal,
     so with ``chunks`` = number of modules every module spans all ranks), or ``{module: stages}``.
+    ``length_stats``: microbatch -> ``{module path prefix: LengthStats}`` for SEMU, for batch layouts
+    :func:`dipc.semu.step_model.batch_length_stats` does not know.
     ``fused_kernels``: run layers with dipc's Triton kernels (RMSNorm, LayerNorm, GELU, SwiGLU, RoPE).
     Default: on when the model lives on a GPU, off on CPU (where Triton only interprets). The
     user's parameters are shared, so gradients and optimizer updates land on ``model`` either way.
@@ -334,6 +340,7 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
         t0 = time.perf_counter()
         sub_microbatcher = build_sub_microbatcher(stages, sub_microbatches, example_batch)
         history.append(("sub_microbatches", sub_microbatcher, (time.perf_counter() - t0) * 1e3))
-    return CompiledPipeline(sub_microbatcher=sub_microbatcher, model=model, captured=captured, tags=tags, stages=stages, num_ranks=num_stages,
+    return CompiledPipeline(sub_microbatcher=sub_microbatcher, model=model, captured=captured, tags=tags,
+                            stages=stages, num_ranks=num_stages,
                             chunks=chunks, schedule=schedule, loss_weight=loss_weight or default_loss_weight,
-                            optimizer_factory=optimizer, history=history)
+                            optimizer_factory=optimizer, history=history, length_stats=length_stats)

@@ -19,11 +19,11 @@ def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any
     """SEMU's model of this pipeline on ``profile`` for these microbatches (cost model cached on pipe)."""
     from dipc.semu.costs import layer_cost_model
     from dipc.semu.profiles import load_profile
-    from dipc.semu.step_model import StepModel, batch_length_stats, sub_length_stats
+    from dipc.semu.step_model import StepModel, pipeline_length_stats, sub_length_stats
 
     if getattr(pipe, "_cost_model", None) is None:
         pipe._cost_model = layer_cost_model(pipe.captured)
-    stats = [batch_length_stats(mb) for mb in microbatches]
+    stats = [pipeline_length_stats(pipe, mb) for mb in microbatches]
     sub_stats = sub_length_stats(pipe, microbatches) if pipe.sub_microbatcher is not None else None
     return StepModel.for_pipeline(pipe, pipe._cost_model, load_profile(profile), stats, sub_stats=sub_stats)
 

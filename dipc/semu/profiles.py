@@ -194,6 +194,14 @@ class DeviceProfile:
     ``memory_bandwidth``: bytes/s; ``memory_capacity``: bytes; ``launch_overhead``: seconds per
     kernel. ``efficiency``: one :class:`EfficiencyCurve` per class of :data:`OP_CLASSES`.
     ``source``: where the numbers come from (a datasheet, or ``measured on <host>``).
+
+    Calibration knobs (:mod:`dipc.semu.calibrate` fits them; 0/False in the GPU presets, which
+    keeps the plain roofline): ``op_overhead``: seconds per ATen op a layer dispatches (the
+    symbolic trace counts them; on CPU eager dispatch, not FLOPs, dominates small layers);
+    ``instruction_overhead``: seconds per compute instruction (the interpreter and the stage's
+    glue between layers, which the cost model does not count); ``dense_masked_attention``: a
+    masked attention over packed sequences costs the dense ``(ΣL)²`` pairs (CPU SDPA's math path)
+    rather than the attended ``ΣL²`` (a varlen flash kernel).
     """
 
     name: str
@@ -204,9 +212,17 @@ class DeviceProfile:
     launch_overhead: float
     efficiency: Mapping[str, EfficiencyCurve]
     source: str = ""
+    op_overhead: float = 0.0
+    instruction_overhead: float = 0.0
+    dense_masked_attention: bool = False
 
     def __post_init__(self) -> None:
         _string("device.name", self.name)
+        _positive("device.op_overhead", self.op_overhead, allow_zero=True)
+        _positive("device.instruction_overhead", self.instruction_overhead, allow_zero=True)
+        if not isinstance(self.dense_masked_attention, bool):
+            raise _fail("device.dense_masked_attention", f"expected true or false, got {self.dense_masked_attention!r}",
+                        "write a JSON boolean")
         if self.kind not in ("gpu", "cpu"):
             raise _fail("device.kind", f"expected 'gpu' or 'cpu', got {self.kind!r}", "use gpu or cpu")
         if not self.peak_flops:
@@ -317,12 +333,16 @@ def _device_to_json(d: DeviceProfile) -> dict[str, Any]:
     return {"name": d.name, "kind": d.kind, "source": d.source, "peak_flops": dict(d.peak_flops),
             "memory_bandwidth": d.memory_bandwidth, "memory_capacity": d.memory_capacity,
             "launch_overhead": d.launch_overhead,
-            "efficiency": {k: _curve_to_json(v) for k, v in d.efficiency.items()}}
+            "efficiency": {k: _curve_to_json(v) for k, v in d.efficiency.items()},
+            **({"op_overhead": d.op_overhead} if d.op_overhead else {}),
+            **({"instruction_overhead": d.instruction_overhead} if d.instruction_overhead else {}),
+            **({"dense_masked_attention": True} if d.dense_masked_attention else {})}
 
 
 def _device_from_json(path: str, obj: Any) -> DeviceProfile:
     d = _object(path, obj, ("name", "peak_flops", "memory_bandwidth", "memory_capacity",
-                            "launch_overhead", "efficiency"), ("kind", "source"))
+                            "launch_overhead", "efficiency"),
+                ("kind", "source", "op_overhead", "instruction_overhead", "dense_masked_attention"))
     peaks = d["peak_flops"]
     if not isinstance(peaks, Mapping):
         raise _fail(f"{path}.peak_flops", f"expected an object of dtype -> FLOP/s, got {peaks!r}",
@@ -339,6 +359,10 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
         memory_capacity=_positive(f"{path}.memory_capacity", d["memory_capacity"]),
         launch_overhead=_positive(f"{path}.launch_overhead", d["launch_overhead"], allow_zero=True),
         efficiency=curves,
+        op_overhead=_positive(f"{path}.op_overhead", d.get("op_overhead", 0.0), allow_zero=True),
+        instruction_overhead=_positive(f"{path}.instruction_overhead", d.get("instruction_overhead", 0.0),
+                                       allow_zero=True),
+        dense_masked_attention=d.get("dense_masked_attention", False),
     )
 
 

@@ -35,6 +35,13 @@ How one layer is timed (per GPU of a TP group; ``c = cost_model.cost(path, stats
 Activation recomputation (a program's ``recompute`` attribute): see
 :mod:`dipc.semu.recompute_costs`.
 
+Calibrated profiles (:mod:`dipc.semu.calibrate`) add three terms the GPU presets leave at 0:
+``device.op_overhead`` per ATen op the layer dispatches (``LocalCost.ops``, counted by the trace;
+BWD_W is charged the whole backward's ops minus BWD_I's), ``device.instruction_overhead`` per
+compute instruction (FWD/BWD/BWD_I/BWD_W: the interpreter and the stage's glue), and, with
+``device.dense_masked_attention``, masked attention over *packed* streams costs the dense pairs
+``(ΣL)²`` (cross: ``ΣL·ΣLc``) instead of the attended ``ΣL²``.
+
 Not modelled: elementwise FLOPs, overlap of TP collectives with compute, sequence parallelism,
 the work between layers (glue ops, the loss), and how BWD_I/BWD_W split the stashed activations
 (BWD_I keeps all of them for BWD_W, the conservative choice).
@@ -44,7 +51,7 @@ Example::
     pipe = dipc.compile(model, batch, num_stages=4)
     cm = layer_cost_model(pipe.captured)
     mbs = data.microbatches(8, 2)
-    sm = StepModel.for_pipeline(pipe, cm, load_preset("h800"), [batch_length_stats(mb) for mb in mbs], tp=4)
+    sm = StepModel.for_pipeline(pipe, cm, load_preset("h800"), [pipeline_length_stats(pipe, mb) for mb in mbs], tp=4)
     result = sm.simulate(pipe.plan(mbs))
 """
 from __future__ import annotations
@@ -60,11 +67,13 @@ from dipc.ir import Instruction, Op, Program, StageInfo, TensorSpec
 from dipc.ir.recompute import recompute_plan
 from dipc.semu.costs import CostModel, LayerCost, LengthStats
 from dipc.semu.emulator import MemoryModel, SimResult, simulate
+from dipc.semu.length_stats import batch_length_stats, pipeline_length_stats
 from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompute_memory_model
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
 
 __all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_length_stats", "best_contiguous_split",
-           "chain_program", "layer_time", "stats_for_layer", "StepModelError", "sub_length_stats"]
+           "chain_program", "layer_time", "pipeline_length_stats", "stats_for_layer", "StepModelError",
+           "sub_length_stats"]
 
 StatsLike = Mapping[str, LengthStats] | LengthStats
 
@@ -149,6 +158,27 @@ def layer_time(cost: LayerCost, cluster: ClusterProfile, *, tp: int = 1, dtype: 
     return LayerTime(fwd=fwd, bwd_in=bwd_in, bwd_w=bwd_w, tp_fwd=ar, tp_bwd=ar)
 
 
+def _dense_attention(cm: CostModel, path: str, stats: LengthStats, cost: LayerCost) -> LayerCost:
+    """``cost`` with its attention FLOPs counted densely over packed streams (see module docstring)."""
+    from dataclasses import replace
+
+    from dipc.semu.costs import STAT_SYMBOLS
+
+    bound = set(cm.expr(path).binding.values())
+    padded, padded_ctx = STAT_SYMBOLS[3] in bound, STAT_SYMBOLS[7] in bound   # T / Tc: a padded stream
+    ctx = stats.context
+    if ctx is not None and not padded_ctx:
+        ctx = replace(ctx, sum_sq=ctx.tokens * ctx.tokens)
+    dense = replace(stats, sum_sq=stats.sum_sq if padded else stats.tokens * stats.tokens, context=ctx,
+                    cross_pairs=(stats.tokens * stats.context.tokens if stats.context is not None
+                                 and not (padded or padded_ctx) else stats.cross_pairs))
+    extra = cm.cost(path, dense).attn_fwd_flops - cost.attn_fwd_flops
+    if extra <= 0:
+        return cost
+    return replace(cost, fwd_flops=cost.fwd_flops + extra, bwd_in_flops=cost.bwd_in_flops + 2 * extra,
+                   attn_fwd_flops=cost.attn_fwd_flops + extra)
+
+
 # ------------------------------------------------------------------------------------------------
 # length statistics per layer
 
@@ -168,56 +198,12 @@ def stats_for_layer(stats: StatsLike, path: str) -> LengthStats:
 _lookup = stats_for_layer
 
 
-def _segments(ids: torch.Tensor, n: int | None = None) -> list[int]:
-    if ids.numel() == 0:
-        return [0] * (n or 0)
-    return torch.bincount(ids.reshape(-1).long(), minlength=n or 0).tolist()
-
-
-def batch_length_stats(batch: Mapping[str, Any]) -> dict[str, LengthStats]:
-    """Per-modality length statistics of a collated microbatch of one of dipc's example models
-    (or a paper model built from them), keyed by module path prefix, for :class:`StepModel`.
-
-    - VLM (``image_ids``): ``vision``/``projector``: one packed sequence per image (its patch
-      count, from ``image_ids``); ``language_model``/``lm_head``: padded ``input_ids`` ``[B, T]``.
-    - Audio LLM (``input_features [n, mels, frames]``): ``audio.frontend`` padded (n, frames), the
-      audio encoder and projector padded (n, frames / 4); the LM as for the VLM.
-    - T2V (``video_ids``): ``text_encoder``: one packed sequence per caption
-      (``text_sample_ids``); ``time_embed``: one token per sample; ``video``, ``blocks``,
-      ``final_layer``: one packed sequence per clip, cross-attending to its caption.
-    """
-    if "image_ids" in batch:
-        images = [x for x in _segments(batch["image_ids"]) if x > 0]
-        b, t = batch["input_ids"].shape
-        img, lm = LengthStats.of(images), LengthStats.padded(b, t)
-        return {"vision": img, "projector": img, "language_model": lm, "lm_head": lm}
-    if "input_features" in batch:
-        from examples.models import AudioLLMConfig
-
-        n, _, frames = batch["input_features"].shape
-        b, t = batch["input_ids"].shape
-        enc = LengthStats.padded(n, frames // AudioLLMConfig.downsample)
-        lm = LengthStats.padded(b, t)
-        return {"audio": enc, "audio.frontend": LengthStats.padded(n, frames), "projector": enc,
-                "language_model": lm, "lm_head": lm}
-    if "video_ids" in batch:
-        n = int(batch["timesteps"].shape[0])
-        text = _segments(batch["text_sample_ids"], n)
-        video = _segments(batch["video_ids"], n)
-        vid = LengthStats.of(video, context=text)
-        return {"text_encoder": LengthStats.of(text), "time_embed": LengthStats.of([1] * n),
-                "video": vid, "blocks": vid, "final_layer": vid}
-    raise StepModelError(f"cannot tell the model from batch keys {sorted(batch)}. Fix: build the "
-                         "per-prefix LengthStats yourself (LengthStats.of / LengthStats.padded).")
-
-
 def sub_length_stats(pipe: Any, microbatches: Sequence[Mapping[str, Any]]
                      ) -> dict[tuple[int, int], dict[str, LengthStats]]:
     """``(mb, sub) -> statistics`` of every sub-microbatch of a compiled pipeline with
     ``sub_microbatches`` (``StepModel(sub_stats=...)``): the microbatch with the split modality's
-    keys replaced by the sub's, through :func:`batch_length_stats` (so only the example models'
-    key conventions are understood)."""
-    return {(m, j): batch_length_stats({**microbatches[m], **part})
+    keys replaced by the sub's, through :func:`pipeline_length_stats`."""
+    return {(m, j): pipeline_length_stats(pipe, {**microbatches[m], **part})
             for (_, m, j), part in pipe.sub_batches(microbatches).items()}
 
 
@@ -265,6 +251,11 @@ class StepModel:
     ``sub_stats[(m, j)]``: the statistics of sub-microbatch ``j`` of microbatch ``m`` (see
     :func:`sub_length_stats`); an instruction with ``sub=j`` is timed and its activations
     counted from these, so a program with sub-microbatches is scored from each sub's own lengths.
+    ``no_input_grads``: stages whose inputs take no gradient (the first stage): their BWD_I does
+    nothing (0 s) and their BWD_W runs the whole backward.
+    ``wgrad_recomputes``: BWD_W walks the whole backward graph again (activation gradients
+    included) and costs a full backward, as dipc's interpreter does today (``autograd.backward``
+    with ``inputs=params`` after BWD_I's ``autograd.grad``); False models an ideal zero-bubble split.
     """
 
     def __init__(self, cost_model: CostModel, cluster: ClusterProfile, stage_layers: Sequence[Sequence[str]],
@@ -272,7 +263,8 @@ class StepModel:
                  dtype: str | Mapping[str, str] | None = None,
                  tp_allreduces: Callable[[str], int] | None = None, gemms_per_layer: int = 4,
                  bytes_mode: str = "max",
-                 sub_stats: Mapping[tuple[int, int], StatsLike] | None = None) -> None:
+                 sub_stats: Mapping[tuple[int, int], StatsLike] | None = None, no_input_grads: Sequence[int] = (),
+                 wgrad_recomputes: bool = False) -> None:
         if tp < 1 or dp < 1:
             raise StepModelError(f"tp={tp}, dp={dp}. Fix: pass degrees >= 1.")
         unknown = [p for layers in stage_layers for p in layers if p not in cost_model.exprs]
@@ -289,10 +281,19 @@ class StepModel:
         self.tp_allreduces = tp_allreduces
         self.gemms_per_layer = gemms_per_layer
         self.bytes_mode = bytes_mode
+        self.no_input_grads = frozenset(no_input_grads)
+        self.wgrad_recomputes = wgrad_recomputes
         self._layer_cache: dict[tuple, LayerTime] = {}
         self._stage_cache: dict[tuple[int, int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int, int], float] = {}
         self._footprint_cache: dict[tuple[int, int, str], Footprint] = {}
+
+    @staticmethod
+    def runtime_options(pipe: Any) -> dict[str, Any]:
+        """The options that make the model follow dipc's interpreter rather than an ideal runtime:
+        the stages without input gradients, and BWD_W recomputing the backward. Calibration and
+        the accuracy benchmark use them; schedule search keeps the ideal defaults."""
+        return {"no_input_grads": [s.id for s in pipe.stages if not s.grad_producers], "wgrad_recomputes": True}
 
     @classmethod
     def for_pipeline(cls, pipe: Any, cost_model: CostModel, cluster: ClusterProfile,
@@ -327,9 +328,19 @@ class StepModel:
         key = (self.cost_model.signature(path), stats.values(), dtype, n_ar)
         hit = self._layer_cache.get(key)
         if hit is None:
-            hit = self._layer_cache[key] = layer_time(
-                self.cost_model.cost(path, stats), self.cluster, tp=self.tp, dtype=dtype, tp_allreduces=n_ar,
-                gemms_per_layer=self.gemms_per_layer, bytes_mode=self.bytes_mode)
+            dev = self.cluster.device
+            cost = self.cost_model.cost(path, stats)
+            if dev.dense_masked_attention and cost.attn_fwd_flops > 0:
+                cost = _dense_attention(self.cost_model, path, stats, cost)
+            t = layer_time(cost, self.cluster, tp=self.tp, dtype=dtype, tp_allreduces=n_ar,
+                           gemms_per_layer=self.gemms_per_layer, bytes_mode=self.bytes_mode)
+            if dev.op_overhead:
+                ops = self.cost_model.expr(path).local.ops
+                f, bi, b = ops.get("fwd", 0), ops.get("bwd_in", 0), ops.get("bwd", 0)
+                oo = dev.op_overhead
+                t = LayerTime(fwd=t.fwd + f * oo, bwd_in=t.bwd_in + bi * oo, bwd_w=t.bwd_w + max(b - bi, 0) * oo,
+                              tp_fwd=t.tp_fwd, tp_bwd=t.tp_bwd)
+            hit = self._layer_cache[key] = t
         return hit
 
     def _stats(self, mb: int, sub: int = -1) -> StatsLike:
@@ -416,14 +427,19 @@ class StepModel:
     def compute_time(self, ins: Instruction) -> float:
         """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
         op = ins.op
+        fixed = self.cluster.device.instruction_overhead
         if op is Op.FWD:
-            return self.stage_time(ins.stage, ins.mb, ins.sub).fwd
+            return self.stage_time(ins.stage, ins.mb, ins.sub).fwd + fixed
         if op is Op.BWD:
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd
+            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd + fixed
         if op is Op.BWD_I:
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_in
+            if ins.stage in self.no_input_grads:
+                return 0.0
+            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_in + fixed
         if op is Op.BWD_W:
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_w
+            if self.wgrad_recomputes or ins.stage in self.no_input_grads:
+                return self.stage_time(ins.stage, ins.mb, ins.sub).bwd + fixed
+            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_w + fixed
         if op is Op.REDUCE:
             return self.reduce_time(ins.stage)
         return 0.0

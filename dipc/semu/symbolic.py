@@ -37,15 +37,62 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-__all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS"]
+__all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownOpCostWarning", "register_op_cost"]
 
 # The symbolic quantities of one layer, in this order everywhere (LocalCost.exprs, LayerCost fields).
 COST_FIELDS = ("fwd_flops", "bwd_in_flops", "bwd_w_flops", "attn_fwd_flops", "fwd_bytes", "bwd_bytes",
                "act_bytes", "out_bytes", "in_bytes")
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+class UnknownOpCostWarning(UserWarning):
+    """A layer runs an op SEMU has no FLOP formula for; its FLOPs are counted as 0."""
+
+
+_OP_FLOPS: dict[Any, Callable[..., Any]] = {}       # op packet -> FLOP formula (FlopCounterMode's convention)
+_NO_FLOPS: set[Any] = set()                         # op packets declared memory-only by the user
+
+
+def register_op_cost(op: Any, flops: Callable[..., Any] | None) -> None:
+    """Tell SEMU what an op costs: ``flops(*arg_shapes, out_shape=..., **kwargs) -> FLOPs`` in the
+    convention of ``torch.utils.flop_counter.register_flop_formula`` (tensor arguments arrive as
+    their shapes), or ``flops=None`` for an op that moves memory but does no FLOPs worth counting.
+    ``op`` is an op packet (``torch.ops.mylib.fused_mlp``). Registrations are dipc's own (torch's
+    global flop registry is left alone) and apply to layers traced afterwards.
+
+    Example::
+
+        register_op_cost(torch.ops.mylib.fused_mlp,
+                         lambda x, w1, w2, out_shape=None, **kw: 2 * x[0] * x[1] * w1[0] * 2)
+    """
+    if not isinstance(op, torch._ops.OpOverloadPacket):
+        packet = getattr(op, "overloadpacket", None)
+        if packet is None:
+            raise TypeError(f"register_op_cost: expected an op packet such as torch.ops.aten.mm, got {op!r}. "
+                            "Fix: pass torch.ops.<namespace>.<op>.")
+        op = packet
+    _OP_FLOPS.pop(op, None)
+    _NO_FLOPS.discard(op)
+    if flops is None:
+        _NO_FLOPS.add(op)
+    else:
+        _OP_FLOPS[op] = flops
+
+
+def _flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=dict(_OP_FLOPS))
+
+
+def _has_formula(func: Any) -> bool:
+    """Whether SEMU knows ``func``'s FLOPs: a FLOP formula (torch's or a registered one), a view,
+    a pointwise op, or an op that does no matmul-like work (deliberately costed by bytes only)."""
+    packet = func.overloadpacket
+    if packet in flop_registry or packet in _OP_FLOPS or packet in _NO_FLOPS or packet in _BYTES_ONLY:
+        return True
+    return func.is_view or torch.Tag.pointwise in func.tags
 
 
 def _expr(x: Any) -> sympy.Expr:
@@ -104,6 +151,10 @@ class LocalCost:
     grad_bytes: int
     optim_bytes: int
     guards: list[sympy.Expr] = field(default_factory=list)
+    # ATen ops one call dispatches (views included): forward, input-gradient backward, whole backward.
+    # Fixed per layer (shapes do not change the op sequence of a traceable layer); SEMU charges the
+    # profile's per-op overhead for each, which dominates small layers on CPU.
+    ops: dict[str, int] = field(default_factory=dict)
 
 
 class _AttentionStandIn(torch.autograd.Function):
@@ -129,6 +180,8 @@ class _Recorder(TorchDispatchMode):
         self.phase = "fwd"
         self.quiet = False
         self.terms: dict[str, list[sympy.Expr]] = {"fwd": [], "bwd": []}
+        self.ops: dict[str, int] = {"fwd": 0, "skip": 0, "bwd": 0}   # ATen ops dispatched per phase
+        self.unknown: dict[str, None] = {}                            # ops without a FLOP formula, in order
 
     def add(self, phase: str, e: sympy.Expr) -> None:
         self.terms[phase].append(e)
@@ -136,6 +189,11 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        # count what eager dispatches: fake mode's own prim.device / sym_size queries are not kernels
+        if not self.quiet and func.namespace != "prim" and not func.__name__.startswith("sym_"):
+            self.ops[self.phase] += 1
+            if not _has_formula(func):
+                self.unknown.setdefault(str(func.overloadpacket), None)
         if self.quiet or self.phase == "skip" or func.is_view or func.overloadpacket in _NO_TRAFFIC:
             return out
         leaves = [x for x in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
@@ -145,6 +203,25 @@ class _Recorder(TorchDispatchMode):
 
 
 _aten = torch.ops.aten
+# Ops that do no matmul-like work: costed by the bytes they move (plus the per-op overhead of a
+# calibrated profile), so they raise no UnknownOpCostWarning. Pointwise ops and views need no entry.
+_BYTES_ONLY: set[Any] = {
+    getattr(ns, n) for ns, names in (
+        (torch.ops.aten, "_to_copy _unsafe_view arange cat stack embedding embedding_dense_backward empty empty_like "
+                         "empty_strided new_empty new_empty_strided zeros zeros_like ones ones_like full full_like "
+                         "new_zeros new_ones new_full scalar_tensor mean sum amax amin max min argmax argmin var "
+                         "var_mean std logsumexp native_layer_norm native_layer_norm_backward native_group_norm "
+                         "native_group_norm_backward _fused_rms_norm _fused_rms_norm_backward _softmax "
+                         "_softmax_backward_data _log_softmax _log_softmax_backward_data nll_loss_forward "
+                         "nll_loss_backward nll_loss2d_forward nll_loss2d_backward copy copy_ clone index "
+                         "index_select index_put index_put_ index_add gather scatter scatter_add scatter_reduce "
+                         "cumsum cumprod sort topk repeat repeat_interleave constant_pad_nd slice_backward "
+                         "select_backward index_select_backward fill fill_ zero_ nonzero _local_scalar_dense "
+                         "lift_fresh lift_fresh_copy detach alias bincount one_hot masked_scatter masked_select "
+                         "native_dropout native_dropout_backward sym_size sym_stride sym_numel sym_storage_offset"),
+        (torch.ops.prim, "device layout"),
+    ) for n in names.split() if hasattr(ns, n)
+}
 _NO_TRAFFIC = {_aten.empty, _aten.empty_like, _aten.new_empty, _aten.empty_strided, _aten.new_empty_strided,
                _aten.detach, _aten.lift_fresh, _aten.zeros_like, _aten.ones_like, _aten.full_like}
 
@@ -189,6 +266,9 @@ class _AttentionMode(TorchFunctionMode):
         rec.add("fwd", io + out_bytes + lse)
         rec.add("bwd", 2 * io + 3 * out_bytes + lse)       # read q,k,v,out,dout,lse; write dq,dk,dv
         self.extra_saved = self.extra_saved + lse
+        rec.ops["fwd"] += 1   # one fused kernel forward; its backward is counted as one below
+        rec.ops["skip"] += 1
+        rec.ops["bwd"] += 1
         rec.quiet = True
         try:
             return _AttentionStandIn.apply(q, k, v)
@@ -257,7 +337,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
 
             rec = _Recorder()
             attn = _AttentionMode(rec)
-            fwd = FlopCounterMode(display=False)
+            fwd = _flop_counter()
             with rec, attn, fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = torch.func.functional_call(meta_module, state, tuple(fargs), dict(fkwargs))
             outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
@@ -270,12 +350,12 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 gouts = [torch.empty_like(o) for o in grad_outs]
                 rec.phase = "skip"
                 if inputs:
-                    c = FlopCounterMode(display=False)
+                    c = _flop_counter()
                     with c, rec:
                         torch.autograd.grad(grad_outs, inputs, gouts, retain_graph=True, allow_unused=True)
                     bwd_in = _expr(c.get_total_flops())
                 rec.phase = "bwd"
-                c = FlopCounterMode(display=False)
+                c = _flop_counter()
                 with c, rec:
                     torch.autograd.grad(grad_outs, inputs + params, gouts, allow_unused=True)
                 bwd_all = _expr(c.get_total_flops())
@@ -295,9 +375,20 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 exprs["act_bytes"] = sympy.Integer(0)
     finally:
         fake_log.level = level
-    return _canonicalize(env, exprs, raw_syms, [isinstance(x, torch.Tensor) and x.is_floating_point() for x in real],
+    local = _canonicalize(env, exprs, raw_syms, [isinstance(x, torch.Tensor) and x.is_floating_point() for x in real],
                          attn.calls, module, name, [x.shape if isinstance(x, torch.Tensor) else None for x in flat],
                          out_shapes)
+    local.ops = {"fwd": rec.ops["fwd"], "bwd_in": rec.ops["skip"], "bwd": rec.ops["bwd"]}
+    if rec.unknown:
+        import warnings
+
+        ops = ", ".join(rec.unknown)
+        warnings.warn(UnknownOpCostWarning(
+            f"layer {name!r} ({type(module).__name__}): SEMU has no FLOP formula for {ops}; their FLOPs count as 0 "
+            "(only their bytes are costed). Fix: dipc.semu.symbolic.register_op_cost(torch.ops.<ns>.<op>, "
+            "flops=lambda *shapes, out_shape=None, **kw: ...) before building the cost model, or flops=None if "
+            "the op does no matmul-like work."), stacklevel=2)
+    return local
 
 
 def _to_meta(module: nn.Module) -> nn.Module:

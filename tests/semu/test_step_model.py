@@ -149,7 +149,7 @@ def test_batch_length_stats_give_the_costs_of_the_concrete_layer_inputs(name):
     gm = pipe.captured.graph_module
     for _ in range(5):
         batch = ex.collate(ex.data.samples(rng.randint(1, 4)))
-        stats = batch_length_stats(batch)
+        stats = batch_length_stats(batch, pipe.captured)
         interp = _LayerInputs(gm, set(pipe.captured.layers))
         interp.run(*[batch[k] for k in pipe.captured.input_keys])
         for path in cm.layers:
@@ -166,7 +166,7 @@ def test_errors_name_the_problem(vlm):
         StepModel(cm, load_preset("h800"), [["nope"]], [LengthStats.of([4])])
     with pytest.raises(StepModelError, match="microbatch 3"):
         StepModel.for_pipeline(pipe, cm, load_preset("h800"), [LengthStats.of([4])]).stage_time(0, 3)
-    with pytest.raises(StepModelError, match="batch keys"):
+    with pytest.raises(StepModelError, match="batch keys.*length_stats="):
         batch_length_stats({"x": None})
 
 
@@ -221,3 +221,39 @@ def test_paper_checks_run_fast_and_land_near_the_paper():
     assert vlm["bubble"] >= vlm["bubble_balanced"] - 1e-9
     assert 2.0 < t2v["ratio"] < 10.0
     assert all(len(b) <= 8 and sum(c[0] for c in b) <= 16 for b in pc.pack_t2v_batches())
+
+
+def test_length_stats_need_no_example_code_and_honour_a_user_hook():
+    """dipc reads the audio front-end's downsampling off the captured model (it used to import the
+    example model's config), and a pipeline's ``length_stats`` hook replaces the built-in layouts."""
+    import ast
+
+    for module in ("step_model.py", "length_stats.py"):
+        src = (ROOT / "dipc" / "semu" / module).read_text()
+        imported = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m and m.startswith("examples") for m in imported), module
+
+    ex = make_example("audio_llm")
+    mbs = ex.data.microbatches(2, 2)
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2)
+    stats = batch_length_stats(mbs[1], pipe.captured)
+    n, _, frames = mbs[1]["input_features"].shape
+    assert stats["audio.frontend"] == LengthStats.padded(n, frames)
+    assert stats["audio"] == LengthStats.padded(n, frames // 4)      # AudioLLMConfig.downsample
+    with pytest.raises(StepModelError, match="captured"):
+        batch_length_stats(mbs[1])
+
+    from dipc.semu.compare import step_model
+    from dipc.semu.step_model import pipeline_length_stats
+
+    seen = []
+
+    def hook(batch):
+        seen.append(batch)
+        return LengthStats.padded(1, 7)
+
+    custom = dipc.compile(ex.model, mbs[0], num_stages=2, length_stats=hook)
+    assert pipeline_length_stats(custom, mbs[1]) == LengthStats.padded(1, 7) and seen[-1] is mbs[1]
+    assert step_model(custom, mbs).microbatch_stats == [LengthStats.padded(1, 7)] * 2
+    assert pipeline_length_stats(pipe, mbs[1]) == stats

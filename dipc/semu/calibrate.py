@@ -1,0 +1,260 @@
+"""Calibrate a device profile to measured runs, so SEMU's step times match the real runtime.
+
+A measured profile (``dipc profile``) knows the machine's peak FLOP/s and bandwidth from micro-
+benchmarks, but a pipeline stage on CPU is dominated by what those do not see: eager dispatch of
+hundreds of small ATen ops, the interpreter, and a CPU attention kernel that computes masked
+attention densely. The fit here takes per-instruction wall times of real steps (the local executor
+runs ranks one after another, so each instruction's time is its own; see
+:func:`dipc.runtime.measure.timed_local_step`) and models each compute instruction as
+
+    t = a · compute(instr) + b · attention(instr) + m · memory(instr) + op_overhead · ops(instr)
+        + instruction_overhead
+
+where ``attention`` is the attention FLOP time, ``compute`` the other FLOP time and ``memory``
+the bytes / bandwidth time :class:`~dipc.semu.step_model.StepModel` computes from the measured
+profile with every overhead at 0, and ``ops`` the ATen ops the instruction's layers dispatch
+(counted by the symbolic trace). A non-negative least-squares fit (of seconds, or of relative
+errors) gives the five coefficients; it is run with masked attention counted sparsely and
+densely, and the better fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s
+divided by ``a``, the attention curve scaled by ``a / b``, memory bandwidth divided by ``m``
+(unlimited when ``m = 0``), ``launch_overhead`` 0 (``op_overhead`` replaces it) and the two
+overheads (the step model's per-layer max(compute, memory) makes this exact only where one of the
+two dominates, as it does for these layers); links come
+from a gloo ping-pong fit (:func:`fit_link`). The result is an ordinary profile JSON.
+
+Fit on calibration batches, evaluate on others (``benchmarks/semu_accuracy.py`` does).
+
+Not modelled: per-op costs that vary by op kind (one overhead for all), cache effects between
+consecutive microbatches, the stage glue's dependence on the batch (a constant per instruction),
+and run-to-run noise of a shared machine (medians of repeats are the caller's job).
+
+Example::
+
+    samples = [CalibrationSample(stats=[batch_length_stats(mb) for mb in mbs],
+                                 timings=timed_local_step(pipe, mbs).compute_times())]
+    sets = [CalibrationSet(stage_layers=[s.layers for s in pipe.stages], cost_model=cost_model, samples=samples)]
+    result = fit_profile(measured, sets)
+    save_profile(result.profile, "calibrated.json")
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dipc.errors import DipcError
+from dipc.ir import Instruction, Op
+from dipc.semu.costs import CostModel
+from dipc.semu.profiles import ClusterProfile, EfficiencyCurve, LinkProfile
+from dipc.semu.step_model import StatsLike, StepModel
+
+__all__ = ["CalibrationError", "CalibrationResult", "CalibrationSample", "CalibrationSet", "fit_link", "fit_profile", "stage_ops"]
+
+_COMPUTE = {"FWD": Op.FWD, "BWD": Op.BWD, "BWD_I": Op.BWD_I, "BWD_W": Op.BWD_W}
+
+
+class CalibrationError(DipcError, ValueError):
+    """Too few or inconsistent measurements to fit a profile."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSample:
+    """One measured step: the statistics of its microbatches and ``(op, stage, mb, seconds)`` of
+    its compute instructions (op names ``FWD``/``BWD``/``BWD_I``/``BWD_W``)."""
+
+    stats: Sequence[StatsLike]
+    timings: Sequence[tuple[str, int, int, float]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSet:
+    """Samples of one pipeline: its stages' layer paths and its cost model (one device profile can
+    be fitted to several pipelines and models at once)."""
+
+    stage_layers: Sequence[Sequence[str]]
+    cost_model: CostModel
+    samples: Sequence[CalibrationSample]
+    no_input_grads: Sequence[int] = ()     # stages whose BWD_I is a no-op (StepModel's knob)
+    wgrad_recomputes: bool = True          # BWD_W costs a full backward (dipc's interpreter today)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationResult:
+    """The calibrated profile and how well it fits its own samples."""
+
+    profile: ClusterProfile
+    scale: float                     # a: roofline multiplier (peaks and bandwidth were divided by it)
+    attention_scale: float           # b: the same for attention FLOPs (its curve was scaled by a / b)
+    memory_scale: float              # m: multiplier of bytes / bandwidth (0: bandwidth left unlimited)
+    op_overhead: float
+    instruction_overhead: float
+    dense_masked_attention: bool
+    num_points: int
+    median_rel_error: float          # per instruction, on the calibration samples
+    residuals: dict[str, float] = field(default_factory=dict)   # relative RMS per attention variant
+
+
+def stage_ops(cost_model: CostModel, layers: Sequence[str], op: str, input_grads: bool = True,
+              wgrad_recomputes: bool = False) -> int:
+    """ATen ops the instruction ``op`` dispatches over a stage's ``layers`` (see module docstring);
+    without ``input_grads`` BWD_I does nothing and BWD_W the whole backward (also when
+    ``wgrad_recomputes``, see :class:`~dipc.semu.step_model.StepModel`)."""
+    if op == "BWD_I" and not input_grads:
+        return 0
+    if op == "BWD_W" and (wgrad_recomputes or not input_grads):
+        return stage_ops(cost_model, layers, "BWD")
+    total = 0
+    for p in layers:
+        ops = cost_model.expr(p).local.ops
+        if not ops:
+            raise CalibrationError(f"layer {p!r} has no op counts. Fix: rebuild the cost model with this dipc "
+                                   "(layer_cost_model counts ops while tracing).")
+        if op == "FWD":
+            total += ops["fwd"]
+        elif op == "BWD":
+            total += ops["bwd"]
+        elif op == "BWD_I":
+            total += ops["bwd_in"]
+        else:
+            total += max(ops["bwd"] - ops["bwd_in"], 0)
+    return total
+
+
+def _bare(profile: ClusterProfile, dense: bool) -> ClusterProfile:
+    dev = dataclasses.replace(profile.device, launch_overhead=0.0, op_overhead=0.0, instruction_overhead=0.0,
+                              dense_masked_attention=dense)
+    return dataclasses.replace(profile, device=dev)
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares by enumerating active sets (three unknowns: exact and cheap)."""
+    k = x.shape[1]
+    best, best_err = np.zeros(k), float(np.sum(y * y))
+    for r in range(1, k + 1):
+        for cols in itertools.combinations(range(k), r):
+            coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.any(coef < 0):
+                continue
+            full = np.zeros(k)
+            full[list(cols)] = coef
+            err = float(np.sum((x @ full - y) ** 2))
+            if err < best_err:
+                best, best_err = full, err
+    return best
+
+
+def _attention_seconds(sm: StepModel, ins: Instruction) -> float:
+    """The attention part of ``sm.compute_time(ins)`` (masked attention dense when the profile says so)."""
+    from dipc.semu.step_model import _dense_attention, stats_for_layer
+
+    dev, stage = sm.cluster.device, ins.stage
+    whole = sm.wgrad_recomputes or stage in sm.no_input_grads
+    mult = {Op.FWD: 1, Op.BWD: 2, Op.BWD_I: 0 if stage in sm.no_input_grads else 2,
+            Op.BWD_W: 2 if whole else 0}.get(ins.op, 0)
+    if mult == 0:
+        return 0.0
+    stats = sm.microbatch_stats[ins.mb]
+    total = 0.0
+    for p in sm.stage_layers[stage]:
+        st = stats_for_layer(stats, p)
+        c = sm.cost_model.cost(p, st)
+        if c.attn_fwd_flops > 0 and dev.dense_masked_attention:
+            c = _dense_attention(sm.cost_model, p, st, c)
+        if c.attn_fwd_flops > 0:
+            total += dev.op_time("attention", flops=mult * c.attn_fwd_flops, dtype=sm.layer_dtype(p), num_kernels=0)
+    return total
+
+
+def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
+                name: str | None = None, dtype: str = "float32", weighting: str = "absolute",
+                instruction_overhead: float | None = None) -> CalibrationResult:
+    """Fit ``measured``'s throughput scale and overheads to the samples (see module docstring).
+    ``dtype``: the layers' compute dtype (its peak must be in the profile). ``weighting``:
+    ``"absolute"`` minimises squared seconds (long instructions dominate, as they dominate step
+    times), ``"relative"`` squared relative errors (every instruction alike).
+    ``instruction_overhead``: a directly measured per-instruction overhead to hold fixed (else fitted)."""
+    if weighting not in ("absolute", "relative"):
+        raise CalibrationError(f"weighting={weighting!r}. Fix: use 'absolute' or 'relative'.")
+    samples = [(cs, s) for cs in sets for s in cs.samples]
+    points = [(si, op, stage, mb, t) for si, (cs, s) in enumerate(samples) for op, stage, mb, t in s.timings
+              if op in _COMPUTE and t > 0 and not (op == "BWD_I" and stage in cs.no_input_grads)]
+    if len(points) < 4:
+        raise CalibrationError(f"{len(points)} timed compute instructions. Fix: time at least a few steps "
+                               "with several microbatches each (timed_local_step).")
+    y = np.array([t for *_, t in points])
+    ops = np.array([stage_ops(samples[si][0].cost_model, samples[si][0].stage_layers[stage], op,
+                              stage not in samples[si][0].no_input_grads, samples[si][0].wgrad_recomputes)
+                    for si, op, stage, _, _ in points], dtype=float)
+    fits = {}
+    for dense in (False, True):
+        bare = _bare(measured, dense)
+        # compute alone (bandwidth taken as unlimited) and the memory traffic apart: on a CPU the two
+        # add up rather than overlap, so they get their own multipliers
+        nomem = dataclasses.replace(bare, device=dataclasses.replace(bare.device, memory_bandwidth=1e30))
+        kw = {"dtype": dtype, "bytes_mode": "sum"}
+        models = [StepModel(cs.cost_model, nomem, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
+                            wgrad_recomputes=cs.wgrad_recomputes, **kw) for cs, s in samples]
+        with_mem = [StepModel(cs.cost_model, bare, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
+                              wgrad_recomputes=cs.wgrad_recomputes, **kw) for cs, s in samples]
+        ins = [(si, Instruction(op=_COMPUTE[op], stage=stage, mb=mb)) for si, op, stage, mb, _ in points]
+        compute = np.array([models[si].compute_time(i) for si, i in ins])
+        attn = np.array([_attention_seconds(models[si], i) for si, i in ins])
+        mem = np.array([with_mem[si].compute_time(i) for si, i in ins]) - compute
+        x = np.stack([np.maximum(compute - attn, 0.0), attn, np.maximum(mem, 0.0), ops, np.ones_like(y)], axis=1)
+        # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
+        w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
+        if instruction_overhead is None:
+            coef = _nnls(x * w[:, None], y * w)
+        else:
+            coef = np.append(_nnls(x[:, :4] * w[:, None], (y - instruction_overhead) * w), instruction_overhead)
+        rel = (x @ coef - y) / y
+        resid = rel if weighting == "relative" else (x @ coef - y) / float(np.mean(y))
+        fits[dense] = (float(np.sqrt(np.mean(resid ** 2))), coef, rel)
+    dense = fits[True][0] < fits[False][0]
+    _, (a, b, m, oo, c), rel = fits[dense]
+    if a <= 0:
+        a = 1.0   # the roofline explains nothing: keep the measured throughput (overheads carry the fit)
+    dev = measured.device
+    # attention runs at its own multiplier b: its curve is scaled by a / b (clamped to 1: an attention
+    # faster than the measured matmul peak cannot be expressed; 1 is the closest). Memory traffic at
+    # multiplier m: bandwidth / m (the step model takes max(compute, memory) per layer, so this is exact
+    # only where memory dominates); m = 0 (traffic explains nothing) leaves the bandwidth unlimited.
+    ratio = a / b if b > 0 else float("inf")
+    att = EfficiencyCurve(points=tuple((x, min(1.0, e * ratio)) for x, e in dev.efficiency["attention"].points))
+    bandwidth = dev.memory_bandwidth / m if m > 0 else dev.memory_bandwidth * 1e6
+    cal_dev = dataclasses.replace(
+        dev, peak_flops={k: v / a for k, v in dev.peak_flops.items()}, memory_bandwidth=bandwidth,
+        efficiency={**dev.efficiency, "attention": att},
+        launch_overhead=0.0, op_overhead=float(oo), instruction_overhead=float(c), dense_masked_attention=dense,
+        source=(f"{dev.source}; calibrated on {len(points)} timed instructions of {len(samples)} steps: "
+                f"compute time x {a:.3g}, attention x {b:.3g}, memory traffic x {m:.3g}, {oo * 1e6:.3g} us per "
+                f"ATen op, {c * 1e6:.3g} us per instruction, masked attention {'dense' if dense else 'sparse'}"))
+    links = {}
+    if link is not None:
+        links = {"intra_node": link, "inter_node": link}
+    profile = dataclasses.replace(measured, name=name or f"{measured.name}-calibrated", device=cal_dev,
+                                  source=measured.source + ("; links fitted by gloo ping-pong" if link else ""),
+                                  **links)
+    return CalibrationResult(profile=profile, scale=float(a), attention_scale=float(b), memory_scale=float(m),
+                             op_overhead=float(oo), instruction_overhead=float(c),
+                             dense_masked_attention=dense, num_points=len(points),
+                             median_rel_error=float(np.median(np.abs(rel))),
+                             residuals={"sparse": fits[False][0], "dense": fits[True][0]})
+
+
+def fit_link(one_way: Sequence[tuple[float, float]]) -> LinkProfile:
+    """``latency + bytes / bandwidth`` fitted to ``(bytes, one-way seconds)`` measurements."""
+    if len(one_way) < 2 or len({b for b, _ in one_way}) < 2:
+        raise CalibrationError("a link fit needs times at two or more message sizes. Fix: measure more sizes.")
+    b = np.array([x for x, _ in one_way], dtype=float)
+    t = np.array([y for _, y in one_way], dtype=float)
+    coef = _nnls(np.stack([np.ones_like(b), b], axis=1), t)
+    latency, per_byte = float(coef[0]), float(coef[1])
+    bandwidth = 1.0 / per_byte if per_byte > 0 else 1e12
+    if not math.isfinite(bandwidth):
+        bandwidth = 1e12
+    return LinkProfile(latency=latency, bandwidth=bandwidth)

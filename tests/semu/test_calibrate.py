@@ -1,0 +1,146 @@
+"""Calibration recovers the parameters that generated its timings, writes a profile that loads
+like a preset, and bad inputs fail with errors that say what to do."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import dipc
+from dipc.ir import Instruction, Op
+from dipc.semu.calibrate import (CalibrationError, CalibrationSample, CalibrationSet, fit_link, fit_profile,
+                                 stage_ops)
+from dipc.semu.costs import layer_cost_model
+from dipc.semu.profiles import EfficiencyCurve, LinkProfile, ProfileError, load_preset, load_profile, save_profile
+from dipc.semu.step_model import StepModel, pipeline_length_stats
+from examples.data import make_example
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    ex = make_example("vlm")
+    mbs = ex.data.microbatches(2, 2)
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2)
+    return ex, pipe, layer_cost_model(pipe.captured)
+
+
+def _cpu_like():
+    """A CPU-ish profile with flat efficiency curves (so the roofline scales exactly)."""
+    h = load_preset("h800")
+    flat = {k: EfficiencyCurve(points=((1.0, 0.5),)) for k in h.device.efficiency}
+    dev = dataclasses.replace(h.device, peak_flops={"float32": 50e9}, memory_bandwidth=10e9, efficiency=flat,
+                              launch_overhead=0.0)
+    return dataclasses.replace(h, device=dev)
+
+
+def test_fit_recovers_the_generating_parameters(vlm):
+    ex, pipe, cm = vlm
+    base = _cpu_like()
+    # FLOP-bound truth (the fit separates compute and memory traffic; the step model takes their max)
+    base = dataclasses.replace(base, device=dataclasses.replace(base.device, memory_bandwidth=1e16))
+    truth = dataclasses.replace(base, device=dataclasses.replace(
+        base.device, peak_flops={"float32": 25e9}, memory_bandwidth=5e15, op_overhead=2e-6,
+        instruction_overhead=300e-6, dense_masked_attention=True))
+    layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
+    samples = []
+    for _ in range(3):
+        mbs = ex.data.microbatches(3, 2)
+        stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+        sm = StepModel(cm, truth, layers, stats, dtype="float32", wgrad_recomputes=True)
+        timings = [(op.value, s, m, sm.compute_time(Instruction(op=op, stage=s, mb=m)))
+                   for s in range(2) for m in range(3) for op in (Op.FWD, Op.BWD_I, Op.BWD_W)]
+        samples.append(CalibrationSample(stats=stats, timings=timings))
+    result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples)])
+    assert result.dense_masked_attention
+    assert result.scale == pytest.approx(2.0, rel=1e-6)
+    assert result.op_overhead == pytest.approx(2e-6, rel=1e-6)
+    assert result.instruction_overhead == pytest.approx(300e-6, rel=1e-6)
+    assert result.median_rel_error < 1e-6
+    assert result.profile.device.peak_flops["float32"] == pytest.approx(25e9)
+
+
+def test_calibrated_profile_loads_like_a_preset(tmp_path):
+    dev = dataclasses.replace(_cpu_like().device, op_overhead=1.5e-6, instruction_overhead=4e-4,
+                              dense_masked_attention=True)
+    prof = dataclasses.replace(_cpu_like(), device=dev, name="cal")
+    path = save_profile(prof, tmp_path / "cal.json")
+    assert load_profile(path) == prof
+    # presets and old files carry none of the new keys and still load with the defaults
+    obj = json.loads(path.read_text())
+    for k in ("op_overhead", "instruction_overhead", "dense_masked_attention"):
+        del obj["device"][k]
+    path.write_text(json.dumps(obj))
+    assert load_profile(path).device.op_overhead == 0.0
+    obj["device"]["op_overhead"] = -1
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ProfileError, match="device.op_overhead"):
+        load_profile(path)
+
+
+def test_unknown_profile_names_list_the_presets(tmp_path):
+    with pytest.raises(ProfileError, match=r"unknown device preset 'v100'.*a100_80gb.*h100_sxm"):
+        load_profile("v100")
+    with pytest.raises(ProfileError, match=r"no profile file .*h800"):
+        load_profile(str(tmp_path / "missing.json"))
+
+
+def test_fit_link_recovers_latency_and_bandwidth():
+    link = LinkProfile(latency=80e-6, bandwidth=2e9)
+    fitted = fit_link([(b, link.transfer_time(b)) for b in (4, 1 << 16, 1 << 20, 1 << 22)])
+    assert fitted.latency == pytest.approx(80e-6, rel=1e-6)
+    assert fitted.bandwidth == pytest.approx(2e9, rel=1e-6)
+    with pytest.raises(CalibrationError, match="two or more message sizes"):
+        fit_link([(4, 1e-4)])
+
+
+def test_too_few_timings_fail_clearly(vlm):
+    ex, pipe, cm = vlm
+    layers = [s.layers for s in pipe.stages]
+    sample = CalibrationSample(stats=[pipeline_length_stats(pipe, ex.data.microbatches(1, 2)[0])],
+                               timings=[("FWD", 0, 0, 1e-3)])
+    with pytest.raises(CalibrationError, match="Fix: time at least"):
+        fit_profile(_cpu_like(), [CalibrationSet(stage_layers=layers, cost_model=cm, samples=[sample])])
+    with pytest.raises(CalibrationError, match="weighting"):
+        fit_profile(_cpu_like(), [], weighting="cubic")
+
+
+def test_op_counts_split_the_backward(vlm):
+    ex, pipe, cm = vlm
+    layers = pipe.stages[1].layers
+    f, bi, b = (stage_ops(cm, layers, op) for op in ("FWD", "BWD_I", "BWD"))
+    assert 0 < f < b and 0 < bi < b
+    assert stage_ops(cm, layers, "BWD_W") == b - bi
+    assert stage_ops(cm, layers, "BWD_W", wgrad_recomputes=True) == b
+    assert stage_ops(cm, layers, "BWD_I", input_grads=False) == 0
+
+
+def test_runtime_options_and_dense_attention(vlm):
+    """StepModel follows dipc's interpreter when asked: the first stage's BWD_I is empty and BWD_W
+    costs a whole backward; dense masked attention costs more only for packed streams."""
+    ex, pipe, cm = vlm
+    mbs = ex.data.microbatches(2, 2)
+    stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+    prof = _cpu_like()
+    dev = dataclasses.replace(prof.device, instruction_overhead=1e-3)
+    prof = dataclasses.replace(prof, device=dev)
+    opts = StepModel.runtime_options(pipe)
+    assert opts["no_input_grads"] == [0] and opts["wgrad_recomputes"]
+    ideal = StepModel.for_pipeline(pipe, cm, prof, stats)
+    real = StepModel.for_pipeline(pipe, cm, prof, stats, **opts)
+    t = lambda sm, op, s: sm.compute_time(Instruction(op=op, stage=s, mb=0))
+    assert t(real, Op.BWD_I, 0) == 0.0 and t(ideal, Op.BWD_I, 0) > 1e-3
+    assert t(real, Op.BWD_W, 1) == pytest.approx(t(real, Op.BWD, 1))
+    assert t(real, Op.BWD_W, 1) > t(ideal, Op.BWD_W, 1)
+    assert t(real, Op.FWD, 1) == pytest.approx(t(ideal, Op.FWD, 1))
+    from dipc.semu.step_model import _dense_attention
+
+    vision = [p for p in pipe.stages[0].layers if ".blocks." in p][0]   # packed, block-diagonal mask
+    lm = [p for p in pipe.stages[1].layers if ".layers." in p][0]        # padded, causal
+    st = stats[0]["vision"]
+    sparse = cm.cost(vision, st)
+    dense = _dense_attention(cm, vision, st, sparse)
+    assert dense.attn_fwd_flops == pytest.approx(sparse.attn_fwd_flops * st.tokens ** 2 / st.sum_sq)
+    assert dense.bwd_in_flops - sparse.bwd_in_flops == pytest.approx(2 * (dense.attn_fwd_flops - sparse.attn_fwd_flops))
+    lm_cost = cm.cost(lm, stats[0]["language_model"])
+    assert lm_cost.attn_fwd_flops > 0 and _dense_attention(cm, lm, stats[0]["language_model"], lm_cost) == lm_cost
