@@ -31,7 +31,9 @@ Schedules (one row each; ``role`` baseline / ablation / dip):
   ``partitioner only`` (the K_i layout under interleaved 1F1B), ``+interleaving`` (phase 2: the
   dual queue under three priority rules), ``+reordering`` (phase 1: MCTS over (modality, microbatch)
   segment rankings), ``+zero-bubble split`` (beyond the paper), ``+sub-microbatches`` (§4: the
-  encoder's items split into ceil(N_i / B_i) subs scheduled as their own tasks).
+  encoder's items split into ceil(N_i / B_i) subs scheduled as their own tasks), ``+encoder-first
+  order`` (the coarse order Optimus* uses — a point of DIP's space the greedy phase 2 does not
+  reach — with the batch's sub-microbatches; ``picked`` counts how often it wins).
 - Memory: every schedule whose program overflows the device goes through phase 3
   (:func:`dipc.semu.memory_opt.optimize_memory`: the per-rank recompute ILP), baselines too — a
   practitioner would recompute to fit rather than run out of memory. Phase 2 holds forwards back
@@ -53,6 +55,7 @@ import re
 import json
 import math
 import statistics
+from collections import Counter
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -727,6 +730,7 @@ def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
         ("DIP +reordering", "dip", _dip(False, budget_s), "dip"),
         ("DIP +zero-bubble split", "dip", _dip(True, budget_s, rules=True), "dip"),
         ("DIP +sub-microbatches", "dip_subs", _dip(True, budget_s, rules=True), "dip"),
+        ("DIP +encoder-first order", "dip_subs", optimus_orders, "dip"),
     )
 
 
@@ -826,6 +830,7 @@ def summarise(batches: Sequence[dict], base: str = MEGATRON) -> dict:
             "peak_memory_gb_max": max((r["peak_gb"] for r, _ in ok), default=None),
             "batches_over_capacity": sum(r["over_capacity"] for r, _ in ok),
             "plan_ms": {"median": _pct(plan, 50) if plan else None, "p99": _pct(plan, 99) if plan else None},
+            "picked": dict(Counter(r.get("picked") for r, _ in ok)),
         }
     return out
 
