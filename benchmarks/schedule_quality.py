@@ -1049,8 +1049,8 @@ def main(argv: list[str] | None = None) -> dict:
                              profile=args.profile, progress=True)
         print_table(results[model])
         print()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")   # after every workload: long runs keep partial results
     print(f"{sum(r['seconds']['total'] for r in results.values()):.0f} s; wrote {args.out}")
     return results
 
