@@ -883,7 +883,8 @@ def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: in
 
 def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm_s", seed: int = 0,
         vit_tokens: int = VIT_PATCHES, budget_s: float = 0.15, b_enc: int | None = None, trace_iterations: int = 40,
-        dp: int | None = None, profile: str | None = None, progress: bool = False) -> dict:
+        dp: int | None = None, profile: str | None = None, batch_seed: int | None = None,
+        progress: bool = False) -> dict:
     """The benchmark's core for one workload: draw batches, lay out the model, evaluate every
     schedule per batch (the rise-and-fall trace only for VLMs)."""
     t_start = time.perf_counter()
@@ -902,7 +903,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
     layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc)
     t_setup = time.perf_counter() - t_start
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if batch_seed is None else batch_seed)   # layouts always from `seed`
     trace_iterations = trace_iterations if pm.kind == "vlm" else 0
     work = [(wl.regimes[i % len(wl.regimes)], i) for i in range(num_batches)]
     work += [("rise_fall", i) for i in range(trace_iterations)]
@@ -932,7 +933,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         "model": f"{model} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": dp,
         "gpus": tp * P * dp, "profile": profile, "memory_capacity_gb": capacity / 1e9,
         "microbatches": num_microbatches, "batches": num_batches, "trace_iterations": trace_iterations,
-        "seed": seed, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki, "sub_size": sub_size,
+        "seed": seed, "batch_seed": batch_seed, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki, "sub_size": sub_size,
         "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
         "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
         "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
@@ -1033,6 +1034,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"ViT tokens per image: {VIT_PATCHES} (Qwen2-VL patches before the 4x4 merge, default) "
                              f"or {IMAGE_TOKENS} (merged)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-seed", type=int, default=None,
+                        help="seed of the batches only (default --seed); shards of one run share --seed")
     parser.add_argument("--budget", type=float, default=0.15, help="MCTS seconds per batch per DIP variant")
     parser.add_argument("--b-enc", type=int, default=None, help="encoder items per sub-microbatch (sets K_i)")
     parser.add_argument("--trace", type=int, default=40, help="iterations of the rise-and-fall trace (VLMs)")
@@ -1046,7 +1049,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"unknown workload {model!r}; choose from {sorted(WORKLOADS)}")
         results[model] = run(args.batches, args.microbatches, model=model, seed=args.seed, vit_tokens=args.vit_tokens,
                              budget_s=args.budget, b_enc=args.b_enc, trace_iterations=args.trace, dp=args.dp,
-                             profile=args.profile, progress=True)
+                             profile=args.profile, batch_seed=args.batch_seed, progress=True)
         print_table(results[model])
         print()
         args.out.parent.mkdir(parents=True, exist_ok=True)
