@@ -501,6 +501,7 @@ class BatchCosts:
     subs: tuple = ()                     # Program.subs
     frugal: bool = False
     _msg: dict = field(default_factory=dict)
+    _saving_layers: dict | None = None
 
     def time(self, s: int, m: int, j: int = -1):
         return self.step.stage_time(s, m, j)
@@ -600,10 +601,10 @@ def _score_orders(layout, stages, P, M, costs, limits, orders) -> float:
 
 def _all_saving_layers(costs: BatchCosts) -> dict[int, list[str]]:
     """Per stage, the layers whose recomputation saves memory (on the first microbatch)."""
-    if "all_saving" not in costs._msg:
-        costs._msg["all_saving"] = {s: [p for p in layers if costs.step.layer_footprint(s, 0, p).saved_bytes > 0]
-                                    for s, layers in enumerate(costs.layout.stage_layers)}
-    return costs._msg["all_saving"]
+    if costs._saving_layers is None:
+        costs._saving_layers = {s: [p for p in layers if costs.step.layer_footprint(s, 0, p).saved_bytes > 0]
+                                for s, layers in enumerate(costs.layout.stage_layers)}
+    return costs._saving_layers
 
 
 def dq_rules(layout, stages, P, M, costs, limits, *, split: bool):

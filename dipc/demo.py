@@ -67,8 +67,8 @@ def train(cfg: DemoConfig, rank: int = 0, step_fn=None, log=print) -> list[float
 
     ex, pipe = _build(cfg)
     distributed = step_fn is not None
-    planner = AsyncPlanner(pipe, workers=1) if _use_async(cfg) and rank == 0 else None
     use_async = _use_async(cfg)
+    planner = AsyncPlanner(pipe, workers=1) if use_async and rank == 0 else None
     batches = [ex.data.microbatches(cfg.microbatches, cfg.samples_per_microbatch)]
     if planner:
         planner.submit(0, batches[0])

@@ -77,8 +77,9 @@ def train_rank(cfg: RunConfig, log=print) -> list[float]:
     rank, world = dist.get_rank(), dist.get_world_size()
     _check(cfg, world)
     ex = make_example(cfg.model, seed=cfg.seed)
+    fresh = ex.data.state_dict()
     example = ex.data.microbatches(1, cfg.samples_per_microbatch)[0]
-    ex = make_example(cfg.model, seed=cfg.seed)          # a fresh stream: the example did not consume it
+    ex.data.load_state_dict(fresh)                         # training starts from the stream's beginning
     pipe = dipc.compile(ex.model, example, num_stages=cfg.pp, chunks=cfg.chunks, schedule=cfg.schedule,
                         loss_weight=ex.loss_weight, optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr))
     topo = topology(cfg.pp)

@@ -44,6 +44,7 @@ from dipc.errors import InfeasibleMemoryError, ScheduleError
 from dipc.ir.instructions import Op
 from dipc.ir.program import StageInfo
 from dipc.ir.program import sub_indices
+from dipc.passes.priorities import microbatch_priority
 from dipc.passes.schedules import ComputeAction, _check_inputs
 
 TaskFn = Callable[..., float]
@@ -115,7 +116,7 @@ def _schedule(stages, num_ranks, num_microbatches, costs, priority, memory_limit
     if split_backward and costs.wgrad is None:
         raise ScheduleError("split_backward needs costs.wgrad (the weight-gradient durations). "
                             "Fix: pass TaskCosts(wgrad=...) or split_backward=False.")
-    prio = priority or (lambda op, s, m: (m, s) if op is Op.FWD else (m, -s))
+    prio = priority or microbatch_priority
     limits = _limits(memory_limit, num_ranks)
     M = num_microbatches
     in_flight_cap = {s.id: max(len(stages) - s.id, num_ranks) if caps else M for s in stages}

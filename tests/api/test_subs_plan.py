@@ -1,6 +1,5 @@
 """Planning with modality sub-microbatches through dipc.compile: random batches and sub sizes give
 valid programs that round-trip through text, and DIP's SEMU-scored plan with subs trains exactly."""
-import copy
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import dipc
 from dipc.ir import dump_program, parse_program, validate
 from dipc.semu.compare import plan_dip, step_model
 from examples.data import make_example
+from tests.runtime.helpers import assert_grads_equal, independent_weights, reference_grads
 
 _PIPES: dict = {}
 
@@ -53,11 +53,7 @@ def test_dip_plan_with_subs_trains_exactly():
     assert program.subs == pipe.sub_counts(mbs)
     for base in ("1f1b", "gpipe"):
         assert result.step_time <= model.simulate(pipe.plan(mbs, schedule=base)).step_time + 1e-12
-    ref = copy.deepcopy(ex.model)
-    counts = [ex.loss_weight(mb) for mb in mbs]
-    for c, mb in zip(counts, mbs):
-        (ref(**mb) * (c / sum(counts))).backward()
+    want = reference_grads(ex.model, mbs, independent_weights(ex, mbs))
     pipe.step(mbs, program)
-    for (n, p), q in zip(ex.model.named_parameters(), ref.parameters()):
-        if q.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=f"{label}: {n}")
+    got = {n: p.grad for n, p in ex.model.named_parameters() if n in want}
+    assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=label)
