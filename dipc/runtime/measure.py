@@ -185,12 +185,18 @@ class LiveMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
+        inputs = None
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
             key = storage._cdata
             if key in self._refs:
+                continue
+            if inputs is None:   # a view or in-place result of a tensor from before (a parameter): not new
+                inputs = {x.untyped_storage()._cdata for x in tree_flatten((args, kwargs))[0]
+                          if isinstance(x, torch.Tensor) and x.device.type != "meta"}
+            if key in inputs:
                 continue
             nbytes, rank = storage.nbytes(), self.rank
             self.live[rank] += nbytes

@@ -122,6 +122,9 @@ class LayerCost:
     optim_bytes: int                 # Adam moments (+ fp32 master copy for non-fp32 params)
     num_params: int
     in_bytes: float = 0.0            # the layer's stream input (kept instead of act_bytes when recomputed)
+    # extra stash of a kernel that materialises masked attention (CPU SDPA's math path): the
+    # softmax probabilities of every masked call, less the output and log-sum-exp a fused kernel keeps
+    attn_probs_bytes: float = 0.0
 
     @property
     def bwd_flops(self) -> float:

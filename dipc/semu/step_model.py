@@ -411,9 +411,16 @@ class StepModel:
         hit = self._act_cache.get(key)
         if hit is None:
             stats = self._stats(mb, sub)
-            hit = self._act_cache[key] = sum(self.cost_model.cost(p, _lookup(stats, p)).act_bytes
+            hit = self._act_cache[key] = sum(self._stash(self.cost_model.cost(p, _lookup(stats, p)))
                                              for p in self._layers(stage)) / self.tp
         return hit
+
+    def _stash(self, cost: LayerCost) -> float:
+        """Bytes a layer keeps for backward: its traced stash, plus the dense softmax probabilities
+        of masked attention where the device's kernel materialises them (``dense_masked_attention``)."""
+        if self.cluster.device.dense_masked_attention:
+            return cost.act_bytes + cost.attn_probs_bytes
+        return cost.act_bytes
 
     def reduce_time(self, stage: int) -> float:
         """DP all-reduce of the stage's gradients (per GPU) over ``dp`` ranks on the inter-node link."""
@@ -452,7 +459,7 @@ class StepModel:
         if hit is None:
             stats = _lookup(self._stats(mb, sub), path)
             c, t = self.cost_model.cost(path, stats), self.layer_time(path, stats)
-            hit = Footprint(act_bytes=c.act_bytes / self.tp, in_bytes=c.in_bytes / self.tp,
+            hit = Footprint(act_bytes=self._stash(c) / self.tp, in_bytes=c.in_bytes / self.tp,
                             fwd_seconds=t.fwd + t.tp_fwd)
             self._footprint_cache[key] = hit
         return hit

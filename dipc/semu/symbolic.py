@@ -43,7 +43,7 @@ __all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownO
 
 # The symbolic quantities of one layer, in this order everywhere (LocalCost.exprs, LayerCost fields).
 COST_FIELDS = ("fwd_flops", "bwd_in_flops", "bwd_w_flops", "attn_fwd_flops", "fwd_bytes", "bwd_bytes",
-               "act_bytes", "out_bytes", "in_bytes")
+               "act_bytes", "out_bytes", "in_bytes", "attn_probs_bytes")
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -234,6 +234,8 @@ class _AttentionMode(TorchFunctionMode):
         self.calls: list[tuple[AttentionCall, Any, Any]] = []   # (call, q_len SymInt, k_len SymInt)
         self.recorder = recorder
         self.extra_saved: sympy.Expr = sympy.Integer(0)
+        # what a kernel that materialises masked attention (CPU's math path) stashes besides q, k, v
+        self.probs_saved: sympy.Expr = sympy.Integer(0)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -266,6 +268,8 @@ class _AttentionMode(TorchFunctionMode):
         rec.add("fwd", io + out_bytes + lse)
         rec.add("bwd", 2 * io + 3 * out_bytes + lse)       # read q,k,v,out,dout,lse; write dq,dk,dv
         self.extra_saved = self.extra_saved + lse
+        if kind == "mask":   # the dense softmax probabilities instead of the output and lse
+            self.probs_saved = self.probs_saved + heads * batch * nq * nk * q.element_size() - out_bytes - lse
         rec.ops["fwd"] += 1   # one fused kernel forward; its backward is counted as one below
         rec.ops["skip"] += 1
         rec.ops["bwd"] += 1
@@ -370,9 +374,11 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 "act_bytes": sympy.Add(*saved.values()) + attn.extra_saved,
                 "out_bytes": out_bytes,
                 "in_bytes": _stream_bytes(fake),
+                "attn_probs_bytes": attn.probs_saved,
             }
             if not grad_outs:   # nothing differentiable leaves the layer: no stash either
                 exprs["act_bytes"] = sympy.Integer(0)
+                exprs["attn_probs_bytes"] = sympy.Integer(0)
     finally:
         fake_log.level = level
     local = _canonicalize(env, exprs, raw_syms, [isinstance(x, torch.Tensor) and x.is_floating_point() for x in real],
