@@ -54,6 +54,7 @@ SCHEDULE_CHUNKS = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1, "du
 NUM_RANKS = 2
 MICROBATCHES, SAMPLES = 4, 2
 CALIBRATION_SEED, TEST_SEED = 1001, 7
+DIP = "dip"          # the DIP vs 1F1B direction check's key
 LIMITS = [
     "shared 2-core machine (load ~6 while measured): the two gloo ranks get well under a core each, so gloo "
     "steps took longer than the serial CPU time of both ranks; gloo errors are dominated by contention",
@@ -119,25 +120,52 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def _pearson(a: list[float], b: list[float]) -> float:
+    if len(a) < 2:
+        return float("nan")
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    da, db = [x - ma for x in a], [y - mb for y in b]
+    den = math.sqrt(sum(x * x for x in da) * sum(y * y for y in db))
+    return sum(x * y for x, y in zip(da, db)) / den if den else float("nan")
+
+
+def _dip_plan(pipe, mbs, cost_model, profile):
+    """DIP's plan for this batch, searched on the calibrated SEMU model of dipc's runtime (its own
+    dual-queue candidates only: with 1F1B among them, DIP could pick 1F1B and the check is void)."""
+    from dipc.semu.compare import plan_dip
+    from dipc.semu.step_model import StepModel, pipeline_length_stats
+
+    sm = StepModel.for_pipeline(pipe, cost_model, profile, [pipeline_length_stats(pipe, mb) for mb in mbs],
+                                **StepModel.runtime_options(pipe))
+    label, program, _ = plan_dip(pipe, mbs, sm)
+    return label, program
+
+
 # ------------------------------------------------------------------------------------------------
 # gloo: every rank builds the same pipelines and batches, then times every case
 
 
-def _dist_cases(rank: int, world: int, num_batches: int, warmup: int, repeats: int) -> dict:
+def _dist_cases(rank: int, world: int, num_batches: int, warmup: int, repeats: int,
+                profile_path: str | None = None) -> dict:
     import torch.distributed as dist
 
     from dipc.runtime.measure import timed_distributed_step
+    from dipc.semu.costs import layer_cost_model
+    from dipc.semu.profiles import load_profile
     from examples.data import make_example
 
+    profile = load_profile(profile_path) if profile_path else None
     out: dict[str, list[float]] = {}
     for name in MODELS:
         ex = make_example(name, seed=0)
         batches = _batches(name, TEST_SEED, num_batches)
         pipes = _pipes(ex, batches[0][0])
+        cm = layer_cost_model(pipes[1].captured) if profile is not None else None
         for b, mbs in enumerate(batches):
-            for schedule, chunks in SCHEDULE_CHUNKS.items():
-                pipe = pipes[chunks]
-                program = pipe.plan(mbs, schedule=schedule)
+            plans = {s: (pipes[c], pipes[c].plan(mbs, schedule=s)) for s, c in SCHEDULE_CHUNKS.items()}
+            if profile is not None:   # every rank plans the same DIP program (deterministic)
+                plans[DIP] = (pipes[1], _dip_plan(pipes[1], mbs, cm, profile)[1])
+            for schedule, (pipe, program) in plans.items():
                 for _ in range(warmup):
                     timed_distributed_step(pipe, mbs, program)
                 times = []
@@ -158,9 +186,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=None, help="test batches per model (default 20; quick 4)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case after warm-up (default 3)")
     ap.add_argument("--no-dist", action="store_true", help="skip the gloo runs")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="local executor step clock: wall (default) or this thread's CPU time (robust to other "
-                         "processes on a shared machine; calibration always uses CPU time)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                    help="local executor step clock: this thread's CPU time (default; robust to other processes "
+                         "on a shared machine, and what calibration uses) or wall time")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "semu_accuracy.json"))
     a = ap.parse_args()
     num_batches = a.batches or (4 if a.quick else 20)
@@ -215,10 +243,12 @@ def main() -> None:
                     for schedule in (["interleaved_1f1b"] if chunks == 2 else ["1f1b", "zb_h1"]):
                         program = pipe.plan(cmbs, schedule=schedule)
                         timed_local_step(pipe, cmbs, program, clock="cpu")
-                        rs = [timed_local_step(pipe, cmbs, program, clock="cpu").by_key() for _ in range(3)]
+                        runs = [timed_local_step(pipe, cmbs, program, clock="cpu") for _ in range(3)]
+                        rs = [r.by_key() for r in runs]
                         timings = [(op, st, m, statistics.median(r[(op, st, m)] for r in rs)) for (op, st, m) in rs[0]]
                         cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
-                            stats=[pipeline_length_stats(pipe, mb) for mb in cmbs], timings=timings))
+                            stats=[pipeline_length_stats(pipe, mb) for mb in cmbs], timings=timings,
+                            other_timings=[x for r in runs for x in r.other_times()]))
         print(f"local executor: {name} done ({time.perf_counter() - t_start:.0f} s)")
 
     sets = []
@@ -231,9 +261,11 @@ def main() -> None:
     profile = cal.profile
     print(f"calibrated: compute x{cal.scale:.2f}, attention x{cal.attention_scale:.2f}, memory traffic "
           f"x{cal.memory_scale:.2f}, "
-          f"{cal.op_overhead * 1e6:.3f} us/op, {cal.instruction_overhead * 1e6:.0f} us/instruction, masked "
-          f"attention {'dense' if cal.dense_masked_attention else 'sparse'}; fit median |err| per instruction "
-          f"{cal.median_rel_error:.1%} over {cal.num_points} instructions")
+          f"{cal.op_overhead * 1e6:.3f} us/op, per instruction "
+          + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in cal.op_overheads.items()) +
+          f", masked attention {'dense' if cal.dense_masked_attention else 'sparse'} "
+          f"({cal.probs_fwd_byte_time * 1e9:.2f} / {cal.probs_bwd_byte_time * 1e9:.2f} ns per probability byte); "
+          f"fit median |err| per instruction {cal.median_rel_error:.1%} over {cal.num_points} instructions")
     for c in cases:
         ex, test, pipes, cms = models[c["model"]]
         chunks = SCHEDULE_CHUNKS[c["schedule"]]
@@ -244,6 +276,24 @@ def main() -> None:
         c["local"]["predicted_s"] = sum(sim.busy)
         c["gloo"]["predicted_s"] = sim.step_time
         c["predicted_peak_bytes"] = list(sim.peak_memory or ())
+
+    # -- DIP vs 1F1B direction (the test batches: skewed sizes) ------------------------------------
+    # DIP planned on the calibrated model; does the measured DIP/1F1B ratio move the way SEMU says?
+    direction = []
+    for name, (ex, test, pipes, cms) in models.items():
+        pipe = pipes[1]
+        for b, mbs in enumerate(test):
+            label, program = _dip_plan(pipe, mbs, cms[1], profile)
+            sm = StepModel.for_pipeline(pipe, cms[1], profile, [pipeline_length_stats(pipe, mb) for mb in mbs],
+                                        **StepModel.runtime_options(pipe))
+            sim = sm.simulate(program)
+            for _ in range(warmup):
+                timed_local_step(pipe, mbs, program, clock=a.clock)
+            runs = [timed_local_step(pipe, mbs, program, clock=a.clock).step_seconds for _ in range(repeats)]
+            direction.append({"model": name, "batch": b, "dip_plan": label,
+                              "local": {"predicted_s": sum(sim.busy), "measured_s": statistics.median(runs)},
+                              "gloo": {"predicted_s": sim.step_time}})
+    print(f"DIP direction check: local done ({time.perf_counter() - t_start:.0f} s)")
 
     # -- peak memory (local executor, Adam, one step per model x schedule x first batches) -------
     mem_batches = 1 if a.quick else 3
@@ -267,11 +317,18 @@ def main() -> None:
     if not a.no_dist:
         from dipc.runtime.launch import spawn
 
-        per_rank = spawn(_dist_cases, NUM_RANKS, num_batches, warmup, repeats, timeout_s=3000)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            profile_path = str(Path(tmp) / "profile.json")
+            save_profile(profile, profile_path)
+            per_rank = spawn(_dist_cases, NUM_RANKS, num_batches, warmup, repeats, profile_path, timeout_s=3000)
         for c in cases:
             times = per_rank[0][f"{c['model']}|{c['schedule']}|{c['batch']}"]
             c["gloo"]["measured_s"] = statistics.median(times)
             c["gloo"]["measured_min_s"] = min(times)
+        for d in direction:
+            d["gloo"]["measured_s"] = statistics.median(per_rank[0][f"{d['model']}|{DIP}|{d['batch']}"])
         print(f"gloo: done ({time.perf_counter() - t_start:.0f} s)")
 
     # -- summary --------------------------------------------------------------------------------
@@ -299,6 +356,21 @@ def main() -> None:
         summary[exe] = {"median_abs_err": statistics.median(errs), "p90_abs_err": _pct(errs, 0.9),
                         "mean_kendall_tau": statistics.mean(t for v in taus.values() for t in v),
                         "per_model": per_model, "per_schedule_median_abs_err": per_schedule}
+    summary["dip_vs_1f1b"] = {}
+    for exe in executors:
+        base = {(c["model"], c["batch"]): c[exe] for c in cases if c["schedule"] == "1f1b"}
+        pred, meas = [], []
+        for d in direction:
+            b1 = base[(d["model"], d["batch"])]
+            d[exe]["predicted_ratio"] = d[exe]["predicted_s"] / b1["predicted_s"]
+            d[exe]["measured_ratio"] = d[exe]["measured_s"] / b1["measured_s"]
+            pred.append(d[exe]["predicted_ratio"])
+            meas.append(d[exe]["measured_ratio"])
+        signed = [(p, m) for p, m in zip(pred, meas) if abs(p - 1) > 1e-9]
+        summary["dip_vs_1f1b"][exe] = {
+            "sign_agreement": (sum((p - 1) * (m - 1) > 0 for p, m in signed) / len(signed)) if signed else float("nan"),
+            "num_signed": len(signed), "num_batches": len(pred), "pearson_ratio": _pearson(pred, meas),
+            "median_predicted_ratio": statistics.median(pred), "median_measured_ratio": statistics.median(meas)}
     mem_errs = [abs(e) for m in memory for e in m["rel_err"]]
     summary["memory"] = {"median_abs_err": statistics.median(mem_errs), "p90_abs_err": _pct(mem_errs, 0.9),
                          "max_abs_err": max(mem_errs),
@@ -327,6 +399,11 @@ def main() -> None:
         for name, v in sm["per_model"].items():
             print(f"        {name:10s} median {v['median_abs_err']:.1%}  p90 {v['p90_abs_err']:.1%}  "
                   f"tau {v['mean_kendall_tau']:.2f}")
+    for exe, v in summary["dip_vs_1f1b"].items():
+        print(f"DIP/1F1B {exe:6s}: sign agrees on {v['sign_agreement']:.0%} of {v['num_signed']} batches (of "
+              f"{v['num_batches']}; the rest predicted equal), Pearson r of predicted vs measured ratios "
+              f"{v['pearson_ratio']:.2f}; median ratio predicted {v['median_predicted_ratio']:.3f}, measured "
+              f"{v['median_measured_ratio']:.3f}")
     mm = summary["memory"]
     print(f"memory: median |err| {mm['median_abs_err']:.1%}  p90 {mm['p90_abs_err']:.1%}  max "
           f"{mm['max_abs_err']:.1%} (target 10%); per model " +
@@ -345,13 +422,15 @@ def main() -> None:
                     "note": "shared, noisy machine unless rerun on a quiet one"},
         "calibration": {"scale": cal.scale, "attention_scale": cal.attention_scale,
                         "memory_scale": cal.memory_scale, "op_overhead_s": cal.op_overhead,
-                        "instruction_overhead_s": cal.instruction_overhead,
+                        "instruction_overhead_s": cal.instruction_overhead, "op_overheads_s": cal.op_overheads,
+                        "probs_fwd_byte_time_s": cal.probs_fwd_byte_time,
+                        "probs_bwd_byte_time_s": cal.probs_bwd_byte_time,
                         "dense_masked_attention": cal.dense_masked_attention, "num_points": cal.num_points,
                         "fit_median_rel_err": cal.median_rel_error, "residuals": cal.residuals,
                         "link_points": link_points, "link": {"latency": link.latency, "bandwidth": link.bandwidth}},
         "profile": profile_to_json(profile),
         "targets": {"median_abs_err": 0.05, "p90_abs_err": 0.10, "kendall_tau": 0.8, "memory_abs_err": 0.10},
-        "summary": summary, "limits": LIMITS, "cases": cases, "memory": memory,
+        "summary": summary, "limits": LIMITS, "cases": cases, "memory": memory, "dip_vs_1f1b": direction,
         "seconds": time.perf_counter() - t_start,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")

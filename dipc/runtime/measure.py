@@ -53,6 +53,11 @@ class InstructionTiming:
         """``(op, stage, mb, seconds)`` of the compute instructions (what calibration fits)."""
         return [(op, s, m, t) for (op, s, m), t in self.by_key().items()]
 
+    def other_times(self) -> list[tuple[str, float]]:
+        """``(op, seconds)`` of the loads, sends and receives (their fixed CPU times, for calibration)."""
+        return [(i.op.value, t) for _, i, t in self.records
+                if i.op in (Op.LOAD, Op.SEND_ACT, Op.SEND_GRAD, Op.RECV_ACT, Op.RECV_GRAD)]
+
     def by_key(self) -> dict[tuple[str, int, int], float]:
         """``(op, stage, mb) -> seconds`` of the compute instructions."""
         return {(i.op.value, i.stage, i.mb): t for _, i, t in self.records
@@ -137,11 +142,11 @@ def timed_distributed_step(pipe: "CompiledPipeline", microbatches: Sequence[Mapp
 def _pingpong(rank: int, world: int, sizes: Sequence[int], repeats: int) -> list[tuple[float, float]]:
     import torch.distributed as dist
 
-    out = []
-    for nbytes in sizes:
-        buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
-        times = []
-        for i in range(repeats + 2):
+    bufs = [torch.zeros(max(1, nbytes // 4), dtype=torch.float32) for nbytes in sizes]
+    times: list[list[float]] = [[] for _ in sizes]
+    # sizes round-robin within each repeat, so a burst of load on a shared machine hits every size alike
+    for i in range(repeats + 2):
+        for k, buf in enumerate(bufs):
             dist.barrier()
             t0 = time.perf_counter()
             if rank == 0:
@@ -151,9 +156,8 @@ def _pingpong(rank: int, world: int, sizes: Sequence[int], repeats: int) -> list
                 dist.recv(buf, 0)
                 dist.send(buf, 0)
             if i >= 2:
-                times.append((time.perf_counter() - t0) / 2)
-        out.append((float(buf.numel() * 4), statistics.median(times)))
-    return out
+                times[k].append((time.perf_counter() - t0) / 2)
+    return [(float(buf.numel() * 4), statistics.median(ts)) for buf, ts in zip(bufs, times)]
 
 
 def measure_gloo_link(sizes: Sequence[int] = (4, 1 << 14, 1 << 17, 1 << 20, 1 << 22), repeats: int = 20,

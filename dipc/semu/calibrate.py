@@ -7,24 +7,30 @@ attention densely. The fit here takes per-instruction wall times of real steps (
 runs ranks one after another, so each instruction's time is its own; see
 :func:`dipc.runtime.measure.timed_local_step`) and models each compute instruction as
 
-    t = a · compute(instr) + b · attention(instr) + m · memory(instr) + op_overhead · ops(instr)
-        + instruction_overhead
+    t = a · compute(instr) + b · attention(instr) + m · memory(instr)
+        + p_f · probs_fwd(instr) + p_b · probs_bwd(instr) + op_overhead · ops(instr) + c_kind(instr)
 
 where ``attention`` is the attention FLOP time, ``compute`` the other FLOP time and ``memory``
 the bytes / bandwidth time :class:`~dipc.semu.step_model.StepModel` computes from the measured
-profile with every overhead at 0, and ``ops`` the ATen ops the instruction's layers dispatch
-(counted by the symbolic trace). A non-negative least-squares fit (of seconds, or of relative
-errors) gives the five coefficients; it is run with masked attention counted sparsely and
-densely, and the better fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s
-divided by ``a``, the attention curve scaled by ``a / b``, memory bandwidth divided by ``m``
-(unlimited when ``m = 0``), ``launch_overhead`` 0 (``op_overhead`` replaces it) and the two
-overheads (the step model's per-layer max(compute, memory) makes this exact only where one of the
-two dominates, as it does for these layers); links come
-from a gloo ping-pong fit (:func:`fit_link`). The result is an ordinary profile JSON.
+profile with every overhead at 0, ``probs_*`` the bytes of dense softmax probabilities that
+masked attention materialises on CPU's math path (forward; backward), ``ops`` the ATen ops the
+instruction's layers dispatch (counted by the symbolic trace) and ``c_kind`` one fixed time per
+instruction kind (FWD, BWD, BWD_I, BWD_W: the interpreter's work around a backward is not a
+forward's, and one constant for all over-charges programs with many small instructions, such as
+interleaved 1F1B). A non-negative least-squares fit (of seconds, or of relative errors) gives
+the coefficients; it is run with masked attention counted sparsely and densely, and the better
+fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s divided by ``a``, the
+attention curve scaled by ``a / b``, memory bandwidth divided by ``m`` (unlimited when
+``m = 0``), ``launch_overhead`` 0 (``op_overhead`` replaces it), ``op_overheads`` (the ``c_kind``
+plus the median measured time of each other instruction kind the samples list: LOAD, SEND_*,
+RECV_*, which pack and copy tensors on the rank's CPU) and ``probs_*_byte_time`` (the step
+model's per-layer max(compute, memory) makes this exact only where one of the two dominates, as
+it does for these layers); links come from a gloo ping-pong fit (:func:`fit_link`). The result
+is an ordinary profile JSON.
 
 Fit on calibration batches, evaluate on others (``benchmarks/semu_accuracy.py`` does).
 
-Not modelled: per-op costs that vary by op kind (one overhead for all), cache effects between
+Not modelled: per-op costs that vary by ATen op (one overhead for all), cache effects between
 consecutive microbatches, the stage glue's dependence on the batch (a constant per instruction),
 and run-to-run noise of a shared machine (medians of repeats are the caller's job).
 
@@ -68,6 +74,8 @@ class CalibrationSample:
 
     stats: Sequence[StatsLike]
     timings: Sequence[tuple[str, int, int, float]]
+    # (op, seconds) of the step's other instructions (LOAD, SEND_*, RECV_*): their fixed CPU times
+    other_timings: Sequence[tuple[str, float]] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +102,9 @@ class CalibrationResult:
     instruction_overhead: float
     dense_masked_attention: bool
     num_points: int
+    op_overheads: dict[str, float] = field(default_factory=dict)   # fixed seconds per instruction by op
+    probs_fwd_byte_time: float = 0.0
+    probs_bwd_byte_time: float = 0.0
     median_rel_error: float          # per instruction, on the calibration samples
     residuals: dict[str, float] = field(default_factory=dict)   # relative RMS per attention variant
 
@@ -131,7 +142,7 @@ def _bare(profile: ClusterProfile, dense: bool) -> ClusterProfile:
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative least squares by enumerating active sets (three unknowns: exact and cheap)."""
+    """Non-negative least squares by enumerating active sets (exact; cheap for the ~10 unknowns here)."""
     k = x.shape[1]
     best, best_err = np.zeros(k), float(np.sum(y * y))
     for r in range(1, k + 1):
@@ -169,6 +180,24 @@ def _attention_seconds(sm: StepModel, ins: Instruction) -> float:
     return total
 
 
+def _probs_bytes(sm: StepModel, ins: Instruction) -> tuple[float, float]:
+    """``(forward, backward)`` bytes of dense masked-attention probabilities ``ins`` passes over
+    (``LayerCost.attn_probs_bytes`` of the stage's layers; BWD_W only when it re-runs the backward)."""
+    stage = ins.stage
+    whole = sm.wgrad_recomputes or stage in sm.no_input_grads
+    if ins.op is Op.FWD:
+        at = (1.0, 0.0)
+    elif ins.op is Op.BWD or (ins.op is Op.BWD_I and stage not in sm.no_input_grads) or (ins.op is Op.BWD_W and whole):
+        at = (0.0, 1.0)
+    else:
+        return 0.0, 0.0
+    from dipc.semu.step_model import stats_for_layer
+
+    stats = sm.microbatch_stats[ins.mb]
+    total = sum(sm.cost_model.cost(p, stats_for_layer(stats, p)).attn_probs_bytes for p in sm.stage_layers[stage])
+    return at[0] * total, at[1] * total
+
+
 def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
                 name: str | None = None, dtype: str = "float32", weighting: str = "absolute",
                 instruction_overhead: float | None = None) -> CalibrationResult:
@@ -204,18 +233,33 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         compute = np.array([models[si].compute_time(i) for si, i in ins])
         attn = np.array([_attention_seconds(models[si], i) for si, i in ins])
         mem = np.array([with_mem[si].compute_time(i) for si, i in ins]) - compute
-        x = np.stack([np.maximum(compute - attn, 0.0), attn, np.maximum(mem, 0.0), ops, np.ones_like(y)], axis=1)
+        probs = np.array([_probs_bytes(models[si], i) if dense else (0.0, 0.0) for si, i in ins]).reshape(-1, 2)
+        # one fixed time per instruction kind: the interpreter's work around a backward (gathering
+        # output grads, delivering input grads) is not a forward's
+        kinds = np.array([[1.0 if op == k else 0.0 for k in _COMPUTE] for _, op, *_ in points])
+        x = np.concatenate([np.stack([np.maximum(compute - attn, 0.0), attn, np.maximum(mem, 0.0)], axis=1),
+                            probs, ops[:, None], kinds], axis=1)
         # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
         w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
         if instruction_overhead is None:
             coef = _nnls(x * w[:, None], y * w)
         else:
-            coef = np.append(_nnls(x[:, :4] * w[:, None], (y - instruction_overhead) * w), instruction_overhead)
+            coef = np.append(_nnls(x[:, :6] * w[:, None], (y - instruction_overhead) * w),
+                             [instruction_overhead] * len(_COMPUTE))
         rel = (x @ coef - y) / y
         resid = rel if weighting == "relative" else (x @ coef - y) / float(np.mean(y))
         fits[dense] = (float(np.sqrt(np.mean(resid ** 2))), coef, rel)
     dense = fits[True][0] < fits[False][0]
-    _, (a, b, m, oo, c), rel = fits[dense]
+    _, coef, rel = fits[dense]
+    a, b, m, pf, pb, oo = (float(v) for v in coef[:6])
+    seen = {op for _, op, *_ in points}
+    per_kind = {k: float(v) for k, v in zip(_COMPUTE, coef[6:]) if k in seen}
+    c = float(np.mean(list(per_kind.values())))   # for compute kinds the samples did not show
+    others: dict[str, list[float]] = {}
+    for _, sample in samples:
+        for op, t in sample.other_timings:
+            others.setdefault(op, []).append(t)
+    op_overheads = {**per_kind, **{op: float(np.median(ts)) for op, ts in others.items()}}
     if a <= 0:
         a = 1.0   # the roofline explains nothing: keep the measured throughput (overheads carry the fit)
     dev = measured.device
@@ -230,9 +274,12 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         dev, peak_flops={k: v / a for k, v in dev.peak_flops.items()}, memory_bandwidth=bandwidth,
         efficiency={**dev.efficiency, "attention": att},
         launch_overhead=0.0, op_overhead=float(oo), instruction_overhead=float(c), dense_masked_attention=dense,
+        op_overheads=op_overheads, probs_fwd_byte_time=pf, probs_bwd_byte_time=pb,
         source=(f"{dev.source}; calibrated on {len(points)} timed instructions of {len(samples)} steps: "
                 f"compute time x {a:.3g}, attention x {b:.3g}, memory traffic x {m:.3g}, {oo * 1e6:.3g} us per "
-                f"ATen op, {c * 1e6:.3g} us per instruction, masked attention {'dense' if dense else 'sparse'}"))
+                f"ATen op, per instruction " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in per_kind.items())
+                + f", masked attention {'dense' if dense else 'sparse'}"
+                + (f" ({pf * 1e9:.3g} / {pb * 1e9:.3g} ns per probability byte fwd / bwd)" if dense else "")))
     links = {}
     if link is not None:
         links = {"intra_node": link, "inter_node": link}
@@ -241,7 +288,8 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                                   **links)
     return CalibrationResult(profile=profile, scale=float(a), attention_scale=float(b), memory_scale=float(m),
                              op_overhead=float(oo), instruction_overhead=float(c),
-                             dense_masked_attention=dense, num_points=len(points),
+                             dense_masked_attention=dense, num_points=len(points), op_overheads=op_overheads,
+                             probs_fwd_byte_time=pf, probs_bwd_byte_time=pb,
                              median_rel_error=float(np.median(np.abs(rel))),
                              residuals={"sparse": fits[False][0], "dense": fits[True][0]})
 

@@ -8,18 +8,22 @@ memory, and a timeline that :func:`dipc.semu.trace.to_chrome_trace` exports):
   (LOAD, FWD, BWD, BWD_I, BWD_W, REDUCE, OPTIM) takes ``compute_time(instruction)`` seconds, which
   the caller supplies (the symbolic cost model, a table, a constant);
 - a send is posted when the rank reaches it and never blocks the rank; a receive blocks until its
-  message has arrived. Messages between an ordered rank pair travel in FIFO order on one channel,
-  one at a time, each taking ``latency + bytes / bandwidth`` of the link between the two ranks'
+  message has arrived; an optional ``comm_overhead`` charges either one CPU time on its own rank
+  (a send before posting, a receive after arrival). Messages between an ordered rank pair travel
+  in FIFO order on one channel, one at a time, each taking ``latency + bytes / bandwidth`` of the link between the two ranks'
   nodes (:meth:`ClusterProfile.transfer_time`); bytes come from the receive's ``specs``;
-- ``p2p="eager"`` starts a transfer when it is posted (gloo; NCCL for messages that fit its
+- ``p2p="eager"`` starts a transfer when it is posted (NCCL for messages that fit its
   buffers); ``p2p="rendezvous"`` starts it only once the receive is posted as well (NCCL for large
   messages: the send kernel waits for the receive kernel), which exposes the transfer when the
-  receive sits right before the compute that needs it;
+  receive sits right before the compute that needs it; ``p2p="handshake"`` is rendezvous whose
+  receive-ready notice first crosses the link (gloo's unbound-buffer protocol: a send posted
+  before its receive waits for the receiver's notification, so the data arrives at
+  ``max(send posted, receive posted + latency) + latency + bytes / bandwidth``);
 - a rank's step ends when its last instruction and its last outgoing transfer have finished
   (the runtime waits for posted sends at the end of the step);
-- memory (optional :class:`MemoryModel`): per-stage resident bytes (parameters, gradients,
-  optimizer states) for the whole step; a FWD's stashed activations from its end until its
-  backward frees them (BWD_I frees all but what BWD_W still needs, BWD_W the rest); received
+- memory (optional :class:`MemoryModel`): per-stage resident bytes (parameters, optimizer
+  states) for the whole step, gradients from the stage's first weight backward on; a FWD's
+  stashed activations from its end until its backward frees them (BWD_I frees all but what BWD_W still needs, BWD_W the rest); received
   activations until the stage's backward of that microbatch ends and received gradients until the
   backward that reads them ends; per-instruction workspace while it runs.
 
@@ -92,6 +96,9 @@ class MemoryModel:
     optimizer states). ``activations(fwd)``: bytes a FWD stashes for its backward.
     ``kept_for_wgrad(bwd_i)``: of those, the bytes BWD_I leaves for BWD_W (``None``: all of them).
     ``workspace(instr)``: transient bytes while a compute instruction runs (``None``: none).
+    ``grads(stage)``: the stage's parameter gradients, made by its first BWD or BWD_W and kept to
+    the end of the step (``None``: count them in ``static``); they count from that instruction's
+    end, so its ``workspace`` should include them while it runs.
     ``count_messages``: also count received activations (kept until the stage's backward of that
     microbatch ends) and received gradients (until the backward that reads them ends); turn it
     off if ``activations`` already includes the stage's inputs.
@@ -101,6 +108,7 @@ class MemoryModel:
     activations: Callable[[Instruction], float]
     kept_for_wgrad: Callable[[Instruction], float] | None = None
     workspace: Callable[[Instruction], float] | None = None
+    grads: Callable[[int], float] | None = None
     count_messages: bool = True
 
 
@@ -257,17 +265,21 @@ def simulate(
     gpus_per_rank: int = 1,
     p2p: str = "eager",
     record: bool = True,
+    comm_overhead: ComputeTimeFn | None = None,
 ) -> SimResult:
     """Simulate one step of ``program`` on ``cluster``; see the module docstring for the model.
 
     ``gpus_per_rank``: GPUs one pipeline rank spans (tensor parallelism), which decides which
     rank pairs share a node. ``record=False`` skips the timeline (faster, for schedule search).
+    ``comm_overhead(instr)``: seconds a send or receive occupies its own rank's compute stream (a
+    send before it is posted, a receive after its message arrived: packing and copying on a CPU).
     The program should be valid (:func:`dipc.ir.validate.validate`); a wait cycle raises
     ``ScheduleError`` naming the blocked ranks.
     """
-    if p2p not in ("eager", "rendezvous"):
-        raise ValueError(f"p2p={p2p!r}. Fix: use 'eager' or 'rendezvous'.")
-    rendezvous = p2p == "rendezvous"
+    if p2p not in ("eager", "rendezvous", "handshake"):
+        raise ValueError(f"p2p={p2p!r}. Fix: use 'eager', 'rendezvous' or 'handshake'.")
+    rendezvous = p2p != "eager"
+    handshake = p2p == "handshake"
     prepared = _prepare(program)
     streams = prepared.streams
     R = program.num_ranks
@@ -307,6 +319,8 @@ def simulate(
         mem_act = memory.activations
         mem_keep = memory.kept_for_wgrad
         mem_ws = memory.workspace
+        mem_grads = memory.grads
+        has_grads: set[int] = set()
         count_msgs = memory.count_messages
 
     work = deque(range(R))
@@ -342,6 +356,9 @@ def simulate(
                         delta = kept - full - held_grad.pop(key, 0.0)
                     elif op is Op.BWD_W:
                         delta = -stash.pop(key, 0.0) - held_act.pop(key, 0.0)
+                    if mem_grads is not None and (op is Op.BWD or op is Op.BWD_W) and ins.stage not in has_grads:
+                        has_grads.add(ins.stage)      # made during this backward (its workspace says how)
+                        delta += float(mem_grads(ins.stage))
                     if delta:
                         c = cur[r] + delta
                         cur[r] = c
@@ -354,6 +371,13 @@ def simulate(
                 busy[r] += d
                 t = end
             elif kind == _K_SEND:
+                if comm_overhead is not None:
+                    d = comm_overhead(ins)
+                    if d > 0:
+                        if record:
+                            append_span((r, STREAM_COMPUTE, i, t, t + d, -1))
+                        busy[r] += d
+                        t += d
                 pair = (r, peer)
                 box = inbox.get(pair)
                 if box is None:
@@ -400,8 +424,9 @@ def simulate(
                     start = chan_free.get(pair, 0.0)
                     if posted > start:
                         start = posted
-                    if t > start:
-                        start = t
+                    ready = t + lat if handshake else t   # when the sender learns the receive is posted
+                    if ready > start:
+                        start = ready
                     arrive = start + lat + nb * spb
                     chan_free[pair] = arrive
                     if arrive > send_done[peer]:
@@ -415,6 +440,13 @@ def simulate(
                         append_span((r, STREAM_RECV_WAIT, i, t, arrive, -1))
                     wait[r] += arrive - t
                     t = arrive
+                if comm_overhead is not None:
+                    d = comm_overhead(ins)
+                    if d > 0:
+                        if record:
+                            append_span((r, STREAM_COMPUTE, i, t, t + d, -1))
+                        busy[r] += d
+                        t += d
             i += 1
         pc[r] = i
         clock[r] = t

@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from dipc.errors import DipcError
+from dipc.ir import Op
+
+_OP_NAMES = tuple(op.value for op in Op)
 
 __all__ = [
     "DTYPE_BYTES",
@@ -201,7 +204,14 @@ class DeviceProfile:
     ``instruction_overhead``: seconds per compute instruction (the interpreter and the stage's
     glue between layers, which the cost model does not count); ``dense_masked_attention``: a
     masked attention over packed sequences costs the dense ``(ΣL)²`` pairs (CPU SDPA's math path)
-    rather than the attended ``ΣL²`` (a varlen flash kernel).
+    rather than the attended ``ΣL²`` (a varlen flash kernel). ``op_overheads``: seconds per
+    instruction of the named op (``FWD``, ``BWD``, ``BWD_I``, ``BWD_W``, ``LOAD``, ``SEND_ACT``,
+    ``RECV_ACT``, ...), in place of ``instruction_overhead`` for those ops; the interpreter's work
+    around a backward (gathering gradients, delivering input grads) differs from a forward's, and
+    sends and receives pack and copy their tensors on the rank's CPU. ``probs_fwd_byte_time`` /
+    ``probs_bwd_byte_time``: seconds per byte of the dense softmax probabilities a materialising
+    masked-attention kernel writes (``LayerCost.attn_probs_bytes``; with ``dense_masked_attention``):
+    the mask and softmax passes over ``H·ΣL²`` elements that the FLOP count does not see.
     """
 
     name: str
@@ -215,9 +225,16 @@ class DeviceProfile:
     op_overhead: float = 0.0
     instruction_overhead: float = 0.0
     dense_masked_attention: bool = False
+    op_overheads: Mapping[str, float] = field(default_factory=dict)
+    probs_fwd_byte_time: float = 0.0
+    probs_bwd_byte_time: float = 0.0
 
     def __post_init__(self) -> None:
         _string("device.name", self.name)
+        for op, v in self.op_overheads.items():
+            _positive(f"device.op_overheads.{op}", v, allow_zero=True)
+        _positive("device.probs_fwd_byte_time", self.probs_fwd_byte_time, allow_zero=True)
+        _positive("device.probs_bwd_byte_time", self.probs_bwd_byte_time, allow_zero=True)
         _positive("device.op_overhead", self.op_overhead, allow_zero=True)
         _positive("device.instruction_overhead", self.instruction_overhead, allow_zero=True)
         if not isinstance(self.dense_masked_attention, bool):
@@ -336,13 +353,17 @@ def _device_to_json(d: DeviceProfile) -> dict[str, Any]:
             "efficiency": {k: _curve_to_json(v) for k, v in d.efficiency.items()},
             **({"op_overhead": d.op_overhead} if d.op_overhead else {}),
             **({"instruction_overhead": d.instruction_overhead} if d.instruction_overhead else {}),
-            **({"dense_masked_attention": True} if d.dense_masked_attention else {})}
+            **({"dense_masked_attention": True} if d.dense_masked_attention else {}),
+            **({"op_overheads": dict(d.op_overheads)} if d.op_overheads else {}),
+            **({"probs_fwd_byte_time": d.probs_fwd_byte_time} if d.probs_fwd_byte_time else {}),
+            **({"probs_bwd_byte_time": d.probs_bwd_byte_time} if d.probs_bwd_byte_time else {})}
 
 
 def _device_from_json(path: str, obj: Any) -> DeviceProfile:
     d = _object(path, obj, ("name", "peak_flops", "memory_bandwidth", "memory_capacity",
                             "launch_overhead", "efficiency"),
-                ("kind", "source", "op_overhead", "instruction_overhead", "dense_masked_attention"))
+                ("kind", "source", "op_overhead", "instruction_overhead", "dense_masked_attention", "op_overheads",
+                 "probs_fwd_byte_time", "probs_bwd_byte_time"))
     peaks = d["peak_flops"]
     if not isinstance(peaks, Mapping):
         raise _fail(f"{path}.peak_flops", f"expected an object of dtype -> FLOP/s, got {peaks!r}",
@@ -363,6 +384,12 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
         instruction_overhead=_positive(f"{path}.instruction_overhead", d.get("instruction_overhead", 0.0),
                                        allow_zero=True),
         dense_masked_attention=d.get("dense_masked_attention", False),
+        op_overheads={str(k): _positive(f"{path}.op_overheads.{k}", v, allow_zero=True)
+                      for k, v in _object(f"{path}.op_overheads", d.get("op_overheads", {}), (), _OP_NAMES).items()},
+        probs_fwd_byte_time=_positive(f"{path}.probs_fwd_byte_time", d.get("probs_fwd_byte_time", 0.0),
+                                      allow_zero=True),
+        probs_bwd_byte_time=_positive(f"{path}.probs_bwd_byte_time", d.get("probs_bwd_byte_time", 0.0),
+                                      allow_zero=True),
     )
 
 

@@ -121,11 +121,19 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
     def activations(ins: Instruction) -> float:
         return stash_bytes(costs, ins.stage, ins.mb, sets.get(ins.stage, empty), ins.sub)
 
+    from dipc.semu.step_model import first_weight_backwards
+
+    base = getattr(costs, "workspace_bytes", None)
+    grads = getattr(costs, "grad_bytes", None)
+    firsts = first_weight_backwards(program)
+
     def workspace(ins: Instruction) -> float:
+        extra = base(ins, first=(ins.stage, ins.mb, ins.sub) in firsts) if base is not None else 0.0
         layers = sets.get(ins.stage)
         if not layers or not recomputes_in(ins, program):
-            return 0.0
-        return workspace_bytes(costs, ins.stage, ins.mb, layers, ins.sub)
+            return extra
+        return extra + workspace_bytes(costs, ins.stage, ins.mb, layers, ins.sub)
 
-    return MemoryModel(static=costs.static_bytes, activations=activations,
-                       workspace=workspace if sets else None, count_messages=False)
+    static = costs.static_bytes if grads is None else (lambda stage: costs.static_bytes(stage) - grads(stage))
+    return MemoryModel(static=static, activations=activations, grads=grads,
+                       workspace=workspace if (sets or base is not None) else None, count_messages=False)

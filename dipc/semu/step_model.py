@@ -35,7 +35,9 @@ How one layer is timed (per GPU of a TP group; ``c = cost_model.cost(path, stats
 Activation recomputation (a program's ``recompute`` attribute): see
 :mod:`dipc.semu.recompute_costs`.
 
-Calibrated profiles (:mod:`dipc.semu.calibrate`) add three terms the GPU presets leave at 0:
+Calibrated profiles (:mod:`dipc.semu.calibrate`) add terms the GPU presets leave at 0 (besides
+per-op fixed times ``device.op_overheads``, which also give sends and receives their CPU time, and
+``probs_*_byte_time`` per byte of materialised masked-attention probabilities):
 ``device.op_overhead`` per ATen op the layer dispatches (``LocalCost.ops``, counted by the trace;
 BWD_W is charged the whole backward's ops minus BWD_I's), ``device.instruction_overhead`` per
 compute instruction (FWD/BWD/BWD_I/BWD_W: the interpreter and the stage's glue), and, with
@@ -72,7 +74,7 @@ from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompu
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
 
 __all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_length_stats", "best_contiguous_split",
-           "chain_program", "layer_time", "pipeline_length_stats", "stats_for_layer", "StepModelError",
+           "chain_program", "first_weight_backwards", "layer_time", "pipeline_length_stats", "stats_for_layer", "StepModelError",
            "sub_length_stats"]
 
 StatsLike = Mapping[str, LengthStats] | LengthStats
@@ -211,6 +213,17 @@ def sub_length_stats(pipe: Any, microbatches: Sequence[Mapping[str, Any]]
 # stages and the step
 
 
+def first_weight_backwards(program: Program) -> frozenset[tuple[int, int, int]]:
+    """``(stage, mb, sub)`` of each stage's first BWD or BWD_W in its rank's stream: where the
+    step allocates the stage's parameter gradients."""
+    seen: dict[int, tuple[int, int, int]] = {}
+    for stream in program.streams:
+        for ins in stream:
+            if (ins.op is Op.BWD or ins.op is Op.BWD_W) and ins.stage not in seen:
+                seen[ins.stage] = (ins.stage, ins.mb, ins.sub)
+    return frozenset(seen.values())
+
+
 @dataclass(frozen=True, slots=True)
 class StageTime:
     """Seconds of one stage on one microbatch (per GPU, TP collectives included)."""
@@ -256,6 +269,8 @@ class StepModel:
     ``wgrad_recomputes``: BWD_W walks the whole backward graph again (activation gradients
     included) and costs a full backward, as dipc's interpreter does today (``autograd.backward``
     with ``inputs=params`` after BWD_I's ``autograd.grad``); False models an ideal zero-bubble split.
+    ``loss_stages``: stages whose glue computes the loss over their last layer's output (filled by
+    :meth:`for_pipeline`); their forward and backward get the loss head's workspace.
     """
 
     def __init__(self, cost_model: CostModel, cluster: ClusterProfile, stage_layers: Sequence[Sequence[str]],
@@ -264,7 +279,7 @@ class StepModel:
                  tp_allreduces: Callable[[str], int] | None = None, gemms_per_layer: int = 4,
                  bytes_mode: str = "max",
                  sub_stats: Mapping[tuple[int, int], StatsLike] | None = None, no_input_grads: Sequence[int] = (),
-                 wgrad_recomputes: bool = False) -> None:
+                 wgrad_recomputes: bool = False, loss_stages: Sequence[int] = ()) -> None:
         if tp < 1 or dp < 1:
             raise StepModelError(f"tp={tp}, dp={dp}. Fix: pass degrees >= 1.")
         unknown = [p for layers in stage_layers for p in layers if p not in cost_model.exprs]
@@ -283,6 +298,7 @@ class StepModel:
         self.bytes_mode = bytes_mode
         self.no_input_grads = frozenset(no_input_grads)
         self.wgrad_recomputes = wgrad_recomputes
+        self.loss_stages = frozenset(loss_stages)
         self._layer_cache: dict[tuple, LayerTime] = {}
         self._stage_cache: dict[tuple[int, int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int, int], float] = {}
@@ -301,6 +317,7 @@ class StepModel:
         """A step model of a compiled pipeline (``dipc.compile``): its stages' layers, and each
         layer's compute dtype read from its parameters (unless ``dtype=`` is given)."""
         stages = sorted(pipe.stages, key=lambda s: s.id)
+        kwargs.setdefault("loss_stages", [s.id for s in stages if s.has_loss])
         if kwargs.get("dtype") is None:
             gm = pipe.captured.graph_module
             kwargs["dtype"] = {p: _module_dtype(gm.get_submodule(p)) or "float32"
@@ -334,6 +351,11 @@ class StepModel:
                 cost = _dense_attention(self.cost_model, path, stats, cost)
             t = layer_time(cost, self.cluster, tp=self.tp, dtype=dtype, tp_allreduces=n_ar,
                            gemms_per_layer=self.gemms_per_layer, bytes_mode=self.bytes_mode)
+            if dev.dense_masked_attention and cost.attn_probs_bytes > 0 and (dev.probs_fwd_byte_time
+                                                                            or dev.probs_bwd_byte_time):
+                t = LayerTime(fwd=t.fwd + dev.probs_fwd_byte_time * cost.attn_probs_bytes,
+                              bwd_in=t.bwd_in + dev.probs_bwd_byte_time * cost.attn_probs_bytes,
+                              bwd_w=t.bwd_w, tp_fwd=t.tp_fwd, tp_bwd=t.tp_bwd)
             if dev.op_overhead:
                 ops = self.cost_model.expr(path).local.ops
                 f, bi, b = ops.get("fwd", 0), ops.get("bwd_in", 0), ops.get("bwd", 0)
@@ -405,6 +427,43 @@ class StepModel:
             total += pb + gb + ob
         return total / self.tp
 
+    def grad_bytes(self, stage: int) -> float:
+        """The stage's parameter gradients, per GPU (÷ tp)."""
+        cm = self.cost_model
+        return sum(cm._static[cm.signature(p)][1] for p in self._layers(stage)) / self.tp
+
+    def workspace_bytes(self, ins: Instruction, first: bool = False) -> float:
+        """Peak transient bytes while a compute instruction runs, above the memory before it.
+
+        Walks the stage's layers the way autograd does (loss head, then the layers in reverse): a
+        layer's backward holds its output and input gradients at once; on a loss stage the loss
+        head materialises one copy of the last layer's output (log-softmax over the vocabulary) in
+        the forward and two (its gradient and the output's) in the backward. A backward frees each
+        layer's stash once past it, and ``first`` (the stage's first weight backward of the step)
+        allocates the layer's parameter gradients as it goes. Not modelled: temporaries inside a
+        layer's backward."""
+        op = ins.op
+        if op not in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W):
+            return 0.0
+        stats = self._stats(ins.mb, ins.sub)
+        layers = self._layers(ins.stage)
+        costs = [self.cost_model.cost(p, _lookup(stats, p)) for p in layers]
+        loss = costs[-1].out_bytes if ins.stage in self.loss_stages and costs else 0.0
+        if op is Op.FWD:
+            return loss / self.tp
+        frees = op is not Op.BWD_I                   # BWD_I keeps the graph for BWD_W
+        makes_grads = first and op is not Op.BWD_I
+        peak = live = 0.0
+        if loss:
+            peak = 2 * loss
+        for c in reversed(costs):
+            if makes_grads:
+                live += c.grad_bytes
+            peak = max(peak, live + c.out_bytes + c.in_bytes)
+            if frees:
+                live -= self._stash(c)
+        return max(peak, 0.0) / self.tp
+
     def activation_bytes(self, stage: int, mb: int, sub: int = -1) -> float:
         """Activations the stage's forward on ``mb`` (sub ``sub``) keeps for backward, per GPU (÷ tp)."""
         key = (stage, mb, sub)
@@ -431,10 +490,24 @@ class StepModel:
         return allreduce_time(grad, self.dp, self.cluster.inter_node)
 
     # -- what the emulator takes ---------------------------------------------------------------
+    def instruction_overhead(self, op: Op) -> float:
+        """The profile's fixed seconds per ``op`` instruction: its ``op_overheads`` entry, else (for
+        compute instructions) ``instruction_overhead``, else 0."""
+        dev = self.cluster.device
+        hit = dev.op_overheads.get(op.value)
+        if hit is not None:
+            return hit
+        return dev.instruction_overhead if op in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W) else 0.0
+
+    def comm_overhead(self, ins: Instruction) -> float:
+        """CPU seconds a send or receive takes on its own rank (packing, copying; a ``ComputeTimeFn``
+        for :func:`~dipc.semu.emulator.simulate`'s ``comm_overhead``)."""
+        return self.instruction_overhead(ins.op)
+
     def compute_time(self, ins: Instruction) -> float:
         """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
         op = ins.op
-        fixed = self.cluster.device.instruction_overhead
+        fixed = self.instruction_overhead(op)
         if op is Op.FWD:
             return self.stage_time(ins.stage, ins.mb, ins.sub).fwd + fixed
         if op is Op.BWD:
@@ -448,8 +521,8 @@ class StepModel:
                 return self.stage_time(ins.stage, ins.mb, ins.sub).bwd + fixed
             return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_w + fixed
         if op is Op.REDUCE:
-            return self.reduce_time(ins.stage)
-        return 0.0
+            return self.reduce_time(ins.stage) + fixed
+        return fixed
 
     def layer_footprint(self, stage: int, mb: int, path: str, sub: int = -1) -> Footprint:
         """Layer ``path`` of ``stage`` on ``mb`` (sub ``sub``), per GPU: its stash, its stash when
@@ -465,15 +538,22 @@ class StepModel:
         return hit
 
     def memory_model(self, program: Program | None = None) -> MemoryModel:
-        """Per-GPU memory: static bytes per stage, activations per (stage, microbatch). The layers'
-        ``act_bytes`` include each layer's input, so received messages are not counted again.
+        """Per-GPU memory: parameters and optimizer states per stage, gradients from the stage's first
+        backward on (the runtime frees them after the optimizer step), activations per (stage,
+        microbatch), a backward's workspace (:meth:`workspace_bytes`). The layers' ``act_bytes``
+        include each layer's input, so received messages are not counted again.
         With a ``program`` that recomputes layers, its recomputed layers stash only their inputs."""
         plan = recompute_plan(program) if program is not None else {}
         if plan:
             return recompute_memory_model(self, program, plan)
-        return MemoryModel(static=self.static_bytes,
+        firsts = first_weight_backwards(program) if program is not None else None
+
+        def workspace(ins: Instruction) -> float:
+            return self.workspace_bytes(ins, first=firsts is not None and (ins.stage, ins.mb, ins.sub) in firsts)
+
+        return MemoryModel(static=lambda stage: self.static_bytes(stage) - self.grad_bytes(stage),
                            activations=lambda ins: self.activation_bytes(ins.stage, ins.mb, ins.sub),
-                           count_messages=False)
+                           grads=self.grad_bytes, workspace=workspace, count_messages=False)
 
     def simulate(self, program: Program, *, memory: bool = True, **kwargs: Any) -> SimResult:
         """:func:`dipc.semu.emulator.simulate` of ``program`` with this model's times (and memory),
@@ -485,6 +565,8 @@ class StepModel:
         kwargs.setdefault("gpus_per_rank", self.tp)
         plan = recompute_plan(program)
         compute = recompute_compute_time(self.compute_time, self, program, plan)
+        if self.cluster.device.op_overheads:
+            kwargs.setdefault("comm_overhead", self.comm_overhead)
         return simulate(program, self.cluster, compute,
                         memory=self.memory_model(program) if memory else None, **kwargs)
 
