@@ -9,28 +9,31 @@ Usage::
 What it does, in order:
 
 1. measures this CPU (``measure_profile``, one thread per rank) and the gloo link between two local
-   processes (ping-pong, :func:`dipc.runtime.measure.measure_gloo_link`);
+   processes (ping-pong over message sizes, :func:`dipc.runtime.measure.measure_gloo_link`);
 2. calibrates the profile (:mod:`dipc.semu.calibrate`) on per-instruction CPU times (1f1b, zb_h1 and
    interleaved 1F1B steps) of *calibration* batches, drawn from a data source with a different seed
    than the test batches; the calibration steps run interleaved with the test steps of step 3, so
    both see the same machine load, and the fit uses none of the test steps;
 3. for every model x schedule x test batch: the median step time (after a warm-up step) of the
-   local executor (ranks run one after another: SEMU predicts the sum of all ranks' busy time;
-   ``--clock cpu`` times it in CPU time, which other processes on a shared machine do not inflate) and
-   of 2 gloo processes (SEMU predicts the simulated step time, the slowest rank's end); the peak
-   live tensor bytes per rank of one local step with Adam (``measured_peak_memory``) vs the
-   emulator's peak per rank;
-4. prints a table and writes ``benchmarks/results/semu_accuracy.json`` (every case, the summary,
+   local executor (ranks run one after another: SEMU predicts the sum of all ranks' busy time; by
+   default in this thread's CPU time, which other processes on a shared machine do not inflate) and
+   of 2 gloo processes (SEMU predicts the simulated step time with gloo's send/receive handshake,
+   plus the distributed executor's own per-step work, the plan check and the loss all-reduce, timed
+   on their own); the peak live tensor bytes per rank of one local step with Adam
+   (``measured_peak_memory``) vs the emulator's peak per rank;
+4. DIP vs 1F1B direction: on batches of 8 one-sample microbatches (sizes skewed across
+   microbatches), 1F1B and DIP's plan scored on the calibrated model (``dip_cpu``) and as dipc
+   plans by default on its GPU profile (``dip_gpu``: picks the zero-bubble split, whose weight
+   backward re-walks the graph in dipc's runtime), measured on both executors: the share of batches where the measured DIP/1F1B step-time ratio lies on the side of 1
+   SEMU predicts, and the correlation of predicted and measured ratios;
+5. prints a table and writes ``benchmarks/results/semu_accuracy.json`` (every case, the summary,
    the fitted profile) and the calibrated profile ``benchmarks/results/semu_calibrated_profile.json``.
 
 Summary numbers: median and p90 of |predicted / measured - 1| per executor, and Kendall's tau
 between predicted and measured schedule rankings per (model, batch), averaged per model and
 overall. Targets: median <= 5 %, p90 <= 10 %, tau >= 0.8; memory within 10 %.
 
-What limits accuracy: see ``LIMITS`` below (also written to the JSON). In short: a shared 2-core
-machine (contention dominates the gloo numbers), tiny models whose 1-20 ms instructions are mostly
-interpreter and dispatch overhead that one constant plus a per-op term only roughly describes,
-dense CPU attention, and glue/loss/workspace that the cost model does not count.
+What limits accuracy: see ``LIMITS`` below (also written to the JSON).
 """
 from __future__ import annotations
 
@@ -55,6 +58,11 @@ NUM_RANKS = 2
 MICROBATCHES, SAMPLES = 4, 2
 CALIBRATION_SEED, TEST_SEED = 1001, 7
 DIP = "dip"          # the DIP vs 1F1B direction check's key
+DIP_KEYS = ("1f1b", "dip_cpu", "dip_gpu")
+# the direction check's batches: more, smaller microbatches than the accuracy cases, so sizes are
+# skewed across microbatches and DIP has orders to choose from
+DIRECTION_SEED, DIRECTION_MICROBATCHES, DIRECTION_SAMPLES = 11, 8, 1
+GLOO_P2P = "handshake"   # gloo's unbound-buffer sends wait for the receiver's ready notice
 LIMITS = [
     "shared 2-core machine (load ~6 while measured): the two gloo ranks get well under a core each, so gloo "
     "steps took longer than the serial CPU time of both ranks; gloo errors are dominated by contention",
@@ -84,11 +92,16 @@ def _pipes(ex, example_mb, memory: bool = False) -> dict[int, object]:
             for chunks in sorted(set(SCHEDULE_CHUNKS.values()))}
 
 
-def _batches(name: str, seed: int, n: int) -> list[list[dict]]:
+def _batches(name: str, seed: int, n: int, microbatches: int = MICROBATCHES, samples: int = SAMPLES
+             ) -> list[list[dict]]:
     from examples.data import make_example
 
     data = make_example(name, seed=seed).data
-    return [data.microbatches(MICROBATCHES, SAMPLES) for _ in range(n)]
+    return [data.microbatches(microbatches, samples) for _ in range(n)]
+
+
+def _direction_batches(name: str, n: int) -> list[list[dict]]:
+    return _batches(name, DIRECTION_SEED, n, DIRECTION_MICROBATCHES, DIRECTION_SAMPLES)
 
 
 def _kendall_tau(a: list[float], b: list[float]) -> float:
@@ -129,20 +142,50 @@ def _pearson(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(da, db)) / den if den else float("nan")
 
 
-def _dip_plan(pipe, mbs, cost_model, profile):
-    """DIP's plan for this batch, searched on the calibrated SEMU model of dipc's runtime (its own
-    dual-queue candidates only: with 1F1B among them, DIP could pick 1F1B and the check is void)."""
-    from dipc.semu.compare import plan_dip
+def _dip_plans(pipe, mbs, profile=None) -> dict:
+    """DIP's plans for this batch (its dual-queue candidates only: with 1F1B among them, DIP could
+    pick 1F1B and the check would be void): ``dip_gpu`` as dipc plans by default (candidates
+    scored on its GPU profile, an ideal runtime; as ``tests/api`` plan), and, given the calibrated
+    ``profile``, ``dip_cpu`` scored on this machine's model of dipc's runtime. Label -> program."""
+    from dipc.semu.compare import plan_dip, step_model
     from dipc.semu.step_model import StepModel, pipeline_length_stats
 
-    sm = StepModel.for_pipeline(pipe, cost_model, profile, [pipeline_length_stats(pipe, mb) for mb in mbs],
-                                **StepModel.runtime_options(pipe))
-    label, program, _ = plan_dip(pipe, mbs, sm)
-    return label, program
+    out = {"dip_gpu": plan_dip(pipe, mbs, step_model(pipe, mbs))[:2]}
+    if profile is not None:
+        sm = StepModel.for_pipeline(pipe, pipe._cost_model, profile, [pipeline_length_stats(pipe, mb) for mb in mbs],
+                                    **StepModel.runtime_options(pipe))
+        out["dip_cpu"] = plan_dip(pipe, mbs, sm)[:2]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # gloo: every rank builds the same pipelines and batches, then times every case
+
+
+def _executor_fixed_seconds(num_batches: int, repeats: int = 20) -> list[float]:
+    """What a distributed step does besides its instructions, timed on its own: the plan check
+    (text dump, checksum, all-gather) and the loss all-reduce. Measured on a 1F1B program of a
+    calibration batch (the dump's length, not its batch, sets the cost)."""
+    import torch.distributed as dist
+
+    from dipc.runtime.data_parallel import topology
+    from dipc.runtime.distributed import check_same_program
+    from examples.data import make_example
+
+    ex = make_example(MODELS[0], seed=0)
+    mbs = _batches(MODELS[0], CALIBRATION_SEED, 1)[0]
+    pipe = _pipes(ex, mbs[0])[1]
+    program = pipe.plan(mbs, schedule="1f1b")
+    topo = topology(pipe.num_ranks)
+    times = []
+    for _ in range(repeats + 2):
+        dist.barrier()
+        t0 = time.perf_counter()
+        check_same_program(program, topo, torch.device("cpu"))
+        losses = torch.zeros(len(mbs), dtype=torch.float64)
+        dist.all_reduce(losses)
+        times.append(time.perf_counter() - t0)
+    return times[2:]
 
 
 def _dist_cases(rank: int, world: int, num_batches: int, warmup: int, repeats: int,
@@ -150,22 +193,24 @@ def _dist_cases(rank: int, world: int, num_batches: int, warmup: int, repeats: i
     import torch.distributed as dist
 
     from dipc.runtime.measure import timed_distributed_step
-    from dipc.semu.costs import layer_cost_model
     from dipc.semu.profiles import load_profile
     from examples.data import make_example
 
     profile = load_profile(profile_path) if profile_path else None
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[float]] = {"executor_fixed_s": _executor_fixed_seconds(num_batches)}
     for name in MODELS:
         ex = make_example(name, seed=0)
         batches = _batches(name, TEST_SEED, num_batches)
         pipes = _pipes(ex, batches[0][0])
-        cm = layer_cost_model(pipes[1].captured) if profile is not None else None
+        direction = _direction_batches(name, num_batches)
         for b, mbs in enumerate(batches):
-            plans = {s: (pipes[c], pipes[c].plan(mbs, schedule=s)) for s, c in SCHEDULE_CHUNKS.items()}
-            if profile is not None:   # every rank plans the same DIP program (deterministic)
-                plans[DIP] = (pipes[1], _dip_plan(pipes[1], mbs, cm, profile)[1])
-            for schedule, (pipe, program) in plans.items():
+            plans = {s: (pipes[c], mbs, pipes[c].plan(mbs, schedule=s)) for s, c in SCHEDULE_CHUNKS.items()}
+            if profile is not None:   # every rank plans the same DIP programs (deterministic)
+                dmbs = direction[b]
+                plans[f"{DIP}-1f1b"] = (pipes[1], dmbs, pipes[1].plan(dmbs, schedule="1f1b"))
+                for key, (_, program) in _dip_plans(pipes[1], dmbs, profile).items():
+                    plans[f"{DIP}-{key}"] = (pipes[1], dmbs, program)
+            for schedule, (pipe, mbs, program) in plans.items():
                 for _ in range(warmup):
                     timed_distributed_step(pipe, mbs, program)
                 times = []
@@ -248,7 +293,9 @@ def main() -> None:
                         timings = [(op, st, m, statistics.median(r[(op, st, m)] for r in rs)) for (op, st, m) in rs[0]]
                         cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
                             stats=[pipeline_length_stats(pipe, mb) for mb in cmbs], timings=timings,
-                            other_timings=[x for r in runs for x in r.other_times()]))
+                            other_timings=[x for r in runs for x in r.other_times()],
+                            untimed_seconds=statistics.median(r.untimed_seconds for r in runs),
+                            num_instructions=len(runs[0].records)))
         print(f"local executor: {name} done ({time.perf_counter() - t_start:.0f} s)")
 
     sets = []
@@ -264,7 +311,8 @@ def main() -> None:
           f"{cal.op_overhead * 1e6:.3f} us/op, per instruction "
           + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in cal.op_overheads.items()) +
           f", masked attention {'dense' if cal.dense_masked_attention else 'sparse'} "
-          f"({cal.probs_fwd_byte_time * 1e9:.2f} / {cal.probs_bwd_byte_time * 1e9:.2f} ns per probability byte); "
+          f"({cal.probs_fwd_byte_time * 1e9:.2f} / {cal.probs_bwd_byte_time * 1e9:.2f} ns per probability byte), "
+          f"dispatch {cal.dispatch_overhead * 1e6:.0f} us per instruction (in the above); "
           f"fit median |err| per instruction {cal.median_rel_error:.1%} over {cal.num_points} instructions")
     for c in cases:
         ex, test, pipes, cms = models[c["model"]]
@@ -272,27 +320,31 @@ def main() -> None:
         pipe, mbs = pipes[chunks], test[c["batch"]]
         sm = StepModel.for_pipeline(pipe, cms[chunks], profile, [pipeline_length_stats(pipe, mb) for mb in mbs],
                                     **StepModel.runtime_options(pipe))
-        sim = sm.simulate(pipe.plan(mbs, schedule=c["schedule"]))
+        program = pipe.plan(mbs, schedule=c["schedule"])
+        sim = sm.simulate(program)
         c["local"]["predicted_s"] = sum(sim.busy)
-        c["gloo"]["predicted_s"] = sim.step_time
+        c["gloo"]["predicted_s"] = sm.simulate(program, memory=False, p2p=GLOO_P2P).step_time
         c["predicted_peak_bytes"] = list(sim.peak_memory or ())
 
-    # -- DIP vs 1F1B direction (the test batches: skewed sizes) ------------------------------------
-    # DIP planned on the calibrated model; does the measured DIP/1F1B ratio move the way SEMU says?
+    # -- DIP vs 1F1B direction (own batches: 8 microbatches of 1 sample, sizes skewed) -------------
+    # does the measured DIP/1F1B step-time ratio move the way the calibrated SEMU says?
     direction = []
     for name, (ex, test, pipes, cms) in models.items():
         pipe = pipes[1]
-        for b, mbs in enumerate(test):
-            label, program = _dip_plan(pipe, mbs, cms[1], profile)
+        for b, mbs in enumerate(_direction_batches(name, num_batches)):
+            pipe._cost_model = cms[1]
+            dips = _dip_plans(pipe, mbs, profile)
             sm = StepModel.for_pipeline(pipe, cms[1], profile, [pipeline_length_stats(pipe, mb) for mb in mbs],
                                         **StepModel.runtime_options(pipe))
-            sim = sm.simulate(program)
-            for _ in range(warmup):
-                timed_local_step(pipe, mbs, program, clock=a.clock)
-            runs = [timed_local_step(pipe, mbs, program, clock=a.clock).step_seconds for _ in range(repeats)]
-            direction.append({"model": name, "batch": b, "dip_plan": label,
-                              "local": {"predicted_s": sum(sim.busy), "measured_s": statistics.median(runs)},
-                              "gloo": {"predicted_s": sim.step_time}})
+            row = {"model": name, "batch": b, "dip_plans": {k: label for k, (label, _) in dips.items()}}
+            for key, program in [("1f1b", pipe.plan(mbs, schedule="1f1b"))] + [(k, p) for k, (_, p) in dips.items()]:
+                sim = sm.simulate(program, memory=False)
+                for _ in range(warmup):
+                    timed_local_step(pipe, mbs, program, clock=a.clock)
+                runs = [timed_local_step(pipe, mbs, program, clock=a.clock).step_seconds for _ in range(repeats)]
+                row[key] = {"local": {"predicted_s": sum(sim.busy), "measured_s": statistics.median(runs)},
+                            "gloo": {"predicted_s": sm.simulate(program, memory=False, p2p=GLOO_P2P).step_time}}
+            direction.append(row)
     print(f"DIP direction check: local done ({time.perf_counter() - t_start:.0f} s)")
 
     # -- peak memory (local executor, Adam, one step per model x schedule x first batches) -------
@@ -328,7 +380,14 @@ def main() -> None:
             c["gloo"]["measured_s"] = statistics.median(times)
             c["gloo"]["measured_min_s"] = min(times)
         for d in direction:
-            d["gloo"]["measured_s"] = statistics.median(per_rank[0][f"{d['model']}|{DIP}|{d['batch']}"])
+            for key in DIP_KEYS:
+                d[key]["gloo"]["measured_s"] = statistics.median(per_rank[0][f"{d['model']}|{DIP}-{key}|{d['batch']}"])
+        # the distributed executor's own per-step work (plan check, loss all-reduce), timed apart
+        # from any step, is added to every gloo prediction
+        executor_fixed = statistics.median(max(a, b) for a, b in zip(per_rank[0]["executor_fixed_s"],
+                                                                    per_rank[1]["executor_fixed_s"]))
+        for c in cases + [d[k] for d in direction for k in DIP_KEYS]:
+            c["gloo"]["predicted_s"] += executor_fixed
         print(f"gloo: done ({time.perf_counter() - t_start:.0f} s)")
 
     # -- summary --------------------------------------------------------------------------------
@@ -357,17 +416,16 @@ def main() -> None:
                         "mean_kendall_tau": statistics.mean(t for v in taus.values() for t in v),
                         "per_model": per_model, "per_schedule_median_abs_err": per_schedule}
     summary["dip_vs_1f1b"] = {}
-    for exe in executors:
-        base = {(c["model"], c["batch"]): c[exe] for c in cases if c["schedule"] == "1f1b"}
+    for exe, key in ((e, k) for e in executors for k in DIP_KEYS[1:]):
         pred, meas = [], []
         for d in direction:
-            b1 = base[(d["model"], d["batch"])]
-            d[exe]["predicted_ratio"] = d[exe]["predicted_s"] / b1["predicted_s"]
-            d[exe]["measured_ratio"] = d[exe]["measured_s"] / b1["measured_s"]
-            pred.append(d[exe]["predicted_ratio"])
-            meas.append(d[exe]["measured_ratio"])
+            dip, b1 = d[key][exe], d["1f1b"][exe]
+            d[f"{key}_{exe}_ratio"] = {"predicted": dip["predicted_s"] / b1["predicted_s"],
+                                       "measured": dip["measured_s"] / b1["measured_s"]}
+            pred.append(d[f"{key}_{exe}_ratio"]["predicted"])
+            meas.append(d[f"{key}_{exe}_ratio"]["measured"])
         signed = [(p, m) for p, m in zip(pred, meas) if abs(p - 1) > 1e-9]
-        summary["dip_vs_1f1b"][exe] = {
+        summary["dip_vs_1f1b"][f"{key} {exe}"] = {
             "sign_agreement": (sum((p - 1) * (m - 1) > 0 for p, m in signed) / len(signed)) if signed else float("nan"),
             "num_signed": len(signed), "num_batches": len(pred), "pearson_ratio": _pearson(pred, meas),
             "median_predicted_ratio": statistics.median(pred), "median_measured_ratio": statistics.median(meas)}
@@ -400,7 +458,7 @@ def main() -> None:
             print(f"        {name:10s} median {v['median_abs_err']:.1%}  p90 {v['p90_abs_err']:.1%}  "
                   f"tau {v['mean_kendall_tau']:.2f}")
     for exe, v in summary["dip_vs_1f1b"].items():
-        print(f"DIP/1F1B {exe:6s}: sign agrees on {v['sign_agreement']:.0%} of {v['num_signed']} batches (of "
+        print(f"{exe:13s}/1F1B: sign agrees on {v['sign_agreement']:.0%} of {v['num_signed']} batches (of "
               f"{v['num_batches']}; the rest predicted equal), Pearson r of predicted vs measured ratios "
               f"{v['pearson_ratio']:.2f}; median ratio predicted {v['median_predicted_ratio']:.3f}, measured "
               f"{v['median_measured_ratio']:.3f}")
@@ -420,11 +478,13 @@ def main() -> None:
         "calibration_batches_per_model": num_calib, "repeats": repeats, "warmup": warmup, "local_clock": a.clock,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
                     "note": "shared, noisy machine unless rerun on a quiet one"},
+        "gloo_executor_fixed_s": None if a.no_dist else executor_fixed, "gloo_p2p_model": GLOO_P2P,
         "calibration": {"scale": cal.scale, "attention_scale": cal.attention_scale,
                         "memory_scale": cal.memory_scale, "op_overhead_s": cal.op_overhead,
                         "instruction_overhead_s": cal.instruction_overhead, "op_overheads_s": cal.op_overheads,
                         "probs_fwd_byte_time_s": cal.probs_fwd_byte_time,
                         "probs_bwd_byte_time_s": cal.probs_bwd_byte_time,
+                        "dispatch_overhead_s": cal.dispatch_overhead,
                         "dense_masked_attention": cal.dense_masked_attention, "num_points": cal.num_points,
                         "fit_median_rel_err": cal.median_rel_error, "residuals": cal.residuals,
                         "link_points": link_points, "link": {"latency": link.latency, "bandwidth": link.bandwidth}},

@@ -53,6 +53,11 @@ class InstructionTiming:
         """``(op, stage, mb, seconds)`` of the compute instructions (what calibration fits)."""
         return [(op, s, m, t) for (op, s, m), t in self.by_key().items()]
 
+    @property
+    def untimed_seconds(self) -> float:
+        """Step time outside every instruction (the dispatch loop, the optimizer call)."""
+        return self.step_seconds - sum(t for _, _, t in self.records)
+
     def other_times(self) -> list[tuple[str, float]]:
         """``(op, seconds)`` of the loads, sends and receives (their fixed CPU times, for calibration)."""
         return [(i.op.value, t) for _, i, t in self.records

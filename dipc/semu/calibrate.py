@@ -23,7 +23,8 @@ fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s divide
 attention curve scaled by ``a / b``, memory bandwidth divided by ``m`` (unlimited when
 ``m = 0``), ``launch_overhead`` 0 (``op_overhead`` replaces it), ``op_overheads`` (the ``c_kind``
 plus the median measured time of each other instruction kind the samples list: LOAD, SEND_*,
-RECV_*, which pack and copy tensors on the rank's CPU) and ``probs_*_byte_time`` (the step
+RECV_*, which pack and copy tensors on the rank's CPU; every op then gets the step's time outside
+its instructions, per instruction: the interpreter's dispatch loop) and ``probs_*_byte_time`` (the step
 model's per-layer max(compute, memory) makes this exact only where one of the two dominates, as
 it does for these layers); links come from a gloo ping-pong fit (:func:`fit_link`). The result
 is an ordinary profile JSON.
@@ -76,6 +77,10 @@ class CalibrationSample:
     timings: Sequence[tuple[str, int, int, float]]
     # (op, seconds) of the step's other instructions (LOAD, SEND_*, RECV_*): their fixed CPU times
     other_timings: Sequence[tuple[str, float]] = ()
+    # the step's time outside every instruction (the interpreter's dispatch loop) and its number of
+    # instructions: spread over the instructions as a per-instruction dispatch time
+    untimed_seconds: float = 0.0
+    num_instructions: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +110,7 @@ class CalibrationResult:
     op_overheads: dict[str, float] = field(default_factory=dict)   # fixed seconds per instruction by op
     probs_fwd_byte_time: float = 0.0
     probs_bwd_byte_time: float = 0.0
+    dispatch_overhead: float = 0.0                                  # per instruction, in op_overheads
     median_rel_error: float          # per instruction, on the calibration samples
     residuals: dict[str, float] = field(default_factory=dict)   # relative RMS per attention variant
 
@@ -194,7 +200,9 @@ def _probs_bytes(sm: StepModel, ins: Instruction) -> tuple[float, float]:
     from dipc.semu.step_model import stats_for_layer
 
     stats = sm.microbatch_stats[ins.mb]
-    total = sum(sm.cost_model.cost(p, stats_for_layer(stats, p)).attn_probs_bytes for p in sm.stage_layers[stage])
+    # as the step model charges it: only a positive excess over what a fused kernel would stash
+    total = sum(max(sm.cost_model.cost(p, stats_for_layer(stats, p)).attn_probs_bytes, 0.0)
+                for p in sm.stage_layers[stage])
     return at[0] * total, at[1] * total
 
 
@@ -260,6 +268,10 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         for op, t in sample.other_timings:
             others.setdefault(op, []).append(t)
     op_overheads = {**per_kind, **{op: float(np.median(ts)) for op, ts in others.items()}}
+    counted = sum(sample.num_instructions for _, sample in samples)
+    dispatch = max(0.0, sum(sample.untimed_seconds for _, sample in samples) / counted) if counted else 0.0
+    if dispatch > 0:   # every instruction pays the dispatch loop, REDUCE and OPTIM included
+        op_overheads = {op.value: op_overheads.get(op.value, 0.0) + dispatch for op in Op}
     if a <= 0:
         a = 1.0   # the roofline explains nothing: keep the measured throughput (overheads carry the fit)
     dev = measured.device
@@ -289,7 +301,7 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
     return CalibrationResult(profile=profile, scale=float(a), attention_scale=float(b), memory_scale=float(m),
                              op_overhead=float(oo), instruction_overhead=float(c),
                              dense_masked_attention=dense, num_points=len(points), op_overheads=op_overheads,
-                             probs_fwd_byte_time=pf, probs_bwd_byte_time=pb,
+                             probs_fwd_byte_time=pf, probs_bwd_byte_time=pb, dispatch_overhead=dispatch,
                              median_rel_error=float(np.median(np.abs(rel))),
                              residuals={"sparse": fits[False][0], "dense": fits[True][0]})
 

@@ -143,6 +143,36 @@ def test_rendezvous_exposes_transfers_posted_late():
     assert rdv.step_time >= eager.step_time
 
 
+def test_handshake_adds_the_receive_notice_when_the_receive_is_posted_late():
+    spec = (TensorSpec(kind="tensor", dtype="float32", shape=(1000,)),)
+    p = program("1f1b", 4, 8, specs=lambda *a: spec)
+    c = cluster(latency=0.25, bandwidth=4000.0)
+    rdv = simulate(p, c, cost, p2p="rendezvous")
+    hs = simulate(p, c, cost, p2p="handshake")
+    assert hs.step_time > rdv.step_time
+    assert simulate(p, cluster(bandwidth=4000.0), cost, p2p="handshake").step_time == pytest.approx(
+        simulate(p, cluster(bandwidth=4000.0), cost, p2p="rendezvous").step_time)   # no latency: no notice
+
+
+def test_two_ranks_handshake_by_hand():
+    # rank 1 posts its receive at 0; rank 0 sends at TF, after the notice (L) arrived: data at TF + L.
+    # rank 0 posts RECV_GRAD at TF; rank 1 sends at TF + L + TF + TB: data one L later.
+    L = 0.1
+    p = program("gpipe", 2, 1)
+    res = simulate(p, cluster(latency=L), cost, p2p="handshake")
+    assert res.step_time == pytest.approx(TF + L + TF + TB + L + TB)
+
+
+def test_comm_overhead_occupies_the_rank():
+    p = program("1f1b", 2, 3)
+    plain = simulate(p, cluster(), cost)
+    charged = simulate(p, cluster(), cost, comm_overhead=lambda ins: 0.125)
+    for r, stream in enumerate(p.streams):
+        msgs = sum(1 for ins in stream if ins.op in (Op.SEND_ACT, Op.SEND_GRAD, Op.RECV_ACT, Op.RECV_GRAD))
+        assert charged.busy[r] == pytest.approx(plain.busy[r] + 0.125 * msgs)
+    assert charged.step_time > plain.step_time
+
+
 def _zero_bubble_orders(P: int, M: int) -> list[list[ComputeAction]]:
     """1F1B with BWD split into BWD_I then BWD_W right away (weights never wait on the chain)."""
     orders = []
