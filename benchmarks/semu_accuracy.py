@@ -64,21 +64,24 @@ DIP_KEYS = ("1f1b", "dip_cpu", "dip_gpu")
 DIRECTION_SEED, DIRECTION_MICROBATCHES, DIRECTION_SAMPLES = 11, 8, 1
 GLOO_P2P = "handshake"   # gloo's unbound-buffer sends wait for the receiver's ready notice
 LIMITS = [
-    "shared 2-core machine (load ~6 while measured): the two gloo ranks get well under a core each, so gloo "
-    "steps took longer than the serial CPU time of both ranks; gloo errors are dominated by contention",
-    "local steps are timed in CPU time (--clock cpu) to resist that, but CPU time still drifts with cache/SMT "
+    "shared 2-core machine (4 sessions; load 6-8 while measured): the two gloo ranks get well under a core each, "
+    "so gloo steps take up to 2-3x the serial CPU time of both ranks; gloo errors are then dominated by contention, "
+    "which SEMU does not model (compute and communication of the two processes interfere)",
+    "local steps are timed in this thread's CPU time (the default --clock cpu), which still drifts with cache/SMT "
     "contention between calibration and test (hence calibration runs interleaved with the test steps)",
-    "one profile for 2- and 4-stage pipelines: the fitted per-instruction constant (1.5-2 ms) over-predicts "
-    "interleaved 1F1B (twice the instructions, half the layers each) while large stages are under-predicted; "
-    "the traced per-op count explains little of the per-layer overhead (the fit gives it ~0-2 us/op)",
-    "CPU attention: masked SDPA over packed sequences runs dense (the fit chooses dense_masked_attention); its "
-    "memory-bound mask/softmax work over H*(sum L)^2 is not in the byte count",
-    "dipc's BWD_W re-walks the backward graph (modelled: StepModel.runtime_options); stage glue and the loss "
-    "are not in the cost model (absorbed by the per-instruction constant); gloo packing/copies are folded "
-    "into the fitted link latency; the step's plan check and loss all-reduce are not modelled",
-    "schedule step times often differ by less than the noise, which caps Kendall's tau",
-    "memory: the loss glue's stash (log-softmax over the vocabulary) and backward workspace are not modelled, "
-    "so last-stage peaks are under-predicted (up to ~25% for t2v); audio_llm agrees within ~3%",
+    "tiny models: most of a 1-20 ms instruction is dispatch and interpreter work; one fixed time per instruction "
+    "kind (FWD/BWD/BWD_I/BWD_W fitted, LOAD/SEND/RECV measured, the dispatch loop's share) plus a per-ATen-op term "
+    "describes it only roughly (per-instruction fit error ~10%)",
+    "CPU attention: masked SDPA over packed sequences runs torch's math path: dense QK^T, a materialised softmax and "
+    "its stash (modelled: dense FLOPs, a fitted time per probability byte, the probabilities in the stash)",
+    "dipc's BWD_W re-walks the backward graph (modelled: StepModel.runtime_options); the stage glue and the loss "
+    "have no cost entries of their own (their time is in the fitted per-kind constants)",
+    "the local executor runs gpipe, 1f1b and dual_queue as the same instructions: SEMU predicts them equal, and "
+    "their measured order is noise, which caps Kendall's tau there (about 0.84 if everything else is right)",
+    "gloo: P2P is gloo's handshake (a send waits for the receive's ready notice) at the ping-pong's latency and "
+    "bandwidth; messages with several dtypes make one handshake per dtype (modelled as one)",
+    "memory: temporaries inside a layer's backward are not modelled (the workspace is the largest layer's output "
+    "and input gradients, and the loss head's log-softmax); allocator caching is not counted on either side",
 ]
 
 
@@ -288,14 +291,14 @@ def main() -> None:
                     for schedule in (["interleaved_1f1b"] if chunks == 2 else ["1f1b", "zb_h1"]):
                         program = pipe.plan(cmbs, schedule=schedule)
                         timed_local_step(pipe, cmbs, program, clock="cpu")
-                        runs = [timed_local_step(pipe, cmbs, program, clock="cpu") for _ in range(3)]
-                        rs = [r.by_key() for r in runs]
-                        timings = [(op, st, m, statistics.median(r[(op, st, m)] for r in rs)) for (op, st, m) in rs[0]]
-                        cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
-                            stats=[pipeline_length_stats(pipe, mb) for mb in cmbs], timings=timings,
-                            other_timings=[x for r in runs for x in r.other_times()],
-                            untimed_seconds=statistics.median(r.untimed_seconds for r in runs),
-                            num_instructions=len(runs[0].records)))
+                        # every run is a sample: least squares then fits the mean instruction time, whose
+                        # sum is what a step's time is (a sum of per-instruction medians runs low)
+                        stats = [pipeline_length_stats(pipe, mb) for mb in cmbs]
+                        for _ in range(3):
+                            run = timed_local_step(pipe, cmbs, program, clock="cpu")
+                            cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
+                                stats=stats, timings=run.compute_times(), other_timings=run.other_times(),
+                                untimed_seconds=run.untimed_seconds, num_instructions=len(run.records)))
         print(f"local executor: {name} done ({time.perf_counter() - t_start:.0f} s)")
 
     sets = []

@@ -22,7 +22,7 @@ the coefficients; it is run with masked attention counted sparsely and densely, 
 fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s divided by ``a``, the
 attention curve scaled by ``a / b``, memory bandwidth divided by ``m`` (unlimited when
 ``m = 0``), ``launch_overhead`` 0 (``op_overhead`` replaces it), ``op_overheads`` (the ``c_kind``
-plus the median measured time of each other instruction kind the samples list: LOAD, SEND_*,
+plus the mean measured time of each other instruction kind the samples list: LOAD, SEND_*,
 RECV_*, which pack and copy tensors on the rank's CPU; every op then gets the step's time outside
 its instructions, per instruction: the interpreter's dispatch loop) and ``probs_*_byte_time`` (the step
 model's per-layer max(compute, memory) makes this exact only where one of the two dominates, as
@@ -267,7 +267,7 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
     for _, sample in samples:
         for op, t in sample.other_timings:
             others.setdefault(op, []).append(t)
-    op_overheads = {**per_kind, **{op: float(np.median(ts)) for op, ts in others.items()}}
+    op_overheads = {**per_kind, **{op: float(np.mean(ts)) for op, ts in others.items()}}   # sums add means
     counted = sum(sample.num_instructions for _, sample in samples)
     dispatch = max(0.0, sum(sample.untimed_seconds for _, sample in samples) / counted) if counted else 0.0
     if dispatch > 0:   # every instruction pays the dispatch loop, REDUCE and OPTIM included

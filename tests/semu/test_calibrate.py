@@ -86,7 +86,7 @@ def test_fit_recovers_per_op_overheads_probability_traffic_and_dispatch(vlm):
     assert result.median_rel_error < 1e-6
     for op, want in kinds.items():
         assert dev.op_overheads[op] == pytest.approx(want + 10e-6, rel=0.02), op
-    assert dev.op_overheads["SEND_ACT"] == pytest.approx(31e-6 + 10e-6)      # median, plus dispatch
+    assert dev.op_overheads["SEND_ACT"] == pytest.approx(31e-6 + 10e-6)      # mean, plus dispatch
     assert dev.op_overheads["OPTIM"] == pytest.approx(10e-6)                 # dispatch only
     assert dev.probs_fwd_byte_time == pytest.approx(2e-9, rel=0.05)
     assert dev.probs_bwd_byte_time == pytest.approx(1e-9, rel=0.05)
