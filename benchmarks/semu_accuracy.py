@@ -429,7 +429,7 @@ def main() -> None:
             meas.append(d[f"{key}_{exe}_ratio"]["measured"])
         signed = [(p, m) for p, m in zip(pred, meas) if abs(p - 1) > 1e-9]
         summary["dip_vs_1f1b"][f"{key} {exe}"] = {
-            "sign_agreement": (sum((p - 1) * (m - 1) > 0 for p, m in signed) / len(signed)) if signed else float("nan"),
+            "sign_agreement": (sum((p - 1) * (m - 1) > 0 for p, m in signed) / len(signed)) if signed else None,
             "num_signed": len(signed), "num_batches": len(pred), "pearson_ratio": _pearson(pred, meas),
             "median_predicted_ratio": statistics.median(pred), "median_measured_ratio": statistics.median(meas)}
     mem_errs = [abs(e) for m in memory for e in m["rel_err"]]
@@ -461,7 +461,8 @@ def main() -> None:
             print(f"        {name:10s} median {v['median_abs_err']:.1%}  p90 {v['p90_abs_err']:.1%}  "
                   f"tau {v['mean_kendall_tau']:.2f}")
     for exe, v in summary["dip_vs_1f1b"].items():
-        print(f"{exe:13s}/1F1B: sign agrees on {v['sign_agreement']:.0%} of {v['num_signed']} batches (of "
+        agree = "-" if v["sign_agreement"] is None else f"{v['sign_agreement']:.0%}"
+        print(f"{exe:13s}/1F1B: sign agrees on {agree} of {v['num_signed']} batches (of "
               f"{v['num_batches']}; the rest predicted equal), Pearson r of predicted vs measured ratios "
               f"{v['pearson_ratio']:.2f}; median ratio predicted {v['median_predicted_ratio']:.3f}, measured "
               f"{v['median_measured_ratio']:.3f}")
