@@ -165,7 +165,7 @@ def _dip_plans(pipe, mbs, profile=None) -> dict:
 # gloo: every rank builds the same pipelines and batches, then times every case
 
 
-def _executor_fixed_seconds(num_batches: int, repeats: int = 20) -> list[float]:
+def _executor_fixed_seconds(repeats: int = 20) -> list[float]:
     """What a distributed step does besides its instructions, timed on its own: the plan check
     (text dump, checksum, all-gather) and the loss all-reduce. Measured on a 1F1B program of a
     calibration batch (the dump's length, not its batch, sets the cost)."""
@@ -200,7 +200,7 @@ def _dist_cases(rank: int, world: int, num_batches: int, warmup: int, repeats: i
     from examples.data import make_example
 
     profile = load_profile(profile_path) if profile_path else None
-    out: dict[str, list[float]] = {"executor_fixed_s": _executor_fixed_seconds(num_batches)}
+    out: dict[str, list[float]] = {"executor_fixed_s": _executor_fixed_seconds()}
     for name in MODELS:
         ex = make_example(name, seed=0)
         batches = _batches(name, TEST_SEED, num_batches)
