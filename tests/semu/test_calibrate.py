@@ -55,7 +55,7 @@ def test_fit_recovers_the_generating_parameters(vlm):
     assert result.dense_masked_attention
     assert result.scale == pytest.approx(2.0, rel=1e-6)
     assert result.op_overhead == pytest.approx(2e-6, rel=1e-6)
-    assert result.instruction_overhead == pytest.approx(300e-6, rel=1e-6)
+    assert result.instruction_overhead == pytest.approx(300e-6, rel=1e-5)   # the mean of four fitted kinds
     assert result.median_rel_error < 1e-6
     assert result.profile.device.peak_flops["float32"] == pytest.approx(25e9)
 
