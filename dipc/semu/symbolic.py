@@ -171,7 +171,8 @@ class _Recorder(TorchDispatchMode):
             self.ops[self.phase] += 1
             if not _has_formula(func):
                 self.unknown.setdefault(str(func.overloadpacket), None)
-        if self.quiet or self.phase == "skip" or func.is_view or func.overloadpacket in _NO_TRAFFIC:
+        if (self.quiet or self.phase == "skip" or func.is_view or func.overloadpacket in _NO_TRAFFIC
+                or func.namespace == "prim"):   # prim.device and the like read metadata, not memory
             return out
         phase = "fwd" if self.phase == "fwd" else "bwd"
         formula = _OP_BYTES.get(func.overloadpacket)
