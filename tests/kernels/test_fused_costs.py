@@ -14,6 +14,7 @@ cost what the fused op does, not what its torch fallback would do:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import sympy
@@ -79,31 +80,49 @@ class _LinearCE(nn.Module):
         return fused_linear_cross_entropy(x, self.weight, target, self.bias)
 
 
-def _cases(dtype: torch.dtype):
-    """(op, module, example args, closed-form activation bytes, closed-form fwd FLOPs)."""
+@dataclass
+class _Case:
+    op: str
+    module: nn.Module
+    args: tuple
+    act: int                           # closed form: bytes kept for backward
+    flops: int                         # closed form: forward FLOPs (backward: 0)
+    traffic: tuple[int, int] | None    # closed form: (forward, backward) bytes moved, inputs + outputs once
+
+
+def _cases(dtype: torch.dtype) -> list[_Case]:
     e = torch.tensor([], dtype=dtype).element_size()
-    rows, d, hidden, vocab = 15, 24, 40, 56
+    rows, d, hidden, vocab = 15, 24, 40, 56   # rows = tokens of every case's main input
 
     def x(*shape, grad=True):
         return torch.randn(*shape).to(dtype).requires_grad_(grad)
 
-    lce_flops = 2 * rows * d * vocab * 3
     labels = torch.randint(0, vocab, (rows,))
+    lce = 2 * rows * d * vocab   # one matmul
+    rope_x, table = 2 * 3 * 5 * 8, 5 * 8
     return [
-        ("rms_norm", _RMSNorm(d, dtype), (x(3, 5, d),), rows * d * e + rows * 4, 0),
-        ("layer_norm", _LayerNorm(d, dtype, True), (x(3, 5, d),), rows * d * e + 2 * rows * 4, 0),
-        ("layer_norm", _LayerNorm(d, dtype, False), (x(rows, d),), rows * d * e + 2 * rows * 4, 0),
-        ("swiglu", _SwiGLU(), (x(rows, hidden), x(rows, hidden)), 2 * rows * hidden * e, 0),
-        ("gelu", _GELU(), (x(3, 5, hidden),), rows * hidden * e, 0),
-        ("rope", _RoPE(), (x(2, 3, 5, 8), x(5, 8, grad=False), x(5, 8, grad=False)), 2 * 5 * 8 * e, 0),
-        ("fused_linear_cross_entropy", _LinearCE(d, vocab, dtype, False), (x(rows, d), labels),
-         rows * d * e + vocab * d * 4, lce_flops),
-        ("fused_linear_cross_entropy", _LinearCE(d, vocab, dtype, True), (x(rows, d), labels),
-         rows * d * e + vocab * d * 4 + vocab * 4, lce_flops),
+        _Case("rms_norm", _RMSNorm(d, dtype), (x(3, 5, d),), rows * d * e + rows * 4, 0,
+              (2 * rows * d * e + d * e + 4 * rows, 3 * rows * d * e + 2 * d * e + 4 * rows)),
+        _Case("layer_norm", _LayerNorm(d, dtype, True), (x(3, 5, d),), rows * d * e + 2 * rows * 4, 0,
+              (2 * rows * d * e + 2 * d * e + 8 * rows, 3 * rows * d * e + 3 * d * e + 8 * rows)),
+        _Case("layer_norm", _LayerNorm(d, dtype, False), (x(rows, d),), rows * d * e + 2 * rows * 4, 0,
+              (2 * rows * d * e + 8 * rows, 3 * rows * d * e + 8 * rows)),
+        _Case("swiglu", _SwiGLU(), (x(rows, hidden), x(rows, hidden)), 2 * rows * hidden * e, 0,
+              (3 * rows * hidden * e, 5 * rows * hidden * e)),
+        _Case("gelu", _GELU(), (x(3, 5, hidden),), rows * hidden * e, 0, (2 * rows * hidden * e, 3 * rows * hidden * e)),
+        _Case("rope", _RoPE(), (x(2, 3, 5, 8), x(5, 8, grad=False), x(5, 8, grad=False)), 2 * table * e, 0,
+              (2 * rope_x * e + 2 * table * e,) * 2),
+        _Case("fused_linear_cross_entropy", _LinearCE(d, vocab, dtype, False), (x(rows, d), labels),
+              rows * d * e + vocab * d * 4, 3 * lce, None),
+        _Case("fused_linear_cross_entropy", _LinearCE(d, vocab, dtype, True), (x(rows, d), labels),
+              rows * d * e + vocab * d * 4 + vocab * 4, 3 * lce, None),
+        _Case("fused_linear_cross_entropy", _LinearCE(d, vocab, dtype, False), (x(rows, d, grad=False), labels),
+              vocab * d * 4, 2 * lce, None),   # frozen input (e.g. a frozen trunk): no dx computed or kept
     ]
 
 
-_CASE_IDS = ["rms_norm", "layer_norm", "layer_norm_noaffine", "swiglu", "gelu", "rope", "linear_ce", "linear_ce_bias"]
+_CASE_IDS = ["rms_norm", "layer_norm", "layer_norm_noaffine", "swiglu", "gelu", "rope", "linear_ce", "linear_ce_bias",
+             "linear_ce_frozen_input"]
 
 
 def _measured_saved_bytes(module: nn.Module, args: tuple) -> int:
@@ -131,22 +150,25 @@ def _at_example(expr: sympy.Expr, local) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("index", range(len(_CASE_IDS)), ids=_CASE_IDS)
 def test_semu_costs_what_the_fused_op_saves(index, dtype, device):
-    op, module, args, closed_act, closed_flops = _cases(dtype)[index]
-    module = module.to(device)
+    case = _cases(dtype)[index]
+    module = case.module.to(device)
     args = tuple(a.to(device).detach().requires_grad_(a.requires_grad) if a.is_floating_point() else a.to(device)
-                 for a in args)
-    before = _common.PATH_COUNTS[(op, "triton")]
+                 for a in case.args)
+    before = _common.PATH_COUNTS[(case.op, "triton")]
     measured = _measured_saved_bytes(module, args)
-    assert _common.PATH_COUNTS[(op, "triton")] == before + 1, f"{op}: the Triton path did not run"
+    assert _common.PATH_COUNTS[(case.op, "triton")] == before + 1, f"{case.op}: the Triton path did not run"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnknownOpCostWarning)   # every dipc op has a cost entry
-        local = trace_layer(module, args, name=op)
+        local = trace_layer(module, args, name=case.op)
     act = _at_example(local.exprs["act_bytes"], local)
-    assert act == measured == closed_act, (act, measured, closed_act)
-    assert _at_example(local.exprs["fwd_flops"], local) == closed_flops
+    assert act == measured == case.act, (act, measured, case.act)
+    assert _at_example(local.exprs["fwd_flops"], local) == case.flops
     assert local.exprs["bwd_in_flops"] == 0 and local.exprs["bwd_w_flops"] == 0
-    # symbolic in the token dims: the activation bytes grow with the rows, not fixed at the example
-    assert local.exprs["act_bytes"].free_symbols, local.exprs["act_bytes"]
+    if case.traffic is not None:
+        traffic = (_at_example(local.exprs["fwd_bytes"], local), _at_example(local.exprs["bwd_bytes"], local))
+        assert traffic == case.traffic
+    # symbolic in the token dims: the costs grow with the rows, not fixed at the example
+    assert local.exprs["fwd_bytes"].free_symbols, local.exprs["fwd_bytes"]
 
 
 class _SeenOps(TorchDispatchMode):
@@ -165,7 +187,8 @@ def test_fake_tracing_sees_one_dipc_node_per_direction(index):
     the fallback's ATen ops."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    op, module, args, _, _ = _cases(torch.float32)[index]
+    case = _cases(torch.float32)[index]
+    op, module, args = case.op, case.module, case.args
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = [mode.from_tensor(a.detach().to("meta")).requires_grad_(a.requires_grad) for a in args]
         spy = _SeenOps()
