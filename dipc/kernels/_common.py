@@ -18,6 +18,11 @@ import os
 from typing import Any
 
 import torch
+# The fused ops are torch custom ops, whose first call imports torch._dynamo. dipc's capture runs
+# layers inside torch.fx tracing, which patches math.* while it traces; a first import of
+# torch._dynamo there caches the patched functions in Dynamo's rules, and torch.compile later
+# graph-breaks on math.log. Importing it here, before any tracing, keeps that from happening.
+import torch._dynamo  # noqa: F401
 
 from dipc.errors import DipcError
 
