@@ -418,10 +418,11 @@ def _bind_live_attrs(gm: fx.GraphModule, layer: nn.Module) -> None:
     the graph would keep using the Parameters it was traced with after the layer's own are swapped
     (``torch.func.functional_call``, which SEMU uses to trace layers on fake tensors): the weights
     would not be the inputs whose gradients SEMU counts, and a swapped-in copy would be ignored."""
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        prefix, _, name = str(node.target).rpartition(".")
+    targets = gm.meta.get("dipc.attr_targets")
+    if targets is None:
+        targets = gm.meta["dipc.attr_targets"] = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    for target in targets:
+        prefix, _, name = target.rpartition(".")
         owner = layer.get_submodule(prefix) if prefix else layer
         holder = gm.get_submodule(prefix) if prefix else gm
         if owner is holder:
