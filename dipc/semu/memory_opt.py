@@ -122,57 +122,62 @@ class _RankProblem:
     stages: list[int]
     cands: dict[int, list[tuple[str, ...]]]
     cols: dict[tuple[int, int], int]          # (stage, candidate) -> column
-    rows: list[dict[int, float]]              # memory rows: column -> MiB
+    rows: np.ndarray                          # memory rows (rows x columns), MiB
     cost: np.ndarray                          # seconds per column
     static: float
 
 
 def _rank_problem(program: Program, costs: RecomputeCosts, rank: int, max_candidates: int) -> _RankProblem:
+    """One rank's ILP data. The live stashes are kept as one running row (column -> MiB), updated
+    by each FWD and freeing backward, so building costs O(instructions x columns). A row is kept
+    only where memory is about to fall (before a free, or a backward's workspace point): every
+    coefficient is >= 0, so a row taken after a FWD that is followed by more FWDs is dominated by
+    the later one and adds no constraint."""
     stages = list(program.stages_of_rank(rank))
     M = program.num_microbatches
     cands = {s: stage_candidates(costs, s, M, max_candidates) for s in stages}
     cols = {(s, j): i for i, (s, j) in enumerate((s, j) for s in stages for j in range(len(cands[s])))}
     sets = {s: [frozenset(c) for c in cands[s]] for s in stages}
-    stash: dict[tuple[int, int, int], list[float]] = {}
+    span = {s: np.array([cols[(s, j)] for j in range(len(cands[s]))]) for s in stages}
+    stash: dict[tuple[int, int, int], np.ndarray] = {}
     for ins in program.streams[rank]:
         if ins.op is Op.FWD and (ins.stage, ins.mb, ins.sub) not in stash:
-            stash[(ins.stage, ins.mb, ins.sub)] = [stash_bytes(costs, ins.stage, ins.mb, c, ins.sub) / _SCALE
-                                                   for c in sets[ins.stage]]
+            stash[(ins.stage, ins.mb, ins.sub)] = np.array(
+                [stash_bytes(costs, ins.stage, ins.mb, c, ins.sub) / _SCALE for c in sets[ins.stage]])
     cost = np.zeros(len(cols))
-    rows: list[dict[int, float]] = []
-    seen: set[tuple] = set()
-    live: dict[tuple[int, int, int], None] = {}
-
-    def add_row(extra: tuple[int, int, int] | None) -> None:
-        row: dict[int, float] = {}
-        for key in live:
-            for j, b in enumerate(stash[key]):
-                row[cols[(key[0], j)]] = row.get(cols[(key[0], j)], 0.0) + b
-        if extra is not None:
-            s, m, sub = extra
-            for j, c in enumerate(sets[s]):
-                row[cols[(s, j)]] = row.get(cols[(s, j)], 0.0) + workspace_bytes(costs, s, m, c, sub) / _SCALE
-        key = tuple(sorted(row.items()))
-        if row and key not in seen:
-            seen.add(key)
-            rows.append(row)
+    rows: list[np.ndarray] = []
+    running = np.zeros(len(cols))
+    live: set[tuple[int, int, int]] = set()
+    pending = False                      # the running row after the last FWD is not yet recorded
 
     for ins in program.streams[rank]:
         key = (ins.stage, ins.mb, ins.sub)
         if ins.op is Op.FWD:
-            live[key] = None
-            add_row(None)
+            if key not in live:
+                live.add(key)
+                running[span[ins.stage]] += stash[key]
+            pending = True
         elif ins.op in (Op.BWD, Op.BWD_I, Op.BWD_W):
             if recomputes_in(ins, program):
                 s, m, sub = key
                 for j, c in enumerate(sets[s]):
                     cost[cols[(s, j)]] += recompute_seconds(costs, s, m, c, sub)
-                if any(sets[s]):
-                    add_row(key)
-            if ins.op is not Op.BWD_I:
-                live.pop(key, None)
+                if any(sets[s]):     # live stashes plus this backward's workspace: dominates pending
+                    row = running.copy()
+                    row[span[s]] += [workspace_bytes(costs, s, m, c, sub) / _SCALE for c in sets[s]]
+                    rows.append(row)
+                    pending = False
+            if ins.op is not Op.BWD_I and key in live:
+                if pending:
+                    rows.append(running.copy())
+                    pending = False
+                live.discard(key)
+                running[span[ins.stage]] -= stash[key]
+    if pending:
+        rows.append(running.copy())
+    matrix = np.unique(np.array(rows), axis=0) if rows else np.zeros((0, len(cols)))
     static = sum(costs.static_bytes(s) for s in stages)
-    return _RankProblem(stages, cands, cols, rows, cost, static)
+    return _RankProblem(stages, cands, cols, matrix, cost, static)
 
 
 def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
@@ -185,12 +190,8 @@ def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
     if n == 0:
         return {}
     constraints = []
-    if problem.rows:
-        A = np.zeros((len(problem.rows), n))
-        for i, row in enumerate(problem.rows):
-            for c, v in row.items():
-                A[i, c] = v
-        constraints.append(LinearConstraint(A, -np.inf, budget / _SCALE))
+    if len(problem.rows):
+        constraints.append(LinearConstraint(problem.rows, -np.inf, budget / _SCALE))
     E = np.zeros((len(problem.stages), n))
     for (s, _), c in problem.cols.items():
         E[problem.stages.index(s), c] = 1.0
