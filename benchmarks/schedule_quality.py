@@ -78,7 +78,7 @@ from dipc.passes.codegen import lower  # noqa: E402
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule  # noqa: E402
 from dipc.passes.schedules import SCHEDULES, ComputeAction, expand_subs  # noqa: E402
 from dipc.ir.recompute import with_recompute  # noqa: E402
-from dipc.semu.memory_opt import optimize_memory  # noqa: E402
+from dipc.semu.memory_opt import Phase3Tables, optimize_memory  # noqa: E402
 from dipc.passes.priorities import critical_path_priority, grouped_priority, microbatch_priority  # noqa: E402
 from dipc.passes.segment_order import mcts_order, priority_from_order  # noqa: E402
 from dipc.semu.costs import CostModel, LengthStats, layer_cost_model  # noqa: E402
@@ -501,16 +501,23 @@ class BatchCosts:
     subs: tuple = ()                     # Program.subs
     frugal: bool = False
     _msg: dict = field(default_factory=dict)
+    _act: dict = field(default_factory=dict)
     _saving_layers: dict | None = None
 
     def time(self, s: int, m: int, j: int = -1):
         return self.step.stage_time(s, m, j)
 
     def act(self, s: int, m: int, j: int = -1) -> float:
-        if not self.frugal:
-            return self.step.activation_bytes(s, m, j)
-        return sum(min(f.act_bytes, f.in_bytes) for f in
-                   (self.step.layer_footprint(s, m, p, j) for p in self.layout.stage_layers[s]))
+        key = (s, m, j)
+        hit = self._act.get(key)
+        if hit is None:     # the dual queue asks for the same task's stash many times
+            if not self.frugal:
+                hit = self.step.activation_bytes(s, m, j)
+            else:
+                hit = sum(min(f.act_bytes, f.in_bytes) for f in
+                          (self.step.layer_footprint(s, m, p, j) for p in self.layout.stage_layers[s]))
+            self._act[key] = hit
+        return hit
 
     def msg_bytes(self, s: int, m: int, j: int = -1) -> float:
         key = (s, m, j)
@@ -638,10 +645,15 @@ def _dq(split: bool):
     return build
 
 
-def optimus_orders(layout, stages, P, M, costs, limits):
-    """Optimus*'s coarse-grained schedule (the paper re-implemented only this part, inside DIP):
-    every encoder forward of the batch first, then the backbone's (interleaved) 1F1B, then every
-    encoder backward — the encoder's work is kept out of the backbone's steady state."""
+def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | None = None,
+                         lag: int = 1) -> list[list[ComputeAction]]:
+    """The backbone's (interleaved) 1F1B with the encoder's work woven around it: each rank runs
+    the encoder forwards of microbatch ``m + ahead`` before its first backbone forward of ``m``,
+    and the encoder backwards of ``m`` after its last backbone backward of ``m + lag`` (the rest
+    at the end). ``ahead=None`` is Optimus*'s coarse order (every encoder forward first, every
+    encoder backward last); a small ``ahead`` keeps fewer encoder stashes alive — the memory the
+    coarse order spends on filling the backbone's warm-up. Our own family between the two (the
+    paper's dual queue reaches neither: it alternates forwards and backwards once both are ready)."""
     vit = [s for s in stages if s.modality != "backbone"]
     lm = [s for s in stages if s.modality == "backbone"]
     base = len(vit)
@@ -653,11 +665,42 @@ def optimus_orders(layout, stages, P, M, costs, limits):
     orders = []
     for r in range(P):
         mine = [s.id for s in vit if s.rank == r]
-        head = [ComputeAction(Op.FWD, s, m) for m in range(M) for s in mine]
         body = [ComputeAction(a.op, a.stage + base, a.mb) for a in lm_sched[r]]
-        tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
-        orders.append(head + body + tail)
-    return expand_subs(orders, stages, costs.subs) if costs.subs else orders
+        if ahead is None:
+            head = [ComputeAction(Op.FWD, s, m) for m in range(M) for s in mine]
+            tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
+            orders.append(head + body + tail)
+            continue
+        last_bwd = {a.mb: i for i, a in enumerate(body) if a.op is not Op.FWD}
+        out: list[ComputeAction] = []
+        fwd_next = bwd_next = 0            # next microbatch whose encoder forwards / backwards to emit
+        seen: set[int] = set()
+        for i, a in enumerate(body):
+            if a.op is Op.FWD and a.mb not in seen:
+                seen.add(a.mb)
+                while fwd_next <= min(M - 1, a.mb + ahead):
+                    out.extend(ComputeAction(Op.FWD, s, fwd_next) for s in mine)
+                    fwd_next += 1
+            out.append(a)
+            if a.op is not Op.FWD and last_bwd.get(a.mb) == i:
+                while bwd_next <= a.mb - lag and bwd_next < fwd_next:
+                    out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
+                    bwd_next += 1
+        while fwd_next < M:
+            out.extend(ComputeAction(Op.FWD, s, fwd_next) for s in mine)
+            fwd_next += 1
+        while bwd_next < M:
+            out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
+            bwd_next += 1
+        orders.append(out)
+    return expand_subs(orders, stages, subs) if subs else orders
+
+
+def optimus_orders(layout, stages, P, M, costs, limits):
+    """Optimus*'s coarse-grained schedule (the paper re-implemented only this part, inside DIP):
+    every encoder forward of the batch first, then the backbone's (interleaved) 1F1B, then every
+    encoder backward — the encoder's work is kept out of the backbone's steady state."""
+    return encoder_ahead_orders(stages, P, M, costs.subs)
 
 
 def _item_of(layout: Layout):
@@ -665,10 +708,11 @@ def _item_of(layout: Layout):
     return lambda s, m: (mods[s], m)
 
 
-def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: float, seed: int = 0):
+def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: float, seed: int = 0,
+               seeds: bool = True):
     """DIP phases 1 + 2: MCTS over (modality, microbatch) segment priorities, each ranking
-    interleaved by the dual queue and scored by SEMU's emulator; seeded with the in-order,
-    heaviest-first and lightest-first rankings. Returns (orders, SearchResult)."""
+    interleaved by the dual queue and scored by SEMU's emulator; seeded (``seeds``) with the
+    in-order, heaviest-first, lightest-first and encoder-first rankings. Returns (orders, SearchResult)."""
     tc = costs.task_costs(split)
     item_of = _item_of(layout)
     mods = list(dict.fromkeys(layout.stage_modality))
@@ -687,9 +731,9 @@ def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: fl
 
     work = [costs.mb_work(m) for m in range(M)]
     heavy = sorted(range(M), key=lambda m: -work[m])
-    seeds = [items, [(mod, m) for m in heavy for mod in mods], [(mod, m) for m in reversed(heavy) for mod in mods],
-             [(mod, m) for mod in mods for m in range(M)]]   # every encoder segment first (Optimus-like)
-    res = mcts_order(items, score, budget_s=budget_s, seeds=seeds, seed=seed, rollouts=4)
+    rankings = [items, [(mod, m) for m in heavy for mod in mods], [(mod, m) for m in reversed(heavy) for mod in mods],
+                [(mod, m) for mod in mods for m in range(M)]]   # every encoder segment first (Optimus-like)
+    res = mcts_order(items, score, budget_s=budget_s, seeds=rankings if seeds else (), seed=seed, rollouts=4)
     return orders_for(res.order), res
 
 
@@ -712,6 +756,84 @@ def _dip(split: bool, budget_s: float, rules: bool = False):
         build.rule = "mcts"
         return orders
     return build
+
+
+# ------------------------------------------------------------------------------------------------
+# DIP's planner as one function: what a training job would run per batch
+
+
+ENCODER_AHEAD = ((3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tried by the planner
+
+
+def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[], tuple["BatchCosts", "BatchCosts"]],
+                budget_s: float = 0.0) -> tuple[Any, Any]:
+    """DIP's per-batch plan on its fixed layout, timed as a whole (SEMU's stage costs included:
+    ``fresh_costs()`` returns new (whole-microbatch, sub-microbatch) costs with empty caches).
+
+    Candidates (compute orders; each lowered and simulated once as it is):
+
+    - the partitioner's interleaved 1F1B, with and without sub-microbatches — the static schedules
+      on DIP's own layout, so DIP can always fall back to them;
+    - phase 2's dual queue under the microbatch and critical-path rules (whole microbatches); its
+      zero-bubble split over sub-microbatches is left out: it had the lowest unfitted time on most
+      batches but after recomputation never won, and fitting it cost an ILP round per batch;
+    - the encoder-first order and :data:`ENCODER_AHEAD`'s bounded look-ahead orders over
+      sub-microbatches (:func:`encoder_ahead_orders`);
+    - with ``budget_s > 0``, phase 1's MCTS (sub-microbatches, split backward) for that long.
+
+    Phase 3 then runs only where needed (:func:`dipc.semu.candidate_select.pick_fastest`: branch and
+    bound on the plain step time, a lower bound of the fitted one). Returns (Choice, info)."""
+    from dipc.semu.candidate_select import pick_fastest
+
+    plain, subs = fresh_costs()
+    stages = layout.stages
+    P = layout.P
+    limits = [capacity - x for x in plain.static]
+
+    def program_of(orders_fn, c: BatchCosts):
+        def build():
+            orders = orders_fn()
+            program = lower(stages, P, M, orders, schedule="dip", specs=_specs(c), subs=c.subs)
+            validate(program)
+            return program, c
+        return build
+
+    def dq(c: BatchCosts, prio, split: bool):
+        return lambda: dual_queue_schedule(stages, P, M, c.task_costs(split), priority=prio, memory_limit=limits,
+                                           split_backward=split, subs=c.subs)
+
+    def critical(c: BatchCosts):
+        return critical_path_priority(stages, M, lambda s, m: c.time(s, m).fwd, lambda s, m: c.time(s, m).bwd)
+
+    candidates = [
+        ("encoder-first", program_of(lambda: encoder_ahead_orders(stages, P, M, subs.subs), subs)),
+        *[(f"encoder ahead {k} lag {lag}", program_of(
+            lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag), subs))
+          for k, lag in ENCODER_AHEAD],
+        ("interleaved 1f1b", program_of(lambda: SCHEDULES["interleaved_1f1b"](stages, P, M), plain)),
+        ("interleaved 1f1b, subs", program_of(
+            lambda: expand_subs(SCHEDULES["interleaved_1f1b"](stages, P, M), stages, subs.subs), subs)),
+        ("dual queue (microbatch)", program_of(dq(plain, microbatch_priority, False), plain)),
+        ("dual queue (critical path)", program_of(lambda: dq(plain, critical(plain), False)(), plain)),
+    ]
+    info: dict = {}
+    if budget_s > 0:
+        def mcts():
+            orders, res = dip_search(layout, stages, P, M, subs, limits, split=True, budget_s=budget_s, seeds=False)
+            info["search"] = {"evaluations": res.evaluations, "exhausted": res.exhausted}
+            return orders
+        candidates.append(("mcts, subs, split", program_of(mcts, subs)))
+
+    tables = {id(c): Phase3Tables(c.step, M) for c in (plain, subs)}   # phase 3's per-batch memo
+
+    def fit(program, c: BatchCosts):
+        fitted = optimize_memory(program, c.step, capacity, mip_rel_gap=0.05,   # the paper's 5% gap
+                                 tables=tables[id(c)])
+        info["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
+        return fitted.program, fitted.result
+
+    choice = pick_fastest(candidates, lambda program, c: c.step.simulate(program, record=False), capacity, fit, P)
+    return choice, info
 
 
 MEGATRON = "megatron interleaved"
