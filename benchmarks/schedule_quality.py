@@ -50,6 +50,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 import functools
 import re
 import json
@@ -70,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from dipc.errors import DipcError  # noqa: E402
+from dipc.errors import DipcError, ScheduleError  # noqa: E402
 from dipc.ir import Op, StageInfo, TensorSpec  # noqa: E402
 from dipc.ir.validate import validate  # noqa: E402
 from dipc.passes.capture import capture  # noqa: E402
@@ -645,6 +646,67 @@ def _dq(split: bool):
     return build
 
 
+def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAction]]) -> dict:
+    """Start step of every action when each takes one step: a time order that respects every
+    rank's order and every data dependency (a forward after its producers' forwards, a backward
+    after its consumers' backwards and its own forward)."""
+    consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
+    done: dict[tuple, int] = {}
+    pc = [0] * len(orders)
+    clock = [0] * len(orders)
+    progress = True
+    while progress:
+        progress = False
+        for r, order in enumerate(orders):
+            while pc[r] < len(order):
+                a = order[pc[r]]
+                if a.op is Op.FWD:
+                    deps = [(Op.FWD, p, a.mb) for p in stages[a.stage].producers]
+                else:
+                    deps = [(Op.BWD, c, a.mb) for c in consumers[a.stage]] + [(Op.FWD, a.stage, a.mb)]
+                if any(d not in done for d in deps):
+                    break
+                t = max([clock[r]] + [done[d] + 1 for d in deps])
+                done[(Op.FWD if a.op is Op.FWD else Op.BWD, a.stage, a.mb)] = t
+                clock[r] = t + 1
+                pc[r] += 1
+                progress = True
+    if any(pc[r] < len(o) for r, o in enumerate(orders)):
+        raise ScheduleError("the backbone's schedule deadlocks. Fix: check its generator.")
+    return done
+
+
+def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAction]]) -> dict:
+    """Start step of every (op, stage, mb) when each action takes one step, or ScheduleError if
+    the per-rank orders wait on each other in a cycle (a forward needs its producers' forwards, a
+    backward its consumers' backwards and its own forward)."""
+    consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
+    done: dict[tuple, int] = {}
+    pc = [0] * len(orders)
+    clock = [0] * len(orders)
+    progress = True
+    while progress:
+        progress = False
+        for r, order in enumerate(orders):
+            while pc[r] < len(order):
+                a = order[pc[r]]
+                if a.op is Op.FWD:
+                    deps = [(Op.FWD, p, a.mb) for p in stages[a.stage].producers]
+                else:
+                    deps = [(Op.BWD, c, a.mb) for c in consumers[a.stage]] + [(Op.FWD, a.stage, a.mb)]
+                if any(d not in done for d in deps):
+                    break
+                t = max([clock[r]] + [done[d] + 1 for d in deps])
+                done[(Op.FWD if a.op is Op.FWD else Op.BWD, a.stage, a.mb)] = t
+                clock[r] = t + 1
+                pc[r] += 1
+                progress = True
+    if any(pc[r] < len(o) for r, o in enumerate(orders)):
+        raise ScheduleError(f"the compute orders deadlock (ranks stop at actions {pc}). Fix: reorder them so every "
+                            "action's producers come first in time.")
+    return done
+
+
 def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | None = None,
                          lag: int = 1) -> list[list[ComputeAction]]:
     """The backbone's (interleaved) 1F1B with the encoder's work woven around it: each rank runs
@@ -653,7 +715,12 @@ def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | 
     at the end). ``ahead=None`` is Optimus*'s coarse order (every encoder forward first, every
     encoder backward last); a small ``ahead`` keeps fewer encoder stashes alive — the memory the
     coarse order spends on filling the backbone's warm-up. Our own family between the two (the
-    paper's dual queue reaches neither: it alternates forwards and backwards once both are ready)."""
+    paper's dual queue reaches neither: it alternates forwards and backwards once both are ready).
+
+    The look-ahead is counted on each rank's own backbone order, so on deep pipelines (VLM-L's
+    8 ranks x 5 chunks) a rank with a short warm-up can hold back encoder work a rank with a long
+    one waits for; such orders are rejected here (:func:`_unit_times` finds the wait cycle on
+    the compute orders, before any lowering), and the planner keeps its other candidates."""
     vit = [s for s in stages if s.modality != "backbone"]
     lm = [s for s in stages if s.modality == "backbone"]
     base = len(vit)
@@ -693,6 +760,7 @@ def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | 
             out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
             bwd_next += 1
         orders.append(out)
+    _unit_times(stages, orders)
     return expand_subs(orders, stages, subs) if subs else orders
 
 
@@ -766,7 +834,7 @@ ENCODER_AHEAD = ((3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tri
 
 
 def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[], tuple["BatchCosts", "BatchCosts"]],
-                budget_s: float = 0.0) -> tuple[Any, Any]:
+                budget_s: float = 0.0, max_fits: int | None = 4) -> tuple[Any, Any]:
     """DIP's per-batch plan on its fixed layout, timed as a whole (SEMU's stage costs included:
     ``fresh_costs()`` returns new (whole-microbatch, sub-microbatch) costs with empty caches).
 
@@ -782,7 +850,9 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
     - with ``budget_s > 0``, phase 1's MCTS (sub-microbatches, split backward) for that long.
 
     Phase 3 then runs only where needed (:func:`dipc.semu.candidate_select.pick_fastest`: branch and
-    bound on the plain step time, a lower bound of the fitted one). Returns (Choice, info)."""
+    bound on the plain step time, a lower bound of the fitted one), at most ``max_fits`` times per
+    batch (a latency guard: on memory-bound batches every candidate needs recomputation and the
+    bounds prune little). Returns (Choice, info)."""
     from dipc.semu.candidate_select import pick_fastest
 
     plain, subs = fresh_costs()
@@ -792,10 +862,8 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
 
     def program_of(orders_fn, c: BatchCosts):
         def build():
-            orders = orders_fn()
-            program = lower(stages, P, M, orders, schedule="dip", specs=_specs(c), subs=c.subs)
-            validate(program)
-            return program, c
+            orders = orders_fn()      # validated once, the winner only: the emulator finds wait cycles
+            return lower(stages, P, M, orders, schedule="dip", specs=_specs(c), subs=c.subs), c
         return build
 
     def dq(c: BatchCosts, prio, split: bool):
@@ -832,15 +900,20 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
         info["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
         return fitted.program, fitted.result
 
-    choice = pick_fastest(candidates, lambda program, c: c.step.simulate(program, record=False), capacity, fit, P)
+    choice = pick_fastest(candidates, lambda program, c: c.step.simulate(program, record=False), capacity, fit, P,
+                          max_fits=max_fits)
+    validate(choice.program)
     return choice, info
 
 
 MEGATRON = "megatron interleaved"
 
 # (name, layout key, builder, role). Layout keys: see ``make_layouts``.
-def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
-    return (
+PLANNER = "DIP planner"
+
+
+def schedule_set(budget_s: float, ablation: bool = True) -> tuple[tuple[str, str, Callable, str], ...]:
+    baselines = (
         (MEGATRON, "mixed_params", _static("interleaved_1f1b"), "baseline"),
         ("nnscaler* 1f1b", "mixed_time", _static("1f1b"), "baseline"),
         ("optimus* coarse", "dip", optimus_orders, "baseline"),
@@ -848,25 +921,38 @@ def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
         ("1f1b", "split", _static("1f1b"), "baseline"),
         ("zb_h1", "split", _static("zb_h1"), "baseline"),
         ("interleaved_1f1b V=2", "split2", _static("interleaved_1f1b"), "baseline"),
+    )
+    if not ablation:
+        return baselines
+    return baselines + (
         ("DIP partitioner only", "dip", _static("interleaved_1f1b"), "ablation"),
         ("DIP +interleaving", "dip", _dq(False), "ablation"),
-        ("DIP +reordering", "dip", _dip(False, budget_s), "dip"),
-        ("DIP +zero-bubble split", "dip", _dip(True, budget_s, rules=True), "dip"),
-        ("DIP +sub-microbatches", "dip_subs", _dip(True, budget_s, rules=True), "dip"),
-        ("DIP +encoder-first order", "dip_subs", optimus_orders, "dip"),
+        ("DIP +reordering", "dip", _dip(False, budget_s), "ablation"),
+        ("DIP +zero-bubble split", "dip", _dip(True, budget_s, rules=True), "ablation"),
+        ("DIP +sub-microbatches", "dip_subs", _dip(True, budget_s, rules=True), "ablation"),
+        ("DIP +encoder-first order", "dip_subs", optimus_orders, "ablation"),
     )
 
 
-def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts], M: int, capacity: float,
-                   budget_s: float) -> dict:
-    """Every schedule of ``schedule_set`` on one batch: planning latency, validation, emulation.
+def _record(res, c: BatchCosts, P: int, stages, capacity: float, picked: str) -> dict:
+    work = c.work(P, stages)
+    return dict(step_s=res.step_time, bubble=res.bubble_fraction, bound_frac=sum(res.busy) / (P * res.step_time),
+                busiest_frac=max(work) / res.step_time, peak_gb=max(res.peak_memory) / 1e9,
+                over_capacity=bool(res.ranks_over(capacity)), picked=picked)
 
-    DIP rows are cumulative, as DIP's planner is: each adds candidates to the ones before it and
-    keeps the fastest by SEMU (``picked`` names the winner), so its planning time is the sum."""
+
+def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts], M: int, capacity: float,
+                   budget_s: float, fresh_costs: Callable[[], tuple[BatchCosts, BatchCosts]] | None = None,
+                   planner_budget_s: float = 0.0, ablation: bool = True) -> dict:
+    """Every schedule of ``schedule_set`` on one batch: planning latency, validation, emulation;
+    then, with ``fresh_costs``, DIP's planner (:func:`dip_planner`), timed from empty SEMU caches.
+
+    The ablation rows are cumulative: each adds candidates to the ones before it and keeps the
+    fastest by SEMU (``picked`` names the winner); their ``plan_ms`` is their own time (phase 3
+    run on each), not a planner's latency — that is the ``DIP planner`` row's."""
     out = {}
     best_dip: dict | None = None
-    dip_plan_ms = 0.0
-    for name, key, build, role in schedule_set(budget_s):
+    for name, key, build, role in schedule_set(budget_s, ablation):
         layout, c = layouts[key], costs[key]
         stages = layout.stages
         P = layout.P
@@ -892,14 +978,8 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
         if getattr(build, "rule", None) is not None:
             rec["rule"] = build.rule
         if rec["validated"]:
-            work = c.work(P, stages)
-            rec.update(step_s=res.step_time, bubble=res.bubble_fraction,
-                       bound_frac=sum(res.busy) / (P * res.step_time),
-                       busiest_frac=max(work) / res.step_time,
-                       peak_gb=max(res.peak_memory) / 1e9,
-                       over_capacity=bool(res.ranks_over(capacity)), picked=name)
-        if role in ("ablation", "dip"):
-            dip_plan_ms += rec["plan_ms"]
+            rec.update(_record(res, c, P, stages, capacity, name))
+        if role == "ablation":
             fits = rec["validated"] and not rec["over_capacity"]
             best_fits = best_dip is not None and not best_dip["over_capacity"]
             if best_dip is None or (fits and (not best_fits or rec["step_s"] < best_dip["step_s"])) or \
@@ -907,9 +987,25 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
                 if rec["validated"]:
                     best_dip = rec
             if best_dip is not None and best_dip is not rec:
-                rec = {**best_dip, "role": role, "own": {k: rec.get(k) for k in ("step_s", "error") if k in rec}}
-            rec["plan_ms"] = dip_plan_ms
+                rec = {**best_dip, "role": role, "plan_ms": rec["plan_ms"],
+                       "own": {k: rec.get(k) for k in ("step_s", "error") if k in rec}}
         out[name] = rec
+    if fresh_costs is not None:
+        layout = layouts["dip"]
+        rec = {"validated": False, "role": "dip"}
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            choice, info = dip_planner(layout, M, capacity, fresh_costs, planner_budget_s)
+        except DipcError as e:
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            rec["plan_ms"] = (time.perf_counter() - t0) * 1e3
+        else:
+            rec["plan_ms"] = (time.perf_counter() - t0) * 1e3
+            rec["plan_cpu_ms"] = (time.process_time() - c0) * 1e3   # this process's CPU: the machine is shared
+            c = costs["dip_subs"] if choice.program.subs else costs["dip"]
+            rec.update(validated=True, **_record(choice.result, c, layout.P, layout.stages, capacity, choice.label),
+                       simulated=choice.simulated, fitted=choice.fitted, **info)
+        out[PLANNER] = rec
     return out
 
 
@@ -931,6 +1027,7 @@ def summarise(batches: Sequence[dict], base: str = MEGATRON) -> dict:
         ok = [(r, b) for r, b in recs if r["validated"] and b["validated"]]
         rel = [b["step_s"] / r["step_s"] for r, b in ok]
         plan = [r["plan_ms"] for r, _ in ok]
+        cpu = [r["plan_cpu_ms"] for r, _ in ok if "plan_cpu_ms" in r]
         vs_best = []
         for bt in batches:
             r = bt["schedules"][name]
@@ -953,6 +1050,7 @@ def summarise(batches: Sequence[dict], base: str = MEGATRON) -> dict:
             "peak_memory_gb_max": max((r["peak_gb"] for r, _ in ok), default=None),
             "batches_over_capacity": sum(r["over_capacity"] for r, _ in ok),
             "plan_ms": {"median": _pct(plan, 50) if plan else None, "p99": _pct(plan, 99) if plan else None},
+            "plan_cpu_ms": {"median": _pct(cpu, 50), "p99": _pct(cpu, 99)} if cpu else None,
             "picked": dict(Counter(r.get("picked") for r, _ in ok)),
         }
     return out
@@ -1007,7 +1105,7 @@ def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: in
 def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm_s", seed: int = 0,
         vit_tokens: int = VIT_PATCHES, budget_s: float = 0.15, b_enc: int | None = None, trace_iterations: int = 40,
         dp: int | None = None, profile: str | None = None, batch_seed: int | None = None,
-        progress: bool = False) -> dict:
+        progress: bool = False, planner_budget_s: float = 0.0, ablation: bool = True) -> dict:
     """The benchmark's core for one workload: draw batches, lay out the model, evaluate every
     schedule per batch (the rise-and-fall trace only for VLMs)."""
     t_start = time.perf_counter()
@@ -1042,9 +1140,17 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         costs["dip_subs"] = batch_costs(cm, cluster, tp, layouts["dip"], stats, cache, dp=dp, frugal=True,
                                         sub_stats=wl.sub_stats(mbs, counts), subs=((wl.encoder, counts),))
         t_costs = time.perf_counter() - t0
-        scheds = evaluate_batch({**layouts, "dip_subs": layouts["dip"]}, costs, num_microbatches, capacity, budget_s)
+        sub_stats = wl.sub_stats(mbs, counts)
+
+        def fresh_costs():   # the planner's own SEMU costs, from empty caches (timed with it)
+            layer_cache: dict = {}
+            return (batch_costs(cm, cluster, tp, layouts["dip"], stats, layer_cache, dp=dp, frugal=True),
+                    batch_costs(cm, cluster, tp, layouts["dip"], stats, layer_cache, dp=dp, frugal=True,
+                                sub_stats=sub_stats, subs=((wl.encoder, counts),)))
+        scheds = evaluate_batch({**layouts, "dip_subs": layouts["dip"]}, costs, num_microbatches, capacity, budget_s,
+                                fresh_costs, planner_budget_s, ablation)
         batches.append({"index": i, "regime": regime, **wl.describe_mb(mbs), "semu_costs_ms": t_costs * 1e3,
-                        "schedules": scheds})
+                        "load_avg_1min": os.getloadavg()[0], "schedules": scheds})
         if progress and (n + 1) % 10 == 0:
             print(f"  {model}: {n + 1}/{len(work)} batches, {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
@@ -1056,7 +1162,8 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         "model": f"{model} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": dp,
         "gpus": tp * P * dp, "profile": profile, "memory_capacity_gb": capacity / 1e9,
         "microbatches": num_microbatches, "batches": num_batches, "trace_iterations": trace_iterations,
-        "seed": seed, "batch_seed": batch_seed, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki, "sub_size": sub_size,
+        "seed": seed, "batch_seed": batch_seed, "mcts_budget_s_per_batch": budget_s,
+        "planner_mcts_budget_s": planner_budget_s, "ablation_rows": ablation, "segment_counts": ki, "sub_size": sub_size,
         "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
         "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
         "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
@@ -1093,6 +1200,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         "by_regime": by_regime,
         "batches": batches,
         "seconds": {"setup": t_setup, "total": time.perf_counter() - t_start},
+        "load_avg_1min": {"median": _pct([b["load_avg_1min"] for b in batches], 50), "cpus": os.cpu_count()},
     }
 
 
@@ -1115,6 +1223,9 @@ def _rows(summary: dict) -> None:
               f"{_f(r['bubble_mean'], '7.1%')} {_f(r['no_bubble_bound_frac_mean'], '7.1%')} "
               f"{_f(r['peak_memory_gb_max'], '8.1f')} {r['batches_over_capacity']:>5} "
               f"{_f(r['plan_ms']['median'], '8.1f')} {_f(r['plan_ms']['p99'], '7.1f')}")
+        if r.get("plan_cpu_ms"):
+            print(f"    planner CPU time (this process; the machine is shared): median {r['plan_cpu_ms']['median']:.0f} ms, "
+                  f"p99 {r['plan_cpu_ms']['p99']:.0f} ms")
         for e in r["errors"]:
             print(f"    error: {e[:150]}")
 
@@ -1160,6 +1271,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-seed", type=int, default=None,
                         help="seed of the batches only (default --seed); shards of one run share --seed")
     parser.add_argument("--budget", type=float, default=0.15, help="MCTS seconds per batch per DIP variant")
+    parser.add_argument("--planner-budget", type=float, default=0.0,
+                        help="MCTS seconds inside the timed DIP planner (0: its fixed candidates only)")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip the cumulative DIP ablation rows (baselines and the DIP planner only)")
     parser.add_argument("--b-enc", type=int, default=None, help="encoder items per sub-microbatch (sets K_i)")
     parser.add_argument("--trace", type=int, default=40, help="iterations of the rise-and-fall trace (VLMs)")
     parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: the paper's GPUs / (TP x PP))")
@@ -1172,7 +1287,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"unknown workload {model!r}; choose from {sorted(WORKLOADS)}")
         results[model] = run(args.batches, args.microbatches, model=model, seed=args.seed, vit_tokens=args.vit_tokens,
                              budget_s=args.budget, b_enc=args.b_enc, trace_iterations=args.trace, dp=args.dp,
-                             profile=args.profile, batch_seed=args.batch_seed, progress=True)
+                             profile=args.profile, batch_seed=args.batch_seed, progress=True,
+                             planner_budget_s=args.planner_budget, ablation=not args.no_ablation)
         print_table(results[model])
         print()
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def _fits(result: SimResult, capacity: Sequence[float]) -> bool:
 
 
 def pick_fastest(candidates: Iterable[tuple[str, Build]], simulate: Simulate, capacity: float | Sequence[float],
-                 fit: Fit, num_ranks: int) -> Choice:
+                 fit: Fit, num_ranks: int, max_fits: int | None = None) -> Choice:
     """The candidate with the lowest step time once it fits ``capacity`` (bytes per rank, static
     memory included). ``candidates`` yields (label, build) where ``build()`` returns the lowered
     program and the cost model that scores it (candidates may differ, e.g. with and without
@@ -79,8 +79,8 @@ def pick_fastest(candidates: Iterable[tuple[str, Build]], simulate: Simulate, ca
     fitted = 0
     errors: list[InfeasibleMemoryError] = []
     for bound, label, program, model in sorted(over, key=lambda x: x[0]):
-        if best is not None and bound >= best[0]:
-            break                                   # no later candidate can win
+        if best is not None and (bound >= best[0] or (max_fits is not None and fitted >= max_fits)):
+            break                                   # no later candidate can win (or out of fits)
         fitted += 1
         try:
             program, result = fit(program, model)
