@@ -1155,9 +1155,6 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
             print(f"  {model}: {n + 1}/{len(work)} batches, {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
     skewed = [b for b in batches if b["regime"] != "rise_fall"]
-    trace = [b for b in batches if b["regime"] == "rise_fall"]
-    by_regime = {r: summarise([b for b in batches if b["regime"] == r]) for r in (*wl.regimes, "rise_fall")
-                 if any(b["regime"] == r for b in batches)}
     setup = {
         "model": f"{model} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": dp,
         "gpus": tp * P * dp, "profile": profile, "memory_capacity_gb": capacity / 1e9,
@@ -1195,13 +1192,35 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
                         "stage_ms_at_representative": list(lay.stage_ms), "description": lay.describe(),
                         "slowest_stage_ms_by_encoder_stages": lay.candidates,
                         "stage_layers": [list(x) for x in lay.stage_layers]} for k, lay in layouts.items()},
-        "summary": summarise(skewed) if skewed else {},
-        "rise_and_fall": summarise(trace) if trace else {},
-        "by_regime": by_regime,
+        **summaries(batches, wl.regimes),
         "batches": batches,
         "seconds": {"setup": t_setup, "total": time.perf_counter() - t_start},
         "load_avg_1min": {"median": _pct([b["load_avg_1min"] for b in batches], 50), "cpus": os.cpu_count()},
     }
+
+
+def summaries(batches: Sequence[dict], regimes: Sequence[str]) -> dict:
+    """The summary blocks of a result from its batches (skewed, rise-and-fall, per regime)."""
+    skewed = [b for b in batches if b["regime"] != "rise_fall"]
+    trace = [b for b in batches if b["regime"] == "rise_fall"]
+    return {"summary": summarise(skewed) if skewed else {}, "rise_and_fall": summarise(trace) if trace else {},
+            "by_regime": {r: summarise([b for b in batches if b["regime"] == r]) for r in (*regimes, "rise_fall")
+                          if any(b["regime"] == r for b in batches)}}
+
+
+def merge_shards(shards: Sequence[dict]) -> dict:
+    """One result from shards of one workload run with the same ``--seed`` (so the same layouts)
+    and different ``--batch-seed``: batches concatenated, summaries recomputed."""
+    first = shards[0]
+    if any(s["layouts"] != first["layouts"] for s in shards):
+        raise ValueError("shards have different layouts. Fix: run every shard with the same --seed.")
+    batches = [b for s in shards for b in s["batches"]]
+    setup = {**first["setup"], "batches": sum(s["setup"]["batches"] for s in shards),
+             "trace_iterations": sum(s["setup"]["trace_iterations"] for s in shards),
+             "batch_seed": [s["setup"]["batch_seed"] for s in shards]}
+    regimes = [r for r in dict.fromkeys(b["regime"] for b in batches) if r != "rise_fall"]
+    return {**first, "setup": setup, **summaries(batches, regimes), "batches": batches,
+            "seconds": {"total": sum(s["seconds"]["total"] for s in shards), "shards": [s["seconds"] for s in shards]}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1280,8 +1299,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: the paper's GPUs / (TP x PP))")
     parser.add_argument("--profile", default=None, help=f"cluster preset (default {PROFILE}; the paper's §7.7 used H100)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="merge these result files (shards of one workload share a key) into --out and print them")
     args = parser.parse_args(argv)
     results = {}
+    if args.merge:
+        shards: dict[str, list[dict]] = {}
+        for path in args.merge:
+            for model, res in json.loads(path.read_text()).items():
+                shards.setdefault(model, []).append(res)
+        results = {m: merge_shards(v) if len(v) > 1 else v[0] for m, v in shards.items()}
+        for res in results.values():
+            print_table(res)
+            print()
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return results
     for model in args.models.split(","):
         if model not in WORKLOADS:
             parser.error(f"unknown workload {model!r}; choose from {sorted(WORKLOADS)}")
