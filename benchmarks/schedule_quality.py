@@ -1004,7 +1004,9 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
             rec["plan_cpu_ms"] = (time.process_time() - c0) * 1e3   # this process's CPU: the machine is shared
             c = costs["dip_subs"] if choice.program.subs else costs["dip"]
             rec.update(validated=True, **_record(choice.result, c, layout.P, layout.stages, capacity, choice.label),
-                       simulated=choice.simulated, fitted=choice.fitted, **info)
+                       simulated=choice.simulated, fitted=choice.fitted, **info,
+                       unfitted_step_s=choice.bounds[choice.label],      # the winner before phase 3
+                       work_frac=sum(c.work(layout.P, layout.stages)) / (layout.P * choice.result.step_time))
         out[PLANNER] = rec
     return out
 
