@@ -830,7 +830,7 @@ def _dip(split: bool, budget_s: float, rules: bool = False):
 # DIP's planner as one function: what a training job would run per batch
 
 
-ENCODER_AHEAD = ((3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tried by the planner
+ENCODER_AHEAD = ((2, 2), (3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tried by the planner
 
 
 def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[], tuple["BatchCosts", "BatchCosts"]],
