@@ -1104,8 +1104,12 @@ def rise_and_fall(rng: np.random.Generator, iteration: int, num_microbatches: in
 
 
 def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: int,
-                 b_enc: int) -> tuple[dict[str, Layout], dict]:
+                 b_enc: int, k_backbone: int | None = None) -> tuple[dict[str, Layout], dict]:
+    """Every layout of the run; ``k_backbone`` overrides the paper's K rule for the backbone (an
+    offline choice, recorded in the result: e.g. fewer backbone chunks where memory binds)."""
     ki = segment_counts(wl, cm, cluster, tp, b_enc, P=P)
+    if k_backbone is not None:
+        ki = {**ki, "K": {**ki["K"], "backbone": k_backbone}, "K_rule": ki["K"], "override": "--k-backbone"}
     return {
         "mixed_params": mixed_layout(wl, cm, cluster, tp, rep_stats, P, 2, "params"),
         "mixed_time": mixed_layout(wl, cm, cluster, tp, rep_stats, P, 1, "time"),
@@ -1118,7 +1122,8 @@ def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: in
 def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm_s", seed: int = 0,
         vit_tokens: int = VIT_PATCHES, budget_s: float = 0.15, b_enc: int | None = None, trace_iterations: int = 40,
         dp: int | None = None, profile: str | None = None, batch_seed: int | None = None,
-        progress: bool = False, planner_budget_s: float = 0.0, ablation: bool = True) -> dict:
+        progress: bool = False, planner_budget_s: float = 0.0, ablation: bool = True,
+        k_backbone: int | None = None) -> dict:
     """The benchmark's core for one workload: draw batches, lay out the model, evaluate every
     schedule per batch (the rise-and-fall trace only for VLMs)."""
     t_start = time.perf_counter()
@@ -1134,7 +1139,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
     cm = cost_model(wl)
     rep = wl.draw(np.random.default_rng(seed + 10_000), wl.regimes[-1], 0, num_microbatches)
     rep_stats = [wl.stats(mb) for mb in rep]
-    layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc)
+    layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc, k_backbone)
     t_setup = time.perf_counter() - t_start
 
     rng = np.random.default_rng(seed if batch_seed is None else batch_seed)   # layouts always from `seed`
@@ -1305,6 +1310,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=0.15, help="MCTS seconds per batch per DIP variant")
     parser.add_argument("--planner-budget", type=float, default=0.0,
                         help="MCTS seconds inside the timed DIP planner (0: its fixed candidates only)")
+    parser.add_argument("--k-backbone", type=int, default=None,
+                        help="backbone segments K per rank instead of the paper's floor(T_i / T_1) rule")
     parser.add_argument("--no-ablation", action="store_true",
                         help="skip the cumulative DIP ablation rows (baselines and the DIP planner only)")
     parser.add_argument("--b-enc", type=int, default=None, help="encoder items per sub-microbatch (sets K_i)")
@@ -1336,7 +1343,8 @@ def main(argv: list[str] | None = None) -> dict:
         results[model] = run(args.batches, args.microbatches, model=model, seed=args.seed, vit_tokens=args.vit_tokens,
                              budget_s=args.budget, b_enc=args.b_enc, trace_iterations=args.trace, dp=args.dp,
                              profile=args.profile, batch_seed=args.batch_seed, progress=True,
-                             planner_budget_s=args.planner_budget, ablation=not args.no_ablation)
+                             planner_budget_s=args.planner_budget, ablation=not args.no_ablation,
+                             k_backbone=args.k_backbone)
         print_table(results[model])
         print()
         args.out.parent.mkdir(parents=True, exist_ok=True)
