@@ -1127,6 +1127,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
     """The benchmark's core for one workload: draw batches, lay out the model, evaluate every
     schedule per batch (the rise-and-fall trace only for VLMs)."""
     t_start = time.perf_counter()
+    state = code_state()        # the code this run executes (commits may land while it runs)
     wl = WORKLOADS[model](vit_tokens=vit_tokens)
     pm = wl.paper
     P, tp = pm.pp, pm.tp
@@ -1204,7 +1205,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
                             "mixed-video": "the same clips without grouping"}
     return {
         "honesty": HONESTY,
-        "code_state": code_state(),
+        "code_state": state,
         "setup": setup,
         "layouts": {k: {"name": lay.name, "rule": lay.rule, "V": lay.V, "encoder_stages": lay.vit_stages,
                         "stage_ms_at_representative": list(lay.stage_ms), "description": lay.describe(),
