@@ -33,7 +33,7 @@ from dipc.errors import RuntimeStepError
 from dipc.ir import COMPUTE_OPS, RECV_OPS, Instruction, Op, Program
 from dipc.ir.recompute import recompute_plan
 from dipc.passes.partition import StageSpec
-from dipc.runtime.split_backward import WeightGradWork, backward_input, backward_weight
+from dipc.runtime.split_backward import WeightGradWork, backward_input, backward_weight, param_nodes
 from dipc.runtime.transport import Transport, WouldBlock
 from dipc.passes.submicrobatch import join_values
 from dipc.passes.values import from_wire, is_grad_leaf, to_wire
@@ -142,6 +142,7 @@ class RankInterpreter:
         mine = [s for s in stages if s.rank == rank]
         self.trainable = {s.id: [p for p in s.params if p.requires_grad] for s in mine}
         self.recomputing = set(recompute_plan(program))   # stages whose BWD_W walks from the outputs again
+        self.param_nodes: dict[int, dict[Any, torch.Tensor]] = {}   # stage -> split_backward.param_nodes, per step
         self.inputs = {s.id: [_Input(n, p, self.split[p] and not self.split[s.id], n in s.grad_values)
                               for n, p in s.input_values] for s in mine}
         self.local_consumers = {
@@ -336,7 +337,11 @@ class RankInterpreter:
         tensors, grads = self._backward_args(i)
         saved = self.saved[(i.stage, i.mb, i.sub)]
         leaves = [l for _, _, ls, _ in saved.grad_inputs for l in ls]
-        input_grads, saved.weight_work = backward_input(tensors, grads, leaves, self.trainable[i.stage],
+        params = self.trainable[i.stage]
+        nodes = self.param_nodes.get(i.stage)
+        if nodes is None:
+            nodes = self.param_nodes[i.stage] = param_nodes(params)
+        input_grads, saved.weight_work = backward_input(tensors, grads, leaves, params, nodes=nodes,
                                                         rewalk=i.stage in self.recomputing)
         del tensors, grads, leaves
         self._deliver_input_grads(i, saved, input_grads)

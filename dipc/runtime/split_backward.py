@@ -10,10 +10,11 @@ How (the idea behind torch.distributed.pipelining's ``stage_backward_input`` /
 ``stage_backward_weight``, written here from the graph's definition): call a node of the
 backward graph *on the input path* when it leads to the stage inputs, and an *intermediate*
 when it is on the input path and also has an edge into a weight-only subgraph (typically the
-``mm`` of a linear layer: one edge towards the activations, one towards ``W``). BWD_I runs the
-input-gradient pass with a pre-hook on every intermediate that keeps the gradient flowing into
-it. BWD_W then starts the backward *at those intermediates*, with the kept gradients, restricted
-to the parameters, so it runs only the weight-gradient nodes.
+``mm`` of a linear layer: one edge towards the activations, one towards ``W``). BWD_I asks the
+input-gradient pass also for the gradient flowing into every intermediate (``GradientEdge``
+objects among the ``inputs`` of ``autograd.grad``). BWD_W then starts the backward *at those
+intermediates*, with the kept gradients, restricted to the parameters, so it runs only the
+weight-gradient nodes.
 
 Intermediates on one chain (layer 2's ``mm`` leads, through the activations, to layer 1's) must
 not share a backward call: the call from layer 2 would walk the activation path down to layer 1
@@ -39,13 +40,13 @@ either pass (``autograd.backward`` with ``inputs=`` semantics, as before).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-__all__ = ["WeightGradWork", "backward_input", "backward_weight"]
+__all__ = ["WeightGradWork", "backward_input", "backward_weight", "param_nodes"]
 
 
 @dataclass
@@ -65,75 +66,56 @@ class WeightGradWork:
     calls: list[_Call]
 
 
-def _walk(roots: Sequence[Node]) -> dict[Node, tuple[Node | None, ...]]:
-    """Every node reachable from ``roots`` -> its children (``next_functions`` nodes)."""
-    children: dict[Node, tuple[Node | None, ...]] = {}
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if node in children:
-            continue
-        kids = tuple(f for f, _ in node.next_functions)
-        children[node] = kids
-        stack.extend(k for k in kids if k is not None and k not in children)
-    return children
-
-
-def _input_path(children: dict[Node, tuple[Node | None, ...]], input_nodes: set[Node]) -> set[Node]:
-    """The nodes from which some input node is reachable (the input nodes included)."""
-    parents: dict[Node, list[Node]] = defaultdict(list)
-    for node, kids in children.items():
-        for k in kids:
-            if k is not None:
-                parents[k].append(node)
-    found = {n for n in input_nodes if n in children}
-    stack = list(found)
-    while stack:
-        for p in parents.get(stack.pop(), ()):
-            if p not in found:
-                found.add(p)
-                stack.append(p)
-    return found
-
-
-def _post_order(roots: Sequence[Node], children: dict[Node, tuple[Node | None, ...]],
-                keep: Callable[[Node], bool]) -> list[Node]:
-    """Nodes reachable from ``roots`` through nodes that ``keep`` accepts, children before parents."""
-    order: list[Node] = []
-    visited: set[Node] = set()
-    stack: list[tuple[Node, bool]] = [(r, False) for r in roots if keep(r)]
+def _analyse(roots: Sequence[Node], input_nodes: set[Node], param_nodes: set[Node]
+             ) -> tuple[set[Node], dict[Node, frozenset[Node]], dict[Node, int], dict[Node, frozenset[Node]]]:
+    """One post-order pass over the graph below ``roots``. Returns the nodes on the input path
+    (an input node is reachable from them), the intermediates with the parameter nodes each owns
+    (reachable through an edge off the input path), every on-path node's depth (the most
+    intermediates on a path strictly below it), and for off-path nodes the parameters below."""
+    on_path: set[Node] = set()
+    below: dict[Node, frozenset[Node]] = {}      # off-path node -> parameter nodes reachable from it
+    owned: dict[Node, frozenset[Node]] = {}
+    depth: dict[Node, int] = {}
+    kids_of: dict[Node, tuple[Node, ...]] = {}
+    stack: list[tuple[Node, bool]] = [(r, False) for r in roots]
     while stack:
         node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
+        if not expanded:
+            if node in kids_of:
+                continue
+            kids = tuple(f for f, _ in node.next_functions if f is not None)
+            kids_of[node] = kids
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if k not in kids_of)
             continue
-        if node in visited:
+        if node in depth or node in below:   # pushed twice before it was finished
             continue
-        visited.add(node)
-        stack.append((node, True))
-        stack.extend((k, False) for k in children[node] if k is not None and k not in visited and keep(k))
-    return order
+        kids = kids_of[node]
+        if node in input_nodes or any(k in on_path for k in kids):
+            on_path.add(node)
+            mine = frozenset().union(*(below[k] for k in kids if k in below))
+            if mine:
+                owned[node] = mine
+            depth[node] = max((depth[k] + (k in owned) for k in kids if k in depth), default=0)
+        else:
+            mine = frozenset().union(*(below[k] for k in kids))
+            below[node] = mine | {node} if node in param_nodes else mine
+    return on_path, owned, depth, below
 
 
-def _params_below(node: Node, children: dict[Node, tuple[Node | None, ...]], param_nodes: set[Node],
-                  memo: dict[Node, frozenset[Node]]) -> frozenset[Node]:
-    """Parameter nodes reachable from ``node`` (off the input path, as is everything below it)."""
-    if node not in memo:
-        for n in _post_order([node], children, lambda n: n not in memo):
-            below = {n} & param_nodes
-            for k in children[n]:
-                if k is not None:
-                    below.update(memo[k])
-            memo[n] = frozenset(below)
-    return memo[node]
+def param_nodes(params: Sequence[torch.Tensor]) -> dict[Node, torch.Tensor]:
+    """Each parameter's gradient accumulator node -> the parameter. Holding the nodes keeps them
+    the ones every graph built meanwhile uses, so a caller may reuse this map for a whole step."""
+    return {get_gradient_edge(p).node: p for p in params}
 
 
 def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                   inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, rewalk: bool = False
-                   ) -> tuple[list[torch.Tensor | None], WeightGradWork]:
+                   inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, rewalk: bool = False,
+                   nodes: dict[Node, torch.Tensor] | None = None) -> tuple[list[torch.Tensor | None], WeightGradWork]:
     """BWD_I: the gradients of ``inputs`` (``None`` where unused) from ``outputs`` seeded with
     ``grads``, and the work BWD_W needs to accumulate the gradients of ``params`` into ``.grad``.
-    ``rewalk``: BWD_W walks again from the outputs (for checkpointed layers, see module docstring)."""
+    ``rewalk``: BWD_W walks again from the outputs (for checkpointed layers, see module docstring).
+    ``nodes``: :func:`param_nodes` of ``params``, if the caller keeps it."""
     root_edges = [get_gradient_edge(t) for t in outputs]
     whole = [_Call(root_edges, list(grads), list(params))] if root_edges and params else []
     if not inputs or not root_edges:   # nothing upstream takes a gradient: the whole backward is weight work
@@ -141,50 +123,26 @@ def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     if rewalk:
         result = torch.autograd.grad(list(outputs), list(inputs), list(grads), retain_graph=True, allow_unused=True)
         return list(result), WeightGradWork(whole)
-    param_of: dict[Node, torch.Tensor] = {get_gradient_edge(p).node: p for p in params}
-    param_nodes = set(param_of)
-    children = _walk([e.node for e in root_edges])
-    on_path = _input_path(children, {get_gradient_edge(x).node for x in inputs})
-
-    # intermediates: on the input path, with an edge into a subgraph that holds parameters
-    memo: dict[Node, frozenset[Node]] = {}
-    owned: dict[Node, frozenset[Node]] = {}
-    for node in on_path:
-        below: set[Node] = set()
-        for k in children[node]:
-            if k is not None and k not in on_path:
-                below |= _params_below(k, children, param_nodes, memo)
-        if below:
-            owned[node] = frozenset(below)
-
-    # depth: the most intermediates on any path strictly below a node (equal depth: unrelated)
-    depth: dict[Node, int] = {}
-    for node in _post_order([e.node for e in root_edges], children, on_path.__contains__):
-        depth[node] = max((depth[k] + (k in owned) for k in children[node] if k is not None and k in on_path),
-                          default=0)
-
-    captured: dict[Node, tuple[torch.Tensor | None, ...]] = {}
-
-    def keep(node: Node):
-        def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
-            captured[node] = grad_outputs
-        return hook
-
-    handles = [node.register_prehook(keep(node)) for node in owned]
-    try:
-        result = list(torch.autograd.grad(list(outputs), list(inputs), list(grads), retain_graph=True,
-                                          allow_unused=True))
-    finally:
-        for h in handles:
-            h.remove()
+    param_of = param_nodes(params) if nodes is None else nodes
+    on_path, owned, depth, below = _analyse([e.node for e in root_edges], {get_gradient_edge(x).node for x in inputs},
+                                            set(param_of))
+    # the gradient flowing into each intermediate, asked of the same backward as the input grads
+    # (a GradientEdge among ``inputs`` is captured where it enters its node; the node still runs)
+    kept = [GradientEdge(node, k) for node in owned for k in range(len(node._input_metadata))]
+    every = torch.autograd.grad(list(outputs), [*inputs, *kept], list(grads), retain_graph=True, allow_unused=True)
+    result = list(every[:len(inputs)])
+    captured: dict[Node, list[tuple[GradientEdge, torch.Tensor]]] = defaultdict(list)
+    for edge, g in zip(kept, every[len(inputs):]):
+        if g is not None:
+            captured[edge.node].append((edge, g))
 
     calls = []
     roots_off_path = [(e, g) for e, g in zip(root_edges, grads) if e.node not in on_path]
     if roots_off_path:
-        below = frozenset().union(*(_params_below(e.node, children, param_nodes, memo) for e, _ in roots_off_path))
-        if below:
+        reached = frozenset().union(*(below[e.node] for e, _ in roots_off_path))
+        if reached:
             calls.append(_Call([e for e, _ in roots_off_path], [g for _, g in roots_off_path],
-                               [param_of[n] for n in below]))
+                               [param_of[n] for n in reached]))
     by_depth: dict[int, list[Node]] = defaultdict(list)
     for node in owned:
         by_depth[depth[node]].append(node)
@@ -195,10 +153,9 @@ def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     for d, nodes in sorted(by_depth.items()):
         edges, seeds = [], []
         for node in nodes:
-            for i, g in enumerate(captured.get(node, ())):
-                if g is not None:
-                    edges.append(GradientEdge(node, i))
-                    seeds.append(g)
+            for edge, g in captured.get(node, ()):
+                edges.append(edge)
+                seeds.append(g)
         if not edges:
             continue
         ps = frozenset().union(*(owned[n] for n in nodes))
