@@ -64,7 +64,7 @@ LIMITS = [
     "the traced per-op count explains little of the per-layer overhead (the fit gives it ~0-2 us/op)",
     "CPU attention: masked SDPA over packed sequences runs dense (the fit chooses dense_masked_attention); its "
     "memory-bound mask/softmax work over H*(sum L)^2 is not in the byte count",
-    "dipc's BWD_W re-walks the backward graph (modelled: StepModel.runtime_options); stage glue and the loss "
+    "BWD_W re-walks the backward graph only in stages with recomputed layers (not modelled); stage glue and the loss "
     "are not in the cost model (absorbed by the per-instruction constant); gloo packing/copies are folded "
     "into the fitted link latency; the step's plan check and loss all-reduce are not modelled",
     "schedule step times often differ by less than the noise, which caps Kendall's tau",
