@@ -27,13 +27,20 @@ Schedules (one row each; ``role`` baseline / ablation / dip):
   (SEMU time) for a representative batch, 1F1B; ``optimus* coarse``: every encoder forward first,
   the backbone's (interleaved) 1F1B, every encoder backward last, on DIP's layout; plus gpipe, 1f1b,
   zb_h1 and interleaved 1F1B on a modality split.
-- DIP, cumulative as its planner is (each row adds candidates and keeps the fastest by SEMU):
-  ``partitioner only`` (the K_i layout under interleaved 1F1B), ``+interleaving`` (phase 2: the
-  dual queue under three priority rules), ``+reordering`` (phase 1: MCTS over (modality, microbatch)
-  segment rankings), ``+zero-bubble split`` (beyond the paper), ``+sub-microbatches`` (§4: the
-  encoder's items split into ceil(N_i / B_i) subs scheduled as their own tasks), ``+encoder-first
-  order`` (the coarse order Optimus* uses — a point of DIP's space the greedy phase 2 does not
-  reach — with the batch's sub-microbatches; ``picked`` counts how often it wins).
+- ``DIP planner`` (role ``dip``): :func:`dip_planner`, what a training job runs per batch, timed as
+  a whole from empty SEMU caches (wall and CPU time; the machine may be shared, so the batch's
+  load average is recorded): candidates on DIP's fixed layout — its interleaved 1F1B with and
+  without sub-microbatches, the dual queue under two priority rules, the encoder-first order and
+  bounded encoder look-ahead orders over sub-microbatches (optionally MCTS, ``--planner-budget``) —
+  each simulated once as it is, then phase 3 by branch and bound on that lower bound.
+- DIP ablation (role ``ablation``; ``--no-ablation`` skips them), cumulative (each row adds
+  candidates and keeps the fastest by SEMU): ``partitioner only`` (the K_i layout under interleaved
+  1F1B), ``+interleaving`` (phase 2: the dual queue under three priority rules), ``+reordering``
+  (phase 1: MCTS over (modality, microbatch) segment rankings), ``+zero-bubble split`` (beyond the
+  paper), ``+sub-microbatches`` (§4: the encoder's items split into ceil(N_i / B_i) subs scheduled
+  as their own tasks), ``+encoder-first order`` (the coarse order Optimus* uses, with the batch's
+  sub-microbatches; ``picked`` counts how often it wins). Their ``plan_ms`` is each row's own
+  time with phase 3 run on it, not a planner latency.
 - Memory: every schedule whose program overflows the device goes through phase 3
   (:func:`dipc.semu.memory_opt.optimize_memory`: the per-rank recompute ILP), baselines too — a
   practitioner would recompute to fit rather than run out of memory. Phase 2 holds forwards back
@@ -50,6 +57,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 import functools
 import re
 import json
@@ -70,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from dipc.errors import DipcError  # noqa: E402
+from dipc.errors import DipcError, ScheduleError  # noqa: E402
 from dipc.ir import Op, StageInfo, TensorSpec  # noqa: E402
 from dipc.ir.validate import validate  # noqa: E402
 from dipc.passes.capture import capture  # noqa: E402
@@ -78,7 +86,7 @@ from dipc.passes.codegen import lower  # noqa: E402
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule  # noqa: E402
 from dipc.passes.schedules import SCHEDULES, ComputeAction, expand_subs  # noqa: E402
 from dipc.ir.recompute import with_recompute  # noqa: E402
-from dipc.semu.memory_opt import optimize_memory  # noqa: E402
+from dipc.semu.memory_opt import Phase3Tables, optimize_memory  # noqa: E402
 from dipc.passes.priorities import critical_path_priority, grouped_priority, microbatch_priority  # noqa: E402
 from dipc.passes.segment_order import mcts_order, priority_from_order  # noqa: E402
 from dipc.semu.costs import CostModel, LengthStats, layer_cost_model  # noqa: E402
@@ -102,9 +110,13 @@ HONESTY = {
         "sub-microbatches: M_i = ceil(N_i / B_i) per microbatch, scheduled as separate dual-queue tasks",
         "phase 1: MCTS over (modality, microbatch) segment rankings, seeded with heuristic rankings",
         "phase 2: greedy dual-queue interleaving (+ zero-bubble split, + critical-path / grouped priority rules)",
-        "phase 3: per-rank recompute ILP (scipy HiGHS) on the winner; rollouts score the all-recompute bound"],
+        "phase 3: per-rank recompute ILP (scipy HiGHS, 5% gap), per stage (same choice for every microbatch)",
+        "planner: candidates simulated as they are (a lower bound), phase 3 by branch and bound, at most 4 ILP "
+        "rounds per batch; MCTS rollouts score the all-recompute bound",
+        "beyond the paper: bounded encoder look-ahead orders (encoder_ahead_orders)"],
     "not_implemented": ["B_i from profiled efficiency (fixed per workload: --b-enc)", "offloading",
-                        "phase 3 inside every MCTS rollout (too slow: ~0.1 s per ILP)"],
+                        "per-microbatch recompute choices (the runtime switches checkpointing per stage)",
+                        "MCTS inside the timed planner by default (--planner-budget 0)"],
     "simulated_not_measured": True,
     "simulator": "SEMU StepModel + step emulator (analytical, uncalibrated GPU efficiency curves)",
 }
@@ -501,16 +513,23 @@ class BatchCosts:
     subs: tuple = ()                     # Program.subs
     frugal: bool = False
     _msg: dict = field(default_factory=dict)
+    _act: dict = field(default_factory=dict)
     _saving_layers: dict | None = None
 
     def time(self, s: int, m: int, j: int = -1):
         return self.step.stage_time(s, m, j)
 
     def act(self, s: int, m: int, j: int = -1) -> float:
-        if not self.frugal:
-            return self.step.activation_bytes(s, m, j)
-        return sum(min(f.act_bytes, f.in_bytes) for f in
-                   (self.step.layer_footprint(s, m, p, j) for p in self.layout.stage_layers[s]))
+        key = (s, m, j)
+        hit = self._act.get(key)
+        if hit is None:     # the dual queue asks for the same task's stash many times
+            if not self.frugal:
+                hit = self.step.activation_bytes(s, m, j)
+            else:
+                hit = sum(min(f.act_bytes, f.in_bytes) for f in
+                          (self.step.layer_footprint(s, m, p, j) for p in self.layout.stage_layers[s]))
+            self._act[key] = hit
+        return hit
 
     def msg_bytes(self, s: int, m: int, j: int = -1) -> float:
         key = (s, m, j)
@@ -638,10 +657,81 @@ def _dq(split: bool):
     return build
 
 
-def optimus_orders(layout, stages, P, M, costs, limits):
-    """Optimus*'s coarse-grained schedule (the paper re-implemented only this part, inside DIP):
-    every encoder forward of the batch first, then the backbone's (interleaved) 1F1B, then every
-    encoder backward — the encoder's work is kept out of the backbone's steady state."""
+def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAction]]) -> dict:
+    """Start step of every action when each takes one step: a time order that respects every
+    rank's order and every data dependency (a forward after its producers' forwards, a backward
+    after its consumers' backwards and its own forward)."""
+    consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
+    done: dict[tuple, int] = {}
+    pc = [0] * len(orders)
+    clock = [0] * len(orders)
+    progress = True
+    while progress:
+        progress = False
+        for r, order in enumerate(orders):
+            while pc[r] < len(order):
+                a = order[pc[r]]
+                if a.op is Op.FWD:
+                    deps = [(Op.FWD, p, a.mb) for p in stages[a.stage].producers]
+                else:
+                    deps = [(Op.BWD, c, a.mb) for c in consumers[a.stage]] + [(Op.FWD, a.stage, a.mb)]
+                if any(d not in done for d in deps):
+                    break
+                t = max([clock[r]] + [done[d] + 1 for d in deps])
+                done[(Op.FWD if a.op is Op.FWD else Op.BWD, a.stage, a.mb)] = t
+                clock[r] = t + 1
+                pc[r] += 1
+                progress = True
+    if any(pc[r] < len(o) for r, o in enumerate(orders)):
+        raise ScheduleError("the backbone's schedule deadlocks. Fix: check its generator.")
+    return done
+
+
+def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAction]]) -> dict:
+    """Start step of every (op, stage, mb) when each action takes one step, or ScheduleError if
+    the per-rank orders wait on each other in a cycle (a forward needs its producers' forwards, a
+    backward its consumers' backwards and its own forward)."""
+    consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
+    done: dict[tuple, int] = {}
+    pc = [0] * len(orders)
+    clock = [0] * len(orders)
+    progress = True
+    while progress:
+        progress = False
+        for r, order in enumerate(orders):
+            while pc[r] < len(order):
+                a = order[pc[r]]
+                if a.op is Op.FWD:
+                    deps = [(Op.FWD, p, a.mb) for p in stages[a.stage].producers]
+                else:
+                    deps = [(Op.BWD, c, a.mb) for c in consumers[a.stage]] + [(Op.FWD, a.stage, a.mb)]
+                if any(d not in done for d in deps):
+                    break
+                t = max([clock[r]] + [done[d] + 1 for d in deps])
+                done[(Op.FWD if a.op is Op.FWD else Op.BWD, a.stage, a.mb)] = t
+                clock[r] = t + 1
+                pc[r] += 1
+                progress = True
+    if any(pc[r] < len(o) for r, o in enumerate(orders)):
+        raise ScheduleError(f"the compute orders deadlock (ranks stop at actions {pc}). Fix: reorder them so every "
+                            "action's producers come first in time.")
+    return done
+
+
+def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | None = None,
+                         lag: int = 1) -> list[list[ComputeAction]]:
+    """The backbone's (interleaved) 1F1B with the encoder's work woven around it: each rank runs
+    the encoder forwards of microbatch ``m + ahead`` before its first backbone forward of ``m``,
+    and the encoder backwards of ``m`` after its last backbone backward of ``m + lag`` (the rest
+    at the end). ``ahead=None`` is Optimus*'s coarse order (every encoder forward first, every
+    encoder backward last); a small ``ahead`` keeps fewer encoder stashes alive — the memory the
+    coarse order spends on filling the backbone's warm-up. Our own family between the two (the
+    paper's dual queue reaches neither: it alternates forwards and backwards once both are ready).
+
+    The look-ahead is counted on each rank's own backbone order, so on deep pipelines (VLM-L's
+    8 ranks x 5 chunks) a rank with a short warm-up can hold back encoder work a rank with a long
+    one waits for; such orders are rejected here (:func:`_unit_times` finds the wait cycle on
+    the compute orders, before any lowering), and the planner keeps its other candidates."""
     vit = [s for s in stages if s.modality != "backbone"]
     lm = [s for s in stages if s.modality == "backbone"]
     base = len(vit)
@@ -653,11 +743,43 @@ def optimus_orders(layout, stages, P, M, costs, limits):
     orders = []
     for r in range(P):
         mine = [s.id for s in vit if s.rank == r]
-        head = [ComputeAction(Op.FWD, s, m) for m in range(M) for s in mine]
         body = [ComputeAction(a.op, a.stage + base, a.mb) for a in lm_sched[r]]
-        tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
-        orders.append(head + body + tail)
-    return expand_subs(orders, stages, costs.subs) if costs.subs else orders
+        if ahead is None:
+            head = [ComputeAction(Op.FWD, s, m) for m in range(M) for s in mine]
+            tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
+            orders.append(head + body + tail)
+            continue
+        last_bwd = {a.mb: i for i, a in enumerate(body) if a.op is not Op.FWD}
+        out: list[ComputeAction] = []
+        fwd_next = bwd_next = 0            # next microbatch whose encoder forwards / backwards to emit
+        seen: set[int] = set()
+        for i, a in enumerate(body):
+            if a.op is Op.FWD and a.mb not in seen:
+                seen.add(a.mb)
+                while fwd_next <= min(M - 1, a.mb + ahead):
+                    out.extend(ComputeAction(Op.FWD, s, fwd_next) for s in mine)
+                    fwd_next += 1
+            out.append(a)
+            if a.op is not Op.FWD and last_bwd.get(a.mb) == i:
+                while bwd_next <= a.mb - lag and bwd_next < fwd_next:
+                    out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
+                    bwd_next += 1
+        while fwd_next < M:
+            out.extend(ComputeAction(Op.FWD, s, fwd_next) for s in mine)
+            fwd_next += 1
+        while bwd_next < M:
+            out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
+            bwd_next += 1
+        orders.append(out)
+    _unit_times(stages, orders)
+    return expand_subs(orders, stages, subs) if subs else orders
+
+
+def optimus_orders(layout, stages, P, M, costs, limits):
+    """Optimus*'s coarse-grained schedule (the paper re-implemented only this part, inside DIP):
+    every encoder forward of the batch first, then the backbone's (interleaved) 1F1B, then every
+    encoder backward — the encoder's work is kept out of the backbone's steady state."""
+    return encoder_ahead_orders(stages, P, M, costs.subs)
 
 
 def _item_of(layout: Layout):
@@ -665,10 +787,11 @@ def _item_of(layout: Layout):
     return lambda s, m: (mods[s], m)
 
 
-def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: float, seed: int = 0):
+def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: float, seed: int = 0,
+               seeds: bool = True):
     """DIP phases 1 + 2: MCTS over (modality, microbatch) segment priorities, each ranking
-    interleaved by the dual queue and scored by SEMU's emulator; seeded with the in-order,
-    heaviest-first and lightest-first rankings. Returns (orders, SearchResult)."""
+    interleaved by the dual queue and scored by SEMU's emulator; seeded (``seeds``) with the
+    in-order, heaviest-first, lightest-first and encoder-first rankings. Returns (orders, SearchResult)."""
     tc = costs.task_costs(split)
     item_of = _item_of(layout)
     mods = list(dict.fromkeys(layout.stage_modality))
@@ -687,9 +810,9 @@ def dip_search(layout, stages, P, M, costs, limits, *, split: bool, budget_s: fl
 
     work = [costs.mb_work(m) for m in range(M)]
     heavy = sorted(range(M), key=lambda m: -work[m])
-    seeds = [items, [(mod, m) for m in heavy for mod in mods], [(mod, m) for m in reversed(heavy) for mod in mods],
-             [(mod, m) for mod in mods for m in range(M)]]   # every encoder segment first (Optimus-like)
-    res = mcts_order(items, score, budget_s=budget_s, seeds=seeds, seed=seed, rollouts=4)
+    rankings = [items, [(mod, m) for m in heavy for mod in mods], [(mod, m) for m in reversed(heavy) for mod in mods],
+                [(mod, m) for mod in mods for m in range(M)]]   # every encoder segment first (Optimus-like)
+    res = mcts_order(items, score, budget_s=budget_s, seeds=rankings if seeds else (), seed=seed, rollouts=4)
     return orders_for(res.order), res
 
 
@@ -714,11 +837,94 @@ def _dip(split: bool, budget_s: float, rules: bool = False):
     return build
 
 
+# ------------------------------------------------------------------------------------------------
+# DIP's planner as one function: what a training job would run per batch
+
+
+ENCODER_AHEAD = ((2, 2), (3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tried by the planner
+
+
+def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[], tuple["BatchCosts", "BatchCosts"]],
+                budget_s: float = 0.0, max_fits: int | None = 4) -> tuple[Any, Any]:
+    """DIP's per-batch plan on its fixed layout, timed as a whole (SEMU's stage costs included:
+    ``fresh_costs()`` returns new (whole-microbatch, sub-microbatch) costs with empty caches).
+
+    Candidates (compute orders; each lowered and simulated once as it is):
+
+    - the partitioner's interleaved 1F1B, with and without sub-microbatches — the static schedules
+      on DIP's own layout, so DIP can always fall back to them;
+    - phase 2's dual queue under the microbatch and critical-path rules (whole microbatches); its
+      zero-bubble split over sub-microbatches is left out: it had the lowest unfitted time on most
+      batches but after recomputation never won, and fitting it cost an ILP round per batch;
+    - the encoder-first order and :data:`ENCODER_AHEAD`'s bounded look-ahead orders over
+      sub-microbatches (:func:`encoder_ahead_orders`);
+    - with ``budget_s > 0``, phase 1's MCTS (sub-microbatches, split backward) for that long.
+
+    Phase 3 then runs only where needed (:func:`dipc.semu.candidate_select.pick_fastest`: branch and
+    bound on the plain step time, a lower bound of the fitted one), at most ``max_fits`` times per
+    batch (a latency guard: on memory-bound batches every candidate needs recomputation and the
+    bounds prune little). Returns (Choice, info)."""
+    from dipc.semu.candidate_select import pick_fastest
+
+    plain, subs = fresh_costs()
+    stages = layout.stages
+    P = layout.P
+    limits = [capacity - x for x in plain.static]
+
+    def program_of(orders_fn, c: BatchCosts):
+        def build():
+            orders = orders_fn()      # validated once, the winner only: the emulator finds wait cycles
+            return lower(stages, P, M, orders, schedule="dip", specs=_specs(c), subs=c.subs), c
+        return build
+
+    def dq(c: BatchCosts, prio, split: bool):
+        return lambda: dual_queue_schedule(stages, P, M, c.task_costs(split), priority=prio, memory_limit=limits,
+                                           split_backward=split, subs=c.subs)
+
+    def critical(c: BatchCosts):
+        return critical_path_priority(stages, M, lambda s, m: c.time(s, m).fwd, lambda s, m: c.time(s, m).bwd)
+
+    candidates = [
+        ("encoder-first", program_of(lambda: encoder_ahead_orders(stages, P, M, subs.subs), subs)),
+        *[(f"encoder ahead {k} lag {lag}", program_of(
+            lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag), subs))
+          for k, lag in ENCODER_AHEAD],
+        ("interleaved 1f1b", program_of(lambda: SCHEDULES["interleaved_1f1b"](stages, P, M), plain)),
+        ("interleaved 1f1b, subs", program_of(
+            lambda: expand_subs(SCHEDULES["interleaved_1f1b"](stages, P, M), stages, subs.subs), subs)),
+        ("dual queue (microbatch)", program_of(dq(plain, microbatch_priority, False), plain)),
+        ("dual queue (critical path)", program_of(lambda: dq(plain, critical(plain), False)(), plain)),
+    ]
+    info: dict = {}
+    if budget_s > 0:
+        def mcts():
+            orders, res = dip_search(layout, stages, P, M, subs, limits, split=True, budget_s=budget_s, seeds=False)
+            info["search"] = {"evaluations": res.evaluations, "exhausted": res.exhausted}
+            return orders
+        candidates.append(("mcts, subs, split", program_of(mcts, subs)))
+
+    tables = {id(c): Phase3Tables(c.step, M) for c in (plain, subs)}   # phase 3's per-batch memo
+
+    def fit(program, c: BatchCosts):
+        fitted = optimize_memory(program, c.step, capacity, mip_rel_gap=0.05,   # the paper's 5% gap
+                                 tables=tables[id(c)])
+        info["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
+        return fitted.program, fitted.result
+
+    choice = pick_fastest(candidates, lambda program, c: c.step.simulate(program, record=False), capacity, fit, P,
+                          max_fits=max_fits)
+    validate(choice.program)
+    return choice, info
+
+
 MEGATRON = "megatron interleaved"
 
 # (name, layout key, builder, role). Layout keys: see ``make_layouts``.
-def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
-    return (
+PLANNER = "DIP planner"
+
+
+def schedule_set(budget_s: float, ablation: bool = True) -> tuple[tuple[str, str, Callable, str], ...]:
+    baselines = (
         (MEGATRON, "mixed_params", _static("interleaved_1f1b"), "baseline"),
         ("nnscaler* 1f1b", "mixed_time", _static("1f1b"), "baseline"),
         ("optimus* coarse", "dip", optimus_orders, "baseline"),
@@ -726,25 +932,38 @@ def schedule_set(budget_s: float) -> tuple[tuple[str, str, Callable, str], ...]:
         ("1f1b", "split", _static("1f1b"), "baseline"),
         ("zb_h1", "split", _static("zb_h1"), "baseline"),
         ("interleaved_1f1b V=2", "split2", _static("interleaved_1f1b"), "baseline"),
+    )
+    if not ablation:
+        return baselines
+    return baselines + (
         ("DIP partitioner only", "dip", _static("interleaved_1f1b"), "ablation"),
         ("DIP +interleaving", "dip", _dq(False), "ablation"),
-        ("DIP +reordering", "dip", _dip(False, budget_s), "dip"),
-        ("DIP +zero-bubble split", "dip", _dip(True, budget_s, rules=True), "dip"),
-        ("DIP +sub-microbatches", "dip_subs", _dip(True, budget_s, rules=True), "dip"),
-        ("DIP +encoder-first order", "dip_subs", optimus_orders, "dip"),
+        ("DIP +reordering", "dip", _dip(False, budget_s), "ablation"),
+        ("DIP +zero-bubble split", "dip", _dip(True, budget_s, rules=True), "ablation"),
+        ("DIP +sub-microbatches", "dip_subs", _dip(True, budget_s, rules=True), "ablation"),
+        ("DIP +encoder-first order", "dip_subs", optimus_orders, "ablation"),
     )
 
 
-def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts], M: int, capacity: float,
-                   budget_s: float) -> dict:
-    """Every schedule of ``schedule_set`` on one batch: planning latency, validation, emulation.
+def _record(res, c: BatchCosts, P: int, stages, capacity: float, picked: str) -> dict:
+    work = c.work(P, stages)
+    return dict(step_s=res.step_time, bubble=res.bubble_fraction, bound_frac=sum(res.busy) / (P * res.step_time),
+                busiest_frac=max(work) / res.step_time, peak_gb=max(res.peak_memory) / 1e9,
+                over_capacity=bool(res.ranks_over(capacity)), picked=picked)
 
-    DIP rows are cumulative, as DIP's planner is: each adds candidates to the ones before it and
-    keeps the fastest by SEMU (``picked`` names the winner), so its planning time is the sum."""
+
+def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts], M: int, capacity: float,
+                   budget_s: float, fresh_costs: Callable[[], tuple[BatchCosts, BatchCosts]] | None = None,
+                   planner_budget_s: float = 0.0, ablation: bool = True) -> dict:
+    """Every schedule of ``schedule_set`` on one batch: planning latency, validation, emulation;
+    then, with ``fresh_costs``, DIP's planner (:func:`dip_planner`), timed from empty SEMU caches.
+
+    The ablation rows are cumulative: each adds candidates to the ones before it and keeps the
+    fastest by SEMU (``picked`` names the winner); their ``plan_ms`` is their own time (phase 3
+    run on each), not a planner's latency — that is the ``DIP planner`` row's."""
     out = {}
     best_dip: dict | None = None
-    dip_plan_ms = 0.0
-    for name, key, build, role in schedule_set(budget_s):
+    for name, key, build, role in schedule_set(budget_s, ablation):
         layout, c = layouts[key], costs[key]
         stages = layout.stages
         P = layout.P
@@ -770,14 +989,8 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
         if getattr(build, "rule", None) is not None:
             rec["rule"] = build.rule
         if rec["validated"]:
-            work = c.work(P, stages)
-            rec.update(step_s=res.step_time, bubble=res.bubble_fraction,
-                       bound_frac=sum(res.busy) / (P * res.step_time),
-                       busiest_frac=max(work) / res.step_time,
-                       peak_gb=max(res.peak_memory) / 1e9,
-                       over_capacity=bool(res.ranks_over(capacity)), picked=name)
-        if role in ("ablation", "dip"):
-            dip_plan_ms += rec["plan_ms"]
+            rec.update(_record(res, c, P, stages, capacity, name))
+        if role == "ablation":
             fits = rec["validated"] and not rec["over_capacity"]
             best_fits = best_dip is not None and not best_dip["over_capacity"]
             if best_dip is None or (fits and (not best_fits or rec["step_s"] < best_dip["step_s"])) or \
@@ -785,9 +998,27 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
                 if rec["validated"]:
                     best_dip = rec
             if best_dip is not None and best_dip is not rec:
-                rec = {**best_dip, "role": role, "own": {k: rec.get(k) for k in ("step_s", "error") if k in rec}}
-            rec["plan_ms"] = dip_plan_ms
+                rec = {**best_dip, "role": role, "plan_ms": rec["plan_ms"],
+                       "own": {k: rec.get(k) for k in ("step_s", "error") if k in rec}}
         out[name] = rec
+    if fresh_costs is not None:
+        layout = layouts["dip"]
+        rec = {"validated": False, "role": "dip"}
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            choice, info = dip_planner(layout, M, capacity, fresh_costs, planner_budget_s)
+        except DipcError as e:
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            rec["plan_ms"] = (time.perf_counter() - t0) * 1e3
+        else:
+            rec["plan_ms"] = (time.perf_counter() - t0) * 1e3
+            rec["plan_cpu_ms"] = (time.process_time() - c0) * 1e3   # this process's CPU: the machine is shared
+            c = costs["dip_subs"] if choice.program.subs else costs["dip"]
+            rec.update(validated=True, **_record(choice.result, c, layout.P, layout.stages, capacity, choice.label),
+                       simulated=choice.simulated, fitted=choice.fitted, **info,
+                       unfitted_step_s=choice.bounds[choice.label],      # the winner before phase 3
+                       work_frac=sum(c.work(layout.P, layout.stages)) / (layout.P * choice.result.step_time))
+        out[PLANNER] = rec
     return out
 
 
@@ -809,6 +1040,7 @@ def summarise(batches: Sequence[dict], base: str = MEGATRON) -> dict:
         ok = [(r, b) for r, b in recs if r["validated"] and b["validated"]]
         rel = [b["step_s"] / r["step_s"] for r, b in ok]
         plan = [r["plan_ms"] for r, _ in ok]
+        cpu = [r["plan_cpu_ms"] for r, _ in ok if "plan_cpu_ms" in r]
         vs_best = []
         for bt in batches:
             r = bt["schedules"][name]
@@ -831,6 +1063,7 @@ def summarise(batches: Sequence[dict], base: str = MEGATRON) -> dict:
             "peak_memory_gb_max": max((r["peak_gb"] for r, _ in ok), default=None),
             "batches_over_capacity": sum(r["over_capacity"] for r, _ in ok),
             "plan_ms": {"median": _pct(plan, 50) if plan else None, "p99": _pct(plan, 99) if plan else None},
+            "plan_cpu_ms": {"median": _pct(cpu, 50), "p99": _pct(cpu, 99)} if cpu else None,
             "picked": dict(Counter(r.get("picked") for r, _ in ok)),
         }
     return out
@@ -871,8 +1104,12 @@ def rise_and_fall(rng: np.random.Generator, iteration: int, num_microbatches: in
 
 
 def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: int,
-                 b_enc: int) -> tuple[dict[str, Layout], dict]:
+                 b_enc: int, k_backbone: int | None = None) -> tuple[dict[str, Layout], dict]:
+    """Every layout of the run; ``k_backbone`` overrides the paper's K rule for the backbone (an
+    offline choice, recorded in the result: e.g. fewer backbone chunks where memory binds)."""
     ki = segment_counts(wl, cm, cluster, tp, b_enc, P=P)
+    if k_backbone is not None:
+        ki = {**ki, "K": {**ki["K"], "backbone": k_backbone}, "K_rule": ki["K"], "override": "--k-backbone"}
     return {
         "mixed_params": mixed_layout(wl, cm, cluster, tp, rep_stats, P, 2, "params"),
         "mixed_time": mixed_layout(wl, cm, cluster, tp, rep_stats, P, 1, "time"),
@@ -885,10 +1122,12 @@ def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: in
 def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm_s", seed: int = 0,
         vit_tokens: int = VIT_PATCHES, budget_s: float = 0.15, b_enc: int | None = None, trace_iterations: int = 40,
         dp: int | None = None, profile: str | None = None, batch_seed: int | None = None,
-        progress: bool = False) -> dict:
+        progress: bool = False, planner_budget_s: float = 0.0, ablation: bool = True,
+        k_backbone: int | None = None) -> dict:
     """The benchmark's core for one workload: draw batches, lay out the model, evaluate every
     schedule per batch (the rise-and-fall trace only for VLMs)."""
     t_start = time.perf_counter()
+    state = code_state()        # the code this run executes (commits may land while it runs)
     wl = WORKLOADS[model](vit_tokens=vit_tokens)
     pm = wl.paper
     P, tp = pm.pp, pm.tp
@@ -901,7 +1140,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
     cm = cost_model(wl)
     rep = wl.draw(np.random.default_rng(seed + 10_000), wl.regimes[-1], 0, num_microbatches)
     rep_stats = [wl.stats(mb) for mb in rep]
-    layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc)
+    layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc, k_backbone)
     t_setup = time.perf_counter() - t_start
 
     rng = np.random.default_rng(seed if batch_seed is None else batch_seed)   # layouts always from `seed`
@@ -920,21 +1159,27 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         costs["dip_subs"] = batch_costs(cm, cluster, tp, layouts["dip"], stats, cache, dp=dp, frugal=True,
                                         sub_stats=wl.sub_stats(mbs, counts), subs=((wl.encoder, counts),))
         t_costs = time.perf_counter() - t0
-        scheds = evaluate_batch({**layouts, "dip_subs": layouts["dip"]}, costs, num_microbatches, capacity, budget_s)
+        sub_stats = wl.sub_stats(mbs, counts)
+
+        def fresh_costs():   # the planner's own SEMU costs, from empty caches (timed with it)
+            layer_cache: dict = {}
+            return (batch_costs(cm, cluster, tp, layouts["dip"], stats, layer_cache, dp=dp, frugal=True),
+                    batch_costs(cm, cluster, tp, layouts["dip"], stats, layer_cache, dp=dp, frugal=True,
+                                sub_stats=sub_stats, subs=((wl.encoder, counts),)))
+        scheds = evaluate_batch({**layouts, "dip_subs": layouts["dip"]}, costs, num_microbatches, capacity, budget_s,
+                                fresh_costs, planner_budget_s, ablation)
         batches.append({"index": i, "regime": regime, **wl.describe_mb(mbs), "semu_costs_ms": t_costs * 1e3,
-                        "schedules": scheds})
+                        "load_avg_1min": os.getloadavg()[0], "schedules": scheds})
         if progress and (n + 1) % 10 == 0:
             print(f"  {model}: {n + 1}/{len(work)} batches, {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
     skewed = [b for b in batches if b["regime"] != "rise_fall"]
-    trace = [b for b in batches if b["regime"] == "rise_fall"]
-    by_regime = {r: summarise([b for b in batches if b["regime"] == r]) for r in (*wl.regimes, "rise_fall")
-                 if any(b["regime"] == r for b in batches)}
     setup = {
         "model": f"{model} ({pm.encoder} + {pm.backbone}), bf16, built on meta", "tp": tp, "pp": P, "dp": dp,
         "gpus": tp * P * dp, "profile": profile, "memory_capacity_gb": capacity / 1e9,
         "microbatches": num_microbatches, "batches": num_batches, "trace_iterations": trace_iterations,
-        "seed": seed, "batch_seed": batch_seed, "mcts_budget_s_per_batch": budget_s, "segment_counts": ki, "sub_size": sub_size,
+        "seed": seed, "batch_seed": batch_seed, "mcts_budget_s_per_batch": budget_s,
+        "planner_mcts_budget_s": planner_budget_s, "ablation_rows": ablation, "segment_counts": ki, "sub_size": sub_size,
         "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
         "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
         "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
@@ -960,18 +1205,41 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
                             "mixed-video": "the same clips without grouping"}
     return {
         "honesty": HONESTY,
-        "code_state": code_state(),
+        "code_state": state,
         "setup": setup,
         "layouts": {k: {"name": lay.name, "rule": lay.rule, "V": lay.V, "encoder_stages": lay.vit_stages,
                         "stage_ms_at_representative": list(lay.stage_ms), "description": lay.describe(),
                         "slowest_stage_ms_by_encoder_stages": lay.candidates,
                         "stage_layers": [list(x) for x in lay.stage_layers]} for k, lay in layouts.items()},
-        "summary": summarise(skewed) if skewed else {},
-        "rise_and_fall": summarise(trace) if trace else {},
-        "by_regime": by_regime,
+        **summaries(batches, wl.regimes),
         "batches": batches,
         "seconds": {"setup": t_setup, "total": time.perf_counter() - t_start},
+        "load_avg_1min": {"median": _pct([b["load_avg_1min"] for b in batches], 50), "cpus": os.cpu_count()},
     }
+
+
+def summaries(batches: Sequence[dict], regimes: Sequence[str]) -> dict:
+    """The summary blocks of a result from its batches (skewed, rise-and-fall, per regime)."""
+    skewed = [b for b in batches if b["regime"] != "rise_fall"]
+    trace = [b for b in batches if b["regime"] == "rise_fall"]
+    return {"summary": summarise(skewed) if skewed else {}, "rise_and_fall": summarise(trace) if trace else {},
+            "by_regime": {r: summarise([b for b in batches if b["regime"] == r]) for r in (*regimes, "rise_fall")
+                          if any(b["regime"] == r for b in batches)}}
+
+
+def merge_shards(shards: Sequence[dict]) -> dict:
+    """One result from shards of one workload run with the same ``--seed`` (so the same layouts)
+    and different ``--batch-seed``: batches concatenated, summaries recomputed."""
+    first = shards[0]
+    if any(s["layouts"] != first["layouts"] for s in shards):
+        raise ValueError("shards have different layouts. Fix: run every shard with the same --seed.")
+    batches = [b for s in shards for b in s["batches"]]
+    setup = {**first["setup"], "batches": sum(s["setup"]["batches"] for s in shards),
+             "trace_iterations": sum(s["setup"]["trace_iterations"] for s in shards),
+             "batch_seed": [s["setup"]["batch_seed"] for s in shards]}
+    regimes = [r for r in dict.fromkeys(b["regime"] for b in batches) if r != "rise_fall"]
+    return {**first, "setup": setup, **summaries(batches, regimes), "batches": batches,
+            "seconds": {"total": sum(s["seconds"]["total"] for s in shards), "shards": [s["seconds"] for s in shards]}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -993,6 +1261,9 @@ def _rows(summary: dict) -> None:
               f"{_f(r['bubble_mean'], '7.1%')} {_f(r['no_bubble_bound_frac_mean'], '7.1%')} "
               f"{_f(r['peak_memory_gb_max'], '8.1f')} {r['batches_over_capacity']:>5} "
               f"{_f(r['plan_ms']['median'], '8.1f')} {_f(r['plan_ms']['p99'], '7.1f')}")
+        if r.get("plan_cpu_ms"):
+            print(f"    planner CPU time (this process; the machine is shared): median {r['plan_cpu_ms']['median']:.0f} ms, "
+                  f"p99 {r['plan_cpu_ms']['p99']:.0f} ms")
         for e in r["errors"]:
             print(f"    error: {e[:150]}")
 
@@ -1038,19 +1309,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-seed", type=int, default=None,
                         help="seed of the batches only (default --seed); shards of one run share --seed")
     parser.add_argument("--budget", type=float, default=0.15, help="MCTS seconds per batch per DIP variant")
+    parser.add_argument("--planner-budget", type=float, default=0.0,
+                        help="MCTS seconds inside the timed DIP planner (0: its fixed candidates only)")
+    parser.add_argument("--k-backbone", type=int, default=None,
+                        help="backbone segments K per rank instead of the paper's floor(T_i / T_1) rule")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip the cumulative DIP ablation rows (baselines and the DIP planner only)")
     parser.add_argument("--b-enc", type=int, default=None, help="encoder items per sub-microbatch (sets K_i)")
     parser.add_argument("--trace", type=int, default=40, help="iterations of the rise-and-fall trace (VLMs)")
     parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: the paper's GPUs / (TP x PP))")
     parser.add_argument("--profile", default=None, help=f"cluster preset (default {PROFILE}; the paper's §7.7 used H100)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="merge these result files (shards of one workload share a key) into --out and print them")
     args = parser.parse_args(argv)
     results = {}
+    if args.merge:
+        shards: dict[str, list[dict]] = {}
+        for path in args.merge:
+            for model, res in json.loads(path.read_text()).items():
+                shards.setdefault(model, []).append(res)
+        results = {m: merge_shards(v) if len(v) > 1 else v[0] for m, v in shards.items()}
+        for res in results.values():   # the notes describe this code; each result keeps its own code_state
+            res["honesty"] = HONESTY
+        for res in results.values():
+            print_table(res)
+            print()
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return results
     for model in args.models.split(","):
         if model not in WORKLOADS:
             parser.error(f"unknown workload {model!r}; choose from {sorted(WORKLOADS)}")
         results[model] = run(args.batches, args.microbatches, model=model, seed=args.seed, vit_tokens=args.vit_tokens,
                              budget_s=args.budget, b_enc=args.b_enc, trace_iterations=args.trace, dp=args.dp,
-                             profile=args.profile, batch_seed=args.batch_seed, progress=True)
+                             profile=args.profile, batch_seed=args.batch_seed, progress=True,
+                             planner_budget_s=args.planner_budget, ablation=not args.no_ablation,
+                             k_backbone=args.k_backbone)
         print_table(results[model])
         print()
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,7 @@ What it does, in order:
    (``measured_peak_memory``) vs the emulator's peak per rank;
 4. DIP vs 1F1B direction: on batches of 8 one-sample microbatches (sizes skewed across
    microbatches), 1F1B and DIP's plan scored on the calibrated model (``dip_cpu``) and as dipc
-   plans by default on its GPU profile (``dip_gpu``: picks the zero-bubble split, whose weight
-   backward re-walks the graph in dipc's runtime), measured on both executors: the share of batches where the measured DIP/1F1B step-time ratio lies on the side of 1
+   plans by default on its GPU profile (``dip_gpu``: usually the zero-bubble split), measured on both executors: the share of batches where the measured DIP/1F1B step-time ratio lies on the side of 1
    SEMU predicts, and the correlation of predicted and measured ratios;
 5. prints a table and writes ``benchmarks/results/semu_accuracy.json`` (every case, the summary,
    the fitted profile) and the calibrated profile ``benchmarks/results/semu_calibrated_profile.json``.
@@ -74,8 +73,9 @@ LIMITS = [
     "describes it only roughly (per-instruction fit error ~10%)",
     "CPU attention: masked SDPA over packed sequences runs torch's math path: dense QK^T, a materialised softmax and "
     "its stash (modelled: dense FLOPs, a fitted time per probability byte, the probabilities in the stash)",
-    "dipc's BWD_W re-walks the backward graph (modelled: StepModel.runtime_options); the stage glue and the loss "
-    "have no cost entries of their own (their time is in the fitted per-kind constants)",
+    "dipc's BWD_W runs only the weight-gradient nodes (dipc.runtime.split_backward), except in stages with "
+    "recomputed layers, where it re-walks the backward graph (not modelled); the stage glue and the loss have no "
+    "cost entries of their own (their time is in the fitted per-kind constants)",
     "the local executor runs gpipe, 1f1b and dual_queue as the same instructions: SEMU predicts them equal, and "
     "their measured order is noise, which caps Kendall's tau there (about 0.84 if everything else is right)",
     "gloo: P2P is gloo's handshake (a send waits for the receive's ready notice) at the ping-pong's latency and "

@@ -39,6 +39,9 @@ def default_loss_weight(batch: Batch) -> float:
     return 1.0
 
 
+_PROGRAM_CACHE_SIZE = 16   # distinct batch shapes whose programs a pipeline keeps
+
+
 @dataclass
 class StepResult:
     loss: float                      # full-batch loss (weighted mean of microbatch losses)
@@ -73,7 +76,11 @@ class CompiledPipeline:
         self.sub_shapes = {mod: ShapeInference([s for s in self.stages if s.modality == mod], edge_stages=self.stages)
                            for mod in (self.sub_microbatcher.config if self.sub_microbatcher else {})}
         # which parameters train decides which stage edges carry gradients and what optimizers hold
-        self.trainable = tuple(p.requires_grad for p in self.model.parameters())
+        self._parameters = list(self.model.parameters())
+        self.trainable = tuple(p.requires_grad for p in self._parameters)
+        # validated programs by what determines them (message specs, subs, schedule): a batch
+        # whose shapes recur (fixed-shape training, bucketed lengths) skips codegen and validation
+        self._programs: dict[tuple, Program] = {}
         self.treespecs = {name: tree_flatten(v)[1] for name, v in self.captured.example_values.items()}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         if self.optimizer_factory is not None:
@@ -143,13 +150,23 @@ class CompiledPipeline:
                 act, grad = edge_specs[mb][(producer, consumer)]
             return act if kind == "act" else grad
 
+        key = None
         if compute_orders is None:
-            program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
-                                    schedule or self.schedule, specs=specs, subs=subs)
-        else:
-            program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
-                            schedule=schedule or "custom", specs=specs, subs=subs)
-        validate(program)
+            key = (schedule or self.schedule, subs, tuple(tuple(sorted(e.items())) for e in edge_specs),
+                   tuple(sorted((k, tuple(sorted(v.items()))) for k, v in sub_specs.items())))
+        program = self._programs.get(key) if key is not None else None
+        if program is None:
+            if compute_orders is None:
+                program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
+                                        schedule or self.schedule, specs=specs, subs=subs)
+            else:
+                program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
+                                schedule=schedule or "custom", specs=specs, subs=subs)
+            validate(program)
+            if key is not None:
+                if len(self._programs) >= _PROGRAM_CACHE_SIZE:
+                    self._programs.pop(next(iter(self._programs)))   # oldest first
+                self._programs[key] = program
         if memory_limit is not None:
             program = self.fit_memory(program, microbatches, memory_limit, profile).program
         maybe_dump(self, program, microbatches)
@@ -176,7 +193,7 @@ class CompiledPipeline:
         return optimize_memory(program, step_model(self, microbatches, profile), memory_limit)
 
     def check_trainable(self) -> None:
-        if tuple(p.requires_grad for p in self.model.parameters()) != self.trainable:
+        if tuple(p.requires_grad for p in self._parameters) != self.trainable:
             raise PartitionError("parameters were frozen or unfrozen (requires_grad changed) after dipc.compile; "
                                  "the stage graph decided from the old setting which values carry gradients. "
                                  "Fix: call dipc.compile again after changing requires_grad.")

@@ -329,8 +329,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions, inf
         info.fused_ops = list(run.meta.get("dipc.fused_ops", []))
     info.run_module = run
     if info.fused_ops:
-        # dipc's fused ops are autograd.Functions over Triton kernels (or their torch fallbacks):
-        # they run eagerly, not under AOTAutograd's fake-tensor tracing.
+        # dipc's fused ops run eagerly here. They are torch custom ops (torch.ops.dipc.*) with fake
+        # impls, so AOTAutograd could trace them too; that path is not enabled or tested yet.
         info.executor = "fx"
         return run.forward
     if not opts.aot:

@@ -18,6 +18,11 @@ import os
 from typing import Any
 
 import torch
+# The fused ops are torch custom ops, whose first call imports torch._dynamo. dipc's capture runs
+# layers inside torch.fx tracing, which patches math.* while it traces; a first import of
+# torch._dynamo there caches the patched functions in Dynamo's rules, and torch.compile later
+# graph-breaks on math.log. Importing it here, before any tracing, keeps that from happening.
+import torch._dynamo  # noqa: F401
 
 from dipc.errors import DipcError
 
@@ -27,6 +32,7 @@ __all__ = [
     "KernelInputError",
     "PATH_COUNTS",
     "check_inputs",
+    "is_traced",
     "next_pow2",
     "record_path",
     "triton",
@@ -66,8 +72,13 @@ class KernelInputError(DipcError, ValueError):
 
 
 def triton_usable(*tensors: torch.Tensor | None) -> bool:
-    """True when the Triton kernels can run on these tensors (all on one device, a dtype the
-    kernels support, and a device Triton can drive in this process)."""
+    """True when the fused op runs for these tensors: all of a dtype the kernels support, on a
+    device Triton can drive in this process (CUDA, or the CPU under the interpreter).
+
+    Fake and meta tensors (SEMU and torch.compile trace with them) answer for the device they
+    stand for, with ``meta`` standing for a GPU: the fused op then appears as one ``torch.ops.dipc``
+    node with its own cost entry, exactly as the real run will execute it. functorch transforms
+    (vmap, grad) take the torch fallback, which they can trace through."""
     if not HAS_TRITON or os.environ.get("DIPC_DISABLE_TRITON", "0") not in ("", "0"):
         return False
     for t in tensors:
@@ -75,26 +86,29 @@ def triton_usable(*tensors: torch.Tensor | None) -> bool:
             continue
         if t.dtype not in _TRITON_DTYPES:
             return False
-        if t.device.type == "cuda":
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+        kind = t.device.type
+        if kind == "meta":
+            continue
+        if kind == "cuda":
             if INTERPRET:
                 return False
-        elif t.device.type == "cpu":
+        elif kind == "cpu":
             if not INTERPRET:
                 return False
         else:
             return False
-        if _is_fake(t):
-            return False
     return True
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    # FakeTensor / meta / functional tensors used while dipc traces shapes and costs
+def is_traced(t: torch.Tensor) -> bool:
+    """A fake or meta tensor (shape tracing): it has no values to check."""
     if t.device.type == "meta":
         return True
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return isinstance(t, FakeTensor)
 
 
 def check_inputs(op: str, *named: tuple[str, Any]) -> None:

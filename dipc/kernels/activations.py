@@ -2,9 +2,9 @@
 approximation, ViT/Whisper/DiT MLPs).
 
 Each op: one elementwise ``_fwd`` and one ``_bwd`` jit kernel over the flattened tensors → host
-launcher → ``autograd.Function``. The forward saves only its inputs and the backward recomputes
-the activation (Liger-Kernel's trade: no saved intermediate, one extra cheap recompute), so the
-fused SwiGLU keeps one ``[.., hidden]`` tensor less alive than eager torch.
+launcher → a ``dipc::`` custom op with autograd. The forward saves only its inputs and the
+backward recomputes the activation (Liger-Kernel's trade: no saved intermediate, one extra cheap
+recompute), so the fused SwiGLU keeps one ``[.., hidden]`` tensor less alive than eager torch.
 
 Not handled by the kernel (falls back to torch): broadcasting between ``gate`` and ``up``, fp64.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from dipc.semu.op_costs import register_op_cost
 
 from ._common import (
     HAS_TRITON,
@@ -25,13 +27,15 @@ from ._common import (
 )
 
 __all__ = [
-    "GELUFunction",
-    "SwiGLUFunction",
     "gelu",
+    "gelu_backward_op",
+    "gelu_op",
     "gelu_reference",
     "supports_gelu",
     "supports_swiglu",
     "swiglu",
+    "swiglu_backward_op",
+    "swiglu_op",
     "swiglu_reference",
 ]
 
@@ -101,45 +105,100 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1)
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b):
-        a1, b1 = _flat(a), _flat(b)
-        c = torch.empty_like(a1)
-        n = a1.numel()
-        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](a1, b1, c, n, BLOCK=_BLOCK)
-        ctx.save_for_backward(a1, b1)
-        ctx.shape = a.shape
-        return c.view(a.shape)
-
-    @staticmethod
-    def backward(ctx, dc):
-        a1, b1 = ctx.saved_tensors
-        da, db = torch.empty_like(a1), torch.empty_like(b1)
-        n = a1.numel()
-        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(dc), a1, b1, da, db, n, BLOCK=_BLOCK)
-        return da.view(ctx.shape), db.view(ctx.shape)
+def _like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-class GELUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tanh: bool):
-        x1 = _flat(x)
-        y = torch.empty_like(x1)
-        n = x1.numel()
-        _gelu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x1, y, n, TANH=tanh, BLOCK=_BLOCK)
-        ctx.save_for_backward(x1)
-        ctx.tanh = tanh
-        ctx.shape = x.shape
-        return y.view(x.shape)
+# ---- the ops: one torch.ops.dipc node per direction (see rms_norm.py for why). The forwards save
+# only their inputs; the backwards recompute the activation. ------------------------------------
 
-    @staticmethod
-    def backward(ctx, dy):
-        (x1,) = ctx.saved_tensors
-        dx = torch.empty_like(x1)
-        n = x1.numel()
-        _gelu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(dy), x1, dx, n, TANH=ctx.tanh, BLOCK=_BLOCK)
-        return dx.view(ctx.shape), None
+@torch.library.custom_op("dipc::swiglu", mutates_args=())
+def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    a1, b1 = _flat(gate), _flat(up)
+    c = torch.empty_like(a1)
+    n = a1.numel()
+    _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](a1, b1, c, n, BLOCK=_BLOCK)
+    return c.view(gate.shape)
+
+
+@swiglu_op.register_fake
+def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _like(gate)
+
+
+@torch.library.custom_op("dipc::swiglu_backward", mutates_args=())
+def swiglu_backward_op(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a1, b1 = _flat(gate), _flat(up)
+    da, db = torch.empty_like(a1), torch.empty_like(b1)
+    n = a1.numel()
+    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(dc), a1, b1, da, db, n, BLOCK=_BLOCK)
+    return da.view(gate.shape), db.view(gate.shape)
+
+
+@swiglu_backward_op.register_fake
+def _(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _like(gate), _like(up)
+
+
+def _swiglu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dc):
+    gate, up = ctx.saved_tensors
+    return torch.ops.dipc.swiglu_backward(dc, gate, up)
+
+
+swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+@torch.library.custom_op("dipc::gelu", mutates_args=())
+def gelu_op(x: torch.Tensor, tanh: bool) -> torch.Tensor:
+    x1 = _flat(x)
+    y = torch.empty_like(x1)
+    n = x1.numel()
+    _gelu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x1, y, n, TANH=tanh, BLOCK=_BLOCK)
+    return y.view(x.shape)
+
+
+@gelu_op.register_fake
+def _(x: torch.Tensor, tanh: bool) -> torch.Tensor:
+    return _like(x)
+
+
+@torch.library.custom_op("dipc::gelu_backward", mutates_args=())
+def gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, tanh: bool) -> torch.Tensor:
+    x1 = _flat(x)
+    dx = torch.empty_like(x1)
+    n = x1.numel()
+    _gelu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(dy), x1, dx, n, TANH=tanh, BLOCK=_BLOCK)
+    return dx.view(x.shape)
+
+
+@gelu_backward_op.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, tanh: bool) -> torch.Tensor:
+    return _like(x)
+
+
+def _gelu_setup(ctx, inputs, output) -> None:
+    x, tanh = inputs
+    ctx.tanh = tanh
+    ctx.save_for_backward(x)
+
+
+def _gelu_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return torch.ops.dipc.gelu_backward(dy, x, ctx.tanh), None
+
+
+gelu_op.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+
+# SEMU's cost entries: memory-bound, so no FLOPs are counted (as for the torch ops they replace);
+# the bytes are the op's inputs and outputs, each moved once.
+register_op_cost(torch.ops.dipc.swiglu, None)
+register_op_cost(torch.ops.dipc.swiglu_backward, None)
+register_op_cost(torch.ops.dipc.gelu, None)
+register_op_cost(torch.ops.dipc.gelu_backward, None)
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -167,7 +226,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_inputs("swiglu", ("gate", gate), ("up", up))
     if supports_swiglu(gate, up):
         record_path("swiglu", "triton")
-        return SwiGLUFunction.apply(gate, up)
+        return torch.ops.dipc.swiglu(gate, up)
     record_path("swiglu", "torch")
     return swiglu_reference(gate, up)
 
@@ -182,6 +241,6 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     check_inputs("gelu", ("x", x))
     if supports_gelu(x):
         record_path("gelu", "triton")
-        return GELUFunction.apply(x, approximate == "tanh")
+        return torch.ops.dipc.gelu(x, approximate == "tanh")
     record_path("gelu", "torch")
     return gelu_reference(x, approximate)

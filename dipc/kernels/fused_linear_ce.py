@@ -8,6 +8,12 @@ accumulate ``dW`` (fp32). The gradients are computed in the forward (the loss is
 the backward only scales them by the incoming gradient — Liger-Kernel's design. Peak extra memory
 is one chunk of logits plus ``dW`` in fp32, instead of two full logits tensors.
 
+Cost: SEMU's entry for the op counts ``2·N·D·V`` FLOPs per matmul (logits, ``dx``, ``dW``), all in
+the forward, and the chunked traffic. Per chunk ``dW`` is accumulated as ``(Gᵀx).float()`` added to
+an fp32 ``[V, D]`` buffer, several passes over ``V·D`` per chunk: at LLaMA-3 scale (V=128256,
+D=4096, ~32 chunks) that traffic, not the matmuls, dominates the op (an in-place fp32 accumulate
+would remove most of it).
+
 Supported: ``reduction`` ``"mean"`` (over non-ignored targets) and ``"sum"``, ``ignore_index``,
 optional bias. Not handled (falls back to unfused torch): ``reduction="none"``, label smoothing,
 class weights, fp64, and targets whose count does not match the rows of ``x``.
@@ -17,11 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dipc.semu.op_costs import register_op_cost
+
 from ._common import (
     HAS_TRITON,
     INTERPRET,
     KernelInputError,
     check_inputs,
+    is_traced,
     next_pow2,
     record_path,
     tl,
@@ -30,8 +39,8 @@ from ._common import (
 )
 
 __all__ = [
-    "FusedLinearCrossEntropyFunction",
     "fused_linear_cross_entropy",
+    "linear_cross_entropy_op",
     "linear_cross_entropy_reference",
     "supports_fused_linear_cross_entropy",
 ]
@@ -81,48 +90,128 @@ def _default_chunk(n_rows: int, vocab: int, hidden: int) -> int:
     return max(1, min(n_rows, next_pow2(triton.cdiv(n_rows, triton.cdiv(vocab, hidden)))))
 
 
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, target, ignore_index, reduction, chunk_size):
-        n_rows, hidden = x.shape
-        vocab = weight.shape[0]
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
-        target = target.contiguous()
-        n_valid = int((target != ignore_index).sum()) if reduction == "mean" else 1
-        scale = 1.0 / n_valid if n_valid > 0 else float("inf")
-        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        dx = torch.empty_like(x) if need_dx else None
-        dw = torch.zeros(vocab, hidden, dtype=torch.float32, device=x.device) if need_dw else None
-        db = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_db else None
-        chunk = chunk_size or _default_chunk(n_rows, vocab, hidden)
-        block_v = min(next_pow2(vocab), 32768 if INTERPRET else 4096)
-        for start in range(0, n_rows, chunk):
-            end = min(start + chunk, n_rows)
-            xc = x[start:end]
-            logits = F.linear(xc, weight, bias).contiguous()
-            _ce_fwd_bwd_kernel[(end - start,)](logits, target[start:end], loss_rows[start:end], vocab,
-                                               ignore_index, scale, BLOCK_V=block_v)
-            if need_dx:
-                torch.matmul(logits, weight, out=dx[start:end])
-            if need_dw:
-                dw += (logits.t() @ xc).float()
-            if need_db:
-                db += logits.float().sum(0)
-        loss = loss_rows.sum() * (scale if reduction == "mean" else 1.0)
-        ctx.save_for_backward(dx, dw, db)
-        ctx.w_dtype = weight.dtype
-        ctx.b_dtype = bias.dtype if bias is not None else None
-        return loss
+def _forward_and_grads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                       ignore_index: int, reduction: str, chunk_size: int | None, need_dx: bool, need_dw: bool,
+                       need_db: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                               torch.Tensor | None]:
+    """The loss and the gradients of ``x``, ``weight``, ``bias`` (those asked for), chunk by chunk."""
+    n_rows, hidden = x.shape
+    vocab = weight.shape[0]
+    target = target.contiguous()
+    n_valid = int((target != ignore_index).sum()) if reduction == "mean" else 1
+    scale = 1.0 / n_valid if n_valid > 0 else float("inf")
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.zeros(vocab, hidden, dtype=torch.float32, device=x.device) if need_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_db else None
+    chunk = chunk_size or _default_chunk(n_rows, vocab, hidden)
+    block_v = min(next_pow2(vocab), 32768 if INTERPRET else 4096)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        xc = x[start:end]
+        logits = F.linear(xc, weight, bias).contiguous()
+        _ce_fwd_bwd_kernel[(end - start,)](logits, target[start:end], loss_rows[start:end], vocab,
+                                           ignore_index, scale, BLOCK_V=block_v)
+        if dx is not None:
+            torch.matmul(logits, weight, out=dx[start:end])
+        if dw is not None:
+            dw += (logits.t() @ xc).float()
+        if db is not None:
+            db += logits.float().sum(0)
+    loss = loss_rows.sum() * (scale if reduction == "mean" else 1.0)
+    return loss, dx, dw, db
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw, db = ctx.saved_tensors
-        g = grad_loss.float()
-        out_dx = (dx * g.to(dx.dtype)) if dx is not None else None
-        out_dw = (dw * g).to(ctx.w_dtype) if dw is not None else None
-        out_db = (db * g).to(ctx.b_dtype) if db is not None else None
-        return out_dx, out_dw, out_db, None, None, None, None
+
+# ---- the op: one torch.ops.dipc node. The loss is a scalar, so the gradients are computed in the
+# forward and kept for the backward, which only scales them: fake-tensor tracing (SEMU) sees that
+# one node, its outputs (loss, dx, fp32 dW, fp32 db) and what autograd keeps, never full logits.
+# Gradients not asked for come back as empty tensors (a custom op returns tensors only). ---------
+
+@torch.library.custom_op("dipc::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                            ignore_index: int, reduction: str, chunk_size: int | None, need_dx: bool,
+                            need_dw: bool, need_db: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, dx, dweight, dbias)`` for ``x [rows, D]``; ``dweight``/``dbias`` in fp32."""
+    loss, dx, dw, db = _forward_and_grads(x, weight, bias, target, ignore_index, reduction, chunk_size,
+                                          need_dx, need_dw, need_db)
+    none = lambda dtype: x.new_empty(0, dtype=dtype)   # a distinct tensor each: outputs may not alias
+    return (loss, dx if dx is not None else none(x.dtype), dw if dw is not None else none(torch.float32),
+            db if db is not None else none(torch.float32))
+
+
+@linear_cross_entropy_op.register_fake
+def _(x, weight, bias, target, ignore_index, reduction, chunk_size, need_dx, need_dw, need_db):
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((), **f32), torch.empty_like(x) if need_dx else x.new_empty(0),
+            weight.new_empty(weight.shape, **f32) if need_dw else x.new_empty(0, **f32),
+            weight.new_empty(weight.shape[:1], **f32) if need_db else x.new_empty(0, **f32))
+
+
+def _setup(ctx, inputs, output) -> None:
+    _, weight, bias, *_ = inputs
+    _, dx, dw, db = output
+    ctx.mark_non_differentiable(dx, dw, db)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(dx, dw, db)
+    ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    dx, dw, db = ctx.saved_tensors
+    w_dtype, b_dtype = ctx.dtypes
+    g = grad_loss.float()
+    need = ctx.needs_input_grad
+    out_dx = dx * g.to(dx.dtype) if need[0] and dx.numel() else None
+    out_dw = (dw * g).to(w_dtype) if need[1] and dw.numel() else None
+    out_db = (db * g).to(b_dtype) if need[2] and db.numel() else None
+    return out_dx, out_dw, out_db, None, None, None, None, None, None, None
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- SEMU's cost entry -------------------------------------------------------------------------
+# All the matmul work runs in the forward: logits, then dx = G·W and dW = Gᵀ·x from the gradient G
+# that overwrites each chunk's logits; the backward only scales the kept gradients.
+
+def _flops(x_shape, w_shape, bias_shape, target_shape, ignore_index, reduction, chunk_size, need_dx, need_dw,
+           need_db, out_shape=None, **_: object):
+    """``2·N·D·V`` for the logits, and as much again for each of ``dx`` and ``dW`` asked for."""
+    rows, hidden = x_shape
+    return 2 * rows * hidden * w_shape[0] * (1 + int(need_dx) + int(need_dw))
+
+
+def _bytes_moved(x, weight, bias, target, ignore_index, reduction, chunk_size, need_dx, need_dw, need_db,
+                 *, out=None, **_: object):
+    """Memory traffic of :func:`_forward_and_grads`, summed over its chunks.
+
+    Per row of logits (``V`` values of x's dtype): written by the matmul, read twice and
+    rewritten by the kernel, then read once by each gradient matmul (``dx``, ``dW``, ``db``). Per
+    chunk, ``W`` is read by each matmul and the fp32 ``dW`` accumulated (read, add, write). The
+    default chunk holds about ``N·D/V`` rows, so the chunk count is taken as ``min(N, ceil(V/D))``
+    (exact when ``N·D/V`` is a power of two, an upper bound otherwise)."""
+    rows, hidden = x.shape
+    vocab = weight.shape[0]
+    e = x.element_size()
+    if chunk_size:
+        chunks = (rows + chunk_size - 1) // chunk_size
+    else:
+        chunks = torch.sym_min(rows, -(-vocab // hidden))
+    logit_passes = 4 + int(need_dx) + int(need_dw) + int(need_db)
+    total = rows * hidden * e * (1 + int(need_dx) + int(need_dw))           # x read, dx written, x re-read for dW
+    total += rows * (vocab * e * logit_passes + target.element_size() + 4 + 4)  # logits, target, loss rows, sum
+    total += chunks * vocab * hidden * e * (1 + int(need_dx))                # W per matmul per chunk
+    if bias is not None:
+        total += chunks * vocab * e
+    if need_dw:   # zero-init, then per chunk: Gᵀx written, cast to fp32 if needed, dW += (read 2, write 1)
+        total += vocab * hidden * 4 + chunks * vocab * hidden * (e + (e + 4 if e != 4 else 0) + 12)
+    if need_db:
+        total += vocab * 4 + chunks * vocab * 16 + (rows * vocab * 8 if e != 4 else 0)
+    return total
+
+
+register_op_cost(torch.ops.dipc.linear_cross_entropy, _flops, bytes_moved=_bytes_moved)
 
 
 def supports_fused_linear_cross_entropy(x, weight, target, bias=None, reduction="mean") -> bool:
@@ -135,6 +224,18 @@ def supports_fused_linear_cross_entropy(x, weight, target, bias=None, reduction=
         and target.numel() > 0
         and not target.is_floating_point()
     )
+
+
+def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    # the kernel reads logits[target] unchecked: an out-of-range class would read another row
+    if is_traced(target):
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        first = int(target[bad].reshape(-1)[0])
+        raise KernelInputError(f"fused_linear_cross_entropy: target {first} is outside [0, {vocab}) and is not "
+                               f"ignore_index={ignore_index}. Fix: targets must be class indices < vocab, "
+                               "or ignore_index.")
 
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -158,9 +259,13 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: to
     if chunk_size is not None and chunk_size < 1:
         raise KernelInputError(f"fused_linear_cross_entropy: chunk_size={chunk_size}. Fix: use >= 1 or None.")
     if supports_fused_linear_cross_entropy(x, weight, target, bias, reduction):
+        _check_targets(target, weight.shape[0], ignore_index)
         record_path("fused_linear_cross_entropy", "triton")
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        return FusedLinearCrossEntropyFunction.apply(x2, weight, bias, target.reshape(-1), int(ignore_index),
-                                                     reduction, chunk_size)
+        grad = torch.is_grad_enabled()
+        return torch.ops.dipc.linear_cross_entropy(
+            x2, weight, bias, target.reshape(-1), int(ignore_index), reduction, chunk_size,
+            grad and x.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad)[0]
     record_path("fused_linear_cross_entropy", "torch")
     return linear_cross_entropy_reference(x, weight, target, bias, ignore_index, reduction)

@@ -1,9 +1,9 @@
 """Fused LayerNorm over the last dim (ViT / Whisper / DiT encoders), with optional weight and bias
 (``nn.LayerNorm(elementwise_affine=False)`` in DiT blocks has neither).
 
-jit kernels → host launchers → ``LayerNormFunction``; ``layer_norm_reference`` is
-``F.layer_norm``. The forward saves ``x``, per-row ``mean`` and ``rstd``; the backward recomputes
-``x_hat`` and reduces the weight/bias gradients through fp32 per-program partial sums.
+jit kernels → host launchers → the ``dipc::layer_norm`` custom op (and its backward op);
+``layer_norm_reference`` is ``F.layer_norm``. The forward saves ``x``, per-row ``mean`` and
+``rstd``; the backward recomputes ``x_hat`` and reduces the weight/bias gradients through fp32 per-program partial sums.
 
 Not handled by the kernel (falls back to torch): normalized shapes over more than the last dim,
 rows wider than 65536, fp64, and parameter dtypes that differ from the input's.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from dipc.semu.op_costs import register_op_cost
 
 from ._common import (
     HAS_TRITON,
@@ -26,7 +28,8 @@ from ._common import (
     triton_usable,
 )
 
-__all__ = ["LayerNormFunction", "layer_norm", "layer_norm_reference", "supports_layer_norm"]
+__all__ = ["layer_norm", "layer_norm_backward_op", "layer_norm_op", "layer_norm_reference",
+           "supports_layer_norm"]
 
 _MAX_COLS = 65536
 
@@ -98,43 +101,98 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        w = weight.contiguous() if weight is not None else None
-        b = bias.contiguous() if bias is not None else None
-        n_rows, n_cols = x2.shape
-        block_n = next_pow2(n_cols)
-        block_m = rows_per_program(block_n)
-        y = torch.empty_like(x2)
-        mean = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
-        rstd = torch.empty_like(mean)
-        _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-            x2, w if w is not None else x2, b if b is not None else x2, y, mean, rstd, n_rows, n_cols, eps,
-            HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m, BLOCK_N=block_n)
-        ctx.save_for_backward(x2, w, mean, rstd)
-        ctx.has_b = b is not None
-        ctx.b_dtype = b.dtype if b is not None else None
-        return y.view(x.shape)
+def _fwd(x2: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
+         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_rows, n_cols = x2.shape
+    block_n = next_pow2(n_cols)
+    block_m = rows_per_program(block_n)
+    y = torch.empty_like(x2)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    rstd = torch.empty_like(mean)
+    _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2, w if w is not None else x2, b if b is not None else x2, y, mean, rstd, n_rows, n_cols, eps,
+        HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+    return y, mean, rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, w, mean, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
-        block_n = next_pow2(n_cols)
-        block_m = rows_per_program(block_n)
-        num_tiles = triton.cdiv(n_rows, block_m)
-        num_progs = num_persistent_programs(num_tiles, x2.device)
-        dx = torch.empty_like(x2)
-        dw_part = torch.empty(num_progs, n_cols, dtype=torch.float32, device=x2.device)
-        db_part = torch.empty_like(dw_part) if ctx.has_b else dw_part
-        _layer_norm_bwd_kernel[(num_progs,)](
-            dy.reshape(x2.shape).contiguous(), x2, w if w is not None else x2, mean, rstd, dx, dw_part, db_part,
-            n_rows, n_cols, num_tiles, HAS_W=w is not None, HAS_B=ctx.has_b, BLOCK_M=block_m, BLOCK_N=block_n)
-        dw = dw_part.sum(0).to(w.dtype) if w is not None else None
-        db = db_part.sum(0).to(ctx.b_dtype) if ctx.has_b else None
-        return dx.view(dy.shape), dw, db, None
+
+def _bwd(dy2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+         has_b: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    n_rows, n_cols = x2.shape
+    block_n = next_pow2(n_cols)
+    block_m = rows_per_program(block_n)
+    num_tiles = triton.cdiv(n_rows, block_m)
+    num_progs = num_persistent_programs(num_tiles, x2.device)
+    dx = torch.empty_like(x2)
+    dw_part = torch.empty(num_progs, n_cols, dtype=torch.float32, device=x2.device)
+    db_part = torch.empty_like(dw_part) if has_b else dw_part
+    _layer_norm_bwd_kernel[(num_progs,)](
+        dy2, x2, w if w is not None else x2, mean, rstd, dx, dw_part, db_part,
+        n_rows, n_cols, num_tiles, HAS_W=w is not None, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n)
+    dw = dw_part.sum(0).to(w.dtype) if w is not None else None
+    db = db_part.sum(0).to(x2.dtype) if has_b else None
+    return dx, dw, db
+
+
+# ---- the op: one torch.ops.dipc node per direction (see rms_norm.py for why) ------------------
+# Absent weight/bias gradients are returned as empty tensors (a custom op returns tensors only).
+
+@torch.library.custom_op("dipc::layer_norm", mutates_args=())
+def layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)``; ``mean`` and ``rstd`` are fp32 per row, kept for the backward."""
+    y, mean, rstd = _fwd(x.reshape(-1, x.shape[-1]).contiguous(),
+                         weight.contiguous() if weight is not None else None,
+                         bias.contiguous() if bias is not None else None, eps)
+    return y.view(x.shape), mean, rstd
+
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    rows = x.numel() // x.shape[-1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("dipc::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                           rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)`` in one kernel; empty where there is no weight / bias."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    dx, dw, db = _bwd(dy.reshape(x2.shape).contiguous(), x2, weight.contiguous() if weight is not None else None,
+                      mean, rstd, has_bias)
+    return dx.view(x.shape), (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
+
+
+@layer_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd, has_bias):
+    n = x.shape[-1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight) if weight is not None else x.new_empty(0),
+            x.new_empty(n) if has_bias else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.dipc.layer_norm_backward(dy, x, weight, mean, rstd, ctx.has_bias)
+    return (dx, dw if weight is not None and ctx.needs_input_grad[1] else None,
+            db if ctx.has_bias and ctx.needs_input_grad[2] else None, None)
+
+
+layer_norm_op.register_autograd(_backward, setup_context=_setup)
+
+# SEMU's cost entries: memory-bound, so no FLOPs are counted (as for the torch ops they replace);
+# the bytes are the op's inputs and outputs, each moved once.
+register_op_cost(torch.ops.dipc.layer_norm, None)
+register_op_cost(torch.ops.dipc.layer_norm_backward, None)
 
 
 def supports_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
@@ -160,6 +218,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
                                    f"{x.shape[-1]}. Fix: {name} must be 1-D of size x.shape[-1].")
     if supports_layer_norm(x, weight, bias):
         record_path("layer_norm", "triton")
-        return LayerNormFunction.apply(x, weight, bias, float(eps))
+        return torch.ops.dipc.layer_norm(x, weight, bias, float(eps))[0]
     record_path("layer_norm", "torch")
     return layer_norm_reference(x, weight, bias, eps)

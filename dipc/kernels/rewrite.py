@@ -407,7 +407,35 @@ def _lazy_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     fused = cache[key]
     if fused is None:
         return base.forward(self, *args, **kwargs)
+    _bind_live_attrs(fused, self)
     return fused(*[bound.arguments[n] for n in names])
+
+
+def _bind_live_attrs(gm: fx.GraphModule, layer: nn.Module) -> None:
+    """Point the cached graph's ``get_attr`` tensors at the layer's current ones.
+
+    ``fx.GraphModule`` copies the tensor a ``get_attr`` names when it is built, so without this
+    the graph would keep using the Parameters it was traced with after the layer's own are swapped
+    (``torch.func.functional_call``, which SEMU uses to trace layers on fake tensors): the weights
+    would not be the inputs whose gradients SEMU counts, and a swapped-in copy would be ignored."""
+    targets = gm.meta.get("dipc.attr_targets")
+    if targets is None:
+        targets = gm.meta["dipc.attr_targets"] = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    for target in targets:
+        prefix, _, name = target.rpartition(".")
+        owner = layer.get_submodule(prefix) if prefix else layer
+        holder = gm.get_submodule(prefix) if prefix else gm
+        if owner is holder:
+            continue
+        live = getattr(owner, name)
+        for table in (holder._parameters, holder._buffers):
+            if name in table:
+                if table[name] is not live:
+                    table[name] = live
+                break
+        else:
+            if getattr(holder, name, None) is not live:
+                holder.__dict__[name] = live
 
 
 def _trace_and_rewrite(layer: nn.Module, base: type, concrete: dict[str, Any]) -> fx.GraphModule | None:

@@ -1,8 +1,9 @@
 """Fused RMSNorm: ``y = weight * x / sqrt(mean(x**2, -1) + eps)`` computed in float32.
 
-Three layers (as in Liger-Kernel): jit kernels → host launchers → ``RMSNormFunction``; plus
-``rms_norm_reference``, the plain-torch definition (LLaMA style) that is also the fallback.
-The forward saves only ``x`` and the per-row ``rstd``; the backward recomputes ``x_hat``.
+Three layers (as in Liger-Kernel): jit kernels → host launchers → the ``dipc::rms_norm`` custom
+op (and its backward op, with autograd); plus ``rms_norm_reference``, the plain-torch definition
+(LLaMA style) that is also the fallback. The forward saves only ``x`` and the per-row ``rstd``;
+the backward recomputes ``x_hat``.
 The weight gradient is reduced in two steps (per-program partial sums in fp32, then a torch sum)
 so the backward is deterministic.
 
@@ -12,6 +13,8 @@ dtype differs from the input's (the module handles that case by running the refe
 from __future__ import annotations
 
 import torch
+
+from dipc.semu.op_costs import register_op_cost
 
 from ._common import (
     HAS_TRITON,
@@ -26,7 +29,7 @@ from ._common import (
     triton_usable,
 )
 
-__all__ = ["RMSNormFunction", "rms_norm", "rms_norm_reference", "supports_rms_norm"]
+__all__ = ["rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_reference", "supports_rms_norm"]
 
 _MAX_COLS = 65536
 
@@ -105,20 +108,57 @@ def _bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.
     return dx, dw_part.sum(0).to(weight.dtype)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        w = weight.contiguous()
-        y, rstd = _fwd(x2, w, eps)
-        ctx.save_for_backward(x2, w, rstd)
-        return y.view(x.shape)
+# ---- the op: one torch.ops.dipc node per direction, so fake-tensor tracing (SEMU, torch.compile)
+# sees the fused op, what it saves and what it moves, not the torch fallback's ops -------------
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x2, w, rstd = ctx.saved_tensors
-        dx, dw = _bwd(dy.reshape(x2.shape).contiguous(), x2, w, rstd)
-        return dx.view(dy.shape), dw, None
+@torch.library.custom_op("dipc::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rstd)``: the normalised rows and their fp32 ``1/rms`` (kept for the backward)."""
+    y, rstd = _fwd(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps)
+    return y.view(x.shape), rstd
+
+
+@rms_norm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.numel() // x.shape[-1],
+                                                                                   dtype=torch.float32)
+
+
+@torch.library.custom_op("dipc::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight)`` in one kernel (so a zero-bubble W step has nothing left to run)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    dx, dw = _bwd(dy.reshape(x2.shape).contiguous(), x2, weight.contiguous(), rstd)
+    return dx.view(x.shape), dw
+
+
+@rms_norm_backward_op.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, rstd)   # x itself (no copy) and rstd: what the kernel needs
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.dipc.rms_norm_backward(dy, x, weight, rstd)
+    return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+rms_norm_op.register_autograd(_backward, setup_context=_setup)
+
+# SEMU's cost entries: memory-bound, so no FLOPs are counted (as for the torch ops they replace);
+# the bytes are the op's inputs and outputs, each moved once.
+register_op_cost(torch.ops.dipc.rms_norm, None)
+register_op_cost(torch.ops.dipc.rms_norm_backward, None)
 
 
 def supports_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -144,7 +184,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
                                f"{tuple(weight.shape)}. Fix: weight must be 1-D of size x.shape[-1].")
     if supports_rms_norm(x, weight):
         record_path("rms_norm", "triton")
-        return RMSNormFunction.apply(x, weight, float(eps))
+        return torch.ops.dipc.rms_norm(x, weight, float(eps))[0]
     record_path("rms_norm", "torch")
     return rms_norm_reference(x, weight, eps)
 

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from dipc.semu.op_costs import register_op_cost
+
 from ._common import (
     HAS_TRITON,
     INTERPRET,
@@ -30,7 +32,7 @@ from ._common import (
     triton_usable,
 )
 
-__all__ = ["RoPEFunction", "multi_axis_cos_sin", "rope", "rope_reference", "supports_rope"]
+__all__ = ["multi_axis_cos_sin", "rope", "rope_backward_op", "rope_op", "rope_reference", "supports_rope"]
 
 if HAS_TRITON:
 
@@ -92,24 +94,60 @@ def _as_4d(x: torch.Tensor) -> torch.Tensor:
     return x4 if x4.stride(-1) == 1 else x4.contiguous()
 
 
-class RoPEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        lead, (seq_len, dim) = x.shape[:-3], cos.shape[-2:]
-        cos3 = cos.expand(*lead, seq_len, dim).reshape(-1, seq_len, dim)
-        sin3 = sin.expand(*lead, seq_len, dim).reshape(-1, seq_len, dim)
-        if cos3.stride(-1) != 1 or cos3.stride(-2) != dim:
-            cos3 = cos3.contiguous()
-        if sin3.stride() != cos3.stride():
-            sin3 = sin3.contiguous()
-            cos3 = cos3.contiguous()
-        ctx.save_for_backward(cos3, sin3)
-        return _launch(_as_4d(x), cos3, sin3, backward=False).view(x.shape)
+def _tables(cos: torch.Tensor, sin: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables as ``[prod(lead), T, D]`` with unit stride on D (a view where broadcasting allows)."""
+    seq_len, dim = cos.shape[-2:]
+    cos3 = cos.expand(*lead, seq_len, dim).reshape(-1, seq_len, dim)
+    sin3 = sin.expand(*lead, seq_len, dim).reshape(-1, seq_len, dim)
+    if cos3.stride(-1) != 1 or cos3.stride(-2) != dim:
+        cos3 = cos3.contiguous()
+    if sin3.stride() != cos3.stride():
+        sin3 = sin3.contiguous()
+        cos3 = cos3.contiguous()
+    return cos3, sin3
 
-    @staticmethod
-    def backward(ctx, dy):
-        cos3, sin3 = ctx.saved_tensors
-        return _launch(_as_4d(dy), cos3, sin3, backward=True).view(dy.shape), None, None
+
+# ---- the op: one torch.ops.dipc node per direction (see rms_norm.py for why). The backward is
+# the same kernel with the rotation inverted, so only the tables are kept. ----------------------
+
+@torch.library.custom_op("dipc::rope", mutates_args=())
+def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos3, sin3 = _tables(cos, sin, x.shape[:-3])
+    return _launch(_as_4d(x), cos3, sin3, backward=False).view(x.shape)
+
+
+@rope_op.register_fake
+def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dipc::rope_backward", mutates_args=())
+def rope_backward_op(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos3, sin3 = _tables(cos, sin, dy.shape[:-3])
+    return _launch(_as_4d(dy), cos3, sin3, backward=True).view(dy.shape)
+
+
+@rope_backward_op.register_fake
+def _(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(dy, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output) -> None:
+    _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return torch.ops.dipc.rope_backward(dy, cos, sin), None, None
+
+
+rope_op.register_autograd(_backward, setup_context=_setup)
+
+# SEMU's cost entries: memory-bound, so no FLOPs are counted (as for the torch ops they replace);
+# the bytes are the op's inputs and outputs, each moved once.
+register_op_cost(torch.ops.dipc.rope, None)
+register_op_cost(torch.ops.dipc.rope_backward, None)
 
 
 def supports_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -142,7 +180,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         raise KernelInputError(f"rope: head dim {x.shape[-1]} is odd. Fix: rotary needs an even head dim.")
     if supports_rope(x, cos, sin):
         record_path("rope", "triton")
-        return RoPEFunction.apply(x, cos, sin)
+        return torch.ops.dipc.rope(x, cos, sin)
     record_path("rope", "torch")
     return rope_reference(x, cos, sin)
 

@@ -4,7 +4,14 @@ Each stage's backward is its own autograd graph: a stage's floating-point inputs
 into fresh leaves at FWD, so BWD runs ``autograd.backward`` on the stage outputs with the grads
 its consumers sent, and reads the input leaves' ``.grad`` to send upstream. The loss stage seeds
 its backward with the microbatch's loss weight, so the accumulated parameter gradients equal
-those of one backward over the whole batch.
+those of one backward over the whole batch. The zero-bubble split (BWD_I, then BWD_W) walks the
+graph once in total: see :mod:`dipc.runtime.split_backward`.
+
+Per-instruction cost: what a handler looks up (a stage's inputs, an edge's values and treespecs,
+local consumers) is resolved once per step in ``__init__``; values that are plain tensors (nearly
+all) skip pytree flatten/unflatten; each compute instruction first posts the receives that
+follow it (:meth:`~dipc.runtime.transport.Transport.post_recv`), so their data arrives while it
+computes.
 
 Sub-microbatches: state is keyed by (stage, mb, sub), sub ``-1`` for a whole microbatch. A LOAD
 with a sub reads that sub's slice (``sub_batches``); a stage outside a split modality gathers the
@@ -23,19 +30,50 @@ from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dipc.errors import RuntimeStepError
-from dipc.ir import Instruction, Op, Program
+from dipc.ir import COMPUTE_OPS, RECV_OPS, Instruction, Op, Program
+from dipc.ir.recompute import recompute_plan
 from dipc.passes.partition import StageSpec
+from dipc.runtime.split_backward import WeightGradWork, backward_input, backward_weight, param_nodes
 from dipc.runtime.transport import Transport, WouldBlock
 from dipc.passes.submicrobatch import join_values
-from dipc.passes.values import from_wire, is_grad_leaf, leaves_of, to_wire
+from dipc.passes.values import from_wire, is_grad_leaf, to_wire
 
 
 def _profiler_enabled() -> bool:
     return torch.autograd.profiler._is_profiler_enabled
 
 
+# Values crossing a stage boundary are pytrees, but nearly always one tensor: these helpers take
+# the tensor case without pytree's flatten/unflatten (the per-instruction cost of the hot path).
 def _detach(leaf: Any) -> Any:
     return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else tree_map(_detach, value)
+
+
+def _attach_leaf(leaf: Any) -> Any:
+    return leaf.detach().requires_grad_() if is_grad_leaf(leaf) else leaf
+
+
+def _attached(value: Any) -> Any:
+    """``value`` with every floating-point tensor replaced by a fresh leaf that takes a gradient."""
+    return _attach_leaf(value) if isinstance(value, torch.Tensor) else tree_map(_attach_leaf, value)
+
+
+def _leaves(value: Any) -> list[Any]:
+    return [value] if isinstance(value, torch.Tensor) else tree_flatten(value)[0]
+
+
+def _grad_leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    return [l for l in tree_flatten(value)[0] if is_grad_leaf(l)]
+
+
+def _wire(leaf: Any) -> torch.Tensor:
+    return leaf.detach().contiguous() if isinstance(leaf, torch.Tensor) else to_wire(leaf)
 
 
 @dataclass
@@ -44,7 +82,17 @@ class _Saved:
     # (value, producer stage, leaves needing grad, per-leaf row counts of each sub when joined from subs)
     grad_inputs: list[tuple[str, int, list[torch.Tensor], list[list[int]] | None]]
     loss: torch.Tensor | None = None
-    backward_args: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # kept between BWD_I and BWD_W
+    weight_work: WeightGradWork | None = None   # what BWD_I leaves for BWD_W
+
+
+@dataclass(frozen=True, slots=True)
+class _Input:
+    """One value a stage's FWD takes, resolved once per step (not per instruction)."""
+
+    name: str
+    producer: int
+    gathered: bool     # joined from a split producer's per-sub parts
+    needs_grad: bool
 
 
 @dataclass
@@ -91,9 +139,26 @@ class RankInterpreter:
         self.losses: dict[int, torch.Tensor] = {}
         # Everything the hot path looks up, resolved once per step instead of per instruction.
         self.edge_names = {(p, s.id): s.values_from(p) for s in stages for p in s.producers}
+        mine = [s for s in stages if s.rank == rank]
+        self.trainable = {s.id: [p for p in s.params if p.requires_grad] for s in mine}
+        self.recomputing = set(recompute_plan(program))   # stages whose BWD_W walks from the outputs again
+        self.param_nodes: dict[int, dict[Any, torch.Tensor]] = {}   # stage -> split_backward.param_nodes, per step
+        self.inputs = {s.id: [_Input(n, p, self.split[p] and not self.split[s.id], n in s.grad_values)
+                              for n, p in s.input_values] for s in mine}
         self.local_consumers = {
-            s.id: [(c.id, self.edge_names[(s.id, c.id)]) for c in stages if s.id in c.producers and c.rank == rank]
-            for s in stages if s.rank == rank}
+            s.id: [(c.id, [(n, n in s.grad_values) for n in self.edge_names[(s.id, c.id)]],
+                    self.split[s.id] and not self.split[c.id])
+                   for c in stages if s.id in c.producers and c.rank == rank]
+            for s in mine}
+        # values a consumer on this rank also reads (it aliases them): a send of those copies
+        self.shared_values = {(s.id, n) for s in mine for _, names, _ in self.local_consumers[s.id] for n, _ in names}
+        # per edge into a stage on this rank: (value, leaf count, treespec or None for a plain tensor)
+        self.unflatten = {key: [(n, treespecs[n].num_leaves, None if treespecs[n].is_leaf() else treespecs[n])
+                                for n in names]
+                          for key, names in self.edge_names.items() if stages[key[1]].rank == rank}
+        self.loss_seeds: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        # receives posted ahead: before each compute instruction, the receives up to the next one
+        self.prepost = _receives_ahead(self.stream)
         self.handlers: dict[Op, Callable[[Instruction], None]] = {
             Op.LOAD: self._load, Op.FWD: self._fwd, Op.BWD: self._bwd, Op.BWD_I: self._bwd_input,
             Op.BWD_W: self._bwd_weight, Op.SEND_ACT: self._send_act, Op.RECV_ACT: self._recv_act,
@@ -114,9 +179,14 @@ class RankInterpreter:
         # timing wraps the handlers, so the untimed loop pays one check per call, none per instruction
         spans = self.stats.spans
         handlers = self.handlers if spans is None else self._timed_handlers(spans)
-        while self.pc < len(self.stream):
-            instr = self.stream[self.pc]
+        stream, prepost, post = self.stream, self.prepost, self.transport.post_recv
+        while self.pc < len(stream):
+            instr = stream[self.pc]
             try:
+                ahead = prepost.get(self.pc)
+                if ahead:
+                    for r in ahead:
+                        post(r, self.rank)
                 if profiling:
                     with record_function(f"dipc:{instr}"):
                         handlers[instr.op](instr)
@@ -156,10 +226,6 @@ class RankInterpreter:
         return self._timed
 
     # -- handlers ----------------------------------------------------------------------------
-    def _gathered(self, stage: int, producer: int) -> bool:
-        """Whether ``stage`` joins ``producer``'s per-sub values (the split -> whole boundary)."""
-        return self.split[producer] and not self.split[stage]
-
     def _load(self, i: Instruction) -> None:
         st = self.stages[i.stage]
         # keys were checked against the example batch when planning
@@ -169,22 +235,22 @@ class RankInterpreter:
     def _fwd(self, i: Instruction) -> None:
         st = self.stages[i.stage]
         unit = (i.stage, i.mb, i.sub)
-        args = list(self.loaded.pop(unit, []))
-        box = self.inbox.pop(unit, {})
+        args = self.loaded.pop(unit, None) or []
+        box = self.inbox.pop(unit, None)
         grad_inputs = []
-        for name, producer in st.input_values:
+        for inp in self.inputs[i.stage]:
             sizes = None
-            if self._gathered(i.stage, producer):
-                parts = self.parts.pop((i.stage, i.mb, name))
+            if inp.gathered:
+                parts = self.parts.pop((i.stage, i.mb, inp.name))
                 pieces = [parts[k] for k in sorted(parts)]
-                value = join_values(pieces, f"stage {i.stage} input {name!r}")
-                sizes = [[l.shape[0] for l in tree_flatten(p)[0] if is_grad_leaf(l)] for p in pieces]
+                value = join_values(pieces, f"stage {i.stage} input {inp.name!r}")
+                sizes = [[l.shape[0] for l in _grad_leaves(p)] for p in pieces]
                 sizes = [list(col) for col in zip(*sizes)]   # per grad leaf: rows of each sub
             else:
-                value = box[name]
-            if name in st.grad_values:
-                value = tree_map(lambda l: l.detach().requires_grad_() if is_grad_leaf(l) else l, value)
-                grad_inputs.append((name, producer, [l for l in tree_flatten(value)[0] if is_grad_leaf(l)], sizes))
+                value = box[inp.name]   # type: ignore[index]
+            if inp.needs_grad:
+                value = _attached(value)
+                grad_inputs.append((inp.name, inp.producer, _grad_leaves(value), sizes))
             args.append(value)
         outs = st.module(*args)
         outputs = dict(zip(st.output_values, outs))
@@ -192,14 +258,22 @@ class RankInterpreter:
         if loss is not None:
             self.losses[i.mb] = loss.detach()
         self.saved[unit] = _Saved(outputs=outputs, grad_inputs=grad_inputs, loss=loss)
-        for c, names in self.local_consumers[i.stage]:
+        for c, names, gathered in self.local_consumers[i.stage]:
             # same values a remote consumer would get: detached (the consumer re-attaches grad leaves)
-            values = {n: outputs[n] if n in st.grad_values else tree_map(_detach, outputs[n]) for n in names}
-            if self._gathered(c, i.stage):
+            values = {n: outputs[n] if grad else _detached(outputs[n]) for n, grad in names}
+            if gathered:
                 for n, v in values.items():
                     self.parts.setdefault((c, i.mb, n), {})[i.sub] = v
             else:
                 self.inbox.setdefault((c, i.mb, i.sub), {}).update(values)
+
+    def _loss_seed(self, mb: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss's backward seed, its microbatch's weight (one tensor per weight, dtype, device)."""
+        key = (mb, loss.dtype, loss.device)
+        seed = self.loss_seeds.get(key)
+        if seed is None:
+            seed = self.loss_seeds[key] = torch.tensor(self.loss_weights[mb], dtype=loss.dtype, device=loss.device)
+        return seed
 
     def _backward_args(self, i: Instruction) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         st = self.stages[i.stage]
@@ -211,22 +285,25 @@ class RankInterpreter:
             g = self.out_grads.pop((i.stage, i.mb, i.sub, name), None)
             if g is None:
                 continue
-            leaves = [l for l in tree_flatten(value)[0] if is_grad_leaf(l)]
-            for leaf, grad in zip(leaves, g):
+            for leaf, grad in zip(_grad_leaves(value), g):
                 if leaf.requires_grad:
                     tensors.append(leaf)
                     grads.append(grad)
-        if saved.loss is not None and saved.loss.requires_grad and self.loss_weights[i.mb] != 0:
-            tensors.append(saved.loss)
-            grads.append(torch.tensor(self.loss_weights[i.mb], dtype=saved.loss.dtype, device=saved.loss.device))
+        loss = saved.loss
+        if loss is not None and loss.requires_grad and self.loss_weights[i.mb] != 0:
+            tensors.append(loss)
+            grads.append(self._loss_seed(i.mb, loss))
         return tensors, grads
 
-    def _deliver_input_grads(self, i: Instruction, leaf_grads: dict[int, torch.Tensor | None]) -> None:
-        saved = self.saved[(i.stage, i.mb, i.sub)]
+    def _deliver_input_grads(self, i: Instruction, saved: _Saved,
+                             leaf_grads: Sequence[torch.Tensor | None]) -> None:
+        """Send or accumulate the gradients of the stage's input leaves (``leaf_grads`` in the
+        order of ``saved.grad_inputs``' leaves; ``None``: the leaf took no gradient)."""
         per_producer: dict[tuple[int, int], list[torch.Tensor]] = {}
+        at = 0
         for name, producer, leaves, sizes in saved.grad_inputs:
-            gs = [leaf_grads.get(id(l)) for l in leaves]
-            gs = [g if g is not None else torch.zeros_like(l) for g, l in zip(gs, leaves)]
+            gs = [g if g is not None else torch.zeros_like(l) for g, l in zip(leaf_grads[at:at + len(leaves)], leaves)]
+            at += len(leaves)
             if sizes is None:   # the producer's own unit: same sub as this one
                 per_sub = {i.sub: gs}
             else:               # joined from subs: cut each leaf's gradient back into its subs' rows
@@ -251,42 +328,59 @@ class RankInterpreter:
         tensors, grads = self._backward_args(i)
         if tensors:
             torch.autograd.backward(tensors, grads)
-        saved = self.saved[(i.stage, i.mb, i.sub)]
-        self._deliver_input_grads(i, {id(l): l.grad for _, _, ls, _ in saved.grad_inputs for l in ls})
-        del self.saved[(i.stage, i.mb, i.sub)]
+        del tensors, grads   # the graph's roots: _release frees the graph
+        saved = self.saved.pop((i.stage, i.mb, i.sub))
+        self._deliver_input_grads(i, saved, [l.grad for _, _, ls, _ in saved.grad_inputs for l in ls])
+        self._release(saved)
 
     def _bwd_input(self, i: Instruction) -> None:
         tensors, grads = self._backward_args(i)
         saved = self.saved[(i.stage, i.mb, i.sub)]
         leaves = [l for _, _, ls, _ in saved.grad_inputs for l in ls]
-        result: dict[int, torch.Tensor | None] = {}
-        if tensors and leaves:
-            gs = torch.autograd.grad(tensors, leaves, grads, retain_graph=True, allow_unused=True)
-            result = {id(l): g for l, g in zip(leaves, gs)}
-        self._deliver_input_grads(i, result)
-        saved.backward_args = (tensors, grads)
+        params = self.trainable[i.stage]
+        nodes = self.param_nodes.get(i.stage)
+        if nodes is None:
+            nodes = self.param_nodes[i.stage] = param_nodes(params)
+        input_grads, saved.weight_work = backward_input(tensors, grads, leaves, params, nodes=nodes,
+                                                        rewalk=i.stage in self.recomputing)
+        del tensors, grads, leaves
+        self._deliver_input_grads(i, saved, input_grads)
 
     def _bwd_weight(self, i: Instruction) -> None:
         saved = self.saved.pop((i.stage, i.mb, i.sub))
-        tensors, grads = saved.backward_args or ([], [])
-        params = [p for p in self.stages[i.stage].params if p.requires_grad]
-        if tensors and params:
-            torch.autograd.backward(tensors, grads, inputs=params)
+        if saved.weight_work is not None:
+            backward_weight(saved.weight_work)
+        self._release(saved)
+
+    @staticmethod
+    def _release(saved: _Saved) -> None:
+        """Drop a finished unit's outputs, input leaves and backward graph. Freeing the graph
+        (C++ node destructors) is most of what a BWD costs outside autograd; it happens here, by
+        name, so measurements can tell it from the interpreter's own work."""
+        saved.outputs.clear()
+        saved.grad_inputs.clear()
+        saved.loss = None
+        saved.weight_work = None
 
     def _send_act(self, i: Instruction) -> None:
         outputs = self.saved[(i.stage, i.mb, i.sub)].outputs
-        names = self.edge_names[(i.stage, i.other_stage)]
-        self.transport.send(i, self.rank, [to_wire(l) for l in leaves_of(outputs[n] for n in names)])
+        wire = []
+        for n in self.edge_names[(i.stage, i.other_stage)]:
+            leaves = [_wire(l) for l in _leaves(outputs[n])]
+            if (i.stage, n) in self.shared_values:   # a consumer here aliases it: send a copy it cannot change
+                leaves = [l.clone() for l in leaves]
+            wire.extend(leaves)
+        self.transport.send(i, self.rank, wire)
 
     def _recv_act(self, i: Instruction) -> None:
         tensors = self.transport.recv(i, self.rank)
-        leaves = [from_wire(t, s) for t, s in zip(tensors, i.specs)]
-        gathered = self._gathered(i.stage, i.other_stage)
+        leaves = [t if s.kind == "tensor" else from_wire(t, s) for t, s in zip(tensors, i.specs)]
+        gathered = self.split[i.other_stage] and not self.split[i.stage]
         box = self.inbox.setdefault((i.stage, i.mb, i.sub), {}) if not gathered else {}
-        for name in self.edge_names[(i.other_stage, i.stage)]:
-            spec = self.treespecs[name]
-            box[name] = tree_unflatten(leaves[: spec.num_leaves], spec)
-            leaves = leaves[spec.num_leaves:]
+        at = 0
+        for name, count, spec in self.unflatten[(i.other_stage, i.stage)]:
+            box[name] = leaves[at] if spec is None else tree_unflatten(leaves[at:at + count], spec)
+            at += count
         if gathered:   # one sub of a split producer: kept until the consumer's FWD joins them
             for name, value in box.items():
                 self.parts.setdefault((i.stage, i.mb, name), {})[i.sub] = value
@@ -299,12 +393,13 @@ class RankInterpreter:
         grads = self.transport.recv(i, self.rank)
         outputs = self.saved[(i.stage, i.mb, i.sub)].outputs
         consumer = self.stages[i.other_stage]
+        at = 0
         for name in self.edge_names[(i.stage, i.other_stage)]:
             if name not in consumer.grad_values:
                 continue
-            n = sum(1 for l in tree_flatten(outputs[name])[0] if is_grad_leaf(l))
-            self._accumulate(i.stage, i.mb, i.sub, name, grads[:n])
-            grads = grads[n:]
+            n = len(_grad_leaves(outputs[name]))
+            self._accumulate(i.stage, i.mb, i.sub, name, grads[at:at + n])
+            at += n
 
     def _reduce(self, i: Instruction) -> None:
         """Start the data-parallel gradient all-reduce of a stage (a no-op with one replica)."""
@@ -315,3 +410,18 @@ class RankInterpreter:
         self.transport.finish()
         if self.optimizer_step is not None:
             self.optimizer_step()
+
+
+def _receives_ahead(stream: Sequence[Instruction]) -> dict[int, list[Instruction]]:
+    """pc -> the receives to post before running ``stream[pc]``: at each compute instruction,
+    every receive between it and the next compute (so their data arrives while it computes), and
+    at pc 0 the receives before the first compute. One compute of look-ahead bounds the extra
+    receive buffers alive at once to what the next compute consumes."""
+    out: dict[int, list[Instruction]] = {}
+    at = 0
+    for pc, instr in enumerate(stream):
+        if instr.op in COMPUTE_OPS:
+            at = pc
+        elif instr.op in RECV_OPS:
+            out.setdefault(at, []).append(instr)
+    return out

@@ -3,6 +3,12 @@
 Sends never block (they are posted and completed at the end of the step); receives block. The
 plan's specs tell the receiver what to allocate, so no shapes are exchanged at run time. Empty
 tensors are not transferred at all: both sides know from the spec that there is nothing to move.
+
+A receive can be posted ahead of the instruction that waits for it (:meth:`Transport.post_recv`,
+called by the interpreter one compute instruction early): gloo moves a message's payload only
+once the receiver has posted its buffer, so a receive posted when the instruction is reached
+pays a round trip and the transfer on the critical path, one posted early lets the data land
+while the rank computes. Posting keeps program order per peer, which is how P2P matches messages.
 """
 from __future__ import annotations
 
@@ -29,7 +35,9 @@ def _groups(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, list[torch.T
 
 
 def _pack(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
-    return [torch.cat([t.reshape(-1).to(device) for t in members]) for _, members in _groups(tensors)]
+    """One buffer per dtype; a dtype with one tensor is sent as it is (no copy)."""
+    return [members[0].to(device) if len(members) == 1 else torch.cat([t.reshape(-1).to(device) for t in members])
+            for _, members in _groups(tensors)]
 
 
 class Transport:
@@ -38,6 +46,9 @@ class Transport:
 
     def recv(self, instr: Instruction, rank: int) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def post_recv(self, instr: Instruction, rank: int) -> None:
+        """Post ``instr``'s receive now; its :meth:`recv` then only waits (no-op by default)."""
 
     def finish(self) -> None:
         """Wait until every posted send has completed."""
@@ -80,22 +91,38 @@ class DistributedTransport(Transport):
         self.timeout_s = timeout_s
         self.device = device
         self.pending: list[tuple[object, torch.Tensor, Instruction]] = []
+        # id(receive instruction) -> (its buffers, [(work, flat buffer or None, buffers it fills)])
+        self.posted: dict[int, tuple[list[torch.Tensor], list[tuple[object, torch.Tensor | None, list[torch.Tensor]]]]] = {}
 
     def send(self, instr, rank, tensors):
         # one flat buffer per dtype: a message costs one isend per dtype, not one per leaf
         for flat in _pack(tensors, self.device):
             self.pending.append((self.dist.isend(flat, dst=self.global_rank(instr.peer)), flat, instr))
 
-    def recv(self, instr, rank):
+    def post_recv(self, instr, rank):
+        if id(instr) in self.posted:
+            return
         bufs = [empty_for(s, self.device) for s in instr.specs]
         src = self.global_rank(instr.peer)
-        for dtype, members in _groups(bufs):
-            flat = torch.empty(sum(b.numel() for b in members), dtype=dtype, device=self.device)
-            self._wait(self.dist.irecv(flat, src=src), instr)
-            offset = 0
-            for b in members:
-                b.copy_(flat[offset:offset + b.numel()].view(b.shape))
-                offset += b.numel()
+        works = []
+        for _, members in _groups(bufs):
+            if len(members) == 1:   # straight into the value's buffer
+                works.append((self.dist.irecv(members[0], src=src), None, members))
+            else:
+                flat = torch.empty(sum(b.numel() for b in members), dtype=members[0].dtype, device=self.device)
+                works.append((self.dist.irecv(flat, src=src), flat, members))
+        self.posted[id(instr)] = (bufs, works)
+
+    def recv(self, instr, rank):
+        self.post_recv(instr, rank)
+        bufs, works = self.posted.pop(id(instr))
+        for work, flat, members in works:
+            self._wait(work, instr)
+            if flat is not None:
+                offset = 0
+                for b in members:
+                    b.copy_(flat[offset:offset + b.numel()].view(b.shape))
+                    offset += b.numel()
         return bufs
 
     def _wait(self, work, instr) -> None:

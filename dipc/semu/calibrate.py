@@ -92,7 +92,7 @@ class CalibrationSet:
     cost_model: CostModel
     samples: Sequence[CalibrationSample]
     no_input_grads: Sequence[int] = ()     # stages whose BWD_I is a no-op (StepModel's knob)
-    wgrad_recomputes: bool = True          # BWD_W costs a full backward (dipc's interpreter today)
+    wgrad_recomputes: bool = False         # True: BWD_W costs a full backward (dipc before its split backward)
 
 
 @dataclass(frozen=True, kw_only=True)

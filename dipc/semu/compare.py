@@ -84,41 +84,50 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
     """DIP's plan for this batch: every candidate order (and the static ``baselines``) lowered,
     validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw.
 
-    With ``memory_limit`` (bytes per rank), every candidate first goes through phase 3
-    (:func:`dipc.semu.memory_opt.optimize_memory`), so its score includes the recomputation it
-    needs to fit; candidates that cannot fit are dropped, and if none fits the error of the one
-    that came closest is raised."""
-    from dipc.semu.memory_opt import optimize_memory
+    With ``memory_limit`` (bytes per rank), candidates that overflow go through phase 3
+    (:func:`dipc.semu.memory_opt.optimize_memory`), so their score includes the recomputation they
+    need to fit — but only as many as can still win: each is first simulated as it is, a lower
+    bound of its fitted time (:func:`dipc.semu.candidate_select.pick_fastest`). Candidates that
+    cannot fit are dropped, and if none fits the error of the one that came closest is raised."""
+    from dipc.semu.candidate_select import pick_fastest
+    from dipc.semu.memory_opt import Phase3Tables, _limits, optimize_memory
 
-    best = None
     subs = pipe.sub_counts(microbatches)
-    failures: list[InfeasibleMemoryError] = []
-    candidates = {f"dual-queue ({k})": v
-                  for k, v in dip_candidates(pipe, model, len(microbatches), memory_limit, subs).items()}
+    candidates: dict[str, Any] = {f"dual-queue ({k})": v
+                                  for k, v in dip_candidates(pipe, model, len(microbatches), memory_limit, subs).items()}
     for name in baselines:
         candidates[name] = None
-    for label, orders in candidates.items():
-        program = (pipe.plan(microbatches, schedule=label) if orders is None else
-                   pipe.plan(microbatches, schedule="dual_queue", compute_orders=orders))
-        if memory_limit is None:
-            result = model.simulate(program)
-        else:
-            try:
-                fitted = optimize_memory(program, model, memory_limit)
-            except InfeasibleMemoryError as e:
-                failures.append(e)
-                continue
-            program, result = fitted.program, fitted.result
-        if best is None or result.step_time < best[2].step_time:
-            best = (label, program, result)
-    if best is None and failures:
-        raise min(failures, key=lambda e: e.excess)
-    if best is None:
+    if not candidates:
         raise InfeasibleMemoryError(
             f"no phase-2 order fits a memory limit of {memory_limit} bytes per rank, even with every layer "
             "recomputed, and no baseline schedule was given. Fix: pass baselines=('1f1b',) to get the "
             "per-rank excess, use more pipeline ranks or smaller microbatches, or raise memory_limit.")
-    return best
+
+    def build(label: str, orders):
+        def run():
+            program = (pipe.plan(microbatches, schedule=label) if orders is None else
+                       pipe.plan(microbatches, schedule="dual_queue", compute_orders=orders))
+            return program, model
+        return run
+
+    if memory_limit is None:
+        best = None
+        for label, orders in candidates.items():
+            program, _ = build(label, orders)()
+            result = model.simulate(program)
+            if best is None or result.step_time < best[2].step_time:
+                best = (label, program, result)
+        return best
+    tables = Phase3Tables(model, len(microbatches))
+
+    def fit(program: Program, costs):
+        fitted = optimize_memory(program, costs, memory_limit, tables=tables)
+        return fitted.program, fitted.result
+
+    choice = pick_fastest([(label, build(label, orders)) for label, orders in candidates.items()],
+                          lambda program, costs: costs.simulate(program), _limits(memory_limit, pipe.num_ranks),
+                          fit, pipe.num_ranks)
+    return choice.label, choice.program, choice.result
 
 
 def compare_schedules(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]],

@@ -45,10 +45,9 @@ from dipc.errors import DipcError, InfeasibleMemoryError
 from dipc.ir import Op, Program
 from dipc.ir.recompute import RecomputePlan, with_recompute
 from dipc.semu.emulator import SimResult
-from dipc.semu.recompute_costs import (RecomputeCosts, recompute_seconds, recomputes_in, stash_bytes,
-                                       workspace_bytes)
+from dipc.semu.recompute_costs import RecomputeCosts, recomputes_in
 
-__all__ = ["MemoryLimitError", "MemoryPlan", "PlannableCosts", "optimize_memory", "stage_candidates"]
+__all__ = ["MemoryLimitError", "MemoryPlan", "Phase3Tables", "PlannableCosts", "optimize_memory", "stage_candidates"]
 
 _GIB = float(2**30)
 _SCALE = float(2**20)   # the ILP works in MiB, so row coefficients stay near 1
@@ -122,57 +121,98 @@ class _RankProblem:
     stages: list[int]
     cands: dict[int, list[tuple[str, ...]]]
     cols: dict[tuple[int, int], int]          # (stage, candidate) -> column
-    rows: list[dict[int, float]]              # memory rows: column -> MiB
+    rows: np.ndarray                          # memory rows (rows x columns), MiB
     cost: np.ndarray                          # seconds per column
     static: float
 
 
-def _rank_problem(program: Program, costs: RecomputeCosts, rank: int, max_candidates: int) -> _RankProblem:
-    stages = list(program.stages_of_rank(rank))
-    M = program.num_microbatches
-    cands = {s: stage_candidates(costs, s, M, max_candidates) for s in stages}
-    cols = {(s, j): i for i, (s, j) in enumerate((s, j) for s in stages for j in range(len(cands[s])))}
-    sets = {s: [frozenset(c) for c in cands[s]] for s in stages}
-    stash: dict[tuple[int, int, int], list[float]] = {}
-    for ins in program.streams[rank]:
-        if ins.op is Op.FWD and (ins.stage, ins.mb, ins.sub) not in stash:
-            stash[(ins.stage, ins.mb, ins.sub)] = [stash_bytes(costs, ins.stage, ins.mb, c, ins.sub) / _SCALE
-                                                   for c in sets[ins.stage]]
-    cost = np.zeros(len(cols))
-    rows: list[dict[int, float]] = []
-    seen: set[tuple] = set()
-    live: dict[tuple[int, int, int], None] = {}
+class Phase3Tables:
+    """What every rank problem reads, memoised per cost model: each stage's candidates and, per
+    (stage, microbatch, sub), every candidate's stash, recompute workspace (MiB) and re-run
+    seconds. A planner's candidate programs for one batch share one cost model, so passing one
+    table to each :func:`optimize_memory` call computes these once per batch instead of once per
+    candidate (the temporal reuse the paper credits for SEMU's speed). Candidates are prefixes of
+    one ranking, so the vectors are a 0/1 mask (candidates x layers) times per-layer footprints."""
 
-    def add_row(extra: tuple[int, int, int] | None) -> None:
-        row: dict[int, float] = {}
-        for key in live:
-            for j, b in enumerate(stash[key]):
-                row[cols[(key[0], j)]] = row.get(cols[(key[0], j)], 0.0) + b
-        if extra is not None:
-            s, m, sub = extra
-            for j, c in enumerate(sets[s]):
-                row[cols[(s, j)]] = row.get(cols[(s, j)], 0.0) + workspace_bytes(costs, s, m, c, sub) / _SCALE
-        key = tuple(sorted(row.items()))
-        if row and key not in seen:
-            seen.add(key)
-            rows.append(row)
+    def __init__(self, costs: RecomputeCosts, num_microbatches: int, max_candidates: int = 10):
+        self.costs = costs
+        self.num_microbatches = num_microbatches
+        self.max_candidates = max_candidates
+        self._cands: dict[int, list[tuple[str, ...]]] = {}
+        self._masks: dict[int, np.ndarray] = {}
+        self._vectors: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def candidates(self, stage: int) -> list[tuple[str, ...]]:
+        if stage not in self._cands:
+            cands = stage_candidates(self.costs, stage, self.num_microbatches, self.max_candidates)
+            layers = self.costs.stage_layers[stage]
+            self._cands[stage] = cands
+            self._masks[stage] = np.array([[p in set(c) for p in layers] for c in cands], dtype=float)
+        return self._cands[stage]
+
+    def vectors(self, stage: int, mb: int, sub: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(stash MiB, workspace MiB, re-run seconds) per candidate of ``stage`` on (``mb``, ``sub``)."""
+        key = (stage, mb, sub)
+        hit = self._vectors.get(key)
+        if hit is None:
+            self.candidates(stage)
+            mask = self._masks[stage]
+            fps = [self.costs.layer_footprint(stage, mb, p, sub) for p in self.costs.stage_layers[stage]]
+            act = np.array([f.act_bytes for f in fps])
+            inp = np.array([f.in_bytes for f in fps])
+            secs = np.array([f.fwd_seconds for f in fps])
+            saved = np.maximum(act - inp, 0.0)
+            stash = (mask @ inp + (1.0 - mask) @ act) / _SCALE
+            work = (mask * saved).max(axis=1) / _SCALE if mask.shape[1] else np.zeros(len(mask))
+            hit = (stash, work, mask @ secs)
+            self._vectors[key] = hit
+        return hit
+
+
+def _rank_problem(program: Program, tables: Phase3Tables, rank: int) -> _RankProblem:
+    """One rank's ILP data. The live stashes are kept as one running row (column -> MiB), updated
+    by each FWD and freeing backward, so building costs O(instructions x columns). A row is kept
+    only where memory is about to fall (before a free, or a backward's workspace point): every
+    coefficient is >= 0, so a row taken after a FWD that is followed by more FWDs is dominated by
+    the later one and adds no constraint."""
+    stages = list(program.stages_of_rank(rank))
+    cands = {s: tables.candidates(s) for s in stages}
+    cols = {(s, j): i for i, (s, j) in enumerate((s, j) for s in stages for j in range(len(cands[s])))}
+    span = {s: np.array([cols[(s, j)] for j in range(len(cands[s]))]) for s in stages}
+    useful = {s: any(cands[s]) for s in stages}
+    cost = np.zeros(len(cols))
+    rows: list[np.ndarray] = []
+    running = np.zeros(len(cols))
+    live: set[tuple[int, int, int]] = set()
+    pending = False                      # the running row after the last FWD is not yet recorded
 
     for ins in program.streams[rank]:
         key = (ins.stage, ins.mb, ins.sub)
         if ins.op is Op.FWD:
-            live[key] = None
-            add_row(None)
+            if key not in live:
+                live.add(key)
+                running[span[ins.stage]] += tables.vectors(*key)[0]
+            pending = True
         elif ins.op in (Op.BWD, Op.BWD_I, Op.BWD_W):
             if recomputes_in(ins, program):
-                s, m, sub = key
-                for j, c in enumerate(sets[s]):
-                    cost[cols[(s, j)]] += recompute_seconds(costs, s, m, c, sub)
-                if any(sets[s]):
-                    add_row(key)
-            if ins.op is not Op.BWD_I:
-                live.pop(key, None)
-    static = sum(costs.static_bytes(s) for s in stages)
-    return _RankProblem(stages, cands, cols, rows, cost, static)
+                _, work, secs = tables.vectors(*key)
+                cost[span[ins.stage]] += secs
+                if useful[ins.stage]:     # live stashes plus this backward's workspace: dominates pending
+                    row = running.copy()
+                    row[span[ins.stage]] += work
+                    rows.append(row)
+                    pending = False
+            if ins.op is not Op.BWD_I and key in live:
+                if pending:
+                    rows.append(running.copy())
+                    pending = False
+                live.discard(key)
+                running[span[ins.stage]] -= tables.vectors(*key)[0]
+    if pending:
+        rows.append(running.copy())
+    matrix = np.unique(np.array(rows), axis=0) if rows else np.zeros((0, len(cols)))
+    static = sum(tables.costs.static_bytes(s) for s in stages)
+    return _RankProblem(stages, cands, cols, matrix, cost, static)
 
 
 def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
@@ -185,12 +225,8 @@ def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
     if n == 0:
         return {}
     constraints = []
-    if problem.rows:
-        A = np.zeros((len(problem.rows), n))
-        for i, row in enumerate(problem.rows):
-            for c, v in row.items():
-                A[i, c] = v
-        constraints.append(LinearConstraint(A, -np.inf, budget / _SCALE))
+    if len(problem.rows):
+        constraints.append(LinearConstraint(problem.rows, -np.inf, budget / _SCALE))
     E = np.zeros((len(problem.stages), n))
     for (s, _), c in problem.cols.items():
         E[problem.stages.index(s), c] = 1.0
@@ -232,7 +268,8 @@ def _infeasible(program: Program, costs: PlannableCosts, limits: list[float], pr
 def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float | Sequence[float], *,
                     max_candidates: int = 10, max_rounds: int = 4, mip_rel_gap: float = 0.0,
                     time_limit: float | None = None,
-                    simulate: Callable[[Program], SimResult] | None = None) -> MemoryPlan:
+                    simulate: Callable[[Program], SimResult] | None = None,
+                    tables: Phase3Tables | None = None) -> MemoryPlan:
     """``program`` with the cheapest per-stage recomputation that keeps every rank's simulated peak
     memory within ``memory_limit`` bytes (one number, or one per rank); see the module docstring.
 
@@ -241,10 +278,15 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
         model = step_model(pipe, mbs)                       # dipc.semu.compare
         plan = optimize_memory(pipe.plan(mbs), model, 40 * 2**30)
         pipe.step(mbs, plan.program)                        # the runtime recomputes plan.recompute
+
+    ``tables``: a :class:`Phase3Tables` of ``costs`` shared by calls on programs of the same batch.
     """
     limits = _limits(memory_limit, program.num_ranks)
     sim = simulate or costs.simulate
-    problems = [_rank_problem(program, costs, r, max_candidates) for r in range(program.num_ranks)]
+    if tables is None or tables.costs is not costs or tables.max_candidates != max_candidates \
+            or tables.num_microbatches != program.num_microbatches:
+        tables = Phase3Tables(costs, program.num_microbatches, max_candidates)
+    problems = [_rank_problem(program, tables, r) for r in range(program.num_ranks)]
     budgets = [limit - p.static for limit, p in zip(limits, problems)]
     index: dict[int, int] = {}          # stage -> chosen candidate
     todo = list(range(program.num_ranks))

@@ -267,8 +267,9 @@ class StepModel:
     ``no_input_grads``: stages whose inputs take no gradient (the first stage): their BWD_I does
     nothing (0 s) and their BWD_W runs the whole backward.
     ``wgrad_recomputes``: BWD_W walks the whole backward graph again (activation gradients
-    included) and costs a full backward, as dipc's interpreter does today (``autograd.backward``
-    with ``inputs=params`` after BWD_I's ``autograd.grad``); False models an ideal zero-bubble split.
+    included) and costs a full backward; False (the default) models the zero-bubble split dipc's
+    interpreter runs (:mod:`dipc.runtime.split_backward`: BWD_W runs only the weight-gradient
+    nodes). The interpreter still re-walks in stages with recomputed layers; not modelled here.
     ``loss_stages``: stages whose glue computes the loss over their last layer's output (filled by
     :meth:`for_pipeline`); their forward and backward get the loss head's workspace.
     """
@@ -307,9 +308,10 @@ class StepModel:
     @staticmethod
     def runtime_options(pipe: Any) -> dict[str, Any]:
         """The options that make the model follow dipc's interpreter rather than an ideal runtime:
-        the stages without input gradients, and BWD_W recomputing the backward. Calibration and
-        the accuracy benchmark use them; schedule search keeps the ideal defaults."""
-        return {"no_input_grads": [s.id for s in pipe.stages if not s.grad_producers], "wgrad_recomputes": True}
+        the stages without input gradients (their BWD_W runs the whole backward). BWD_W no longer
+        re-walks the activation gradients (:mod:`dipc.runtime.split_backward`), so
+        ``wgrad_recomputes`` is off. Calibration and the accuracy benchmark use these options."""
+        return {"no_input_grads": [s.id for s in pipe.stages if not s.grad_producers], "wgrad_recomputes": False}
 
     @classmethod
     def for_pipeline(cls, pipe: Any, cost_model: CostModel, cluster: ClusterProfile,

@@ -19,9 +19,14 @@ Under that trace:
 - Activation memory is the bytes of the distinct storages autograd saves for backward (parameters
   excluded, the layer's own input included), plus the softmax statistics a flash kernel keeps.
 
+Custom ops are costed by their ``register_op_cost`` entries (FLOPs, optionally bytes moved); what
+they keep for backward is what their autograd saves. dipc's fused kernels are such ops
+(``torch.ops.dipc.*``, registered by ``dipc.kernels``), so a rewritten layer is costed as it runs.
+
 Not modelled here: elementwise/normalisation FLOPs (FlopCounterMode does not count them either),
-fusion, recomputation, tensor parallelism (the caller splits), data-dependent shapes (a layer whose
-output size depends on tensor values cannot be captured and raises).
+fusion that torch itself would do (Inductor), recomputation, tensor parallelism (the caller
+splits), data-dependent shapes (a layer whose output size depends on tensor values cannot be
+captured and raises).
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from dipc.semu.op_costs import _NO_FLOPS, _OP_BYTES, _OP_FLOPS, register_op_cost
+
 __all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownOpCostWarning", "register_op_cost"]
 
 # The symbolic quantities of one layer, in this order everywhere (LocalCost.exprs, LayerCost fields).
@@ -50,36 +57,6 @@ _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attenti
 
 class UnknownOpCostWarning(UserWarning):
     """A layer runs an op SEMU has no FLOP formula for; its FLOPs are counted as 0."""
-
-
-_OP_FLOPS: dict[Any, Callable[..., Any]] = {}       # op packet -> FLOP formula (FlopCounterMode's convention)
-_NO_FLOPS: set[Any] = set()                         # op packets declared memory-only by the user
-
-
-def register_op_cost(op: Any, flops: Callable[..., Any] | None) -> None:
-    """Tell SEMU what an op costs: ``flops(*arg_shapes, out_shape=..., **kwargs) -> FLOPs`` in the
-    convention of ``torch.utils.flop_counter.register_flop_formula`` (tensor arguments arrive as
-    their shapes), or ``flops=None`` for an op that moves memory but does no FLOPs worth counting.
-    ``op`` is an op packet (``torch.ops.mylib.fused_mlp``). Registrations are dipc's own (torch's
-    global flop registry is left alone) and apply to layers traced afterwards.
-
-    Example::
-
-        register_op_cost(torch.ops.mylib.fused_mlp,
-                         lambda x, w1, w2, out_shape=None, **kw: 2 * x[0] * x[1] * w1[0] * 2)
-    """
-    if not isinstance(op, torch._ops.OpOverloadPacket):
-        packet = getattr(op, "overloadpacket", None)
-        if packet is None:
-            raise TypeError(f"register_op_cost: expected an op packet such as torch.ops.aten.mm, got {op!r}. "
-                            "Fix: pass torch.ops.<namespace>.<op>.")
-        op = packet
-    _OP_FLOPS.pop(op, None)
-    _NO_FLOPS.discard(op)
-    if flops is None:
-        _NO_FLOPS.add(op)
-    else:
-        _OP_FLOPS[op] = flops
 
 
 def _flop_counter() -> FlopCounterMode:
@@ -194,11 +171,17 @@ class _Recorder(TorchDispatchMode):
             self.ops[self.phase] += 1
             if not _has_formula(func):
                 self.unknown.setdefault(str(func.overloadpacket), None)
-        if self.quiet or self.phase == "skip" or func.is_view or func.overloadpacket in _NO_TRAFFIC:
+        if (self.quiet or self.phase == "skip" or func.is_view or func.overloadpacket in _NO_TRAFFIC
+                or func.namespace == "prim"):   # prim.device and the like read metadata, not memory
+            return out
+        phase = "fwd" if self.phase == "fwd" else "bwd"
+        formula = _OP_BYTES.get(func.overloadpacket)
+        if formula is not None:
+            self.terms[phase].append(_expr(formula(*args, out=out, **kwargs)))
             return out
         leaves = [x for x in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
         if leaves:
-            self.terms["fwd" if self.phase == "fwd" else "bwd"].append(sympy.Add(*(_nbytes(t) for t in leaves)))
+            self.terms[phase].append(sympy.Add(*(_nbytes(t) for t in leaves)))
         return out
 
 

@@ -204,3 +204,16 @@ def test_bad_input_errors(call, message, device):
 
     with pytest.raises(DipcError, match=message):
         call(device)
+
+
+def test_fused_layer_follows_swapped_parameters(device):
+    """``torch.func.functional_call`` (how SEMU traces a layer) swaps a layer's Parameters; the
+    fused layer's cached graph must use the swapped ones, not those it was traced with."""
+    head = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 5)).to(device)
+    fused = fuse_module(head[1])   # a leaf layer: its graph reads weight/bias through get_attr
+    x = torch.randn(3, 8, device=device)
+    torch.testing.assert_close(fused(x), head[1](x))   # traced and cached here
+    new = {"weight": torch.randn(5, 8, device=device), "bias": torch.randn(5, device=device)}
+    got = torch.func.functional_call(fused, new, (x,))
+    torch.testing.assert_close(got, x @ new["weight"].t() + new["bias"])
+    torch.testing.assert_close(fused(x), head[1](x))   # and back to its own afterwards

@@ -23,10 +23,13 @@ def _check(sq, result):
             if rec["role"] == "baseline":
                 assert rec["validated"], (b["index"], name, rec.get("error"))
                 assert rec["step_s"] > 0 and 0 <= rec["bubble"] < 1
-        dip = [r for r in b["schedules"].values() if r["role"] in ("ablation", "dip") and r["validated"]]
+        dip = [r for r in b["schedules"].values() if r["role"] == "ablation" and r["validated"]]
         fitting = [r["step_s"] for r in dip if not r["over_capacity"]]
-        # the planner keeps the fastest fitting candidate seen so far: cumulative rows never get slower
+        # the ablation keeps the fastest fitting candidate seen so far: cumulative rows never get slower
         assert fitting == sorted(fitting, reverse=True)
+        planner = b["schedules"][sq.PLANNER]
+        assert planner["validated"] and not planner["over_capacity"], planner.get("error")
+        assert planner["step_s"] > 0 and planner["plan_ms"] > 0 and 1 <= planner["fitted"] + 1 <= planner["simulated"] + 1
 
 
 def test_schedule_quality_vlm_and_t2v_batches():

@@ -73,3 +73,29 @@ def test_example_models_trace_without_unknown_ops():
         with warnings.catch_warnings():
             warnings.simplefilter("error", UnknownOpCostWarning)
             layer_cost_model(pipe.captured)
+
+
+def test_registered_bytes_formula_replaces_the_default_traffic():
+    """Without a bytes formula a custom op moves its inputs and outputs once; with one, SEMU charges
+    what the formula says (symbolic in the op's sizes)."""
+    from dipc.semu import symbolic
+
+    class Op(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 16), requires_grad=False)
+
+        def forward(self, x):
+            return torch.ops.dipc_test.scaled_mm(x, self.w)
+
+    op = torch.ops.dipc_test.scaled_mm
+    try:
+        register_op_cost(op, None)
+        default = trace_layer(Op(), (torch.randn(5, 8),))
+        d0, d1 = default.dim_symbols
+        assert default.exprs["fwd_bytes"] == 4 * d0 * d1 + 4 * 8 * 16 + 4 * d0 * 16   # x, w, out: once each
+        register_op_cost(op, None, bytes_moved=lambda x, w, out=None: 3 * x.numel() * x.element_size())
+        assert trace_layer(Op(), (torch.randn(5, 8),)).exprs["fwd_bytes"] == 12 * d0 * d1
+    finally:
+        symbolic._NO_FLOPS.discard(op)
+        symbolic._OP_BYTES.pop(op, None)

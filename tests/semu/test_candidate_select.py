@@ -1,0 +1,62 @@
+"""Phase 3 by branch and bound (dipc.semu.candidate_select): the same winner as fitting every
+candidate, with fewer fits, on random candidates whose fitted time is at least their plain time."""
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from dipc.errors import InfeasibleMemoryError
+from dipc.semu.candidate_select import pick_fastest
+
+
+def _candidates(seed: int, n: int):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        plain = rng.uniform(1, 2)
+        peak = rng.uniform(50, 150)
+        fitted = None if rng.random() < 0.1 else plain * rng.uniform(1.0, 1.4)
+        out.append((f"c{i}", plain, peak, fitted))
+    return out
+
+
+def _run(cands, capacity=100.0, max_fits=None):
+    calls = []
+
+    def build(c):
+        return lambda: (c, None)
+
+    def simulate(c, _):
+        return SimpleNamespace(step_time=c[1], peak_memory=[c[2]])
+
+    def fit(c, _):
+        calls.append(c[0])
+        if c[3] is None:
+            raise InfeasibleMemoryError("no fit", {0: c[2] - capacity})
+        return c, SimpleNamespace(step_time=c[3], peak_memory=[capacity])
+
+    choice = pick_fastest([(c[0], build(c)) for c in cands], simulate, capacity, fit, 1, max_fits=max_fits)
+    return choice, calls
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_branch_and_bound_matches_fitting_everything(seed):
+    cands = _candidates(seed, 8)
+    exact = {c[0]: (c[1] if c[2] <= 100 else c[3]) for c in cands}
+    feasible = {k: v for k, v in exact.items() if v is not None}
+    choice, calls = _run(cands)
+    assert choice.result.step_time == min(feasible.values())
+    assert len(calls) == choice.fitted <= sum(c[2] > 100 for c in cands)
+
+
+def test_max_fits_caps_phase3_runs():
+    cands = [(f"c{i}", 1.0 + i / 10, 200.0, 2.0 + i / 10) for i in range(5)]   # all over memory
+    choice, calls = _run(cands, max_fits=2)
+    assert calls == ["c0", "c1"] and choice.label == "c0"
+
+
+def test_nothing_fits_raises_the_closest():
+    cands = [("a", 1.0, 300.0, None), ("b", 1.2, 120.0, None)]
+    with pytest.raises(InfeasibleMemoryError) as e:
+        _run(cands)
+    assert e.value.excess == pytest.approx(20.0)
