@@ -20,10 +20,10 @@ Intermediates on one chain (layer 2's ``mm`` leads, through the activations, to 
 not share a backward call: the call from layer 2 would walk the activation path down to layer 1
 again. So they are grouped by *depth* (the most intermediates on any path below a node): nodes
 of equal depth cannot reach one another, and each depth is one backward call. A parameter used
-under intermediates of several depths (a tied weight) would also be reached through the
-activation path from the deeper call; that call zeroes the gradient entering the other depths'
-intermediates owning it, so each use is counted once (correct, but walks that path: the rare
-case pays what the general one saves).
+under intermediates of several depths (a tied weight, a DiT's conditioning MLP feeding every
+block) would be reached through the activation path from every deeper call, which on the T2V
+example cost 17x a whole backward; then BWD_W walks once from the stage outputs instead (the
+plain split's cost).
 
 Outputs whose graph does not lead to any input (the first stage, whose inputs are token ids, or
 an output computed from parameters alone) are weight work only: BWD_W runs them from the given
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
@@ -56,7 +56,6 @@ class _Call:
     edges: list[GradientEdge]
     grads: list[torch.Tensor]
     params: list[torch.Tensor]
-    zero_nodes: list[Node] = field(default_factory=list)   # intermediates of other depths (tied weights)
 
 
 @dataclass
@@ -150,6 +149,11 @@ def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     for node, ps in owned.items():
         for p in ps:
             depths_of[p].add(depth[node])
+    if any(len(ds) > 1 for ds in depths_of.values()):
+        # a parameter used at several depths (a conditioning MLP feeding every DiT block, a tied
+        # embedding): the deeper calls would each walk the activation path down to it again --
+        # measured 17x a whole backward on the T2V example -- so BWD_W walks once from the outputs
+        return result, WeightGradWork(whole)
     for d, nodes in sorted(by_depth.items()):
         edges, seeds = [], []
         for node in nodes:
@@ -159,22 +163,11 @@ def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         if not edges:
             continue
         ps = frozenset().union(*(owned[n] for n in nodes))
-        tied = {p for p in ps if len(depths_of[p]) > 1}
-        zero = [n for n, mine in owned.items() if depth[n] != d and mine & tied]
-        calls.append(_Call(edges, seeds, [param_of[n] for n in ps], zero))
+        calls.append(_Call(edges, seeds, [param_of[n] for n in ps]))
     return result, WeightGradWork(calls)
-
-
-def _zero(grad_outputs: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
-    return tuple(None if g is None else torch.zeros_like(g) for g in grad_outputs)
 
 
 def backward_weight(work: WeightGradWork) -> None:
     """BWD_W: accumulate the parameters' gradients into ``.grad`` (as ``autograd.backward`` does)."""
     for call in work.calls:
-        handles = [n.register_prehook(_zero) for n in call.zero_nodes]
-        try:
-            torch.autograd.backward(call.edges, call.grads, retain_graph=True, inputs=call.params)
-        finally:
-            for h in handles:
-                h.remove()
+        torch.autograd.backward(call.edges, call.grads, retain_graph=True, inputs=call.params)

@@ -72,7 +72,9 @@ def test_split_equals_one_backward_and_does_not_rewalk():
         assert got.keys() == want.keys()
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14, msg=lambda m: f"tied={tied} {n}: {m}")
-        if not tied:   # a tied weight below the identity makes its depth's call walk through it (documented)
+        if tied:   # a weight at several depths: BWD_W walks once from the outputs, not once per depth
+            assert walked_again == 1, "BWD_W must walk the activation path exactly once for a tied weight"
+        else:
             assert walked_again == 0, "BWD_W re-ran a node on the activation path"
 
 
