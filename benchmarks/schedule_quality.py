@@ -658,36 +658,6 @@ def _dq(split: bool):
 
 
 def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAction]]) -> dict:
-    """Start step of every action when each takes one step: a time order that respects every
-    rank's order and every data dependency (a forward after its producers' forwards, a backward
-    after its consumers' backwards and its own forward)."""
-    consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
-    done: dict[tuple, int] = {}
-    pc = [0] * len(orders)
-    clock = [0] * len(orders)
-    progress = True
-    while progress:
-        progress = False
-        for r, order in enumerate(orders):
-            while pc[r] < len(order):
-                a = order[pc[r]]
-                if a.op is Op.FWD:
-                    deps = [(Op.FWD, p, a.mb) for p in stages[a.stage].producers]
-                else:
-                    deps = [(Op.BWD, c, a.mb) for c in consumers[a.stage]] + [(Op.FWD, a.stage, a.mb)]
-                if any(d not in done for d in deps):
-                    break
-                t = max([clock[r]] + [done[d] + 1 for d in deps])
-                done[(Op.FWD if a.op is Op.FWD else Op.BWD, a.stage, a.mb)] = t
-                clock[r] = t + 1
-                pc[r] += 1
-                progress = True
-    if any(pc[r] < len(o) for r, o in enumerate(orders)):
-        raise ScheduleError("the backbone's schedule deadlocks. Fix: check its generator.")
-    return done
-
-
-def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAction]]) -> dict:
     """Start step of every (op, stage, mb) when each action takes one step, or ScheduleError if
     the per-rank orders wait on each other in a cycle (a forward needs its producers' forwards, a
     backward its consumers' backwards and its own forward)."""
