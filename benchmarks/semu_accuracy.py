@@ -306,7 +306,8 @@ def main() -> None:
         pipe = models[name][2][chunks]
         stages = sorted(pipe.stages, key=lambda s: s.id)
         sets.append(CalibrationSet(stage_layers=[s.layers for s in stages], cost_model=models[name][3][chunks],
-                                   samples=samples, no_input_grads=[s.id for s in stages if not s.grad_producers]))
+                                   samples=samples, no_input_grads=[s.id for s in stages if not s.grad_producers],
+                                   whole_wgrad_stages=sorted(pipe.whole_wgrad_stages())))
     cal = fit_profile(measured, sets, link=link, name="this-cpu-calibrated")
     profile = cal.profile
     print(f"calibrated: compute x{cal.scale:.2f}, attention x{cal.attention_scale:.2f}, memory traffic "

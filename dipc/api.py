@@ -83,6 +83,7 @@ class CompiledPipeline:
         self._programs: dict[tuple, Program] = {}
         self.treespecs = {name: tree_flatten(v)[1] for name, v in self.captured.example_values.items()}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._whole_wgrad: frozenset[int] | None = None
         if self.optimizer_factory is not None:
             for r in range(self.num_ranks):
                 params = self.rank_parameters(r)
@@ -98,6 +99,16 @@ class CompiledPipeline:
 
     def rank_parameters(self, rank: int) -> list[nn.Parameter]:
         return list(dict.fromkeys(p for s in self.stages if s.rank == rank for p in s.params if p.requires_grad))
+
+    def whole_wgrad_stages(self) -> frozenset[int]:
+        """Stages whose zero-bubble BWD_W runs the whole backward (a parameter shared across depths;
+        :mod:`dipc.runtime.split_probe`), probed once on the example batch; SEMU's
+        :meth:`~dipc.semu.step_model.StepModel.runtime_options` costs them so."""
+        if self._whole_wgrad is None:
+            from dipc.runtime.split_probe import whole_wgrad_stages
+
+            self._whole_wgrad = whole_wgrad_stages(self.captured, self.stages)
+        return self._whole_wgrad
 
     def describe(self) -> str:
         """The partition, one line per stage."""

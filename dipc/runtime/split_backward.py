@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-__all__ = ["WeightGradWork", "backward_input", "backward_weight", "param_nodes"]
+__all__ = ["WeightGradWork", "backward_input", "backward_weight", "param_nodes", "walks_whole"]
 
 
 @dataclass
@@ -102,6 +102,34 @@ def _analyse(roots: Sequence[Node], input_nodes: set[Node], param_nodes: set[Nod
     return on_path, owned, depth, below
 
 
+def _shared_across_depths(owned: dict[Node, frozenset[Node]], depth: dict[Node, int]) -> bool:
+    """Whether some parameter hangs below intermediates of two or more depths (then BWD_W walks
+    the whole backward once instead of once per depth; see the module docstring)."""
+    first: dict[Node, int] = {}
+    for node, ps in owned.items():
+        d = depth[node]
+        for p in ps:
+            if first.setdefault(p, d) != d:
+                return True
+    return False
+
+
+def walks_whole(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`backward_weight` after :func:`backward_input` of this graph runs the whole
+    backward (a parameter shared across depths, or no input taking a gradient) rather than only
+    the weight-gradient nodes. The analysis alone, no backward runs: SEMU asks it of a probe
+    forward (:meth:`dipc.api.Pipeline.whole_wgrad_stages`) to cost BWD_W as the runtime runs it."""
+    roots = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    leaves = [x for x in inputs if x.requires_grad]
+    if not roots or not params:
+        return False
+    if not leaves:
+        return True
+    _, owned, depth, _ = _analyse(roots, {get_gradient_edge(x).node for x in leaves},
+                                  set(param_nodes(params)))
+    return _shared_across_depths(owned, depth)
+
+
 def param_nodes(params: Sequence[torch.Tensor]) -> dict[Node, torch.Tensor]:
     """Each parameter's gradient accumulator node -> the parameter. Holding the nodes keeps them
     the ones every graph built meanwhile uses, so a caller may reuse this map for a whole step."""
@@ -142,18 +170,14 @@ def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         if reached:
             calls.append(_Call([e for e, _ in roots_off_path], [g for _, g in roots_off_path],
                                [param_of[n] for n in reached]))
-    by_depth: dict[int, list[Node]] = defaultdict(list)
-    for node in owned:
-        by_depth[depth[node]].append(node)
-    depths_of: dict[Node, set[int]] = defaultdict(set)
-    for node, ps in owned.items():
-        for p in ps:
-            depths_of[p].add(depth[node])
-    if any(len(ds) > 1 for ds in depths_of.values()):
+    if _shared_across_depths(owned, depth):
         # a parameter used at several depths (a conditioning MLP feeding every DiT block, a tied
         # embedding): the deeper calls would each walk the activation path down to it again --
         # measured 17x a whole backward on the T2V example -- so BWD_W walks once from the outputs
         return result, WeightGradWork(whole)
+    by_depth: dict[int, list[Node]] = defaultdict(list)
+    for node in owned:
+        by_depth[depth[node]].append(node)
     for d, nodes in sorted(by_depth.items()):
         edges, seeds = [], []
         for node in nodes:

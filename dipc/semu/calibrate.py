@@ -8,20 +8,22 @@ runs ranks one after another, so each instruction's time is its own; see
 :func:`dipc.runtime.measure.timed_local_step`) and models each compute instruction as
 
     t = a · compute(instr) + b · attention(instr) + m · memory(instr)
-        + p_f · probs_fwd(instr) + p_b · probs_bwd(instr) + op_overhead · ops(instr) + c_kind(instr)
+        + p_f · probs_fwd(instr) + p_b · probs_bwd(instr) + o_kind(instr) · ops(instr) + c_kind(instr)
 
 where ``attention`` is the attention FLOP time, ``compute`` the other FLOP time and ``memory``
 the bytes / bandwidth time :class:`~dipc.semu.step_model.StepModel` computes from the measured
 profile with every overhead at 0, ``probs_*`` the bytes of dense softmax probabilities that
 masked attention materialises on CPU's math path (forward; backward), ``ops`` the ATen ops the
-instruction's layers dispatch (counted by the symbolic trace) and ``c_kind`` one fixed time per
-instruction kind (FWD, BWD, BWD_I, BWD_W: the interpreter's work around a backward is not a
-forward's, and one constant for all over-charges programs with many small instructions, such as
+instruction's layers dispatch (counted by the symbolic trace), and ``o_kind`` and ``c_kind`` a
+time per op and a fixed time per instruction kind (FWD, BWD, BWD_I, BWD_W: the interpreter's
+work around a backward is not a forward's, a split BWD_I walks the autograd graph in Python,
+and one constant for all over-charges programs with many small instructions, such as
 interleaved 1F1B). A non-negative least-squares fit (of seconds, or of relative errors) gives
 the coefficients; it is run with masked attention counted sparsely and densely, and the better
 fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s divided by ``a``, the
 attention curve scaled by ``a / b``, memory bandwidth divided by ``m`` (unlimited when
-``m = 0``), ``launch_overhead`` 0 (``op_overhead`` replaces it), ``op_overheads`` (the ``c_kind``
+``m = 0``), ``launch_overhead`` 0 (``kind_op_overheads``, the ``o_kind``, replace it),
+``op_overheads`` (the ``c_kind``
 plus the mean measured time of each other instruction kind the samples list: LOAD, SEND_*,
 RECV_*, which pack and copy tensors on the rank's CPU; every op then gets the step's time outside
 its instructions, per instruction: the interpreter's dispatch loop) and ``probs_*_byte_time`` (the step
@@ -46,18 +48,18 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.optimize
 
 from dipc.errors import DipcError
 from dipc.ir import Instruction, Op
 from dipc.semu.costs import CostModel
 from dipc.semu.profiles import ClusterProfile, EfficiencyCurve, LinkProfile
-from dipc.semu.step_model import StatsLike, StepModel
+from dipc.semu.step_model import StatsLike, StepModel, stage_ops
 
 __all__ = ["CalibrationError", "CalibrationResult", "CalibrationSample", "CalibrationSet", "fit_link", "fit_profile", "stage_ops"]
 
@@ -93,6 +95,7 @@ class CalibrationSet:
     samples: Sequence[CalibrationSample]
     no_input_grads: Sequence[int] = ()     # stages whose BWD_I is a no-op (StepModel's knob)
     wgrad_recomputes: bool = False         # True: BWD_W costs a full backward (dipc before its split backward)
+    whole_wgrad_stages: Sequence[int] = ()  # stages whose split BWD_W walks whole (Pipeline.whole_wgrad_stages)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,11 +106,12 @@ class CalibrationResult:
     scale: float                     # a: roofline multiplier (peaks and bandwidth were divided by it)
     attention_scale: float           # b: the same for attention FLOPs (its curve was scaled by a / b)
     memory_scale: float              # m: multiplier of bytes / bandwidth (0: bandwidth left unlimited)
-    op_overhead: float
+    op_overhead: float               # mean of kind_op_overheads
     instruction_overhead: float
     dense_masked_attention: bool
     num_points: int
     op_overheads: dict[str, float] = field(default_factory=dict)   # fixed seconds per instruction by op
+    kind_op_overheads: dict[str, float] = field(default_factory=dict)   # seconds per ATen op by compute kind
     probs_fwd_byte_time: float = 0.0
     probs_bwd_byte_time: float = 0.0
     dispatch_overhead: float = 0.0                                  # per instruction, in op_overheads
@@ -115,53 +119,20 @@ class CalibrationResult:
     residuals: dict[str, float] = field(default_factory=dict)   # relative RMS per attention variant
 
 
-def stage_ops(cost_model: CostModel, layers: Sequence[str], op: str, input_grads: bool = True,
-              wgrad_recomputes: bool = False) -> int:
-    """ATen ops the instruction ``op`` dispatches over a stage's ``layers`` (see module docstring);
-    without ``input_grads`` BWD_I does nothing and BWD_W the whole backward (also when
-    ``wgrad_recomputes``, see :class:`~dipc.semu.step_model.StepModel`)."""
-    if op == "BWD_I" and not input_grads:
-        return 0
-    if op == "BWD_W" and (wgrad_recomputes or not input_grads):
-        return stage_ops(cost_model, layers, "BWD")
-    total = 0
-    for p in layers:
-        ops = cost_model.expr(p).local.ops
-        if not ops:
-            raise CalibrationError(f"layer {p!r} has no op counts. Fix: rebuild the cost model with this dipc "
-                                   "(layer_cost_model counts ops while tracing).")
-        if op == "FWD":
-            total += ops["fwd"]
-        elif op == "BWD":
-            total += ops["bwd"]
-        elif op == "BWD_I":
-            total += ops["bwd_in"]
-        else:
-            total += max(ops["bwd"] - ops["bwd_in"], 0)
-    return total
-
-
 def _bare(profile: ClusterProfile, dense: bool) -> ClusterProfile:
     dev = dataclasses.replace(profile.device, launch_overhead=0.0, op_overhead=0.0, instruction_overhead=0.0,
+                              kind_op_overheads={},
                               dense_masked_attention=dense)
     return dataclasses.replace(profile, device=dev)
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative least squares by enumerating active sets (exact; cheap for the ~10 unknowns here)."""
-    k = x.shape[1]
-    best, best_err = np.zeros(k), float(np.sum(y * y))
-    for r in range(1, k + 1):
-        for cols in itertools.combinations(range(k), r):
-            coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
-            if np.any(coef < 0):
-                continue
-            full = np.zeros(k)
-            full[list(cols)] = coef
-            err = float(np.sum((x @ full - y) ** 2))
-            if err < best_err:
-                best, best_err = full, err
-    return best
+    """Non-negative least squares (SciPy's active-set solver), columns scaled to unit norm first
+    (seconds, bytes and op counts differ by 10^12)."""
+    norms = np.linalg.norm(x, axis=0)
+    norms[norms == 0] = 1.0
+    coef, _ = scipy.optimize.nnls(x / norms, y, maxiter=50 * x.shape[1])
+    return coef / norms
 
 
 def _attention_seconds(sm: StepModel, ins: Instruction) -> float:
@@ -169,7 +140,7 @@ def _attention_seconds(sm: StepModel, ins: Instruction) -> float:
     from dipc.semu.step_model import _dense_attention, stats_for_layer
 
     dev, stage = sm.cluster.device, ins.stage
-    whole = sm.wgrad_recomputes or stage in sm.no_input_grads
+    whole = sm.wgrad_is_whole(stage)
     mult = {Op.FWD: 1, Op.BWD: 2, Op.BWD_I: 0 if stage in sm.no_input_grads else 2,
             Op.BWD_W: 2 if whole else 0}.get(ins.op, 0)
     if mult == 0:
@@ -190,7 +161,7 @@ def _probs_bytes(sm: StepModel, ins: Instruction) -> tuple[float, float]:
     """``(forward, backward)`` bytes of dense masked-attention probabilities ``ins`` passes over
     (``LayerCost.attn_probs_bytes`` of the stage's layers; BWD_W only when it re-runs the backward)."""
     stage = ins.stage
-    whole = sm.wgrad_recomputes or stage in sm.no_input_grads
+    whole = sm.wgrad_is_whole(stage)
     if ins.op is Op.FWD:
         at = (1.0, 0.0)
     elif ins.op is Op.BWD or (ins.op is Op.BWD_I and stage not in sm.no_input_grads) or (ins.op is Op.BWD_W and whole):
@@ -224,7 +195,8 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                                "with several microbatches each (timed_local_step).")
     y = np.array([t for *_, t in points])
     ops = np.array([stage_ops(samples[si][0].cost_model, samples[si][0].stage_layers[stage], op,
-                              stage not in samples[si][0].no_input_grads, samples[si][0].wgrad_recomputes)
+                              stage not in samples[si][0].no_input_grads,
+                              samples[si][0].wgrad_recomputes or stage in samples[si][0].whole_wgrad_stages)
                     for si, op, stage, _, _ in points], dtype=float)
     fits = {}
     for dense in (False, True):
@@ -234,34 +206,41 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         nomem = dataclasses.replace(bare, device=dataclasses.replace(bare.device, memory_bandwidth=1e30))
         kw = {"dtype": dtype, "bytes_mode": "sum"}
         models = [StepModel(cs.cost_model, nomem, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
-                            wgrad_recomputes=cs.wgrad_recomputes, **kw) for cs, s in samples]
+                            wgrad_recomputes=cs.wgrad_recomputes,
+                            whole_wgrad_stages=cs.whole_wgrad_stages, **kw) for cs, s in samples]
         with_mem = [StepModel(cs.cost_model, bare, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
-                              wgrad_recomputes=cs.wgrad_recomputes, **kw) for cs, s in samples]
+                              wgrad_recomputes=cs.wgrad_recomputes,
+                            whole_wgrad_stages=cs.whole_wgrad_stages, **kw) for cs, s in samples]
         ins = [(si, Instruction(op=_COMPUTE[op], stage=stage, mb=mb)) for si, op, stage, mb, _ in points]
         compute = np.array([models[si].compute_time(i) for si, i in ins])
         attn = np.array([_attention_seconds(models[si], i) for si, i in ins])
         mem = np.array([with_mem[si].compute_time(i) for si, i in ins]) - compute
         probs = np.array([_probs_bytes(models[si], i) if dense else (0.0, 0.0) for si, i in ins]).reshape(-1, 2)
-        # one fixed time per instruction kind: the interpreter's work around a backward (gathering
-        # output grads, delivering input grads) is not a forward's
+        # one fixed time per instruction kind, and one time per ATen op per kind: the interpreter's
+        # work around a backward (gathering output grads, delivering input grads) is not a
+        # forward's, and a split BWD_I also walks the autograd graph in Python
         kinds = np.array([[1.0 if op == k else 0.0 for k in _COMPUTE] for _, op, *_ in points])
         x = np.concatenate([np.stack([np.maximum(compute - attn, 0.0), attn, np.maximum(mem, 0.0)], axis=1),
-                            probs, ops[:, None], kinds], axis=1)
+                            probs, ops[:, None] * kinds, kinds], axis=1)
         # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
         w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
         if instruction_overhead is None:
             coef = _nnls(x * w[:, None], y * w)
         else:
-            coef = np.append(_nnls(x[:, :6] * w[:, None], (y - instruction_overhead) * w),
+            n = 5 + len(_COMPUTE)
+            coef = np.append(_nnls(x[:, :n] * w[:, None], (y - instruction_overhead) * w),
                              [instruction_overhead] * len(_COMPUTE))
         rel = (x @ coef - y) / y
         resid = rel if weighting == "relative" else (x @ coef - y) / float(np.mean(y))
         fits[dense] = (float(np.sqrt(np.mean(resid ** 2))), coef, rel)
     dense = fits[True][0] < fits[False][0]
     _, coef, rel = fits[dense]
-    a, b, m, pf, pb, oo = (float(v) for v in coef[:6])
+    a, b, m, pf, pb = (float(v) for v in coef[:5])
     seen = {op for _, op, *_ in points}
-    per_kind = {k: float(v) for k, v in zip(_COMPUTE, coef[6:]) if k in seen}
+    per_op = {k: float(v) for k, v in zip(_COMPUTE, coef[5:5 + len(_COMPUTE)]) if k in seen}
+    oo = float(np.mean(list(per_op.values())))    # for compute kinds the samples did not show
+    kind_oo = {k: per_op.get(k, oo) for k in _COMPUTE}
+    per_kind = {k: float(v) for k, v in zip(_COMPUTE, coef[5 + len(_COMPUTE):]) if k in seen}
     c = float(np.mean(list(per_kind.values())))   # for compute kinds the samples did not show
     others: dict[str, list[float]] = {}
     for _, sample in samples:
@@ -285,11 +264,12 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
     cal_dev = dataclasses.replace(
         dev, peak_flops={k: v / a for k, v in dev.peak_flops.items()}, memory_bandwidth=bandwidth,
         efficiency={**dev.efficiency, "attention": att},
-        launch_overhead=0.0, op_overhead=float(oo), instruction_overhead=float(c), dense_masked_attention=dense,
-        op_overheads=op_overheads, probs_fwd_byte_time=pf, probs_bwd_byte_time=pb,
+        launch_overhead=0.0, op_overhead=0.0, instruction_overhead=float(c), dense_masked_attention=dense,
+        op_overheads=op_overheads, probs_fwd_byte_time=pf, probs_bwd_byte_time=pb, kind_op_overheads=kind_oo,
         source=(f"{dev.source}; calibrated on {len(points)} timed instructions of {len(samples)} steps: "
-                f"compute time x {a:.3g}, attention x {b:.3g}, memory traffic x {m:.3g}, {oo * 1e6:.3g} us per "
-                f"ATen op, per instruction " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in per_kind.items())
+                f"compute time x {a:.3g}, attention x {b:.3g}, memory traffic x {m:.3g}, per ATen op "
+                + ", ".join(f"{k} {v * 1e6:.3g} us" for k, v in kind_oo.items()) + ", per instruction "
+                + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in per_kind.items())
                 + f", masked attention {'dense' if dense else 'sparse'}"
                 + (f" ({pf * 1e9:.3g} / {pb * 1e9:.3g} ns per probability byte fwd / bwd)" if dense else "")))
     links = {}
@@ -299,7 +279,7 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                                   source=measured.source + ("; links fitted by gloo ping-pong" if link else ""),
                                   **links)
     return CalibrationResult(profile=profile, scale=float(a), attention_scale=float(b), memory_scale=float(m),
-                             op_overhead=float(oo), instruction_overhead=float(c),
+                             op_overhead=float(oo), kind_op_overheads=kind_oo, instruction_overhead=float(c),
                              dense_masked_attention=dense, num_points=len(points), op_overheads=op_overheads,
                              probs_fwd_byte_time=pf, probs_bwd_byte_time=pb, dispatch_overhead=dispatch,
                              median_rel_error=float(np.median(np.abs(rel))),

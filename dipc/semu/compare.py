@@ -25,7 +25,9 @@ def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any
         pipe._cost_model = layer_cost_model(pipe.captured)
     stats = [pipeline_length_stats(pipe, mb) for mb in microbatches]
     sub_stats = sub_length_stats(pipe, microbatches) if pipe.sub_microbatcher is not None else None
-    return StepModel.for_pipeline(pipe, pipe._cost_model, load_profile(profile), stats, sub_stats=sub_stats)
+    # the stages whose split BWD_W walks whole on dipc's runtime, as on any device
+    return StepModel.for_pipeline(pipe, pipe._cost_model, load_profile(profile), stats, sub_stats=sub_stats,
+                                  whole_wgrad_stages=sorted(pipe.whole_wgrad_stages()))
 
 
 def _activation_budgets(pipe: "CompiledPipeline", model, memory_limit: float | Sequence[float]) -> list[float]:

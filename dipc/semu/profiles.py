@@ -37,6 +37,7 @@ from dipc.errors import DipcError
 from dipc.ir import Op
 
 _OP_NAMES = tuple(op.value for op in Op)
+_KIND_OPS = ("FWD", "BWD", "BWD_I", "BWD_W")   # the compute instruction kinds
 
 __all__ = [
     "DTYPE_BYTES",
@@ -212,6 +213,10 @@ class DeviceProfile:
     ``probs_bwd_byte_time``: seconds per byte of the dense softmax probabilities a materialising
     masked-attention kernel writes (``LayerCost.attn_probs_bytes``; with ``dense_masked_attention``):
     the mask and softmax passes over ``H·ΣL²`` elements that the FLOP count does not see.
+    ``kind_op_overheads``: seconds per ATen op by compute instruction kind (``FWD``, ``BWD``,
+    ``BWD_I``, ``BWD_W``), charged per instruction on the ops its stage dispatches, in place of
+    ``op_overhead`` for those kinds: a split backward's BWD_I also walks the autograd graph in
+    Python (:mod:`dipc.runtime.split_backward`), so its cost per op is not a forward's.
     """
 
     name: str
@@ -228,9 +233,14 @@ class DeviceProfile:
     op_overheads: Mapping[str, float] = field(default_factory=dict)
     probs_fwd_byte_time: float = 0.0
     probs_bwd_byte_time: float = 0.0
+    kind_op_overheads: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _string("device.name", self.name)
+        for op, v in self.kind_op_overheads.items():
+            if op not in _KIND_OPS:
+                raise _fail(f"device.kind_op_overheads.{op}", "unknown instruction kind", f"use {', '.join(_KIND_OPS)}")
+            _positive(f"device.kind_op_overheads.{op}", v, allow_zero=True)
         for op, v in self.op_overheads.items():
             _positive(f"device.op_overheads.{op}", v, allow_zero=True)
         _positive("device.probs_fwd_byte_time", self.probs_fwd_byte_time, allow_zero=True)
@@ -356,14 +366,15 @@ def _device_to_json(d: DeviceProfile) -> dict[str, Any]:
             **({"dense_masked_attention": True} if d.dense_masked_attention else {}),
             **({"op_overheads": dict(d.op_overheads)} if d.op_overheads else {}),
             **({"probs_fwd_byte_time": d.probs_fwd_byte_time} if d.probs_fwd_byte_time else {}),
-            **({"probs_bwd_byte_time": d.probs_bwd_byte_time} if d.probs_bwd_byte_time else {})}
+            **({"probs_bwd_byte_time": d.probs_bwd_byte_time} if d.probs_bwd_byte_time else {}),
+            **({"kind_op_overheads": dict(d.kind_op_overheads)} if d.kind_op_overheads else {})}
 
 
 def _device_from_json(path: str, obj: Any) -> DeviceProfile:
     d = _object(path, obj, ("name", "peak_flops", "memory_bandwidth", "memory_capacity",
                             "launch_overhead", "efficiency"),
                 ("kind", "source", "op_overhead", "instruction_overhead", "dense_masked_attention", "op_overheads",
-                 "probs_fwd_byte_time", "probs_bwd_byte_time"))
+                 "probs_fwd_byte_time", "probs_bwd_byte_time", "kind_op_overheads"))
     peaks = d["peak_flops"]
     if not isinstance(peaks, Mapping):
         raise _fail(f"{path}.peak_flops", f"expected an object of dtype -> FLOP/s, got {peaks!r}",
@@ -390,6 +401,9 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
                                       allow_zero=True),
         probs_bwd_byte_time=_positive(f"{path}.probs_bwd_byte_time", d.get("probs_bwd_byte_time", 0.0),
                                       allow_zero=True),
+        kind_op_overheads={str(k): _positive(f"{path}.kind_op_overheads.{k}", v, allow_zero=True)
+                           for k, v in _object(f"{path}.kind_op_overheads", d.get("kind_op_overheads", {}), (),
+                                               _KIND_OPS).items()},
     )
 
 

@@ -73,7 +73,10 @@ from dipc.semu.length_stats import batch_length_stats, pipeline_length_stats
 from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompute_memory_model
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
 
+_KINDS = (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W)   # compute instructions (kind_op_overheads)
+
 __all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_length_stats", "best_contiguous_split",
+           "stage_ops",
            "chain_program", "first_weight_backwards", "layer_time", "pipeline_length_stats", "stats_for_layer", "StepModelError",
            "sub_length_stats"]
 
@@ -253,6 +256,33 @@ def _module_dtype(module: torch.nn.Module) -> str | None:
     return None
 
 
+def stage_ops(cost_model: CostModel, layers: Sequence[str], op: str, input_grads: bool = True,
+              wgrad_recomputes: bool = False) -> int:
+    """ATen ops the instruction ``op`` dispatches over a stage's ``layers`` (counted by the
+    symbolic trace; :mod:`dipc.semu.calibrate` fits a time per op); without ``input_grads`` BWD_I
+    does nothing and BWD_W the whole backward (also when ``wgrad_recomputes``: BWD_W walks whole,
+    see :class:`StepModel`)."""
+    if op == "BWD_I" and not input_grads:
+        return 0
+    if op == "BWD_W" and (wgrad_recomputes or not input_grads):
+        return stage_ops(cost_model, layers, "BWD")
+    total = 0
+    for p in layers:
+        ops = cost_model.expr(p).local.ops
+        if not ops:
+            raise StepModelError(f"layer {p!r} has no op counts. Fix: rebuild the cost model with this dipc "
+                                 "(layer_cost_model counts ops while tracing).")
+        if op == "FWD":
+            total += ops["fwd"]
+        elif op == "BWD":
+            total += ops["bwd"]
+        elif op == "BWD_I":
+            total += ops["bwd_in"]
+        else:
+            total += max(ops["bwd"] - ops["bwd_in"], 0)
+    return total
+
+
 class StepModel:
     """Per-instruction times and memory of a pipeline step (see the module docstring).
 
@@ -270,6 +300,9 @@ class StepModel:
     included) and costs a full backward; False (the default) models the zero-bubble split dipc's
     interpreter runs (:mod:`dipc.runtime.split_backward`: BWD_W runs only the weight-gradient
     nodes). The interpreter still re-walks in stages with recomputed layers; not modelled here.
+    ``whole_wgrad_stages``: stages whose split backward walks the whole graph in BWD_W anyway (a
+    parameter shared across depths, :meth:`dipc.api.Pipeline.whole_wgrad_stages`): their BWD_W
+    costs a full backward, their BWD_I still the input-gradient pass.
     ``loss_stages``: stages whose glue computes the loss over their last layer's output (filled by
     :meth:`for_pipeline`); their forward and backward get the loss head's workspace.
     """
@@ -280,7 +313,8 @@ class StepModel:
                  tp_allreduces: Callable[[str], int] | None = None, gemms_per_layer: int = 4,
                  bytes_mode: str = "max",
                  sub_stats: Mapping[tuple[int, int], StatsLike] | None = None, no_input_grads: Sequence[int] = (),
-                 wgrad_recomputes: bool = False, loss_stages: Sequence[int] = ()) -> None:
+                 wgrad_recomputes: bool = False, whole_wgrad_stages: Sequence[int] = (),
+                 loss_stages: Sequence[int] = ()) -> None:
         if tp < 1 or dp < 1:
             raise StepModelError(f"tp={tp}, dp={dp}. Fix: pass degrees >= 1.")
         unknown = [p for layers in stage_layers for p in layers if p not in cost_model.exprs]
@@ -299,19 +333,28 @@ class StepModel:
         self.bytes_mode = bytes_mode
         self.no_input_grads = frozenset(no_input_grads)
         self.wgrad_recomputes = wgrad_recomputes
+        self.whole_wgrad_stages = frozenset(whole_wgrad_stages)
         self.loss_stages = frozenset(loss_stages)
         self._layer_cache: dict[tuple, LayerTime] = {}
         self._stage_cache: dict[tuple[int, int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int, int], float] = {}
         self._footprint_cache: dict[tuple[int, int, str], Footprint] = {}
+        self._ops_cache: dict[tuple[Op, int], int] = {}
 
     @staticmethod
     def runtime_options(pipe: Any) -> dict[str, Any]:
         """The options that make the model follow dipc's interpreter rather than an ideal runtime:
-        the stages without input gradients (their BWD_W runs the whole backward). BWD_W no longer
-        re-walks the activation gradients (:mod:`dipc.runtime.split_backward`), so
-        ``wgrad_recomputes`` is off. Calibration and the accuracy benchmark use these options."""
-        return {"no_input_grads": [s.id for s in pipe.stages if not s.grad_producers], "wgrad_recomputes": False}
+        the stages without input gradients (their BWD_W runs the whole backward) and those whose
+        split backward walks whole anyway (probed once, :meth:`dipc.api.Pipeline.whole_wgrad_stages`).
+        Elsewhere BWD_W no longer re-walks the activation gradients
+        (:mod:`dipc.runtime.split_backward`), so ``wgrad_recomputes`` is off. Calibration and the
+        accuracy benchmark use these options."""
+        return {"no_input_grads": [s.id for s in pipe.stages if not s.grad_producers], "wgrad_recomputes": False,
+                "whole_wgrad_stages": sorted(pipe.whole_wgrad_stages())}
+
+    def wgrad_is_whole(self, stage: int) -> bool:
+        """Whether BWD_W of ``stage`` runs the whole backward (see the class docstring)."""
+        return self.wgrad_recomputes or stage in self.no_input_grads or stage in self.whole_wgrad_stages
 
     @classmethod
     def for_pipeline(cls, pipe: Any, cost_model: CostModel, cluster: ClusterProfile,
@@ -506,10 +549,25 @@ class StepModel:
         for :func:`~dipc.semu.emulator.simulate`'s ``comm_overhead``)."""
         return self.instruction_overhead(ins.op)
 
+    def dispatch_time(self, op: Op, stage: int) -> float:
+        """The profile's ``kind_op_overheads`` time of a ``op`` instruction of ``stage``: seconds
+        per ATen op of that kind times the ops the instruction dispatches (:func:`stage_ops`)."""
+        per_op = self.cluster.device.kind_op_overheads.get(op.value)
+        if not per_op:
+            return 0.0
+        key = (op, stage)
+        hit = self._ops_cache.get(key)
+        if hit is None:
+            hit = self._ops_cache[key] = stage_ops(self.cost_model, self._layers(stage), op.value,
+                                                   stage not in self.no_input_grads, self.wgrad_is_whole(stage))
+        return hit * per_op
+
     def compute_time(self, ins: Instruction) -> float:
         """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
         op = ins.op
         fixed = self.instruction_overhead(op)
+        if op in _KINDS and self.cluster.device.kind_op_overheads:
+            fixed += self.dispatch_time(op, ins.stage)
         if op is Op.FWD:
             return self.stage_time(ins.stage, ins.mb, ins.sub).fwd + fixed
         if op is Op.BWD:
@@ -519,7 +577,7 @@ class StepModel:
                 return 0.0
             return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_in + fixed
         if op is Op.BWD_W:
-            if self.wgrad_recomputes or ins.stage in self.no_input_grads:
+            if self.wgrad_is_whole(ins.stage):
                 return self.stage_time(ins.stage, ins.mb, ins.sub).bwd + fixed
             return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_w + fixed
         if op is Op.REDUCE:

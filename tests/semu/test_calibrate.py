@@ -94,17 +94,52 @@ def test_fit_recovers_per_op_overheads_probability_traffic_and_dispatch(vlm):
     assert dev.probs_bwd_byte_time == pytest.approx(1e-9, rel=0.05)
 
 
+def test_fit_recovers_a_time_per_op_for_each_instruction_kind(vlm):
+    """A split BWD_I walks the autograd graph in Python: its time per dispatched op is not a
+    forward's, and the fit must tell them apart (and the step model charge them per stage)."""
+    ex, pipe, cm = vlm
+    base = _cpu_like()
+    base = dataclasses.replace(base, device=dataclasses.replace(base.device, memory_bandwidth=1e16))
+    per_op = {"FWD": 1e-6, "BWD": 3e-6, "BWD_I": 6e-6, "BWD_W": 2e-6}
+    truth = dataclasses.replace(base, device=dataclasses.replace(
+        base.device, peak_flops={"float32": 25e9}, kind_op_overheads=per_op, instruction_overhead=100e-6))
+    layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
+    samples = []
+    for _ in range(3):
+        mbs = ex.data.microbatches(3, 2)
+        stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+        sm = StepModel(cm, truth, layers, stats, dtype="float32", no_input_grads=[0])
+        timings = [(op.value, s, m, sm.compute_time(Instruction(op=op, stage=s, mb=m)))
+                   for s in range(2) for m in range(3) for op in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W)
+                   if not (s == 0 and op is Op.BWD_I)]
+        samples.append(CalibrationSample(stats=stats, timings=timings))
+        # the per-op time is charged on the stage's op count
+        i = Instruction(op=Op.BWD_I, stage=1, mb=0)
+        assert sm.dispatch_time(Op.BWD_I, 1) == pytest.approx(stage_ops(cm, layers[1], "BWD_I") * 6e-6)
+        assert sm.compute_time(i) == pytest.approx(sm.stage_time(1, 0).bwd_in + 100e-6 + sm.dispatch_time(Op.BWD_I, 1))
+    result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
+                                               no_input_grads=[0])])
+    assert result.median_rel_error < 1e-6
+    # BWD_I runs on one stage only (stage 0 has no input grads): its op count never varies, so its
+    # per-op time and its fixed time are one number; the others are seen at two op counts
+    for op in ("FWD", "BWD", "BWD_W"):
+        assert result.kind_op_overheads[op] == pytest.approx(per_op[op], rel=1e-3), op
+    assert result.profile.device.kind_op_overheads == result.kind_op_overheads
+    assert result.profile.device.op_overhead == 0.0   # replaced, not added twice
+
+
 def test_calibrated_profile_loads_like_a_preset(tmp_path):
     dev = dataclasses.replace(_cpu_like().device, op_overhead=1.5e-6, instruction_overhead=4e-4,
                               dense_masked_attention=True, op_overheads={"FWD": 1e-4, "SEND_ACT": 2e-5},
-                              probs_fwd_byte_time=1e-9, probs_bwd_byte_time=5e-10)
+                              probs_fwd_byte_time=1e-9, probs_bwd_byte_time=5e-10,
+                              kind_op_overheads={"FWD": 1e-6, "BWD_I": 4e-6})
     prof = dataclasses.replace(_cpu_like(), device=dev, name="cal")
     path = save_profile(prof, tmp_path / "cal.json")
     assert load_profile(path) == prof
     # presets and old files carry none of the new keys and still load with the defaults
     obj = json.loads(path.read_text())
     for k in ("op_overhead", "instruction_overhead", "dense_masked_attention", "op_overheads", "probs_fwd_byte_time",
-              "probs_bwd_byte_time"):
+              "probs_bwd_byte_time", "kind_op_overheads"):
         del obj["device"][k]
     path.write_text(json.dumps(obj))
     assert load_profile(path).device.op_overhead == 0.0
