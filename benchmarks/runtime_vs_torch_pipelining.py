@@ -274,7 +274,8 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
     """dipc's real distributed step (``mode="local"``: the local executor, both ranks' streams in
     this one process, no P2P and no second process competing for the cores) with timers around everything that is *not* the interpreter:
     stage forward (each stage module's call, timed from outside), ``torch.autograd.backward``/``grad`` (patched), posting P2P
-    (``dist.isend``/``irecv``, patched), every P2P wait (``DistributedTransport._wait``) and the
+    (the process group's send/recv, ``DistributedTransport._isend``/``_irecv``; for the
+    local executor its message copy, ``LocalTransport._copy``), every P2P wait (``DistributedTransport._wait``) and the
     optimizer step. Interpreter overhead = ``RankInterpreter.__init__`` + ``run()`` minus those, per
     executed instruction, on the wall clock and on this thread's CPU clock (``time.thread_time``:
     immune to being descheduled, which happens with 2 processes + gloo threads on 2 cores).
@@ -288,7 +289,7 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
 
     import dipc.runtime.distributed as dd
     from dipc.runtime.interpreter import RankInterpreter
-    from dipc.runtime.transport import DistributedTransport
+    from dipc.runtime.transport import DistributedTransport, LocalTransport
 
     torch.set_num_threads(1)
     wall = dict.fromkeys(PARTS, 0.0)
@@ -310,8 +311,13 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
                 depth[0] -= 1
         return wrapper
 
+    # the local executor's message copy is its transport's data movement, as gloo's send/recv are
+    LocalTransport._copy = staticmethod(timed(LocalTransport._copy, "post"))
+
     class TimedTransport(DistributedTransport):
         _wait = timed(DistributedTransport._wait, "wait")
+        _isend = timed(DistributedTransport._isend, "post")   # the process group's send/recv calls
+        _irecv = timed(DistributedTransport._irecv, "post")
 
     by_op: dict[str, list[float]] = {}   # op -> [calls, wall residual, cpu residual]
     breakdown = [False]   # this step wraps every handler (alternate steps; see the docstring)
@@ -356,8 +362,6 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
     RankInterpreter._release = staticmethod(timed(RankInterpreter._release, "free"))
     torch.autograd.backward = timed(torch.autograd.backward, "autograd")
     torch.autograd.grad = timed(torch.autograd.grad, "autograd")
-    dist.isend = timed(dist.isend, "post")
-    dist.irecv = timed(dist.irecv, "post")
 
     pipe = compile_dipc(build_model(cfg), cfg, "1f1b")
     pipe.step_optimizer = timed(pipe.step_optimizer, "optim")
