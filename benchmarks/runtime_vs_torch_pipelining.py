@@ -515,7 +515,8 @@ def main() -> None:
                   f"ratio {c['ratio_dipc_over_torch_excl_setup']:.2f}x")
     if overhead:
         print("\ndipc interpreter overhead per instruction = (RankInterpreter init + run) - stage forward - autograd"
-              " - P2P post (isend/irecv) - P2P waits - optimizer step; 1f1b, medians; wall clock / thread CPU clock:")
+              " - P2P post (process group send/recv; local executor: its message copy) - P2P waits - optimizer step;"
+              " 1f1b, medians; wall clock / thread CPU clock:")
         for sc, o in overhead.items():
             for r in range(2 if "distributed" in sc else 1):
                 x = o[f"rank{r}"]
@@ -539,9 +540,12 @@ def main() -> None:
         floor = 1.0 if scenario == "static" else 1.2
         targets[f"{scenario} {schedule} ratio >= {floor}"] = c["ratio_dipc_over_torch"] >= floor
     if overhead:
-        for what, label in (("", ""), ("_excl_free", " without releasing finished graphs")):
-            worst = max(o[f"wall_per_instruction{what}_us_max_rank"] for o in overhead.values())
-            targets[f"overhead <= 50 us/instr (wall{label})"] = worst <= 50.0
+        # the wall clock also counts time the OS gave the core to another process (2 ranks + gloo
+        # threads on 2 shared cores); the thread CPU clock counts the interpreter's own work
+        for clock in ("wall", "cpu"):
+            for what, label in (("", ""), ("_excl_free", " without releasing finished graphs")):
+                worst = max(o[f"{clock}_per_instruction{what}_us_max_rank"] for o in overhead.values())
+                targets[f"overhead <= 50 us/instr ({clock}{label})"] = worst <= 50.0
     print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
     if args.profile:
         for c in cases:

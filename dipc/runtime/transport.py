@@ -45,10 +45,16 @@ def _pack(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tenso
         if not t.is_contiguous():
             t = t.contiguous()
         return [t if t.device == device else t.to(device)]
-    with torch.no_grad():
-        return [members[0].detach().contiguous().to(device) if len(members) == 1
-                else torch.cat([t.reshape(-1).to(device) for t in members])
-                for _, members in _groups(tensors)]
+    out = []
+    with torch.no_grad():   # one flattening copy per dtype (flatten_dense_tensors: one op, not one per leaf)
+        for _, members in _groups(tensors):
+            if len(members) == 1:
+                out.append(members[0].detach().contiguous().to(device))
+                continue
+            if any(t.device != device for t in members):
+                members = [t.to(device) for t in members]
+            out.append(torch._C._nn.flatten_dense_tensors(members))
+    return out
 
 
 class Transport:
