@@ -274,8 +274,9 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
     """dipc's real distributed step (``mode="local"``: the local executor, both ranks' streams in
     this one process, no P2P and no second process competing for the cores) with timers around everything that is *not* the interpreter:
     stage forward (each stage module's call, timed from outside), ``torch.autograd.backward``/``grad`` (patched), posting P2P
-    (the process group's send/recv, ``DistributedTransport._isend``/``_irecv``; for the
-    local executor its message copy, ``LocalTransport._copy``), every P2P wait (``DistributedTransport._wait``) and the
+    (the process group's send/recv, ``DistributedTransport._isend``/``_irecv``, and the
+    copy packing a multi-value message into one buffer, ``transport._pack``; for the local executor
+    its message copy, ``LocalTransport._copy``), every P2P wait (``DistributedTransport._wait``) and the
     optimizer step. Interpreter overhead = ``RankInterpreter.__init__`` + ``run()`` minus those, per
     executed instruction, on the wall clock and on this thread's CPU clock (``time.thread_time``:
     immune to being descheduled, which happens with 2 processes + gloo threads on 2 cores).
@@ -289,6 +290,7 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
 
     import dipc.runtime.distributed as dd
     from dipc.runtime.interpreter import RankInterpreter
+    import dipc.runtime.transport as dt
     from dipc.runtime.transport import DistributedTransport, LocalTransport
 
     torch.set_num_threads(1)
@@ -311,8 +313,10 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
                 depth[0] -= 1
         return wrapper
 
-    # the local executor's message copy is its transport's data movement, as gloo's send/recv are
+    # the transports' data movement counts with P2P posting: the local executor's message copy,
+    # and the copy that packs a multi-value message into one buffer per dtype for gloo
     LocalTransport._copy = staticmethod(timed(LocalTransport._copy, "post"))
+    dt._pack = timed(dt._pack, "post")
 
     class TimedTransport(DistributedTransport):
         _wait = timed(DistributedTransport._wait, "wait")
@@ -515,7 +519,8 @@ def main() -> None:
                   f"ratio {c['ratio_dipc_over_torch_excl_setup']:.2f}x")
     if overhead:
         print("\ndipc interpreter overhead per instruction = (RankInterpreter init + run) - stage forward - autograd"
-              " - P2P post (process group send/recv; local executor: its message copy) - P2P waits - optimizer step;"
+              " - P2P post (process group send/recv + message packing; local executor: its message copy) - P2P waits"
+              " - optimizer step;"
               " 1f1b, medians; wall clock / thread CPU clock:")
         for sc, o in overhead.items():
             for r in range(2 if "distributed" in sc else 1):
