@@ -81,7 +81,8 @@ class _Saved:
 
     __slots__ = ("outputs", "grad_inputs", "loss", "weight_work")
 
-    def __init__(self, outputs: Sequence[Any], grad_inputs: list[tuple[str, int, list[torch.Tensor], list[list[int]] | None]],
+    def __init__(self, outputs: Sequence[Any],
+                 grad_inputs: list[tuple[str, int, list[torch.Tensor], list[list[int]] | None]],
                  loss: torch.Tensor | None) -> None:
         self.outputs = outputs            # the stage's outputs, in StageSpec.output_values order
         # (value, producer stage, leaves needing grad, per-leaf row counts of each sub when joined from subs)
