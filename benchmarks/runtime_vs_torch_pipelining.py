@@ -273,8 +273,10 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
                   mode: str = "distributed") -> dict:
     """dipc's real distributed step (``mode="local"``: the local executor, both ranks' streams in
     this one process, no P2P and no second process competing for the cores) with timers around everything that is *not* the interpreter:
-    stage forward (module hooks), ``torch.autograd.backward``/``grad`` (patched), posting P2P
-    (``dist.isend``/``irecv``, patched), every P2P wait (``DistributedTransport._wait``) and the
+    stage forward (each stage module's call, timed from outside), ``torch.autograd.backward``/``grad`` (patched), posting P2P
+    (the process group's send/recv, ``DistributedTransport._isend``/``_irecv``, and the
+    copy packing a multi-value message into one buffer, ``transport._pack``; for the local executor
+    its message copy, ``LocalTransport._copy``), every P2P wait (``DistributedTransport._wait``) and the
     optimizer step. Interpreter overhead = ``RankInterpreter.__init__`` + ``run()`` minus those, per
     executed instruction, on the wall clock and on this thread's CPU clock (``time.thread_time``:
     immune to being descheduled, which happens with 2 processes + gloo threads on 2 cores).
@@ -288,7 +290,8 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
 
     import dipc.runtime.distributed as dd
     from dipc.runtime.interpreter import RankInterpreter
-    from dipc.runtime.transport import DistributedTransport
+    import dipc.runtime.transport as dt
+    from dipc.runtime.transport import DistributedTransport, LocalTransport
 
     torch.set_num_threads(1)
     wall = dict.fromkeys(PARTS, 0.0)
@@ -310,8 +313,15 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
                 depth[0] -= 1
         return wrapper
 
+    # the transports' data movement counts with P2P posting: the local executor's message copy,
+    # and the copy that packs a multi-value message into one buffer per dtype for gloo
+    LocalTransport._copy = staticmethod(timed(LocalTransport._copy, "post"))
+    dt._pack = timed(dt._pack, "post")
+
     class TimedTransport(DistributedTransport):
         _wait = timed(DistributedTransport._wait, "wait")
+        _isend = timed(DistributedTransport._isend, "post")   # the process group's send/recv calls
+        _irecv = timed(DistributedTransport._irecv, "post")
 
     by_op: dict[str, list[float]] = {}   # op -> [calls, wall residual, cpu residual]
     breakdown = [False]   # this step wraps every handler (alternate steps; see the docstring)
@@ -356,26 +366,15 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
     RankInterpreter._release = staticmethod(timed(RankInterpreter._release, "free"))
     torch.autograd.backward = timed(torch.autograd.backward, "autograd")
     torch.autograd.grad = timed(torch.autograd.grad, "autograd")
-    dist.isend = timed(dist.isend, "post")
-    dist.irecv = timed(dist.irecv, "post")
 
     pipe = compile_dipc(build_model(cfg), cfg, "1f1b")
     pipe.step_optimizer = timed(pipe.step_optimizer, "optim")
-    starts: dict[int, tuple[float, float]] = {}
-
-    def pre_hook(m, args):
-        if active[0]:
-            starts[id(m)] = (time.perf_counter(), time.thread_time())
-
-    def post_hook(m, args, out):
-        if id(m) in starts:
-            w0, c0 = starts.pop(id(m))
-            wall["fwd"] += time.perf_counter() - w0
-            cpu["fwd"] += time.thread_time() - c0
-
-    for st in pipe.stages:   # the stage GraphModule's whole call
-        st.module.register_forward_pre_hook(pre_hook)
-        st.module.register_forward_hook(post_hook)
+    for st in pipe.stages:
+        # the stage GraphModule's whole call, timed from the outside. Module hooks would force
+        # nn.Module's slow call path (hook dispatch, compile checks) and leave part of it outside
+        # their timer, where it counted as interpreter overhead (~15-25 us per FWD measured).
+        cls = type(st.module)   # torch.fx gives every GraphModule a class of its own
+        cls.__call__ = timed(cls.__call__, "fwd")
 
     rows, breakdowns = [], []
     for k, mbs in enumerate(make_batches(cfg, scenario, warmup + num_steps)):
@@ -520,7 +519,9 @@ def main() -> None:
                   f"ratio {c['ratio_dipc_over_torch_excl_setup']:.2f}x")
     if overhead:
         print("\ndipc interpreter overhead per instruction = (RankInterpreter init + run) - stage forward - autograd"
-              " - P2P post (isend/irecv) - P2P waits - optimizer step; 1f1b, medians; wall clock / thread CPU clock:")
+              " - P2P post (process group send/recv + message packing; local executor: its message copy) - P2P waits"
+              " - optimizer step;"
+              " 1f1b, medians; wall clock / thread CPU clock:")
         for sc, o in overhead.items():
             for r in range(2 if "distributed" in sc else 1):
                 x = o[f"rank{r}"]
@@ -544,9 +545,12 @@ def main() -> None:
         floor = 1.0 if scenario == "static" else 1.2
         targets[f"{scenario} {schedule} ratio >= {floor}"] = c["ratio_dipc_over_torch"] >= floor
     if overhead:
-        for what, label in (("", ""), ("_excl_free", " without releasing finished graphs")):
-            worst = max(o[f"wall_per_instruction{what}_us_max_rank"] for o in overhead.values())
-            targets[f"overhead <= 50 us/instr (wall{label})"] = worst <= 50.0
+        # the wall clock also counts time the OS gave the core to another process (2 ranks + gloo
+        # threads on 2 shared cores); the thread CPU clock counts the interpreter's own work
+        for clock in ("wall", "cpu"):
+            for what, label in (("", ""), ("_excl_free", " without releasing finished graphs")):
+                worst = max(o[f"{clock}_per_instruction{what}_us_max_rank"] for o in overhead.values())
+                targets[f"overhead <= 50 us/instr ({clock}{label})"] = worst <= 50.0
     print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
     if args.profile:
         for c in cases:

@@ -21,7 +21,6 @@ from dipc.passes.shapes import ShapeInference
 from dipc.passes.submicrobatch import SubMicrobatcher, SubMicrobatches, build_sub_microbatcher
 from dipc.passes.tag import LayerTag, tag_modalities
 from dipc.runtime.timeline import MeasuredTimeline
-from dipc.runtime.recompute import wrap_layers
 
 if TYPE_CHECKING:
     from dipc.semu.memory_opt import MemoryPlan
@@ -361,7 +360,6 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     costs = layer_costs(captured)
     stage_layers, stage_mod = assign_layers(tags, costs, num_stages, chunks, segments)
     stages = build_stages(captured, stage_layers, stage_mod, num_stages)
-    wrap_layers(stages)   # switchable activation checkpointing; programs turn it on per step
     history.append(("partition", [s.module for s in stages], (time.perf_counter() - t0) * 1e3))
     sub_microbatcher = None
     if sub_microbatches:

@@ -59,6 +59,11 @@ def to_wire(leaf: Any) -> torch.Tensor:
     return torch.tensor(float(leaf), dtype=torch.float64)
 
 
+def dtype_for(spec: TensorSpec) -> torch.dtype:
+    """The dtype a leaf with this spec travels as (Python scalars as 0-d tensors)."""
+    return DTYPES[spec.dtype] if spec.kind == "tensor" else _SCALAR_DTYPES[spec.kind]
+
+
 def empty_for(spec: TensorSpec, device: torch.device | str = "cpu") -> torch.Tensor:
     if spec.kind == "tensor":
         return torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=device)

@@ -7,11 +7,15 @@ its backward with the microbatch's loss weight, so the accumulated parameter gra
 those of one backward over the whole batch. The zero-bubble split (BWD_I, then BWD_W) walks the
 graph once in total: see :mod:`dipc.runtime.split_backward`.
 
-Per-instruction cost: what a handler looks up (a stage's inputs, an edge's values and treespecs,
-local consumers) is resolved once per step in ``__init__``; values that are plain tensors (nearly
-all) skip pytree flatten/unflatten; each compute instruction first posts the receives that
-follow it (:meth:`~dipc.runtime.transport.Transport.post_recv`), so their data arrives while it
-computes.
+Per-instruction cost: everything a handler looks up (a stage's inputs and local consumers, an
+edge's values, output indices and treespecs, dictionary keys) is resolved once per program and
+rank into per-pc operands (:class:`_RankPlan`, cached with the program, so a steady run resolves
+each stream once); handlers index ``self._args[self.pc]`` and pop per-step dictionaries. Values that
+are plain tensors (nearly all) skip pytree flatten/unflatten; the loss seeds of a step are one
+tensor; each compute instruction first posts the receives that follow it
+(:meth:`~dipc.runtime.transport.Transport.post_recv`), so their data arrives while it computes.
+What remains per instruction is mostly the torch calls a handler must make (detach, requires_grad_,
+the transport's copy or P2P call) and, in BWD, autograd's own destruction of the finished graph.
 
 Sub-microbatches: state is keyed by (stage, mb, sub), sub ``-1`` for a whole microbatch. A LOAD
 with a sub reads that sub's slice (``sub_batches``); a stage outside a split modality gathers the
@@ -72,22 +76,24 @@ def _grad_leaves(value: Any) -> list[torch.Tensor]:
     return [l for l in tree_flatten(value)[0] if is_grad_leaf(l)]
 
 
-def _wire(leaf: Any) -> torch.Tensor:
-    return leaf.detach().contiguous() if isinstance(leaf, torch.Tensor) else to_wire(leaf)
-
-
-@dataclass
 class _Saved:
-    outputs: dict[str, Any]
-    # (value, producer stage, leaves needing grad, per-leaf row counts of each sub when joined from subs)
-    grad_inputs: list[tuple[str, int, list[torch.Tensor], list[list[int]] | None]]
-    loss: torch.Tensor | None = None
-    weight_work: WeightGradWork | None = None   # what BWD_I leaves for BWD_W
+    """What a unit's FWD keeps for its backward and sends."""
+
+    __slots__ = ("outputs", "grad_inputs", "loss", "weight_work")
+
+    def __init__(self, outputs: Sequence[Any],
+                 grad_inputs: list[tuple[str, int, list[torch.Tensor], list[list[int]] | None]],
+                 loss: torch.Tensor | None) -> None:
+        self.outputs = outputs            # the stage's outputs, in StageSpec.output_values order
+        # (value, producer stage, leaves needing grad, per-leaf row counts of each sub when joined from subs)
+        self.grad_inputs = grad_inputs
+        self.loss = loss
+        self.weight_work: WeightGradWork | None = None   # what BWD_I leaves for BWD_W
 
 
 @dataclass(frozen=True, slots=True)
 class _Input:
-    """One value a stage's FWD takes, resolved once per step (not per instruction)."""
+    """One value a stage's FWD takes, resolved once per program (not per instruction)."""
 
     name: str
     producer: int
@@ -104,8 +110,91 @@ class StepStats:
     spans: list[tuple[int, int, Op, int, int, float, float]] | None = None
 
 
+class _RankPlan:
+    """Everything about one rank's stream that does not change between steps running the same
+    program: per stage the inputs, local consumers and edges; per instruction (by pc) its operands
+    with every name, index and dictionary key looked up in advance. Built once per program and rank
+    (:func:`_rank_plan` caches it), so a step's handlers only index lists and pop dictionaries."""
+
+    def __init__(self, rank: int, program: Program, stages: Sequence[StageSpec], treespecs: Mapping[str, Any]):
+        self.stream = program.streams[rank]
+        split_modalities = {name for name, _ in program.subs}
+        self.split = {s.id: s.modality in split_modalities for s in stages}
+        self.edge_names = {(p, s.id): s.values_from(p) for s in stages for p in s.producers}
+        mine = [s for s in stages if s.rank == rank]
+        self.recomputing = set(recompute_plan(program))   # stages whose BWD_W walks from the outputs again
+        self.inputs = {s.id: [_Input(n, p, self.split[p] and not self.split[s.id], n in s.grad_values)
+                              for n, p in s.input_values] for s in mine}
+        out_index = {s.id: {n: k for k, n in enumerate(s.output_values)} for s in stages}
+        # per stage on this rank: (consumer, [(value, output index, carries grad)], gathered) per local consumer
+        self.local_consumers = {
+            s.id: [(c.id, [(n, out_index[s.id][n], n in s.grad_values) for n in self.edge_names[(s.id, c.id)]],
+                    self.split[s.id] and not self.split[c.id])
+                   for c in stages if s.id in c.producers and c.rank == rank]
+            for s in mine}
+        # values a consumer on this rank also reads (it aliases them): a send of those copies
+        shared = {(s.id, n) for s in mine for _, names, _ in self.local_consumers[s.id] for n, _, _ in names}
+        # receives posted ahead: before each compute instruction, the receives up to the next one
+        self.prepost = _receives_ahead(self.stream)
+        self.args: list[Any] = []
+        for instr in self.stream:
+            op, st = instr.op, stages[instr.stage] if instr.stage >= 0 else None
+            unit = (instr.stage, instr.mb, instr.sub)
+            if op is Op.LOAD:
+                arg: Any = (unit, tuple(st.input_keys), (st.modality, instr.mb, instr.sub) if instr.sub >= 0 else None)
+            elif op is Op.FWD:
+                arg = (unit, st, self.inputs[instr.stage], self.local_consumers[instr.stage])
+            elif op in (Op.BWD, Op.BWD_I):
+                # (output index, key of its gradients in out_grads) per output that carries a gradient
+                arg = (unit, [(k, (*unit, n)) for k, n in enumerate(st.output_values) if n in st.grad_values])
+            elif op is Op.SEND_ACT:
+                values = [(out_index[instr.stage][n], treespecs[n].is_leaf(), (instr.stage, n) in shared)
+                          for n in self.edge_names[(instr.stage, instr.other_stage)]]
+                # output indices when every value is a plain tensor no local consumer aliases (the usual case)
+                simple = [k for k, _, _ in values] if all(p and not sh for _, p, sh in values) else None
+                arg = (unit, values, simple)
+            elif op is Op.RECV_ACT:
+                gathered = self.split[instr.other_stage] and not self.split[instr.stage]
+                names = [(n, treespecs[n].num_leaves, None if treespecs[n].is_leaf() else treespecs[n])
+                         for n in self.edge_names[(instr.other_stage, instr.stage)]]
+                arg = (unit, gathered, names, all(s.kind == "tensor" for s in instr.specs))
+            elif op is Op.SEND_GRAD:
+                arg = (instr.stage, instr.mb, instr.sub, instr.other_stage)
+            elif op is Op.RECV_GRAD:
+                consumer = stages[instr.other_stage]
+                names = [(n, out_index[instr.stage][n]) for n in self.edge_names[(instr.stage, instr.other_stage)]
+                         if n in consumer.grad_values]
+                # plain-tensor values each carry exactly one gradient when the message has one per value
+                one_each = len(instr.specs) == len(names) and all(treespecs[n].is_leaf() for n, _ in names)
+                arg = (unit, [(k, (*unit, n)) for n, k in names], one_each)
+            else:
+                arg = unit
+            self.args.append(arg)
+
+
+_PLANS: dict[tuple[int, int, int], tuple[Program, Sequence[StageSpec], Mapping[str, Any], _RankPlan]] = {}
+_PLAN_CACHE_SIZE = 32
+
+
+def _rank_plan(rank: int, program: Program, stages: Sequence[StageSpec], treespecs: Mapping[str, Any]) -> _RankPlan:
+    """The cached :class:`_RankPlan` of ``program``'s stream for ``rank`` (programs recur: the
+    pipeline caches them per batch shape, so a steady run resolves each stream once)."""
+    key = (id(program), id(stages), rank)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is program and hit[1] is stages and hit[2] is treespecs:
+        return hit[3]
+    plan = _RankPlan(rank, program, stages, treespecs)
+    if len(_PLANS) >= _PLAN_CACHE_SIZE:
+        _PLANS.pop(next(iter(_PLANS)))   # oldest first
+    _PLANS[key] = (program, stages, treespecs, plan)
+    return plan
+
+
 class RankInterpreter:
-    """State and handlers of one rank for one training step."""
+    """State and handlers of one rank for one training step.
+
+    ``handlers`` maps each opcode to a callable taking the instruction; callers may wrap entries
+    (timing, fault injection) before the first :meth:`run`, which binds them to the stream."""
 
     def __init__(self, rank: int, program: Program, stages: Sequence[StageSpec], microbatches: Sequence[Mapping],
                  loss_weights: Sequence[float], transport: Transport, treespecs: Mapping[str, Any],
@@ -115,7 +204,6 @@ class RankInterpreter:
                  record_timeline: bool = False):
         self.rank = rank
         self.program = program
-        self.stream = program.streams[rank]
         self.stages = stages
         self.microbatches = microbatches
         self.loss_weights = loss_weights
@@ -125,6 +213,15 @@ class RankInterpreter:
         self.reduce_grads = reduce_grads
         self.sub_batches = sub_batches or {}
         self.pc = 0
+        plan = self.plan = _rank_plan(rank, program, stages, treespecs)
+        self.stream = plan.stream
+        self.split = plan.split
+        self.edge_names = plan.edge_names
+        self.inputs = plan.inputs
+        self.local_consumers = plan.local_consumers
+        self.recomputing = plan.recomputing
+        self.prepost = plan.prepost
+        self._args = plan.args
         # keys: (stage, mb, sub); sub -1 = the whole microbatch
         self.inbox: dict[tuple[int, int, int], dict[str, Any]] = {}
         self.parts: dict[tuple[int, int, str], dict[int, Any]] = {}   # (consumer, mb, value) -> sub -> part
@@ -132,33 +229,12 @@ class RankInterpreter:
         self.saved: dict[tuple[int, int, int], _Saved] = {}
         self.out_grads: dict[tuple[int, int, int, str], list[torch.Tensor]] = {}
         self.grads_to_send: dict[tuple[int, int, int, int], list[torch.Tensor]] = {}  # (stage, mb, sub, producer)
-        split_modalities = {name for name, _ in program.subs}
-        self.split = {s.id: s.modality in split_modalities for s in stages}
         self.stats = StepStats(spans=[] if record_timeline else None)
-        self._timed: dict[Op, Callable[[Instruction], None]] | None = None
         self.losses: dict[int, torch.Tensor] = {}
-        # Everything the hot path looks up, resolved once per step instead of per instruction.
-        self.edge_names = {(p, s.id): s.values_from(p) for s in stages for p in s.producers}
-        mine = [s for s in stages if s.rank == rank]
-        self.trainable = {s.id: [p for p in s.params if p.requires_grad] for s in mine}
-        self.recomputing = set(recompute_plan(program))   # stages whose BWD_W walks from the outputs again
+        self.trainable = {s.id: [p for p in s.params if p.requires_grad] for s in stages if s.rank == rank}
         self.param_nodes: dict[int, dict[Any, torch.Tensor]] = {}   # stage -> split_backward.param_nodes, per step
-        self.inputs = {s.id: [_Input(n, p, self.split[p] and not self.split[s.id], n in s.grad_values)
-                              for n, p in s.input_values] for s in mine}
-        self.local_consumers = {
-            s.id: [(c.id, [(n, n in s.grad_values) for n in self.edge_names[(s.id, c.id)]],
-                    self.split[s.id] and not self.split[c.id])
-                   for c in stages if s.id in c.producers and c.rank == rank]
-            for s in mine}
-        # values a consumer on this rank also reads (it aliases them): a send of those copies
-        self.shared_values = {(s.id, n) for s in mine for _, names, _ in self.local_consumers[s.id] for n, _ in names}
-        # per edge into a stage on this rank: (value, leaf count, treespec or None for a plain tensor)
-        self.unflatten = {key: [(n, treespecs[n].num_leaves, None if treespecs[n].is_leaf() else treespecs[n])
-                                for n in names]
-                          for key, names in self.edge_names.items() if stages[key[1]].rank == rank}
-        self.loss_seeds: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-        # receives posted ahead: before each compute instruction, the receives up to the next one
-        self.prepost = _receives_ahead(self.stream)
+        self._seeds: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._calls: list[Callable[[Instruction], None]] | None = None
         self.handlers: dict[Op, Callable[[Instruction], None]] = {
             Op.LOAD: self._load, Op.FWD: self._fwd, Op.BWD: self._bwd, Op.BWD_I: self._bwd_input,
             Op.BWD_W: self._bwd_weight, Op.SEND_ACT: self._send_act, Op.RECV_ACT: self._recv_act,
@@ -174,71 +250,69 @@ class RankInterpreter:
     def run(self, until_blocked: bool = False) -> bool:
         """Execute instructions; with ``until_blocked`` stop at a receive that is not ready yet.
         Returns whether any instruction ran."""
-        progressed = False
+        calls = self._calls
+        if calls is None:   # bind the handler table to the stream once (timing wraps the handlers)
+            spans = self.stats.spans
+            handlers = self.handlers if spans is None else self._timed_handlers(spans)
+            calls = self._calls = [handlers[instr.op] for instr in self.stream]
         profiling = _profiler_enabled()   # label instructions only when someone records a trace
-        # timing wraps the handlers, so the untimed loop pays one check per call, none per instruction
-        spans = self.stats.spans
-        handlers = self.handlers if spans is None else self._timed_handlers(spans)
-        stream, prepost, post = self.stream, self.prepost, self.transport.post_recv
-        while self.pc < len(stream):
-            instr = stream[self.pc]
-            try:
-                ahead = prepost.get(self.pc)
+        stream, prepost, post, rank = self.stream, self.prepost, self.transport.post_recv, self.rank
+        pc = start = self.pc
+        end = len(stream)
+        try:
+            while pc < end:
+                ahead = prepost.get(pc)
                 if ahead:
                     for r in ahead:
-                        post(r, self.rank)
+                        post(r, rank)
                 if profiling:
-                    with record_function(f"dipc:{instr}"):
-                        handlers[instr.op](instr)
+                    with record_function(f"dipc:{stream[pc]}"):
+                        calls[pc](stream[pc])
                 else:
-                    handlers[instr.op](instr)
-            except WouldBlock:
-                if until_blocked:
-                    return progressed
+                    calls[pc](stream[pc])
+                pc = self.pc = pc + 1
+        except WouldBlock:
+            if not until_blocked:
                 raise
-            except RuntimeStepError:
-                raise
-            except Exception as e:
-                raise RuntimeStepError(self.rank, self.pc, str(instr), f"{type(e).__name__}: {e}") from e
-            self.pc += 1
-            self.stats.instructions += 1
-            progressed = True
-        if self.losses:   # one device sync per step, not one per loss
+        except RuntimeStepError:
+            raise
+        except Exception as e:
+            raise RuntimeStepError(rank, pc, str(stream[pc]), f"{type(e).__name__}: {e}") from e
+        finally:
+            self.stats.instructions += pc - start
+        if pc >= end and self.losses:   # one device sync per step, not one per loss
             self.stats.losses.update(zip(self.losses, torch.stack(list(self.losses.values())).tolist()))
             self.losses.clear()
-        return progressed
+        return pc > start
 
     def _timed_handlers(self, spans: list[tuple[int, int, Op, int, int, float, float]]
                         ) -> dict[Op, Callable[[Instruction], None]]:
-        """The handler table with each handler wrapped to append its wall-clock span (built once).
+        """The handler table with each handler wrapped to append its wall-clock span.
         A receive that raises WouldBlock records nothing; its successful retry is the span."""
-        if self._timed is None:
-            clock = time.perf_counter
+        clock = time.perf_counter
 
-            def timed(handler: Callable[[Instruction], None]) -> Callable[[Instruction], None]:
-                def run_timed(instr: Instruction) -> None:
-                    start = clock()
-                    handler(instr)
-                    spans.append((self.rank, self.pc, instr.op, instr.stage, instr.mb, start, clock()))
-                return run_timed
+        def timed(handler: Callable[[Instruction], None]) -> Callable[[Instruction], None]:
+            def run_timed(instr: Instruction) -> None:
+                start = clock()
+                handler(instr)
+                spans.append((self.rank, self.pc, instr.op, instr.stage, instr.mb, start, clock()))
+            return run_timed
 
-            self._timed = {op: timed(h) for op, h in self.handlers.items()}
-        return self._timed
+        return {op: timed(h) for op, h in self.handlers.items()}
 
-    # -- handlers ----------------------------------------------------------------------------
+    # -- handlers (each reads its operands, resolved in advance, from self._args[self.pc]) ------
     def _load(self, i: Instruction) -> None:
-        st = self.stages[i.stage]
+        unit, keys, sub_key = self._args[self.pc]
         # keys were checked against the example batch when planning
-        mb = self.microbatches[i.mb] if i.sub < 0 else self.sub_batches[(st.modality, i.mb, i.sub)]
-        self.loaded[(i.stage, i.mb, i.sub)] = [mb[k] for k in st.input_keys]
+        mb = self.microbatches[i.mb] if sub_key is None else self.sub_batches[sub_key]
+        self.loaded[unit] = [mb[k] for k in keys]
 
     def _fwd(self, i: Instruction) -> None:
-        st = self.stages[i.stage]
-        unit = (i.stage, i.mb, i.sub)
+        unit, st, inputs, consumers = self._args[self.pc]
         args = self.loaded.pop(unit, None) or []
         box = self.inbox.pop(unit, None)
         grad_inputs = []
-        for inp in self.inputs[i.stage]:
+        for inp in inputs:
             sizes = None
             if inp.gathered:
                 parts = self.parts.pop((i.stage, i.mb, inp.name))
@@ -249,18 +323,25 @@ class RankInterpreter:
             else:
                 value = box[inp.name]   # type: ignore[index]
             if inp.needs_grad:
-                value = _attached(value)
-                grad_inputs.append((inp.name, inp.producer, _grad_leaves(value), sizes))
+                if isinstance(value, torch.Tensor):   # nearly always: skip pytree
+                    if value.is_floating_point():
+                        value = value.detach().requires_grad_()
+                        leaves = [value]
+                    else:
+                        leaves = []
+                else:
+                    value = _attached(value)
+                    leaves = _grad_leaves(value)
+                grad_inputs.append((inp.name, inp.producer, leaves, sizes))
             args.append(value)
         outs = st.module(*args)
-        outputs = dict(zip(st.output_values, outs))
         loss = outs[-1] if st.has_loss else None
         if loss is not None:
             self.losses[i.mb] = loss.detach()
-        self.saved[unit] = _Saved(outputs=outputs, grad_inputs=grad_inputs, loss=loss)
-        for c, names, gathered in self.local_consumers[i.stage]:
+        self.saved[unit] = _Saved(outs, grad_inputs, loss)
+        for c, names, gathered in consumers:
             # same values a remote consumer would get: detached (the consumer re-attaches grad leaves)
-            values = {n: outputs[n] if grad else _detached(outputs[n]) for n, grad in names}
+            values = {n: outs[k] if grad else _detached(outs[k]) for n, k, grad in names}
             if gathered:
                 for n, v in values.items():
                     self.parts.setdefault((c, i.mb, n), {})[i.sub] = v
@@ -268,22 +349,28 @@ class RankInterpreter:
                 self.inbox.setdefault((c, i.mb, i.sub), {}).update(values)
 
     def _loss_seed(self, mb: int, loss: torch.Tensor) -> torch.Tensor:
-        """The loss's backward seed, its microbatch's weight (one tensor per weight, dtype, device)."""
-        key = (mb, loss.dtype, loss.device)
-        seed = self.loss_seeds.get(key)
-        if seed is None:
-            seed = self.loss_seeds[key] = torch.tensor(self.loss_weights[mb], dtype=loss.dtype, device=loss.device)
-        return seed
+        """The loss's backward seed, its microbatch's weight: one tensor holding every weight per
+        dtype and device, made at the first backward of the step, then a view per microbatch."""
+        key = (loss.dtype, loss.device)
+        seeds = self._seeds.get(key)
+        if seeds is None:
+            seeds = self._seeds[key] = list(torch.tensor(self.loss_weights, dtype=loss.dtype, device=loss.device)
+                                            .unbind())
+        return seeds[mb]
 
-    def _backward_args(self, i: Instruction) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        st = self.stages[i.stage]
-        saved = self.saved[(i.stage, i.mb, i.sub)]
+    def _backward_args(self, i: Instruction, saved: _Saved) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        _, grad_outputs = self._args[self.pc]
         tensors, grads = [], []
-        for name, value in saved.outputs.items():
-            if name not in st.grad_values:
-                continue
-            g = self.out_grads.pop((i.stage, i.mb, i.sub, name), None)
+        pop = self.out_grads.pop
+        for k, key in grad_outputs:
+            g = pop(key, None)
             if g is None:
+                continue
+            value = saved.outputs[k]
+            if isinstance(value, torch.Tensor):
+                if value.requires_grad:   # a float output no gradient reaches keeps requires_grad False
+                    tensors.append(value)
+                    grads.append(g[0])
                 continue
             for leaf, grad in zip(_grad_leaves(value), g):
                 if leaf.requires_grad:
@@ -299,9 +386,18 @@ class RankInterpreter:
                              leaf_grads: Sequence[torch.Tensor | None]) -> None:
         """Send or accumulate the gradients of the stage's input leaves (``leaf_grads`` in the
         order of ``saved.grad_inputs``' leaves; ``None``: the leaf took no gradient)."""
+        grad_inputs = saved.grad_inputs
+        if len(grad_inputs) == 1 and grad_inputs[0][3] is None:   # one input value from one producer
+            name, producer, leaves, _ = grad_inputs[0]
+            gs = [g if g is not None else torch.zeros_like(l) for g, l in zip(leaf_grads, leaves)]
+            if self.stages[producer].rank == self.rank:
+                self._accumulate(producer, i.mb, i.sub, name, gs)
+            else:
+                self.grads_to_send[(i.stage, i.mb, i.sub, producer)] = gs
+            return
         per_producer: dict[tuple[int, int], list[torch.Tensor]] = {}
         at = 0
-        for name, producer, leaves, sizes in saved.grad_inputs:
+        for name, producer, leaves, sizes in grad_inputs:
             gs = [g if g is not None else torch.zeros_like(l) for g, l in zip(leaf_grads[at:at + len(leaves)], leaves)]
             at += len(leaves)
             if sizes is None:   # the producer's own unit: same sub as this one
@@ -325,17 +421,17 @@ class RankInterpreter:
             self.out_grads[key] = grads
 
     def _bwd(self, i: Instruction) -> None:
-        tensors, grads = self._backward_args(i)
+        saved = self.saved.pop(self._args[self.pc][0])
+        tensors, grads = self._backward_args(i, saved)
         if tensors:
             torch.autograd.backward(tensors, grads)
         del tensors, grads   # the graph's roots: _release frees the graph
-        saved = self.saved.pop((i.stage, i.mb, i.sub))
         self._deliver_input_grads(i, saved, [l.grad for _, _, ls, _ in saved.grad_inputs for l in ls])
         self._release(saved)
 
     def _bwd_input(self, i: Instruction) -> None:
-        tensors, grads = self._backward_args(i)
-        saved = self.saved[(i.stage, i.mb, i.sub)]
+        saved = self.saved[self._args[self.pc][0]]
+        tensors, grads = self._backward_args(i, saved)
         leaves = [l for _, _, ls, _ in saved.grad_inputs for l in ls]
         params = self.trainable[i.stage]
         nodes = self.param_nodes.get(i.stage)
@@ -347,7 +443,7 @@ class RankInterpreter:
         self._deliver_input_grads(i, saved, input_grads)
 
     def _bwd_weight(self, i: Instruction) -> None:
-        saved = self.saved.pop((i.stage, i.mb, i.sub))
+        saved = self.saved.pop(self._args[self.pc])
         if saved.weight_work is not None:
             backward_weight(saved.weight_work)
         self._release(saved)
@@ -357,28 +453,35 @@ class RankInterpreter:
         """Drop a finished unit's outputs, input leaves and backward graph. Freeing the graph
         (C++ node destructors) is most of what a BWD costs outside autograd; it happens here, by
         name, so measurements can tell it from the interpreter's own work."""
-        saved.outputs.clear()
-        saved.grad_inputs.clear()
+        saved.outputs = ()
+        saved.grad_inputs = []
         saved.loss = None
         saved.weight_work = None
 
     def _send_act(self, i: Instruction) -> None:
-        outputs = self.saved[(i.stage, i.mb, i.sub)].outputs
-        wire = []
-        for n in self.edge_names[(i.stage, i.other_stage)]:
-            leaves = [_wire(l) for l in _leaves(outputs[n])]
-            if (i.stage, n) in self.shared_values:   # a consumer here aliases it: send a copy it cannot change
-                leaves = [l.clone() for l in leaves]
+        unit, values, simple = self._args[self.pc]
+        outputs = self.saved[unit].outputs
+        if simple is not None:   # the transport detaches and copies what it must
+            self.transport.send(i, self.rank, [outputs[k] for k in simple])
+            return
+        wire: list[torch.Tensor] = []
+        for k, plain, shared in values:
+            value = outputs[k]
+            # the transport detaches and copies what it must; a plain tensor goes as it is
+            leaves = [value] if plain else [l if isinstance(l, torch.Tensor) else to_wire(l) for l in _leaves(value)]
+            if shared:   # a consumer here aliases it: send a copy it cannot change
+                leaves = [l.detach().clone() for l in leaves]
             wire.extend(leaves)
         self.transport.send(i, self.rank, wire)
 
     def _recv_act(self, i: Instruction) -> None:
-        tensors = self.transport.recv(i, self.rank)
-        leaves = [t if s.kind == "tensor" else from_wire(t, s) for t, s in zip(tensors, i.specs)]
-        gathered = self.split[i.other_stage] and not self.split[i.stage]
-        box = self.inbox.setdefault((i.stage, i.mb, i.sub), {}) if not gathered else {}
+        unit, gathered, names, all_tensors = self._args[self.pc]
+        leaves = self.transport.recv(i, self.rank)
+        if not all_tensors:
+            leaves = [t if s.kind == "tensor" else from_wire(t, s) for t, s in zip(leaves, i.specs)]
+        box = self.inbox.setdefault(unit, {}) if not gathered else {}
         at = 0
-        for name, count, spec in self.unflatten[(i.other_stage, i.stage)]:
+        for name, count, spec in names:
             box[name] = leaves[at] if spec is None else tree_unflatten(leaves[at:at + count], spec)
             at += count
         if gathered:   # one sub of a split producer: kept until the consumer's FWD joins them
@@ -386,19 +489,20 @@ class RankInterpreter:
                 self.parts.setdefault((i.stage, i.mb, name), {})[i.sub] = value
 
     def _send_grad(self, i: Instruction) -> None:
-        grads = self.grads_to_send.pop((i.stage, i.mb, i.sub, i.other_stage))
-        self.transport.send(i, self.rank, [g.detach().contiguous() for g in grads])
+        self.transport.send(i, self.rank, self.grads_to_send.pop(self._args[self.pc]))
 
     def _recv_grad(self, i: Instruction) -> None:
+        unit, names, one_each = self._args[self.pc]
         grads = self.transport.recv(i, self.rank)
-        outputs = self.saved[(i.stage, i.mb, i.sub)].outputs
-        consumer = self.stages[i.other_stage]
+        if one_each:
+            for at, (_, key) in enumerate(names):
+                self._accumulate(*key, grads[at:at + 1])
+            return
+        outputs = self.saved[unit].outputs
         at = 0
-        for name in self.edge_names[(i.stage, i.other_stage)]:
-            if name not in consumer.grad_values:
-                continue
-            n = len(_grad_leaves(outputs[name]))
-            self._accumulate(i.stage, i.mb, i.sub, name, grads[at:at + n])
+        for k, key in names:
+            n = len(_grad_leaves(outputs[k]))
+            self._accumulate(*key, grads[at:at + n])
             at += n
 
     def _reduce(self, i: Instruction) -> None:

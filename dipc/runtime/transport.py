@@ -18,7 +18,7 @@ from collections import defaultdict, deque
 import torch
 
 from dipc.ir import Instruction
-from dipc.passes.values import empty_for
+from dipc.passes.values import dtype_for, empty_for
 
 
 class WouldBlock(Exception):
@@ -34,14 +34,33 @@ def _groups(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, list[torch.T
     return list(groups.items())
 
 
-def _pack(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """One buffer per dtype; a dtype with one tensor is sent as it is (no copy)."""
-    return [members[0].to(device) if len(members) == 1 else torch.cat([t.reshape(-1).to(device) for t in members])
-            for _, members in _groups(tensors)]
+def _pack(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """One contiguous buffer per dtype, detached from autograd (a pending send must not keep the
+    sender's graph alive); a dtype with one tensor is sent as it is when already contiguous."""
+    if len(tensors) == 1:   # the common message: one activation or one gradient
+        t = tensors[0]
+        if not t.numel():
+            return []
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return [t if t.device == device else t.to(device)]
+    out = []
+    with torch.no_grad():   # one flattening copy per dtype (flatten_dense_tensors: one op, not one per leaf)
+        for _, members in _groups(tensors):
+            if len(members) == 1:
+                out.append(members[0].detach().contiguous().to(device))
+                continue
+            if any(t.device != device for t in members):
+                members = [t.to(device) for t in members]
+            out.append(torch._C._nn.flatten_dense_tensors(members))
+    return out
 
 
 class Transport:
     def send(self, instr: Instruction, rank: int, tensors: list[torch.Tensor]) -> None:
+        """Send ``tensors`` (they may require grad or be non-contiguous: the transport copies or
+        detaches what it needs; the receiver gets tensors of its own, without autograd history)."""
         raise NotImplementedError
 
     def recv(self, instr: Instruction, rank: int) -> list[torch.Tensor]:
@@ -55,7 +74,10 @@ class Transport:
 
 
 class LocalTransport(Transport):
-    """All ranks in one process: one FIFO mailbox per ordered rank pair."""
+    """All ranks in one process: one FIFO mailbox per ordered rank pair. The receiver gets a copy
+    (as a real transport's receiver gets its own buffer), contiguous and without autograd history;
+    the mailbox holds the sender's tensors until then (its unit keeps them until its backward,
+    which comes after the receive)."""
 
     def __init__(self) -> None:
         self.boxes: dict[tuple[int, int], deque] = defaultdict(deque)
@@ -76,7 +98,16 @@ class LocalTransport(Transport):
                 raise RuntimeError(f"received shape {tuple(t.shape)} but the plan says {spec.shape}")
         if len(tensors) != len(instr.specs):
             raise RuntimeError(f"received {len(tensors)} tensors but the plan says {len(instr.specs)}")
-        return [t.clone() for t in tensors]
+        return self._copy(tensors)
+
+    @staticmethod
+    def _copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The receiver's own buffers: the data movement of this transport (detach, then one copy)."""
+        copies = []
+        for t in tensors:
+            t = t.detach()
+            copies.append(t.clone() if t.is_contiguous() else t.contiguous())
+        return copies
 
 
 class DistributedTransport(Transport):
@@ -86,43 +117,62 @@ class DistributedTransport(Transport):
         import torch.distributed as dist
 
         self.dist = dist
+        self.group = dist.group.WORLD   # global_rank() gives ranks of the default group
         self.global_rank = global_rank   # pipeline rank -> process rank (data-parallel replicas)
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
-        self.device = device
+        self.device = torch.device(device)
         self.pending: list[tuple[object, torch.Tensor, Instruction]] = []
-        # id(receive instruction) -> (its buffers, [(work, flat buffer or None, buffers it fills)])
-        self.posted: dict[int, tuple[list[torch.Tensor], list[tuple[object, torch.Tensor | None, list[torch.Tensor]]]]] = {}
+        # id(receive instruction) -> (its buffers, the works filling them)
+        self.posted: dict[int, tuple[list[torch.Tensor], list[object]]] = {}
 
     def send(self, instr, rank, tensors):
         # one flat buffer per dtype: a message costs one isend per dtype, not one per leaf
+        dst = self.global_rank(instr.peer)
         for flat in _pack(tensors, self.device):
-            self.pending.append((self.dist.isend(flat, dst=self.global_rank(instr.peer)), flat, instr))
+            self.pending.append((self._isend(flat, dst), flat, instr))
+
+    # The process group's own send/recv: torch.distributed.isend/irecv re-check their arguments
+    # and look the group up on every call (~12 us of Python per message, measured).
+    def _isend(self, tensor: torch.Tensor, dst: int):
+        return self.group.send([tensor], dst, 0)
+
+    def _irecv(self, tensor: torch.Tensor, src: int):
+        return self.group.recv([tensor], src, 0)
 
     def post_recv(self, instr, rank):
         if id(instr) in self.posted:
             return
-        bufs = [empty_for(s, self.device) for s in instr.specs]
         src = self.global_rank(instr.peer)
-        works = []
-        for _, members in _groups(bufs):
-            if len(members) == 1:   # straight into the value's buffer
-                works.append((self.dist.irecv(members[0], src=src), None, members))
+        specs = instr.specs
+        if len(specs) == 1:   # the common message: one activation or one gradient
+            buf = empty_for(specs[0], self.device)
+            self.posted[id(instr)] = ([buf], [self._irecv(buf, src)] if buf.numel() else [])
+            return
+        # one flat buffer per dtype (as the sender packs them); each value is a view into it
+        bufs: list[torch.Tensor | None] = [None] * len(specs)
+        groups: dict[torch.dtype, list[int]] = {}
+        for k, spec in enumerate(specs):
+            if spec.numel:
+                groups.setdefault(dtype_for(spec), []).append(k)
             else:
-                flat = torch.empty(sum(b.numel() for b in members), dtype=members[0].dtype, device=self.device)
-                works.append((self.dist.irecv(flat, src=src), flat, members))
+                bufs[k] = empty_for(spec, self.device)
+        works = []
+        for dtype, members in groups.items():
+            if len(members) == 1:
+                flat = bufs[members[0]] = empty_for(specs[members[0]], self.device)
+            else:
+                flat = torch.empty(sum(specs[k].numel for k in members), dtype=dtype, device=self.device)
+                for k, part in zip(members, flat.split([specs[k].numel for k in members])):
+                    bufs[k] = part.view(specs[k].shape)
+            works.append(self._irecv(flat, src))
         self.posted[id(instr)] = (bufs, works)
 
     def recv(self, instr, rank):
         self.post_recv(instr, rank)
         bufs, works = self.posted.pop(id(instr))
-        for work, flat, members in works:
+        for work in works:
             self._wait(work, instr)
-            if flat is not None:
-                offset = 0
-                for b in members:
-                    b.copy_(flat[offset:offset + b.numel()].view(b.shape))
-                    offset += b.numel()
         return bufs
 
     def _wait(self, work, instr) -> None:

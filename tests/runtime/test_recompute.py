@@ -6,7 +6,7 @@ import torch
 
 from dipc.errors import ScheduleError
 from dipc.ir.recompute import with_recompute
-from dipc.runtime.recompute import RecomputableLayer
+from dipc.runtime.recompute import RecomputableLayer, apply_recompute
 from tests.runtime.helpers import assert_grads_equal, build, independent_weights, reference_grads
 
 
@@ -45,11 +45,15 @@ def test_a_program_without_recompute_switches_it_off_again():
     mbs = mbs[:2]
     plain = pipe.plan(mbs)
     pipe.step(mbs, with_recompute(plain, {1: ["language_model.layers.1"]}))
+    wrapped = [m for s in pipe.stages for m in s.module.modules() if isinstance(m, RecomputableLayer)]
+    assert len(wrapped) == 1 and wrapped[0].enabled and wrapped[0].layer is ex.model.get_submodule(
+        "language_model.layers.1")
     calls, hooks = _count_forwards(ex, pipe)
     pipe.step(mbs, plain)
     assert calls["language_model.layers.1"] == len(mbs)
+    # nothing recomputes, so every layer is called directly again (no wrapper on the hot path)
     wrappers = [m for s in pipe.stages for m in s.module.modules() if isinstance(m, RecomputableLayer)]
-    assert len(wrappers) == sum(len(s.layers) for s in pipe.stages) and not any(w.enabled for w in wrappers)
+    assert wrappers == []
     for h in hooks:
         h.remove()
 
@@ -82,6 +86,7 @@ def _saved_bytes(pipe, mbs, program) -> int:
                 if isinstance(a, torch.Tensor):
                     note(a)
 
+    apply_recompute(program, pipe.stages)   # wrap the layers the program recomputes, so they get hooks
     hooks = [m.register_forward_pre_hook(pre) for s in pipe.stages for m in s.module.modules()
              if isinstance(m, RecomputableLayer)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
