@@ -141,6 +141,7 @@ class Phase3Tables:
         self._cands: dict[int, list[tuple[str, ...]]] = {}
         self._masks: dict[int, np.ndarray] = {}
         self._vectors: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._unit = getattr(costs, "unit_key", None)   # StepModel's (mb, sub) of the same statistics
 
     def candidates(self, stage: int) -> list[tuple[str, ...]]:
         if stage not in self._cands:
@@ -155,6 +156,10 @@ class Phase3Tables:
         key = (stage, mb, sub)
         hit = self._vectors.get(key)
         if hit is None:
+            unit = self._unit(mb, sub) if self._unit is not None else (mb, sub)
+            if unit != (mb, sub):          # same statistics as an earlier unit: same vectors
+                hit = self._vectors[key] = self.vectors(stage, *unit)
+                return hit
             self.candidates(stage)
             mask = self._masks[stage]
             fps = [self.costs.layer_footprint(stage, mb, p, sub) for p in self.costs.stage_layers[stage]]

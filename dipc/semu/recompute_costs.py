@@ -118,8 +118,14 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
     sets = _sets(costs, plan)
     empty: frozenset[str] = frozenset()
 
+    stashes: dict[tuple[int, int, int], float] = {}
+
     def activations(ins: Instruction) -> float:
-        return stash_bytes(costs, ins.stage, ins.mb, sets.get(ins.stage, empty), ins.sub)
+        key = (ins.stage, ins.mb, ins.sub)
+        hit = stashes.get(key)
+        if hit is None:
+            hit = stashes[key] = stash_bytes(costs, ins.stage, ins.mb, sets.get(ins.stage, empty), ins.sub)
+        return hit
 
     from dipc.semu.step_model import first_weight_backwards
 
@@ -127,12 +133,18 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
     grads = getattr(costs, "grad_bytes", None)
     firsts = first_weight_backwards(program)
 
+    rerun: dict[tuple[int, int, int], float] = {}
+
     def workspace(ins: Instruction) -> float:
         extra = base(ins, first=(ins.stage, ins.mb, ins.sub) in firsts) if base is not None else 0.0
         layers = sets.get(ins.stage)
         if not layers or not recomputes_in(ins, program):
             return extra
-        return extra + workspace_bytes(costs, ins.stage, ins.mb, layers, ins.sub)
+        key = (ins.stage, ins.mb, ins.sub)
+        hit = rerun.get(key)
+        if hit is None:
+            hit = rerun[key] = workspace_bytes(costs, ins.stage, ins.mb, layers, ins.sub)
+        return extra + hit
 
     static = costs.static_bytes if grads is None else (lambda stage: costs.static_bytes(stage) - grads(stage))
     return MemoryModel(static=static, activations=activations, grads=grads,

@@ -59,7 +59,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -304,6 +304,10 @@ class StepModel:
         self._stage_cache: dict[tuple[int, int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int, int], float] = {}
         self._footprint_cache: dict[tuple[int, int, str], Footprint] = {}
+        self._costs_cache: dict[tuple[int, int, int], list[LayerCost]] = {}
+        self._workspace_cache: dict[tuple[Op, int, int, int, bool], float] = {}
+        self._unit_keys: dict[tuple[int, int], tuple[int, int]] = {}
+        self._units_by_stats: dict[tuple, tuple[int, int]] = {}
 
     @staticmethod
     def runtime_options(pipe: Any) -> dict[str, Any]:
@@ -380,6 +384,22 @@ class StepModel:
             raise StepModelError(f"no statistics for microbatch {mb} ({len(self.microbatch_stats)} given). "
                                  "Fix: pass one entry per microbatch of the program.") from None
 
+    def unit_key(self, mb: int, sub: int = -1) -> tuple[int, int]:
+        """The first (microbatch, sub) seen with the same length statistics as (``mb``, ``sub``).
+
+        Every per-unit number (times, stashes, workspace, footprints) depends on a unit's
+        statistics only, and a batch's sub-microbatches repeat them a lot (a caption batch's ~650
+        one-image subs have ~16 distinct statistics), so the per-unit caches compute each number
+        once per distinct statistics and file it under every unit that shares them."""
+        key = (mb, sub)
+        hit = self._unit_keys.get(key)
+        if hit is None:
+            stats = self._stats(mb, sub)
+            sig = (stats.values() if isinstance(stats, LengthStats) else
+                   tuple(sorted((k, v.values()) for k, v in stats.items())))
+            hit = self._unit_keys[key] = self._units_by_stats.setdefault(sig, key)
+        return hit
+
     def _layers(self, stage: int) -> list[str]:
         try:
             return self.stage_layers[stage]
@@ -393,6 +413,10 @@ class StepModel:
         key = (stage, mb, sub)
         hit = self._stage_cache.get(key)
         if hit is None:
+            unit = self.unit_key(mb, sub)
+            if unit != (mb, sub):
+                hit = self._stage_cache[key] = self.stage_time(stage, *unit)
+                return hit
             stats = self._stats(mb, sub)
             f = bi = bw = comm = 0.0
             for p in self._layers(stage):
@@ -447,33 +471,53 @@ class StepModel:
         op = ins.op
         if op not in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W):
             return 0.0
-        stats = self._stats(ins.mb, ins.sub)
-        layers = self._layers(ins.stage)
-        costs = [self.cost_model.cost(p, _lookup(stats, p)) for p in layers]
+        key = (op, ins.stage, ins.mb, ins.sub, bool(first))
+        hit = self._workspace_cache.get(key)
+        if hit is not None:       # the emulator asks once per instruction, per simulated candidate
+            return hit
+        unit = self.unit_key(ins.mb, ins.sub)
+        if unit != (ins.mb, ins.sub):
+            hit = self._workspace_cache[key] = self.workspace_bytes(replace(ins, mb=unit[0], sub=unit[1]), first)
+            return hit
+        costs = self._stage_costs(ins.stage, ins.mb, ins.sub)
         loss = costs[-1].out_bytes if ins.stage in self.loss_stages and costs else 0.0
         if op is Op.FWD:
-            return loss / self.tp
-        frees = op is not Op.BWD_I                   # BWD_I keeps the graph for BWD_W
-        makes_grads = first and op is not Op.BWD_I
-        peak = live = 0.0
-        if loss:
-            peak = 2 * loss
-        for c in reversed(costs):
-            if makes_grads:
-                live += c.grad_bytes
-            peak = max(peak, live + c.out_bytes + c.in_bytes)
-            if frees:
-                live -= self._stash(c)
-        return max(peak, 0.0) / self.tp
+            hit = loss / self.tp
+        else:
+            frees = op is not Op.BWD_I                   # BWD_I keeps the graph for BWD_W
+            makes_grads = first and op is not Op.BWD_I
+            peak = live = 0.0
+            if loss:
+                peak = 2 * loss
+            for c in reversed(costs):
+                if makes_grads:
+                    live += c.grad_bytes
+                peak = max(peak, live + c.out_bytes + c.in_bytes)
+                if frees:
+                    live -= self._stash(c)
+            hit = max(peak, 0.0) / self.tp
+        self._workspace_cache[key] = hit
+        return hit
+
+    def _stage_costs(self, stage: int, mb: int, sub: int = -1) -> list[LayerCost]:
+        """Each layer's :class:`LayerCost` of ``stage`` on (``mb``, ``sub``), in order (cached)."""
+        key = (stage, mb, sub)
+        hit = self._costs_cache.get(key)
+        if hit is None:
+            unit = self.unit_key(mb, sub)
+            if unit != (mb, sub):
+                hit = self._costs_cache[key] = self._stage_costs(stage, *unit)
+                return hit
+            stats = self._stats(mb, sub)
+            hit = self._costs_cache[key] = [self.cost_model.cost(p, _lookup(stats, p)) for p in self._layers(stage)]
+        return hit
 
     def activation_bytes(self, stage: int, mb: int, sub: int = -1) -> float:
         """Activations the stage's forward on ``mb`` (sub ``sub``) keeps for backward, per GPU (÷ tp)."""
         key = (stage, mb, sub)
         hit = self._act_cache.get(key)
         if hit is None:
-            stats = self._stats(mb, sub)
-            hit = self._act_cache[key] = sum(self._stash(self.cost_model.cost(p, _lookup(stats, p)))
-                                             for p in self._layers(stage)) / self.tp
+            hit = self._act_cache[key] = sum(self._stash(c) for c in self._stage_costs(stage, mb, sub)) / self.tp
         return hit
 
     def _stash(self, cost: LayerCost) -> float:
@@ -532,6 +576,10 @@ class StepModel:
         key = (mb, sub, path)
         hit = self._footprint_cache.get(key)
         if hit is None:
+            unit = self.unit_key(mb, sub)
+            if unit != (mb, sub):
+                hit = self._footprint_cache[key] = self.layer_footprint(stage, unit[0], path, unit[1])
+                return hit
             stats = _lookup(self._stats(mb, sub), path)
             c, t = self.cost_model.cost(path, stats), self.layer_time(path, stats)
             hit = Footprint(act_bytes=self._stash(c) / self.tp, in_bytes=c.in_bytes / self.tp,
