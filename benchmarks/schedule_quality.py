@@ -514,6 +514,7 @@ class BatchCosts:
     frugal: bool = False
     _msg: dict = field(default_factory=dict)
     _act: dict = field(default_factory=dict)
+    _specs: dict = field(default_factory=dict)
     _saving_layers: dict | None = None
 
     def time(self, s: int, m: int, j: int = -1):
@@ -587,10 +588,15 @@ def batch_costs(cm: CostModel, cluster, tp: int, layout: Layout, stats: Sequence
 
 def _specs(costs: BatchCosts):
     width = DTYPE_BYTES[MESSAGE_DTYPE]
+    made = costs._specs           # one spec tuple per message size, shared by a batch's candidates
 
     def specs(kind: str, mb: int, producer: int, consumer: int, sub: int = -1):
-        n = max(1, int(costs.msg_bytes(producer, mb, sub) // width))
-        return (TensorSpec(kind="tensor", dtype=MESSAGE_DTYPE, shape=(n,)),)
+        key = (producer, mb, sub)
+        hit = made.get(key)
+        if hit is None:
+            n = max(1, int(costs.msg_bytes(producer, mb, sub) // width))
+            hit = made[key] = (TensorSpec(kind="tensor", dtype=MESSAGE_DTYPE, shape=(n,)),)
+        return hit
     return specs
 
 
@@ -834,7 +840,15 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
     bound on the plain step time, a lower bound of the fitted one), at most ``max_fits`` times per
     batch (a latency guard: on memory-bound batches every candidate needs recomputation and the
     bounds prune little). Returns (Choice, info)."""
+    from dipc.semu.candidate_select import gc_paused
+
+    with gc_paused():       # a plan allocates ~10^5 short-lived objects: see gc_paused
+        return _dip_planner(layout, M, capacity, fresh_costs, budget_s, max_fits)
+
+
+def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s: float, max_fits: int | None):
     from dipc.semu.candidate_select import pick_fastest
+    from dipc.semu.order_bound import order_lower_bound
 
     plain, subs = fresh_costs()
     stages = layout.stages
@@ -842,10 +856,20 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
     limits = [capacity - x for x in plain.static]
 
     def program_of(orders_fn, c: BatchCosts):
-        def build():
-            orders = orders_fn()      # validated once, the winner only: the emulator finds wait cycles
-            return lower(stages, P, M, orders, schedule="dip", specs=_specs(c), subs=c.subs), c
-        return build
+        """(build, bound) of one candidate: its orders made once, bounded before lowering."""
+        made: list = []
+
+        def orders():
+            if not made:
+                made.append(orders_fn())
+            return made[0]
+
+        def build():              # validated once, the winner only: the emulator finds wait cycles
+            return lower(stages, P, M, orders(), schedule="dip", specs=_specs(c), subs=c.subs), c
+
+        def bound():              # compute orders without messages: a lower bound of the step
+            return order_lower_bound(stages, orders(), c.step.compute_seconds, c.subs)
+        return build, bound
 
     def dq(c: BatchCosts, prio, split: bool):
         return lambda: dual_queue_schedule(stages, P, M, c.task_costs(split), priority=prio, memory_limit=limits,
@@ -855,15 +879,15 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
         return critical_path_priority(stages, M, lambda s, m: c.time(s, m).fwd, lambda s, m: c.time(s, m).bwd)
 
     candidates = [
-        ("encoder-first", program_of(lambda: encoder_ahead_orders(stages, P, M, subs.subs), subs)),
-        *[(f"encoder ahead {k} lag {lag}", program_of(
+        ("encoder-first", *program_of(lambda: encoder_ahead_orders(stages, P, M, subs.subs), subs)),
+        *[(f"encoder ahead {k} lag {lag}", *program_of(
             lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag), subs))
           for k, lag in ENCODER_AHEAD],
-        ("interleaved 1f1b", program_of(lambda: SCHEDULES["interleaved_1f1b"](stages, P, M), plain)),
-        ("interleaved 1f1b, subs", program_of(
+        ("interleaved 1f1b", *program_of(lambda: SCHEDULES["interleaved_1f1b"](stages, P, M), plain)),
+        ("interleaved 1f1b, subs", *program_of(
             lambda: expand_subs(SCHEDULES["interleaved_1f1b"](stages, P, M), stages, subs.subs), subs)),
-        ("dual queue (microbatch)", program_of(dq(plain, microbatch_priority, False), plain)),
-        ("dual queue (critical path)", program_of(lambda: dq(plain, critical(plain), False)(), plain)),
+        ("dual queue (microbatch)", *program_of(dq(plain, microbatch_priority, False), plain)),
+        ("dual queue (critical path)", *program_of(lambda: dq(plain, critical(plain), False)(), plain)),
     ]
     info: dict = {}
     if budget_s > 0:
@@ -871,7 +895,7 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
             orders, res = dip_search(layout, stages, P, M, subs, limits, split=True, budget_s=budget_s, seeds=False)
             info["search"] = {"evaluations": res.evaluations, "exhausted": res.exhausted}
             return orders
-        candidates.append(("mcts, subs, split", program_of(mcts, subs)))
+        candidates.append(("mcts, subs, split", *program_of(mcts, subs)))
 
     tables = {id(c): Phase3Tables(c.step, M) for c in (plain, subs)}   # phase 3's per-batch memo
 

@@ -47,6 +47,9 @@ from dipc.ir.recompute import RecomputePlan, with_recompute
 from dipc.semu.emulator import SimResult
 from dipc.semu.recompute_costs import RecomputeCosts, recomputes_in
 
+# Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
+_BWD, _BWD_I, _BWD_W, _FWD = Op.BWD, Op.BWD_I, Op.BWD_W, Op.FWD
+
 __all__ = ["MemoryLimitError", "MemoryPlan", "Phase3Tables", "PlannableCosts", "optimize_memory", "stage_candidates"]
 
 _GIB = float(2**30)
@@ -193,12 +196,12 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int) -> _RankPro
 
     for ins in program.streams[rank]:
         key = (ins.stage, ins.mb, ins.sub)
-        if ins.op is Op.FWD:
+        if ins.op is _FWD:
             if key not in live:
                 live.add(key)
                 running[span[ins.stage]] += tables.vectors(*key)[0]
             pending = True
-        elif ins.op in (Op.BWD, Op.BWD_I, Op.BWD_W):
+        elif ins.op in (_BWD, _BWD_I, _BWD_W):
             if recomputes_in(ins, program):
                 _, work, secs = tables.vectors(*key)
                 cost[span[ins.stage]] += secs
@@ -207,7 +210,7 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int) -> _RankPro
                     row[span[ins.stage]] += work
                     rows.append(row)
                     pending = False
-            if ins.op is not Op.BWD_I and key in live:
+            if ins.op is not _BWD_I and key in live:
                 if pending:
                     rows.append(running.copy())
                     pending = False
@@ -215,9 +218,25 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int) -> _RankPro
                 running[span[ins.stage]] -= tables.vectors(*key)[0]
     if pending:
         rows.append(running.copy())
-    matrix = np.unique(np.array(rows), axis=0) if rows else np.zeros((0, len(cols)))
+    matrix = _undominated(np.unique(np.array(rows), axis=0)) if rows else np.zeros((0, len(cols)))
     static = sum(tables.costs.static_bytes(s) for s in stages)
     return _RankProblem(stages, cands, cols, matrix, cost, static)
+
+
+def _undominated(rows: np.ndarray) -> np.ndarray:
+    """The rows no other row bounds from above in every column. Coefficients are >= 0 and every
+    row has the same budget, so a dominated row is implied by its dominator: the feasible set is
+    the same, and HiGHS's time grows with the rows (a VLM-L rank: ~700 rows -> a few dozen)."""
+    order = np.argsort(-rows.sum(axis=1), kind="stable")
+    kept = np.empty_like(rows)
+    k = 0
+    for i in order:
+        row = rows[i]
+        if k and (kept[:k] >= row).all(axis=1).any():
+            continue
+        kept[k] = row
+        k += 1
+    return kept[:k]
 
 
 def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
@@ -229,6 +248,9 @@ def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
     n = len(problem.cols)
     if n == 0:
         return {}
+    fastest = [problem.cols[(s, 0)] for s in problem.stages]
+    if not len(problem.rows) or problem.rows[:, fastest].sum(axis=1).max() <= budget / _SCALE:
+        return {s: 0 for s in problem.stages}     # nothing recomputed fits: free, so optimal
     constraints = []
     if len(problem.rows):
         constraints.append(LinearConstraint(problem.rows, -np.inf, budget / _SCALE))

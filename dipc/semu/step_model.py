@@ -79,6 +79,10 @@ __all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_lengt
 
 StatsLike = Mapping[str, LengthStats] | LengthStats
 
+# Op.X is a slow class-attribute lookup on Python 3.11 enums; the emulator asks per instruction
+_FWD, _BWD, _BWD_I, _BWD_W, _REDUCE = Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W, Op.REDUCE
+_COMPUTE = frozenset({_FWD, _BWD, _BWD_I, _BWD_W})
+
 
 class StepModelError(DipcError, ValueError):
     """Bad input to the step model (missing statistics, inconsistent stages)."""
@@ -307,6 +311,7 @@ class StepModel:
         self._costs_cache: dict[tuple[int, int, int], list[LayerCost]] = {}
         self._workspace_cache: dict[tuple[Op, int, int, int, bool], float] = {}
         self._unit_keys: dict[tuple[int, int], tuple[int, int]] = {}
+        self._overheads: dict = {}
         self._units_by_stats: dict[tuple, tuple[int, int]] = {}
 
     @staticmethod
@@ -469,7 +474,7 @@ class StepModel:
         allocates the layer's parameter gradients as it goes. Not modelled: temporaries inside a
         layer's backward."""
         op = ins.op
-        if op not in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W):
+        if op not in _COMPUTE:
             return 0.0
         key = (op, ins.stage, ins.mb, ins.sub, bool(first))
         hit = self._workspace_cache.get(key)
@@ -481,11 +486,11 @@ class StepModel:
             return hit
         costs = self._stage_costs(ins.stage, ins.mb, ins.sub)
         loss = costs[-1].out_bytes if ins.stage in self.loss_stages and costs else 0.0
-        if op is Op.FWD:
+        if op is _FWD:
             hit = loss / self.tp
         else:
-            frees = op is not Op.BWD_I                   # BWD_I keeps the graph for BWD_W
-            makes_grads = first and op is not Op.BWD_I
+            frees = op is not _BWD_I                   # BWD_I keeps the graph for BWD_W
+            makes_grads = first and op is not _BWD_I
             peak = live = 0.0
             if loss:
                 peak = 2 * loss
@@ -538,12 +543,19 @@ class StepModel:
     # -- what the emulator takes ---------------------------------------------------------------
     def instruction_overhead(self, op: Op) -> float:
         """The profile's fixed seconds per ``op`` instruction: its ``op_overheads`` entry, else (for
-        compute instructions) ``instruction_overhead``, else 0."""
+        compute instructions) ``instruction_overhead``, else 0 (cached per op and device)."""
         dev = self.cluster.device
-        hit = dev.op_overheads.get(op.value)
-        if hit is not None:
-            return hit
-        return dev.instruction_overhead if op in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W) else 0.0
+        cache = self._overheads
+        if cache.get(None) is not dev:
+            cache.clear()
+            cache[None] = dev
+        hit = cache.get(op)
+        if hit is None:
+            hit = dev.op_overheads.get(op.value)
+            if hit is None:
+                hit = dev.instruction_overhead if op in _COMPUTE else 0.0
+            cache[op] = hit
+        return hit
 
     def comm_overhead(self, ins: Instruction) -> float:
         """CPU seconds a send or receive takes on its own rank (packing, copying; a ``ComputeTimeFn``
@@ -554,21 +566,27 @@ class StepModel:
         """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
         op = ins.op
         fixed = self.instruction_overhead(op)
-        if op is Op.FWD:
-            return self.stage_time(ins.stage, ins.mb, ins.sub).fwd + fixed
-        if op is Op.BWD:
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd + fixed
-        if op is Op.BWD_I:
-            if ins.stage in self.no_input_grads:
-                return 0.0
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_in + fixed
-        if op is Op.BWD_W:
-            if self.wgrad_recomputes or ins.stage in self.no_input_grads:
-                return self.stage_time(ins.stage, ins.mb, ins.sub).bwd + fixed
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_w + fixed
-        if op is Op.REDUCE:
+        if op is _BWD_I and ins.stage in self.no_input_grads:
+            return 0.0
+        if op is _REDUCE:
             return self.reduce_time(ins.stage) + fixed
-        return fixed
+        return self.compute_seconds(op, ins.stage, ins.mb, ins.sub) + fixed
+
+    def compute_seconds(self, op: Op, stage: int, mb: int, sub: int = -1) -> float:
+        """Seconds of a FWD / BWD / BWD_I / BWD_W of ``stage`` on (``mb``, ``sub``), without the
+        profile's fixed per-instruction overhead (0 for other ops): :meth:`compute_time` less
+        that overhead, for bounds on compute orders that are not lowered yet."""
+        if op is _FWD:
+            return self.stage_time(stage, mb, sub).fwd
+        if op is _BWD:
+            return self.stage_time(stage, mb, sub).bwd
+        if op is _BWD_I:
+            return 0.0 if stage in self.no_input_grads else self.stage_time(stage, mb, sub).bwd_in
+        if op is _BWD_W:
+            if self.wgrad_recomputes or stage in self.no_input_grads:
+                return self.stage_time(stage, mb, sub).bwd
+            return self.stage_time(stage, mb, sub).bwd_w
+        return 0.0
 
     def layer_footprint(self, stage: int, mb: int, path: str, sub: int = -1) -> Footprint:
         """Layer ``path`` of ``stage`` on ``mb`` (sub ``sub``), per GPU: its stash, its stash when
