@@ -111,9 +111,10 @@ HONESTY = {
         "phase 1: MCTS over (modality, microbatch) segment rankings, seeded with heuristic rankings",
         "phase 2: greedy dual-queue interleaving (+ zero-bubble split, + critical-path / grouped priority rules)",
         "phase 3: per-rank recompute ILP (scipy HiGHS, 5% gap), per stage (same choice for every microbatch)",
-        "planner: candidates simulated as they are (a lower bound), phase 3 by branch and bound, at most 4 ILP "
-        "rounds per batch; MCTS rollouts score the all-recompute bound",
-        "beyond the paper: bounded encoder look-ahead orders (encoder_ahead_orders)"],
+        "planner: best-first branch and bound over three bounds (compute orders without messages, the "
+        "unfitted simulation, phase 3), at most 4 ILP rounds per batch, cyclic GC paused while planning; MCTS "
+        "rollouts score the all-recompute bound",
+        "beyond the paper: bounded encoder look-ahead orders (encoder_ahead_orders), also around a ZB-H1 backbone"],
     "not_implemented": ["B_i from profiled efficiency (fixed per workload: --b-enc)", "offloading",
                         "per-microbatch recompute choices (the runtime switches checkpointing per stage)",
                         "MCTS inside the timed planner by default (--planner-budget 0)"],
@@ -695,7 +696,7 @@ def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAc
 
 
 def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | None = None,
-                         lag: int = 1) -> list[list[ComputeAction]]:
+                         lag: int = 1, backbone: str | None = None) -> list[list[ComputeAction]]:
     """The backbone's (interleaved) 1F1B with the encoder's work woven around it: each rank runs
     the encoder forwards of microbatch ``m + ahead`` before its first backbone forward of ``m``,
     and the encoder backwards of ``m`` after its last backbone backward of ``m + lag`` (the rest
@@ -715,7 +716,7 @@ def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | 
                      producers=tuple(p - base for p in s.producers if p >= base),
                      grad_producers=tuple(p - base for p in s.grad_producers if p >= base),
                      loads=s.loads, has_loss=s.has_loss) for s in lm]
-    lm_sched = SCHEDULES["interleaved_1f1b" if len(lm) > P else "1f1b"](sub, P, M)
+    lm_sched = SCHEDULES[backbone or ("interleaved_1f1b" if len(lm) > P else "1f1b")](sub, P, M)
     orders = []
     for r in range(P):
         mine = [s.id for s in vit if s.rank == r]
@@ -725,7 +726,7 @@ def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | 
             tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
             orders.append(head + body + tail)
             continue
-        last_bwd = {a.mb: i for i, a in enumerate(body) if a.op is not Op.FWD}
+        last_bwd = {a.mb: i for i, a in enumerate(body) if a.op is Op.BWD or a.op is Op.BWD_I}   # W: local
         out: list[ComputeAction] = []
         fwd_next = bwd_next = 0            # next microbatch whose encoder forwards / backwards to emit
         seen: set[int] = set()
@@ -736,7 +737,7 @@ def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | 
                     out.extend(ComputeAction(Op.FWD, s, fwd_next) for s in mine)
                     fwd_next += 1
             out.append(a)
-            if a.op is not Op.FWD and last_bwd.get(a.mb) == i:
+            if a.op is not Op.FWD and last_bwd.get(a.mb) == i:   # the backbone's input gradient is out
                 while bwd_next <= a.mb - lag and bwd_next < fwd_next:
                     out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
                     bwd_next += 1
@@ -833,7 +834,9 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
       zero-bubble split over sub-microbatches is left out: it had the lowest unfitted time on most
       batches but after recomputation never won, and fitting it cost an ILP round per batch;
     - the encoder-first order and :data:`ENCODER_AHEAD`'s bounded look-ahead orders over
-      sub-microbatches (:func:`encoder_ahead_orders`);
+      sub-microbatches (:func:`encoder_ahead_orders`); where the backbone has one chunk per rank,
+      also with its 1F1B replaced by ZB-H1 (the zero-bubble split): on image-poor batches the
+      backbone's 4-stage 1F1B fill and drain was what lost to Megatron's interleaved backbone;
     - with ``budget_s > 0``, phase 1's MCTS (sub-microbatches, split backward) for that long.
 
     Phase 3 then runs only where needed (:func:`dipc.semu.candidate_select.pick_fastest`: branch and
@@ -883,6 +886,12 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
         *[(f"encoder ahead {k} lag {lag}", *program_of(
             lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag), subs))
           for k, lag in ENCODER_AHEAD],
+        *([("encoder-first, zb-h1 backbone", *program_of(
+            lambda: encoder_ahead_orders(stages, P, M, subs.subs, backbone="zb_h1"), subs)),
+           *[(f"encoder ahead {k} lag {lag}, zb-h1 backbone", *program_of(
+               lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag, backbone="zb_h1"),
+               subs)) for k, lag in ENCODER_AHEAD]]
+          if sum(s.modality == "backbone" for s in stages) == P else []),
         ("interleaved 1f1b", *program_of(lambda: SCHEDULES["interleaved_1f1b"](stages, P, M), plain)),
         ("interleaved 1f1b, subs", *program_of(
             lambda: expand_subs(SCHEDULES["interleaved_1f1b"](stages, P, M), stages, subs.subs), subs)),

@@ -218,25 +218,9 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int) -> _RankPro
                 running[span[ins.stage]] -= tables.vectors(*key)[0]
     if pending:
         rows.append(running.copy())
-    matrix = _undominated(np.unique(np.array(rows), axis=0)) if rows else np.zeros((0, len(cols)))
+    matrix = np.unique(np.array(rows), axis=0) if rows else np.zeros((0, len(cols)))
     static = sum(tables.costs.static_bytes(s) for s in stages)
     return _RankProblem(stages, cands, cols, matrix, cost, static)
-
-
-def _undominated(rows: np.ndarray) -> np.ndarray:
-    """The rows no other row bounds from above in every column. Coefficients are >= 0 and every
-    row has the same budget, so a dominated row is implied by its dominator: the feasible set is
-    the same, and HiGHS's time grows with the rows (a VLM-L rank: ~700 rows -> a few dozen)."""
-    order = np.argsort(-rows.sum(axis=1), kind="stable")
-    kept = np.empty_like(rows)
-    k = 0
-    for i in order:
-        row = rows[i]
-        if k and (kept[:k] >= row).all(axis=1).any():
-            continue
-        kept[k] = row
-        k += 1
-    return kept[:k]
 
 
 def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
