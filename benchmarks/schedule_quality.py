@@ -819,6 +819,7 @@ def _dip(split: bool, budget_s: float, rules: bool = False):
 
 
 ENCODER_AHEAD = ((2, 2), (3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tried by the planner
+ZB_FITS = 2                                    # phase-3 runs for the ZB-H1-backbone orders, beside max_fits
 
 
 def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[], tuple["BatchCosts", "BatchCosts"]],
@@ -914,8 +915,10 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
         info["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
         return fitted.program, fitted.result
 
+    # the ZB-H1 orders get phase-3 runs of their own: they must not take the other candidates' runs
+    groups = {label: "zb-h1" for label, *_ in candidates if "zb-h1" in label}
     choice = pick_fastest(candidates, lambda program, c: c.step.simulate(program, record=False), capacity, fit, P,
-                          max_fits=max_fits)
+                          max_fits=None if max_fits is None else {"": max_fits, "zb-h1": ZB_FITS}, groups=groups)
     validate(choice.program)
     return choice, info
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import gc
 import heapq
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +74,8 @@ def _fits(result: SimResult, capacity: Sequence[float]) -> bool:
 
 
 def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Bound]], simulate: Simulate,
-                 capacity: float | Sequence[float], fit: Fit, num_ranks: int, max_fits: int | None = None) -> Choice:
+                 capacity: float | Sequence[float], fit: Fit, num_ranks: int,
+                 max_fits: int | Mapping[str, int] | None = None, groups: Mapping[str, str] | None = None) -> Choice:
     """The candidate with the lowest step time once it fits ``capacity`` (bytes per rank, static
     memory included). ``candidates`` yields (label, build) or (label, build, bound) where
     ``build()`` returns the lowered program and the cost model that scores it (candidates may
@@ -82,7 +83,10 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
     step time (cheaper than building it); a :class:`~dipc.errors.DipcError` from either drops the
     candidate. ``simulate(program, model)`` gives the plain result; ``fit(program, model)`` is
     phase 3, returning the fitted program and its result, or raising :class:`InfeasibleMemoryError`.
-    At most ``max_fits`` phase-3 runs (cheapest plain bounds first). ``Choice.bounds`` holds each
+    At most ``max_fits`` phase-3 runs (cheapest plain bounds first); with ``groups`` (label ->
+    group, default ``""``) and a mapping ``max_fits`` (group -> runs; a group not named is not
+    capped), each group has its own budget, so candidates added to a planner cannot take the
+    phase-3 runs its other candidates had before. ``Choice.bounds`` holds each
     candidate's tightest known lower bound (its plain time when it was simulated).
     Raises the closest :class:`InfeasibleMemoryError` if nothing fits."""
     caps = [float(capacity)] * num_ranks if isinstance(capacity, (int, float)) else [float(c) for c in capacity]
@@ -108,6 +112,7 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
     simulated = fitted = 0
     errors: list[InfeasibleMemoryError] = []
     deferred: list[tuple[float, str, Any]] = []
+    used: dict[str, int] = {}                    # phase-3 runs per group
 
     def _fit(label: str, payload: tuple[Program, Any]) -> tuple[Program, SimResult] | None:
         try:
@@ -139,9 +144,12 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
                 heapq.heappush(heap, (result.step_time, -1, arrival, label, (program, model)))
             arrival += 1
             continue
-        if max_fits is not None and fitted >= max_fits:
+        group = groups.get(label, "") if groups is not None else ""
+        cap = max_fits.get(group) if isinstance(max_fits, Mapping) else max_fits
+        if cap is not None and used.get(group, 0) >= cap:
             deferred.append((bound, label, payload))   # out of phase-3 runs: only fitting candidates remain,
             continue                                   # unless none does
+        used[group] = used.get(group, 0) + 1
         fitted += 1
         got = _fit(label, payload)
         if got is not None:
