@@ -121,6 +121,7 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
             errors.append(e)
             failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             return None
+
     while heap:
         bound, level, _, label, payload = heapq.heappop(heap)
         level = -level
