@@ -111,9 +111,10 @@ HONESTY = {
         "phase 1: MCTS over (modality, microbatch) segment rankings, seeded with heuristic rankings",
         "phase 2: greedy dual-queue interleaving (+ zero-bubble split, + critical-path / grouped priority rules)",
         "phase 3: per-rank recompute ILP (scipy HiGHS, 5% gap), per stage (same choice for every microbatch)",
-        "planner: candidates simulated as they are (a lower bound), phase 3 by branch and bound, at most 4 ILP "
-        "rounds per batch; MCTS rollouts score the all-recompute bound",
-        "beyond the paper: bounded encoder look-ahead orders (encoder_ahead_orders)"],
+        "planner: best-first branch and bound over three bounds (compute orders without messages, the "
+        "unfitted simulation, phase 3), at most 4 ILP rounds per batch, cyclic GC paused while planning; MCTS "
+        "rollouts score the all-recompute bound",
+        "beyond the paper: bounded encoder look-ahead orders (encoder_ahead_orders), also around a ZB-H1 backbone"],
     "not_implemented": ["B_i from profiled efficiency (fixed per workload: --b-enc)", "offloading",
                         "per-microbatch recompute choices (the runtime switches checkpointing per stage)",
                         "MCTS inside the timed planner by default (--planner-budget 0)"],
@@ -514,6 +515,7 @@ class BatchCosts:
     frugal: bool = False
     _msg: dict = field(default_factory=dict)
     _act: dict = field(default_factory=dict)
+    _specs: dict = field(default_factory=dict)
     _saving_layers: dict | None = None
 
     def time(self, s: int, m: int, j: int = -1):
@@ -587,10 +589,15 @@ def batch_costs(cm: CostModel, cluster, tp: int, layout: Layout, stats: Sequence
 
 def _specs(costs: BatchCosts):
     width = DTYPE_BYTES[MESSAGE_DTYPE]
+    made = costs._specs           # one spec tuple per message size, shared by a batch's candidates
 
     def specs(kind: str, mb: int, producer: int, consumer: int, sub: int = -1):
-        n = max(1, int(costs.msg_bytes(producer, mb, sub) // width))
-        return (TensorSpec(kind="tensor", dtype=MESSAGE_DTYPE, shape=(n,)),)
+        key = (producer, mb, sub)
+        hit = made.get(key)
+        if hit is None:
+            n = max(1, int(costs.msg_bytes(producer, mb, sub) // width))
+            hit = made[key] = (TensorSpec(kind="tensor", dtype=MESSAGE_DTYPE, shape=(n,)),)
+        return hit
     return specs
 
 
@@ -689,7 +696,7 @@ def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAc
 
 
 def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | None = None,
-                         lag: int = 1) -> list[list[ComputeAction]]:
+                         lag: int = 1, backbone: str | None = None) -> list[list[ComputeAction]]:
     """The backbone's (interleaved) 1F1B with the encoder's work woven around it: each rank runs
     the encoder forwards of microbatch ``m + ahead`` before its first backbone forward of ``m``,
     and the encoder backwards of ``m`` after its last backbone backward of ``m + lag`` (the rest
@@ -709,7 +716,7 @@ def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | 
                      producers=tuple(p - base for p in s.producers if p >= base),
                      grad_producers=tuple(p - base for p in s.grad_producers if p >= base),
                      loads=s.loads, has_loss=s.has_loss) for s in lm]
-    lm_sched = SCHEDULES["interleaved_1f1b" if len(lm) > P else "1f1b"](sub, P, M)
+    lm_sched = SCHEDULES[backbone or ("interleaved_1f1b" if len(lm) > P else "1f1b")](sub, P, M)
     orders = []
     for r in range(P):
         mine = [s.id for s in vit if s.rank == r]
@@ -719,7 +726,7 @@ def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | 
             tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
             orders.append(head + body + tail)
             continue
-        last_bwd = {a.mb: i for i, a in enumerate(body) if a.op is not Op.FWD}
+        last_bwd = {a.mb: i for i, a in enumerate(body) if a.op is Op.BWD or a.op is Op.BWD_I}   # W: local
         out: list[ComputeAction] = []
         fwd_next = bwd_next = 0            # next microbatch whose encoder forwards / backwards to emit
         seen: set[int] = set()
@@ -730,7 +737,7 @@ def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | 
                     out.extend(ComputeAction(Op.FWD, s, fwd_next) for s in mine)
                     fwd_next += 1
             out.append(a)
-            if a.op is not Op.FWD and last_bwd.get(a.mb) == i:
+            if a.op is not Op.FWD and last_bwd.get(a.mb) == i:   # the backbone's input gradient is out
                 while bwd_next <= a.mb - lag and bwd_next < fwd_next:
                     out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
                     bwd_next += 1
@@ -812,6 +819,7 @@ def _dip(split: bool, budget_s: float, rules: bool = False):
 
 
 ENCODER_AHEAD = ((2, 2), (3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tried by the planner
+ZB_FITS = 2                                    # phase-3 runs for the ZB-H1-backbone orders, beside max_fits
 
 
 def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[], tuple["BatchCosts", "BatchCosts"]],
@@ -827,14 +835,24 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
       zero-bubble split over sub-microbatches is left out: it had the lowest unfitted time on most
       batches but after recomputation never won, and fitting it cost an ILP round per batch;
     - the encoder-first order and :data:`ENCODER_AHEAD`'s bounded look-ahead orders over
-      sub-microbatches (:func:`encoder_ahead_orders`);
+      sub-microbatches (:func:`encoder_ahead_orders`); where the backbone has one chunk per rank,
+      also with its 1F1B replaced by ZB-H1 (the zero-bubble split): on image-poor batches the
+      backbone's 4-stage 1F1B fill and drain was what lost to Megatron's interleaved backbone;
     - with ``budget_s > 0``, phase 1's MCTS (sub-microbatches, split backward) for that long.
 
     Phase 3 then runs only where needed (:func:`dipc.semu.candidate_select.pick_fastest`: branch and
     bound on the plain step time, a lower bound of the fitted one), at most ``max_fits`` times per
     batch (a latency guard: on memory-bound batches every candidate needs recomputation and the
     bounds prune little). Returns (Choice, info)."""
+    from dipc.semu.candidate_select import gc_paused
+
+    with gc_paused():       # a plan allocates ~10^5 short-lived objects: see gc_paused
+        return _dip_planner(layout, M, capacity, fresh_costs, budget_s, max_fits)
+
+
+def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s: float, max_fits: int | None):
     from dipc.semu.candidate_select import pick_fastest
+    from dipc.semu.order_bound import order_lower_bound
 
     plain, subs = fresh_costs()
     stages = layout.stages
@@ -842,10 +860,20 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
     limits = [capacity - x for x in plain.static]
 
     def program_of(orders_fn, c: BatchCosts):
-        def build():
-            orders = orders_fn()      # validated once, the winner only: the emulator finds wait cycles
-            return lower(stages, P, M, orders, schedule="dip", specs=_specs(c), subs=c.subs), c
-        return build
+        """(build, bound) of one candidate: its orders made once, bounded before lowering."""
+        made: list = []
+
+        def orders():
+            if not made:
+                made.append(orders_fn())
+            return made[0]
+
+        def build():              # validated once, the winner only: the emulator finds wait cycles
+            return lower(stages, P, M, orders(), schedule="dip", specs=_specs(c), subs=c.subs), c
+
+        def bound():              # compute orders without messages: a lower bound of the step
+            return order_lower_bound(stages, orders(), c.step.compute_seconds, c.subs)
+        return build, bound
 
     def dq(c: BatchCosts, prio, split: bool):
         return lambda: dual_queue_schedule(stages, P, M, c.task_costs(split), priority=prio, memory_limit=limits,
@@ -855,15 +883,21 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
         return critical_path_priority(stages, M, lambda s, m: c.time(s, m).fwd, lambda s, m: c.time(s, m).bwd)
 
     candidates = [
-        ("encoder-first", program_of(lambda: encoder_ahead_orders(stages, P, M, subs.subs), subs)),
-        *[(f"encoder ahead {k} lag {lag}", program_of(
+        ("encoder-first", *program_of(lambda: encoder_ahead_orders(stages, P, M, subs.subs), subs)),
+        *[(f"encoder ahead {k} lag {lag}", *program_of(
             lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag), subs))
           for k, lag in ENCODER_AHEAD],
-        ("interleaved 1f1b", program_of(lambda: SCHEDULES["interleaved_1f1b"](stages, P, M), plain)),
-        ("interleaved 1f1b, subs", program_of(
+        *([("encoder-first, zb-h1 backbone", *program_of(
+            lambda: encoder_ahead_orders(stages, P, M, subs.subs, backbone="zb_h1"), subs)),
+           *[(f"encoder ahead {k} lag {lag}, zb-h1 backbone", *program_of(
+               lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag, backbone="zb_h1"),
+               subs)) for k, lag in ENCODER_AHEAD]]
+          if sum(s.modality == "backbone" for s in stages) == P else []),
+        ("interleaved 1f1b", *program_of(lambda: SCHEDULES["interleaved_1f1b"](stages, P, M), plain)),
+        ("interleaved 1f1b, subs", *program_of(
             lambda: expand_subs(SCHEDULES["interleaved_1f1b"](stages, P, M), stages, subs.subs), subs)),
-        ("dual queue (microbatch)", program_of(dq(plain, microbatch_priority, False), plain)),
-        ("dual queue (critical path)", program_of(lambda: dq(plain, critical(plain), False)(), plain)),
+        ("dual queue (microbatch)", *program_of(dq(plain, microbatch_priority, False), plain)),
+        ("dual queue (critical path)", *program_of(lambda: dq(plain, critical(plain), False)(), plain)),
     ]
     info: dict = {}
     if budget_s > 0:
@@ -871,7 +905,7 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
             orders, res = dip_search(layout, stages, P, M, subs, limits, split=True, budget_s=budget_s, seeds=False)
             info["search"] = {"evaluations": res.evaluations, "exhausted": res.exhausted}
             return orders
-        candidates.append(("mcts, subs, split", program_of(mcts, subs)))
+        candidates.append(("mcts, subs, split", *program_of(mcts, subs)))
 
     tables = {id(c): Phase3Tables(c.step, M) for c in (plain, subs)}   # phase 3's per-batch memo
 
@@ -881,8 +915,10 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
         info["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
         return fitted.program, fitted.result
 
+    # the ZB-H1 orders get phase-3 runs of their own: they must not take the other candidates' runs
+    groups = {label: "zb-h1" for label, *_ in candidates if "zb-h1" in label}
     choice = pick_fastest(candidates, lambda program, c: c.step.simulate(program, record=False), capacity, fit, P,
-                          max_fits=max_fits)
+                          max_fits=None if max_fits is None else {"": max_fits, "zb-h1": ZB_FITS}, groups=groups)
     validate(choice.program)
     return choice, info
 

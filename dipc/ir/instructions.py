@@ -86,11 +86,15 @@ class Instruction:
     def message_key(self) -> tuple[str, int, int, int, int]:
         """Identity of the message a SEND/RECV carries, the same on both sides:
         (kind, microbatch, producer-side stage, consumer-side stage, sub-microbatch) of the edge."""
-        if self.op in (Op.SEND_ACT, Op.RECV_GRAD):
+        if self.op in (_SEND_ACT, _RECV_GRAD):
             src, dst = self.stage, self.other_stage
-        elif self.op in (Op.RECV_ACT, Op.SEND_GRAD):
+        elif self.op in (_RECV_ACT, _SEND_GRAD):
             src, dst = self.other_stage, self.stage
         else:
             raise ValueError(f"{self.op} is not a communication instruction")
-        kind = "act" if self.op in (Op.SEND_ACT, Op.RECV_ACT) else "grad"
+        kind = "act" if self.op in (_SEND_ACT, _RECV_ACT) else "grad"
         return (kind, self.mb, src, dst, self.sub)
+
+
+# Op.X is a slow class-attribute lookup on Python 3.11 enums; message_key runs per message
+_RECV_ACT, _RECV_GRAD, _SEND_ACT, _SEND_GRAD = Op.RECV_ACT, Op.RECV_GRAD, Op.SEND_ACT, Op.SEND_GRAD

@@ -34,13 +34,18 @@ from dipc.ir.instructions import COMPUTE_OPS, RECV_OPS, SEND_OPS, Instruction, O
 from dipc.ir.program import Program
 from dipc.ir.text import format_grid, format_instruction
 
+# Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
+(_BWD, _BWD_I, _BWD_W, _FWD, _LOAD, _OPTIM, _RECV_ACT, _RECV_GRAD, _REDUCE, _SEND_ACT,
+ _SEND_GRAD) = (Op.BWD, Op.BWD_I, Op.BWD_W, Op.FWD, Op.LOAD, Op.OPTIM, Op.RECV_ACT, Op.RECV_GRAD, Op.REDUCE,
+                Op.SEND_ACT, Op.SEND_GRAD)
+
 __all__ = ["validate", "GRID_ROWS"]
 
 GRID_ROWS = 64  # an error's grid shows at most this many steps around the marked one
 
 _Key = tuple  # (op, ...) identifying one instruction of the whole program
-_BWD_OPS = (Op.BWD, Op.BWD_I)
-_WGRAD_OPS = (Op.BWD, Op.BWD_W)
+_BWD_OPS = (_BWD, _BWD_I)
+_WGRAD_OPS = (_BWD, _BWD_W)
 
 
 def validate(program: Program) -> None:
@@ -51,10 +56,10 @@ def validate(program: Program) -> None:
 def _key(ins: Instruction, rank: int) -> _Key:
     if ins.op in SEND_OPS or ins.op in RECV_OPS:
         return (ins.op, ins.message_key())
-    if ins.op is Op.OPTIM:
-        return (Op.OPTIM, rank)
-    if ins.op is Op.REDUCE:
-        return (Op.REDUCE, rank, ins.stage)
+    if ins.op is _OPTIM:
+        return (_OPTIM, rank)
+    if ins.op is _REDUCE:
+        return (_REDUCE, rank, ins.stage)
     return (ins.op, ins.stage, ins.mb, ins.sub)
 
 
@@ -168,6 +173,7 @@ class _Validator:
                 raise self.fail(None, None, f"subs of {name!r} has counts {counts} for "
                                 f"{self.M} microbatches", "give one count >= 1 per microbatch")
         self.split = [p.sub_counts(s.modality) is not None for s in p.stages]
+        self._units: dict[tuple[int, int], range | tuple[int]] = {}
         for s in p.stages:
             for q in s.producers:
                 if self.split[s.id] and p.stages[q].modality != s.modality:
@@ -178,7 +184,11 @@ class _Validator:
 
     def units(self, stage: int, mb: int) -> range | tuple[int]:
         """The subs ``stage`` runs for ``mb`` (``(-1,)`` when not split)."""
-        return self.p.sub_indices(stage, mb)
+        key = (stage, mb)
+        hit = self._units.get(key)
+        if hit is None:
+            hit = self._units[key] = self.p.sub_indices(stage, mb)
+        return hit
 
     def needed_subs(self, producer: int, consumer: int, mb: int, sub: int) -> range | tuple[int]:
         """Which subs of ``producer``'s output consumer unit (mb, sub) reads."""
@@ -191,16 +201,18 @@ class _Validator:
         where = self.where
         self.sends: dict[tuple[int, int], list[tuple[int, Instruction]]] = {}
         self.recvs: dict[tuple[int, int], list[tuple[int, Instruction]]] = {}
+        r = i = 0
+        ins = Instruction(op=_OPTIM)
+
+        def bad(rule: str, fix: str) -> ScheduleError:      # reads the loop's current r, i, ins
+            return self.fail(r, i, f"{format_instruction(ins)}: {rule}", fix)
+
         for r, stream in enumerate(p.streams):
             for i, ins in enumerate(stream):
                 op = ins.op
-
-                def bad(rule: str, fix: str) -> ScheduleError:
-                    return self.fail(r, i, f"{format_instruction(ins)}: {rule}", fix)
-
                 if ins.specs and op not in RECV_OPS:
                     raise bad("only receives carry specs", "drop specs from sends and compute")
-                if op in (Op.REDUCE, Op.OPTIM):
+                if op in (_REDUCE, _OPTIM):
                     if ins.mb != -1 or ins.sub != -1 or ins.peer != -1 or ins.other_stage != -1:
                         raise bad(f"{op.value} takes only an optional stage",
                                   "drop mb, sub, peer and other_stage")
@@ -219,7 +231,7 @@ class _Validator:
                                   "use microbatches in range(num_microbatches)")
                     if op in SEND_OPS or op in RECV_OPS:
                         self._check_comm(r, i, ins, bad)
-                        side = ins.stage if op in (Op.SEND_ACT, Op.RECV_GRAD) else ins.other_stage
+                        side = ins.stage if op in (_SEND_ACT, _RECV_GRAD) else ins.other_stage
                     else:
                         side = ins.stage
                     subs = self.units(side, ins.mb)
@@ -231,7 +243,7 @@ class _Validator:
                         if ins.peer != -1 or ins.other_stage != -1:
                             raise bad(f"{op.value} takes no peer or other_stage",
                                       "drop peer and other_stage")
-                        if op is Op.LOAD and not p.stages[ins.stage].loads:
+                        if op is _LOAD and not p.stages[ins.stage].loads:
                             raise bad(f"stage {ins.stage} loads no batch keys",
                                       "emit LOAD only for stages with loads")
                 key = _key(ins, r)
@@ -250,11 +262,11 @@ class _Validator:
         if not 0 <= o < n:
             raise bad(f"other_stage {o} does not exist", f"use a stage id in 0..{n - 1}")
         op = ins.op
-        if op is Op.SEND_ACT:
+        if op is _SEND_ACT:
             ok, edge = s in self.producer_set[o], f"{s} -> {o} (producers of {o})"
-        elif op is Op.RECV_ACT:
+        elif op is _RECV_ACT:
             ok, edge = o in self.producer_set[s], f"{o} -> {s} (producers of {s})"
-        elif op is Op.SEND_GRAD:
+        elif op is _SEND_GRAD:
             ok, edge = o in self.grad_set[s], f"{o} -> {s} (grad_producers of {s})"
         else:  # RECV_GRAD
             ok, edge = s in self.grad_set[o], f"{s} -> {o} (grad_producers of {o})"
@@ -285,36 +297,36 @@ class _Validator:
                 for j in self.units(s.id, m):
                     unit = f"mb {m}" + (f" sub {j}" if j >= 0 else "")
                     ukey = f"mb={m}" + (f" sub={j}" if j >= 0 else "")
-                    need(Op.FWD, s.id, m, j, f"every stage runs forward for every microbatch and sub")
+                    need(_FWD, s.id, m, j, f"every stage runs forward for every microbatch and sub")
                     if s.loads:
-                        need(Op.LOAD, s.id, m, j, f"stage {s.id} loads {','.join(s.loads)}")
-                    b, bi, bw = ((op, s.id, m, j) in where for op in (Op.BWD, Op.BWD_I, Op.BWD_W))
+                        need(_LOAD, s.id, m, j, f"stage {s.id} loads {','.join(s.loads)}")
+                    b, bi, bw = ((op, s.id, m, j) in where for op in (_BWD, _BWD_I, _BWD_W))
                     if b and (bi or bw):
-                        rr, step, _ = max(where[(op, s.id, m, j)] for op in (Op.BWD_I, Op.BWD_W)
+                        rr, step, _ = max(where[(op, s.id, m, j)] for op in (_BWD_I, _BWD_W)
                                           if (op, s.id, m, j) in where)
                         raise self.fail(rr, step, f"stage {s.id} {unit} has both BWD and a split "
                                         f"BWD_I/BWD_W", "use either BWD or BWD_I + BWD_W")
                     if not b and not bi:
                         if bw:
-                            rr, step, ins = where[(Op.BWD_W, s.id, m, j)]
+                            rr, step, ins = where[(_BWD_W, s.id, m, j)]
                             raise self.fail(rr, step, f"{format_instruction(ins)} has no BWD_I",
                                             f"emit BWD_I stage={s.id} {ukey} before it")
                         raise self.fail_at_end(r, f"missing BWD stage={s.id} {ukey} (or BWD_I + BWD_W)",
                                                f"emit the backward in rank {r}'s stream")
                     if bi and not bw:
-                        need(Op.BWD_W, s.id, m, j, "a BWD_I needs its BWD_W")
+                        need(_BWD_W, s.id, m, j, "a BWD_I needs its BWD_W")
                     for q in s.producers:
                         rq = self.rank_of[q]
                         if rq == r:
                             continue
                         for k in self.needed_subs(q, s.id, m, j):
                             why = f"activation of edge {q} -> {s.id}"
-                            need(Op.SEND_ACT, q, m, k, why, peer=r, other_stage=s.id)
-                            need(Op.RECV_ACT, s.id, m, k, why, peer=rq, other_stage=q)
+                            need(_SEND_ACT, q, m, k, why, peer=r, other_stage=s.id)
+                            need(_RECV_ACT, s.id, m, k, why, peer=rq, other_stage=q)
                             if q in self.grad_set[s.id]:
                                 why = f"gradient of edge {q} -> {s.id}"
-                                need(Op.SEND_GRAD, s.id, m, k, why, peer=rq, other_stage=q)
-                                need(Op.RECV_GRAD, q, m, k, why, peer=r, other_stage=s.id)
+                                need(_SEND_GRAD, s.id, m, k, why, peer=rq, other_stage=q)
+                                need(_RECV_GRAD, q, m, k, why, peer=r, other_stage=s.id)
 
     # ------------------------------------------------------------------ 4. order inside a rank
 
@@ -322,36 +334,36 @@ class _Validator:
         p, where = self.p, self.where
 
         def bwd_of(stage: int, m: int, j: int) -> _Key:
-            k = (Op.BWD, stage, m, j)
-            return k if k in where else (Op.BWD_I, stage, m, j)
+            k = (_BWD, stage, m, j)
+            return k if k in where else (_BWD_I, stage, m, j)
 
         def deps(ins: Instruction) -> list[tuple[_Key, str]]:
             op, s, m, j = ins.op, ins.stage, ins.mb, ins.sub
             out: list[tuple[_Key, str]] = []
-            if op is Op.FWD:
+            if op is _FWD:
                 st = p.stages[s]
                 if st.loads:
-                    out.append(((Op.LOAD, s, m, j), "its input batch"))
+                    out.append(((_LOAD, s, m, j), "its input batch"))
                 for q in st.producers:
                     for k in self.needed_subs(q, s, m, j):
                         what = f"the output of stage {q}" + (f" (sub {k})" if k >= 0 else "")
                         if self.rank_of[q] == self.rank_of[s]:
-                            out.append(((Op.FWD, q, m, k), what))
+                            out.append(((_FWD, q, m, k), what))
                         else:
-                            out.append(((Op.RECV_ACT, ("act", m, q, s, k)), what))
+                            out.append(((_RECV_ACT, ("act", m, q, s, k)), what))
             elif op in _BWD_OPS:
-                out.append(((Op.FWD, s, m, j), "its forward"))
+                out.append(((_FWD, s, m, j), "its forward"))
                 for c in self.grad_consumers[s]:
                     jc = j if self.split[c] else -1   # a split consumer's sub j, or the whole one
                     if self.rank_of[c] == self.rank_of[s]:
                         out.append((bwd_of(c, m, jc), f"the gradient from stage {c}"))
                     else:
-                        out.append(((Op.RECV_GRAD, ("grad", m, s, c, j)), f"the gradient from stage {c}"))
-            elif op is Op.BWD_W:
-                out.append(((Op.BWD_I, s, m, j), "its BWD_I"))
-            elif op is Op.SEND_ACT:
-                out.append(((Op.FWD, s, m, j), "the forward it sends"))
-            elif op is Op.SEND_GRAD:
+                        out.append(((_RECV_GRAD, ("grad", m, s, c, j)), f"the gradient from stage {c}"))
+            elif op is _BWD_W:
+                out.append(((_BWD_I, s, m, j), "its BWD_I"))
+            elif op is _SEND_ACT:
+                out.append(((_FWD, s, m, j), "the forward it sends"))
+            elif op is _SEND_GRAD:
                 # the gradient of producer sub j comes out of the consumer's own unit
                 out.append((bwd_of(s, m, j if self.split[s] else -1), "the backward it sends"))
             return out
@@ -371,14 +383,14 @@ class _Validator:
                     last_compute = i
                     if ins.op in _WGRAD_OPS:
                         last_wgrad[ins.stage] = i
-                elif ins.op is Op.REDUCE:
+                elif ins.op is _REDUCE:
                     last_reduce = i
             # REDUCE/OPTIM must follow every backward of what they reduce/apply.
             for i, ins in enumerate(stream):
-                if ins.op is Op.REDUCE:
+                if ins.op is _REDUCE:
                     last = last_compute if ins.stage == -1 else last_wgrad.get(ins.stage, -1)
                     what = "rank's compute" if ins.stage == -1 else f"weight gradients of stage {ins.stage}"
-                elif ins.op is Op.OPTIM:
+                elif ins.op is _OPTIM:
                     last, what = max(last_compute, last_reduce), "rank's compute and reductions"
                 else:
                     continue

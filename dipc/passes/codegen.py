@@ -33,6 +33,11 @@ from dipc.ir.program import Program, StageInfo
 from dipc.ir.program import sub_indices
 from dipc.passes.schedules import ComputeAction, expand_subs, format_compute_orders, get_schedule
 
+# Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
+(_BWD, _BWD_I, _BWD_W, _FWD, _LOAD, _OPTIM, _RECV_ACT, _RECV_GRAD, _REDUCE, _SEND_ACT,
+ _SEND_GRAD) = (Op.BWD, Op.BWD_I, Op.BWD_W, Op.FWD, Op.LOAD, Op.OPTIM, Op.RECV_ACT, Op.RECV_GRAD, Op.REDUCE,
+                Op.SEND_ACT, Op.SEND_GRAD)
+
 __all__ = ["SpecsFn", "build_program", "fix_recv_order", "lower"]
 
 SpecsFn = Callable[[str, int, int, int, int], tuple[TensorSpec, ...]]
@@ -41,8 +46,8 @@ SpecsFn = Callable[[str, int, int, int, int], tuple[TensorSpec, ...]]
 producer's sub-microbatch (``-1`` when the producer is not split)."""
 
 _MessageKey = tuple[str, int, int, int, int]
-_SEND_OPS = (Op.SEND_ACT, Op.SEND_GRAD)
-_RECV_OPS = (Op.RECV_ACT, Op.RECV_GRAD)
+_SEND_OPS = (_SEND_ACT, _SEND_GRAD)
+_RECV_OPS = (_RECV_ACT, _RECV_GRAD)
 
 
 def _no_specs(kind: str, mb: int, producer: int, consumer: int, sub: int) -> tuple[TensorSpec, ...]:
@@ -81,32 +86,32 @@ def _expand_rank(
                 f"rank {rank}, step {step}: {action} runs stage {s}, which lives on rank {st.rank}. "
                 "Fix: put each stage's compute in its own rank's order."
             )
-        if action.op == Op.FWD:
+        if action.op == _FWD:
             if st.loads:
-                out.append(Instruction(op=Op.LOAD, stage=s, mb=m, sub=j))
+                out.append(Instruction(op=_LOAD, stage=s, mb=m, sub=j))
             for p in st.producers:
                 peer = stages[p].rank
                 if peer != rank:
                     for k in msg_subs(p, s, m, j):
-                        out.append(Instruction(op=Op.RECV_ACT, stage=s, mb=m, sub=k, other_stage=p, peer=peer,
+                        out.append(Instruction(op=_RECV_ACT, stage=s, mb=m, sub=k, other_stage=p, peer=peer,
                                                specs=tuple(specs("act", m, p, s, k))))
-            out.append(Instruction(op=Op.FWD, stage=s, mb=m, sub=j))
+            out.append(Instruction(op=_FWD, stage=s, mb=m, sub=j))
             for c in consumers[s]:
                 peer = stages[c].rank
                 if peer != rank:
-                    out.append(Instruction(op=Op.SEND_ACT, stage=s, mb=m, sub=j, other_stage=c, peer=peer))
-        elif action.op in (Op.BWD, Op.BWD_I):
+                    out.append(Instruction(op=_SEND_ACT, stage=s, mb=m, sub=j, other_stage=c, peer=peer))
+        elif action.op in (_BWD, _BWD_I):
             for c in grad_consumers[s]:
                 peer = stages[c].rank
                 if peer != rank:
-                    out.append(Instruction(op=Op.RECV_GRAD, stage=s, mb=m, sub=j, other_stage=c, peer=peer,
+                    out.append(Instruction(op=_RECV_GRAD, stage=s, mb=m, sub=j, other_stage=c, peer=peer,
                                            specs=tuple(specs("grad", m, s, c, j))))
             out.append(Instruction(op=action.op, stage=s, mb=m, sub=j))
             for p in st.grad_producers:
                 peer = stages[p].rank
                 if peer != rank:
                     for k in msg_subs(p, s, m, j):
-                        out.append(Instruction(op=Op.SEND_GRAD, stage=s, mb=m, sub=k, other_stage=p, peer=peer))
+                        out.append(Instruction(op=_SEND_GRAD, stage=s, mb=m, sub=k, other_stage=p, peer=peer))
         else:  # BWD_W: local only
             out.append(Instruction(op=action.op, stage=s, mb=m, sub=j))
     return out
@@ -211,7 +216,7 @@ def lower(
     if add_reduce:
         fixed = tuple(_add_reduces(stream) for stream in fixed)
     if add_optim:
-        fixed = tuple(stream + (Instruction(op=Op.OPTIM),) for stream in fixed)
+        fixed = tuple(stream + (Instruction(op=_OPTIM),) for stream in fixed)
     return Program(schedule=schedule, num_ranks=num_ranks, num_microbatches=num_microbatches,
                    stages=tuple(stages), streams=fixed, subs=subs_t)
 
@@ -219,14 +224,14 @@ def lower(
 def _add_reduces(stream: tuple[Instruction, ...]) -> tuple[Instruction, ...]:
     last_backward = {}
     for i, ins in enumerate(stream):
-        if ins.op in (Op.BWD, Op.BWD_W):
+        if ins.op in (_BWD, _BWD_W):
             last_backward[ins.stage] = i
     after = {i: s for s, i in last_backward.items()}
     out: list[Instruction] = []
     for i, ins in enumerate(stream):
         out.append(ins)
         if i in after:
-            out.append(Instruction(op=Op.REDUCE, stage=after[i]))
+            out.append(Instruction(op=_REDUCE, stage=after[i]))
     return tuple(out)
 
 

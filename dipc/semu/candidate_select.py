@@ -5,14 +5,22 @@ simulations, so running it on every candidate dominated DIP's planning time. Ins
 candidate is simulated once as it is. That step time is a **lower bound** on its time after
 phase 3: recomputation only lengthens backward instructions, and with every rank's order fixed
 the emulator's step time never falls when an instruction gets longer (start times are maxima of
-sums of durations). A candidate that already fits memory has its exact time. The others are
-fitted in ascending lower-bound order, stopping as soon as the next bound is no better than the
-best time found: the winner is the one fitting every candidate would give (up to ties), and
-usually only one or two ILPs run. Branch and bound, one level deep.
+sums of durations). A candidate that already fits memory has its exact time.
+
+A candidate may also come with a cheaper bound, known before it is lowered: e.g.
+:func:`dipc.semu.order_bound.order_lower_bound`, its compute orders timed without messages. Then
+the search is best first over three levels of bounds (cheap bound -> plain simulation -> phase
+3): always refine the candidate with the lowest bound so far, stop when the lowest is exact. The
+winner is the one fitting every candidate would give (up to ties), candidates whose cheap bound
+is already slower than it are never lowered or simulated, and usually only one or two ILPs run.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import gc
+import heapq
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +28,12 @@ from dipc.errors import DipcError, InfeasibleMemoryError
 from dipc.ir import Program
 from dipc.semu.emulator import SimResult
 
-__all__ = ["Choice", "pick_fastest"]
+__all__ = ["Choice", "gc_paused", "pick_fastest"]
 
 Build = Callable[[], tuple[Program, Any]]                  # -> (program, the cost model that scores it)
 Simulate = Callable[[Program, Any], SimResult]
 Fit = Callable[[Program, Any], tuple[Program, SimResult]]
+Bound = Callable[[], float]                                # a lower bound of the plain step time, cheap
 
 
 @dataclass(frozen=True)
@@ -42,59 +51,118 @@ class Choice:
     failures: dict[str, str] = field(default_factory=dict)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a plan is made; collect its youngest
+    generation after. Lowering and emulating a VLM-L candidate allocate ~10^5 short-lived objects,
+    which trigger full collections that walk the whole heap (the model, SEMU's caches) several
+    times per plan: ~30% of the planner's CPU time. The planner's objects hold no reference
+    cycles worth waiting for; reference counting frees them, and what is left is collected
+    when the collector runs again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+            gc.collect(0)
+
+
 def _fits(result: SimResult, capacity: Sequence[float]) -> bool:
     return result.peak_memory is not None and all(p <= c for p, c in zip(result.peak_memory, capacity))
 
 
-def pick_fastest(candidates: Iterable[tuple[str, Build]], simulate: Simulate, capacity: float | Sequence[float],
-                 fit: Fit, num_ranks: int, max_fits: int | None = None) -> Choice:
+def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Bound]], simulate: Simulate,
+                 capacity: float | Sequence[float], fit: Fit, num_ranks: int,
+                 max_fits: int | Mapping[str, int] | None = None, groups: Mapping[str, str] | None = None) -> Choice:
     """The candidate with the lowest step time once it fits ``capacity`` (bytes per rank, static
-    memory included). ``candidates`` yields (label, build) where ``build()`` returns the lowered
-    program and the cost model that scores it (candidates may differ, e.g. with and without
-    sub-microbatches); a :class:`~dipc.errors.DipcError` drops the candidate. ``simulate(program,
-    model)`` gives the plain result; ``fit(program, model)`` is phase 3, returning the fitted
-    program and its result, or raising :class:`InfeasibleMemoryError`.
+    memory included). ``candidates`` yields (label, build) or (label, build, bound) where
+    ``build()`` returns the lowered program and the cost model that scores it (candidates may
+    differ, e.g. with and without sub-microbatches) and ``bound()`` a lower bound of its plain
+    step time (cheaper than building it); a :class:`~dipc.errors.DipcError` from either drops the
+    candidate. ``simulate(program, model)`` gives the plain result; ``fit(program, model)`` is
+    phase 3, returning the fitted program and its result, or raising :class:`InfeasibleMemoryError`.
+    At most ``max_fits`` phase-3 runs (cheapest plain bounds first); with ``groups`` (label ->
+    group, default ``""``) and a mapping ``max_fits`` (group -> runs; a group not named is not
+    capped), each group has its own budget, so candidates added to a planner cannot take the
+    phase-3 runs its other candidates had before. ``Choice.bounds`` holds each
+    candidate's tightest known lower bound (its plain time when it was simulated).
     Raises the closest :class:`InfeasibleMemoryError` if nothing fits."""
     caps = [float(capacity)] * num_ranks if isinstance(capacity, (int, float)) else [float(c) for c in capacity]
     bounds: dict[str, float] = {}
     failures: dict[str, str] = {}
-    over: list[tuple[float, str, Program, Any]] = []
-    best: tuple[float, str, Program, SimResult] | None = None
-    simulated = 0
-    for label, build in candidates:
-        try:
-            program, model = build()
-            result = simulate(program, model)
-        except DipcError as e:
-            bounds[label] = float("inf")
-            failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-            continue
-        simulated += 1
-        bounds[label] = result.step_time
-        if _fits(result, caps):
-            if best is None or result.step_time < best[0]:
-                best = (result.step_time, label, program, result)
-        else:
-            over.append((result.step_time, label, program, model))
-    fitted = 0
+    # (bound, -level, arrival, label, payload): level 0 = cheap bound (payload: build), 1 = simulated
+    # but over memory (payload: program, model), 2 = exact (payload: program, result); on equal
+    # bounds the exact entry comes first, so a tie is never refined
+    heap: list[tuple[float, int, int, str, Any]] = []
+    for n, (label, build, *rest) in enumerate(candidates):
+        bound = -math.inf
+        if rest:
+            try:
+                bound = float(rest[0]())
+            except DipcError as e:
+                bounds[label] = float("inf")
+                failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                continue
+            bounds[label] = bound
+        heap.append((bound, 0, n, label, build))
+    heapq.heapify(heap)
+    arrival = len(heap)
+    simulated = fitted = 0
     errors: list[InfeasibleMemoryError] = []
-    for bound, label, program, model in sorted(over, key=lambda x: x[0]):
-        if best is not None and (bound >= best[0] or (max_fits is not None and fitted >= max_fits)):
-            break                                   # no later candidate can win (or out of fits)
-        fitted += 1
+    deferred: list[tuple[float, str, Any]] = []
+    used: dict[str, int] = {}                    # phase-3 runs per group
+
+    def _fit(label: str, payload: tuple[Program, Any]) -> tuple[Program, SimResult] | None:
         try:
-            program, result = fit(program, model)
+            return fit(*payload)
         except InfeasibleMemoryError as e:
             errors.append(e)
             failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            return None
+
+    while heap:
+        bound, level, _, label, payload = heapq.heappop(heap)
+        level = -level
+        if level == 2:                           # exact and no other bound is lower: the winner
+            program, result = payload
+            return Choice(label=label, program=program, result=result, simulated=simulated, fitted=fitted,
+                          bounds=bounds, failures=failures)
+        if level == 0:
+            try:
+                program, model = payload()
+                result = simulate(program, model)
+            except DipcError as e:
+                bounds[label] = float("inf")
+                failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                continue
+            simulated += 1
+            bounds[label] = result.step_time
+            if _fits(result, caps):
+                heapq.heappush(heap, (result.step_time, -2, arrival, label, (program, result)))
+            else:
+                heapq.heappush(heap, (result.step_time, -1, arrival, label, (program, model)))
+            arrival += 1
             continue
-        if best is None or result.step_time < best[0]:
-            best = (result.step_time, label, program, result)
-    if best is None:
-        if errors:
-            raise min(errors, key=lambda e: e.excess)
-        raise InfeasibleMemoryError(f"no candidate could be lowered and simulated: {failures}. Fix: check the "
-                                    "candidate generators' orders (dipc.ir.validate).")
-    _, label, program, result = best
-    return Choice(label=label, program=program, result=result, simulated=simulated, fitted=fitted,
-                  bounds=bounds, failures=failures)
+        group = groups.get(label, "") if groups is not None else ""
+        cap = max_fits.get(group) if isinstance(max_fits, Mapping) else max_fits
+        if cap is not None and used.get(group, 0) >= cap:
+            deferred.append((bound, label, payload))   # out of phase-3 runs: only fitting candidates remain,
+            continue                                   # unless none does
+        used[group] = used.get(group, 0) + 1
+        fitted += 1
+        got = _fit(label, payload)
+        if got is not None:
+            heapq.heappush(heap, (got[1].step_time, -2, arrival, label, got))
+            arrival += 1
+    for _, label, payload in deferred:        # nothing fits as it is: fit past max_fits until one does
+        fitted += 1
+        got = _fit(label, payload)
+        if got is not None:
+            return Choice(label=label, program=got[0], result=got[1], simulated=simulated, fitted=fitted,
+                          bounds=bounds, failures=failures)
+    if errors:
+        raise min(errors, key=lambda e: e.excess)
+    raise InfeasibleMemoryError(f"no candidate could be lowered and simulated: {failures}. Fix: check the "
+                                "candidate generators' orders (dipc.ir.validate).")

@@ -91,6 +91,14 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
     need to fit — but only as many as can still win: each is first simulated as it is, a lower
     bound of its fitted time (:func:`dipc.semu.candidate_select.pick_fastest`). Candidates that
     cannot fit are dropped, and if none fits the error of the one that came closest is raised."""
+    from dipc.semu.candidate_select import gc_paused
+
+    with gc_paused():       # a plan allocates many short-lived objects: see gc_paused
+        return _plan_dip(pipe, microbatches, model, baselines, memory_limit)
+
+
+def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model, baselines: Sequence[str],
+              memory_limit: float | Sequence[float] | None) -> tuple[str, Program, SimResult]:
     from dipc.semu.candidate_select import pick_fastest
     from dipc.semu.memory_opt import Phase3Tables, _limits, optimize_memory
 

@@ -225,10 +225,18 @@ def _prepare(program: Program) -> _Prepared:
         _CACHE.move_to_end(id(program))
         return hit[1]
     recv_bytes: dict[tuple[int, int], deque[int]] = {}
+    sizes: dict[tuple[TensorSpec, ...], int] = {}     # planners share spec tuples across messages
+
+    def size(specs: tuple[TensorSpec, ...]) -> int:
+        hit = sizes.get(specs)
+        if hit is None:
+            hit = sizes[specs] = message_bytes(specs)
+        return hit
+
     for r, stream in enumerate(program.streams):
         for ins in stream:
             if ins.op is Op.RECV_ACT or ins.op is Op.RECV_GRAD:
-                recv_bytes.setdefault((ins.peer, r), deque()).append(message_bytes(ins.specs))
+                recv_bytes.setdefault((ins.peer, r), deque()).append(size(ins.specs))
     streams = []
     for r, stream in enumerate(program.streams):
         out = []
@@ -241,7 +249,7 @@ def _prepare(program: Program) -> _Prepared:
                                         "Fix: validate the program (dipc.ir.validate) before simulating.")
                 out.append((_K_SEND, ins, ins.peer, queue.popleft()))
             elif op is Op.RECV_ACT or op is Op.RECV_GRAD:
-                out.append((_K_RECV, ins, ins.peer, message_bytes(ins.specs)))
+                out.append((_K_RECV, ins, ins.peer, size(ins.specs)))
             else:
                 out.append((_K_COMPUTE, ins, -1, 0))
         streams.append(tuple(out))
@@ -323,6 +331,8 @@ def simulate(
         has_grads: set[int] = set()
         count_msgs = memory.count_messages
 
+    # Op.X is a slow class-attribute lookup on Python 3.11 enums; the loop runs per instruction
+    _FWD, _BWD, _BWD_I, _BWD_W, _RECV_ACT, _RECV_GRAD = Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W, Op.RECV_ACT, Op.RECV_GRAD
     work = deque(range(R))
     while work:
         r = work.popleft()
@@ -343,20 +353,20 @@ def simulate(
                             peak[r] = cur[r] + ws
                     delta = 0.0
                     key = (ins.stage, ins.mb, ins.sub)
-                    if op is Op.FWD:
+                    if op is _FWD:
                         b = float(mem_act(ins))
                         stash[key] = b
                         delta = b
-                    elif op is Op.BWD:
+                    elif op is _BWD:
                         delta = -stash.pop(key, 0.0) - held_act.pop(key, 0.0) - held_grad.pop(key, 0.0)
-                    elif op is Op.BWD_I:
+                    elif op is _BWD_I:
                         full = stash.get(key, 0.0)
                         kept = full if mem_keep is None else min(full, float(mem_keep(ins)))
                         stash[key] = kept
                         delta = kept - full - held_grad.pop(key, 0.0)
-                    elif op is Op.BWD_W:
+                    elif op is _BWD_W:
                         delta = -stash.pop(key, 0.0) - held_act.pop(key, 0.0)
-                    if mem_grads is not None and (op is Op.BWD or op is Op.BWD_W) and ins.stage not in has_grads:
+                    if mem_grads is not None and (op is _BWD or op is _BWD_W) and ins.stage not in has_grads:
                         has_grads.add(ins.stage)      # made during this backward (its workspace says how)
                         delta += float(mem_grads(ins.stage))
                     if delta:
@@ -412,9 +422,9 @@ def simulate(
                         peak[r] = c
                     # held by the receiving unit: a stage outside a split modality receives every
                     # sub of its producer's output for its one whole-microbatch unit
-                    sub = ins.sub if ins.op is Op.RECV_GRAD or split_stage[ins.stage] else -1
+                    sub = ins.sub if ins.op is _RECV_GRAD or split_stage[ins.stage] else -1
                     key = (ins.stage, ins.mb, sub)
-                    held = held_act if ins.op is Op.RECV_ACT else held_grad
+                    held = held_act if ins.op is _RECV_ACT else held_grad
                     held[key] = held.get(key, 0.0) + nbytes
                     if record:
                         mem_tl[r].append((t, c))

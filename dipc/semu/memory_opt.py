@@ -47,6 +47,9 @@ from dipc.ir.recompute import RecomputePlan, with_recompute
 from dipc.semu.emulator import SimResult
 from dipc.semu.recompute_costs import RecomputeCosts, recomputes_in
 
+# Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
+_BWD, _BWD_I, _BWD_W, _FWD = Op.BWD, Op.BWD_I, Op.BWD_W, Op.FWD
+
 __all__ = ["MemoryLimitError", "MemoryPlan", "Phase3Tables", "PlannableCosts", "optimize_memory", "stage_candidates"]
 
 _GIB = float(2**30)
@@ -141,6 +144,7 @@ class Phase3Tables:
         self._cands: dict[int, list[tuple[str, ...]]] = {}
         self._masks: dict[int, np.ndarray] = {}
         self._vectors: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._unit = getattr(costs, "unit_key", None)   # StepModel's (mb, sub) of the same statistics
 
     def candidates(self, stage: int) -> list[tuple[str, ...]]:
         if stage not in self._cands:
@@ -155,6 +159,10 @@ class Phase3Tables:
         key = (stage, mb, sub)
         hit = self._vectors.get(key)
         if hit is None:
+            unit = self._unit(mb, sub) if self._unit is not None else (mb, sub)
+            if unit != (mb, sub):          # same statistics as an earlier unit: same vectors
+                hit = self._vectors[key] = self.vectors(stage, *unit)
+                return hit
             self.candidates(stage)
             mask = self._masks[stage]
             fps = [self.costs.layer_footprint(stage, mb, p, sub) for p in self.costs.stage_layers[stage]]
@@ -188,12 +196,12 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int) -> _RankPro
 
     for ins in program.streams[rank]:
         key = (ins.stage, ins.mb, ins.sub)
-        if ins.op is Op.FWD:
+        if ins.op is _FWD:
             if key not in live:
                 live.add(key)
                 running[span[ins.stage]] += tables.vectors(*key)[0]
             pending = True
-        elif ins.op in (Op.BWD, Op.BWD_I, Op.BWD_W):
+        elif ins.op in (_BWD, _BWD_I, _BWD_W):
             if recomputes_in(ins, program):
                 _, work, secs = tables.vectors(*key)
                 cost[span[ins.stage]] += secs
@@ -202,7 +210,7 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int) -> _RankPro
                     row[span[ins.stage]] += work
                     rows.append(row)
                     pending = False
-            if ins.op is not Op.BWD_I and key in live:
+            if ins.op is not _BWD_I and key in live:
                 if pending:
                     rows.append(running.copy())
                     pending = False
@@ -224,6 +232,9 @@ def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
     n = len(problem.cols)
     if n == 0:
         return {}
+    fastest = [problem.cols[(s, 0)] for s in problem.stages]
+    if not len(problem.rows) or problem.rows[:, fastest].sum(axis=1).max() <= budget / _SCALE:
+        return {s: 0 for s in problem.stages}     # nothing recomputed fits: free, so optimal
     constraints = []
     if len(problem.rows):
         constraints.append(LinearConstraint(problem.rows, -np.inf, budget / _SCALE))

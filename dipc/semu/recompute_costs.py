@@ -24,6 +24,9 @@ from dipc.ir import Instruction, Op, Program
 from dipc.ir.recompute import RecomputePlan
 from dipc.semu.emulator import ComputeTimeFn, MemoryModel
 
+# Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
+_BWD, _BWD_I, _BWD_W = Op.BWD, Op.BWD_I, Op.BWD_W
+
 __all__ = ["Footprint", "RecomputeCosts", "recompute_compute_time", "recompute_memory_model",
            "recompute_seconds", "recomputes_in", "stash_bytes", "workspace_bytes"]
 
@@ -74,9 +77,9 @@ def recompute_seconds(costs: RecomputeCosts, stage: int, mb: int, recompute: fro
 
 def recomputes_in(ins: Instruction, program: Program) -> bool:
     """Whether this instruction re-runs the stage's recomputed forwards (see the module docstring)."""
-    if ins.op is Op.BWD or ins.op is Op.BWD_W:
+    if ins.op is _BWD or ins.op is _BWD_W:
         return True
-    return ins.op is Op.BWD_I and bool(program.stage(ins.stage).grad_producers)
+    return ins.op is _BWD_I and bool(program.stage(ins.stage).grad_producers)
 
 
 def _sets(costs: RecomputeCosts, plan: Mapping[int, Sequence[str]]) -> dict[int, frozenset[str]]:
@@ -98,15 +101,18 @@ def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: 
     if not sets:
         return base
     cache: dict[tuple[int, int, int], float] = {}
+    unit = getattr(costs, "unit_key", None)
 
     def time(ins: Instruction) -> float:
         t = base(ins)
         layers = sets.get(ins.stage)
         if layers and recomputes_in(ins, program):
             key = (ins.stage, ins.mb, ins.sub)
-            if key not in cache:
-                cache[key] = recompute_seconds(costs, ins.stage, ins.mb, layers, ins.sub)
-            t += cache[key]
+            hit = cache.get(key)
+            if hit is None:
+                m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)
+                hit = cache[key] = recompute_seconds(costs, ins.stage, m, layers, j)
+            t += hit
         return t
 
     return time
@@ -118,8 +124,20 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
     sets = _sets(costs, plan)
     empty: frozenset[str] = frozenset()
 
+    unit = getattr(costs, "unit_key", None)     # StepModel: units of equal statistics share numbers
+    stashes: dict[tuple[int, int, int], float] = {}
+
     def activations(ins: Instruction) -> float:
-        return stash_bytes(costs, ins.stage, ins.mb, sets.get(ins.stage, empty), ins.sub)
+        key = (ins.stage, ins.mb, ins.sub)
+        hit = stashes.get(key)
+        if hit is None:
+            m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)
+            hit = stashes.get((ins.stage, m, j))
+            if hit is None:
+                hit = stash_bytes(costs, ins.stage, m, sets.get(ins.stage, empty), j)
+                stashes[(ins.stage, m, j)] = hit
+            stashes[key] = hit
+        return hit
 
     from dipc.semu.step_model import first_weight_backwards
 
@@ -127,12 +145,19 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
     grads = getattr(costs, "grad_bytes", None)
     firsts = first_weight_backwards(program)
 
+    rerun: dict[tuple[int, int, int], float] = {}
+
     def workspace(ins: Instruction) -> float:
         extra = base(ins, first=(ins.stage, ins.mb, ins.sub) in firsts) if base is not None else 0.0
         layers = sets.get(ins.stage)
         if not layers or not recomputes_in(ins, program):
             return extra
-        return extra + workspace_bytes(costs, ins.stage, ins.mb, layers, ins.sub)
+        key = (ins.stage, ins.mb, ins.sub)
+        hit = rerun.get(key)
+        if hit is None:
+            m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)
+            hit = rerun[key] = workspace_bytes(costs, ins.stage, m, layers, j)
+        return extra + hit
 
     static = costs.static_bytes if grads is None else (lambda stage: costs.static_bytes(stage) - grads(stage))
     return MemoryModel(static=static, activations=activations, grads=grads,

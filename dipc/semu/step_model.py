@@ -59,7 +59,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -73,14 +73,15 @@ from dipc.semu.length_stats import batch_length_stats, pipeline_length_stats
 from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompute_memory_model
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
 
-_KINDS = (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W)   # compute instructions (kind_op_overheads)
-
 __all__ = ["LayerTime", "StageTime", "StepModel", "allreduce_time", "batch_length_stats", "best_contiguous_split",
-           "stage_ops",
-           "chain_program", "first_weight_backwards", "layer_time", "pipeline_length_stats", "stats_for_layer", "StepModelError",
+           "stage_ops", "chain_program", "first_weight_backwards", "layer_time", "pipeline_length_stats", "stats_for_layer", "StepModelError",
            "sub_length_stats"]
 
 StatsLike = Mapping[str, LengthStats] | LengthStats
+
+# Op.X is a slow class-attribute lookup on Python 3.11 enums; the emulator asks per instruction
+_FWD, _BWD, _BWD_I, _BWD_W, _REDUCE = Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W, Op.REDUCE
+_COMPUTE = frozenset({_FWD, _BWD, _BWD_I, _BWD_W})
 
 
 class StepModelError(DipcError, ValueError):
@@ -340,6 +341,11 @@ class StepModel:
         self._act_cache: dict[tuple[int, int, int], float] = {}
         self._footprint_cache: dict[tuple[int, int, str], Footprint] = {}
         self._ops_cache: dict[tuple[Op, int], int] = {}
+        self._costs_cache: dict[tuple[int, int, int], list[LayerCost]] = {}
+        self._workspace_cache: dict[tuple[Op, int, int, int, bool], float] = {}
+        self._unit_keys: dict[tuple[int, int], tuple[int, int]] = {}
+        self._overheads: dict = {}
+        self._units_by_stats: dict[tuple, tuple[int, int]] = {}
 
     @staticmethod
     def runtime_options(pipe: Any) -> dict[str, Any]:
@@ -423,6 +429,22 @@ class StepModel:
             raise StepModelError(f"no statistics for microbatch {mb} ({len(self.microbatch_stats)} given). "
                                  "Fix: pass one entry per microbatch of the program.") from None
 
+    def unit_key(self, mb: int, sub: int = -1) -> tuple[int, int]:
+        """The first (microbatch, sub) seen with the same length statistics as (``mb``, ``sub``).
+
+        Every per-unit number (times, stashes, workspace, footprints) depends on a unit's
+        statistics only, and a batch's sub-microbatches repeat them a lot (a caption batch's ~650
+        one-image subs have ~16 distinct statistics), so the per-unit caches compute each number
+        once per distinct statistics and file it under every unit that shares them."""
+        key = (mb, sub)
+        hit = self._unit_keys.get(key)
+        if hit is None:
+            stats = self._stats(mb, sub)
+            sig = (stats.values() if isinstance(stats, LengthStats) else
+                   tuple(sorted((k, v.values()) for k, v in stats.items())))
+            hit = self._unit_keys[key] = self._units_by_stats.setdefault(sig, key)
+        return hit
+
     def _layers(self, stage: int) -> list[str]:
         try:
             return self.stage_layers[stage]
@@ -436,6 +458,10 @@ class StepModel:
         key = (stage, mb, sub)
         hit = self._stage_cache.get(key)
         if hit is None:
+            unit = self.unit_key(mb, sub)
+            if unit != (mb, sub):
+                hit = self._stage_cache[key] = self.stage_time(stage, *unit)
+                return hit
             stats = self._stats(mb, sub)
             f = bi = bw = comm = 0.0
             for p in self._layers(stage):
@@ -488,35 +514,55 @@ class StepModel:
         allocates the layer's parameter gradients as it goes. Not modelled: temporaries inside a
         layer's backward."""
         op = ins.op
-        if op not in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W):
+        if op not in _COMPUTE:
             return 0.0
-        stats = self._stats(ins.mb, ins.sub)
-        layers = self._layers(ins.stage)
-        costs = [self.cost_model.cost(p, _lookup(stats, p)) for p in layers]
+        key = (op, ins.stage, ins.mb, ins.sub, bool(first))
+        hit = self._workspace_cache.get(key)
+        if hit is not None:       # the emulator asks once per instruction, per simulated candidate
+            return hit
+        unit = self.unit_key(ins.mb, ins.sub)
+        if unit != (ins.mb, ins.sub):
+            hit = self._workspace_cache[key] = self.workspace_bytes(replace(ins, mb=unit[0], sub=unit[1]), first)
+            return hit
+        costs = self._stage_costs(ins.stage, ins.mb, ins.sub)
         loss = costs[-1].out_bytes if ins.stage in self.loss_stages and costs else 0.0
-        if op is Op.FWD:
-            return loss / self.tp
-        frees = op is not Op.BWD_I                   # BWD_I keeps the graph for BWD_W
-        makes_grads = first and op is not Op.BWD_I
-        peak = live = 0.0
-        if loss:
-            peak = 2 * loss
-        for c in reversed(costs):
-            if makes_grads:
-                live += c.grad_bytes
-            peak = max(peak, live + c.out_bytes + c.in_bytes)
-            if frees:
-                live -= self._stash(c)
-        return max(peak, 0.0) / self.tp
+        if op is _FWD:
+            hit = loss / self.tp
+        else:
+            frees = op is not _BWD_I                   # BWD_I keeps the graph for BWD_W
+            makes_grads = first and op is not _BWD_I
+            peak = live = 0.0
+            if loss:
+                peak = 2 * loss
+            for c in reversed(costs):
+                if makes_grads:
+                    live += c.grad_bytes
+                peak = max(peak, live + c.out_bytes + c.in_bytes)
+                if frees:
+                    live -= self._stash(c)
+            hit = max(peak, 0.0) / self.tp
+        self._workspace_cache[key] = hit
+        return hit
+
+    def _stage_costs(self, stage: int, mb: int, sub: int = -1) -> list[LayerCost]:
+        """Each layer's :class:`LayerCost` of ``stage`` on (``mb``, ``sub``), in order (cached)."""
+        key = (stage, mb, sub)
+        hit = self._costs_cache.get(key)
+        if hit is None:
+            unit = self.unit_key(mb, sub)
+            if unit != (mb, sub):
+                hit = self._costs_cache[key] = self._stage_costs(stage, *unit)
+                return hit
+            stats = self._stats(mb, sub)
+            hit = self._costs_cache[key] = [self.cost_model.cost(p, _lookup(stats, p)) for p in self._layers(stage)]
+        return hit
 
     def activation_bytes(self, stage: int, mb: int, sub: int = -1) -> float:
         """Activations the stage's forward on ``mb`` (sub ``sub``) keeps for backward, per GPU (÷ tp)."""
         key = (stage, mb, sub)
         hit = self._act_cache.get(key)
         if hit is None:
-            stats = self._stats(mb, sub)
-            hit = self._act_cache[key] = sum(self._stash(self.cost_model.cost(p, _lookup(stats, p)))
-                                             for p in self._layers(stage)) / self.tp
+            hit = self._act_cache[key] = sum(self._stash(c) for c in self._stage_costs(stage, mb, sub)) / self.tp
         return hit
 
     def _stash(self, cost: LayerCost) -> float:
@@ -537,12 +583,19 @@ class StepModel:
     # -- what the emulator takes ---------------------------------------------------------------
     def instruction_overhead(self, op: Op) -> float:
         """The profile's fixed seconds per ``op`` instruction: its ``op_overheads`` entry, else (for
-        compute instructions) ``instruction_overhead``, else 0."""
+        compute instructions) ``instruction_overhead``, else 0 (cached per op and device)."""
         dev = self.cluster.device
-        hit = dev.op_overheads.get(op.value)
-        if hit is not None:
-            return hit
-        return dev.instruction_overhead if op in (Op.FWD, Op.BWD, Op.BWD_I, Op.BWD_W) else 0.0
+        cache = self._overheads
+        if cache.get(None) is not dev:
+            cache.clear()
+            cache[None] = dev
+        hit = cache.get(op)
+        if hit is None:
+            hit = dev.op_overheads.get(op.value)
+            if hit is None:
+                hit = dev.instruction_overhead if op in _COMPUTE else 0.0
+            cache[op] = hit
+        return hit
 
     def comm_overhead(self, ins: Instruction) -> float:
         """CPU seconds a send or receive takes on its own rank (packing, copying; a ``ComputeTimeFn``
@@ -566,23 +619,29 @@ class StepModel:
         """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
         op = ins.op
         fixed = self.instruction_overhead(op)
-        if op in _KINDS and self.cluster.device.kind_op_overheads:
+        if op in _COMPUTE and self.cluster.device.kind_op_overheads:
             fixed += self.dispatch_time(op, ins.stage)
-        if op is Op.FWD:
-            return self.stage_time(ins.stage, ins.mb, ins.sub).fwd + fixed
-        if op is Op.BWD:
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd + fixed
-        if op is Op.BWD_I:
-            if ins.stage in self.no_input_grads:
-                return 0.0
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_in + fixed
-        if op is Op.BWD_W:
-            if self.wgrad_is_whole(ins.stage):
-                return self.stage_time(ins.stage, ins.mb, ins.sub).bwd + fixed
-            return self.stage_time(ins.stage, ins.mb, ins.sub).bwd_w + fixed
-        if op is Op.REDUCE:
+        if op is _BWD_I and ins.stage in self.no_input_grads:
+            return 0.0
+        if op is _REDUCE:
             return self.reduce_time(ins.stage) + fixed
-        return fixed
+        return self.compute_seconds(op, ins.stage, ins.mb, ins.sub) + fixed
+
+    def compute_seconds(self, op: Op, stage: int, mb: int, sub: int = -1) -> float:
+        """Seconds of a FWD / BWD / BWD_I / BWD_W of ``stage`` on (``mb``, ``sub``), without the
+        profile's fixed per-instruction overhead (0 for other ops): :meth:`compute_time` less
+        that overhead, for bounds on compute orders that are not lowered yet."""
+        if op is _FWD:
+            return self.stage_time(stage, mb, sub).fwd
+        if op is _BWD:
+            return self.stage_time(stage, mb, sub).bwd
+        if op is _BWD_I:
+            return 0.0 if stage in self.no_input_grads else self.stage_time(stage, mb, sub).bwd_in
+        if op is _BWD_W:
+            if self.wgrad_is_whole(stage):
+                return self.stage_time(stage, mb, sub).bwd
+            return self.stage_time(stage, mb, sub).bwd_w
+        return 0.0
 
     def layer_footprint(self, stage: int, mb: int, path: str, sub: int = -1) -> Footprint:
         """Layer ``path`` of ``stage`` on ``mb`` (sub ``sub``), per GPU: its stash, its stash when
@@ -590,6 +649,10 @@ class StepModel:
         key = (mb, sub, path)
         hit = self._footprint_cache.get(key)
         if hit is None:
+            unit = self.unit_key(mb, sub)
+            if unit != (mb, sub):
+                hit = self._footprint_cache[key] = self.layer_footprint(stage, unit[0], path, unit[1])
+                return hit
             stats = _lookup(self._stats(mb, sub), path)
             c, t = self.cost_model.cost(path, stats), self.layer_time(path, stats)
             hit = Footprint(act_bytes=self._stash(c) / self.tp, in_bytes=c.in_bytes / self.tp,

@@ -60,3 +60,49 @@ def test_nothing_fits_raises_the_closest():
     with pytest.raises(InfeasibleMemoryError) as e:
         _run(cands)
     assert e.value.excess == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_cheap_bounds_keep_the_winner_and_skip_simulations(seed):
+    cands = _candidates(seed, 8)
+    rng = random.Random(seed + 1)
+    plain, _ = _run(cands)
+    built = []
+
+    def build(c):
+        def run():
+            built.append(c[0])
+            return c, None
+        return run
+
+    def simulate(c, _):
+        return SimpleNamespace(step_time=c[1], peak_memory=[c[2]])
+
+    def fit(c, _):
+        if c[3] is None:
+            raise InfeasibleMemoryError("no fit", {0: c[2] - 100.0})
+        return c, SimpleNamespace(step_time=c[3], peak_memory=[100.0])
+
+    bounded = [(c[0], build(c), lambda c=c, f=rng.uniform(0.9, 1.0): c[1] * f) for c in cands]
+    choice = pick_fastest(bounded, simulate, 100.0, fit, 1)
+    assert choice.result.step_time == plain.result.step_time
+    assert choice.simulated == len(built) <= len(cands)
+    assert all(choice.bounds[c[0]] <= (c[1] if c[2] <= 100 or c[3] is None else c[3]) for c in cands)
+
+
+def test_a_group_of_added_candidates_keeps_its_own_phase3_budget():
+    old = [(f"c{i}", 1.0 + i / 10, 200.0, 2.0 + i / 10) for i in range(3)]          # all over memory
+    new = [(f"z{i}", 0.5 + i / 10, 200.0, 2.5) for i in range(3)]                   # cheaper bounds, slower fits
+    calls = []
+
+    def build(c):
+        return lambda: (c, None)
+
+    def fit(c, _):
+        calls.append(c[0])
+        return c, SimpleNamespace(step_time=c[3], peak_memory=[100.0])
+
+    choice = pick_fastest([(c[0], build(c)) for c in old + new],
+                          lambda c, _: SimpleNamespace(step_time=c[1], peak_memory=[c[2]]), 100.0, fit, 1,
+                          max_fits={"": 2, "z": 1}, groups={c[0]: "z" for c in new})
+    assert choice.label == "c0" and sorted(calls) == ["c0", "c1", "z0"]
