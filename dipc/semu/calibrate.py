@@ -266,6 +266,7 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         efficiency={**dev.efficiency, "attention": att},
         launch_overhead=0.0, op_overhead=0.0, instruction_overhead=float(c), dense_masked_attention=dense,
         op_overheads=op_overheads, probs_fwd_byte_time=pf, probs_bwd_byte_time=pb, kind_op_overheads=kind_oo,
+        bytes_mode="sum",   # the fit adds compute and memory-traffic time; predictions must too
         source=(f"{dev.source}; calibrated on {len(points)} timed instructions of {len(samples)} steps: "
                 f"compute time x {a:.3g}, attention x {b:.3g}, memory traffic x {m:.3g}, per ATen op "
                 + ", ".join(f"{k} {v * 1e6:.3g} us" for k, v in kind_oo.items()) + ", per instruction "

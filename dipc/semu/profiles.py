@@ -217,6 +217,9 @@ class DeviceProfile:
     ``BWD_I``, ``BWD_W``), charged per instruction on the ops its stage dispatches, in place of
     ``op_overhead`` for those kinds: a split backward's BWD_I also walks the autograd graph in
     Python (:mod:`dipc.runtime.split_backward`), so its cost per op is not a forward's.
+    ``bytes_mode``: how a layer's memory-traffic time combines with its compute time, the
+    :class:`~dipc.semu.step_model.StepModel` default: ``"max"`` (the roofline; a GPU overlaps
+    them) or ``"sum"`` (they add up: one CPU thread, as calibration fits them).
     """
 
     name: str
@@ -234,9 +237,13 @@ class DeviceProfile:
     probs_fwd_byte_time: float = 0.0
     probs_bwd_byte_time: float = 0.0
     kind_op_overheads: Mapping[str, float] = field(default_factory=dict)
+    bytes_mode: str = "max"
 
     def __post_init__(self) -> None:
         _string("device.name", self.name)
+        if self.bytes_mode not in ("max", "sum"):
+            raise _fail("device.bytes_mode", f"expected 'max' or 'sum', got {self.bytes_mode!r}",
+                        "use max (compute and memory traffic overlap) or sum (they add up)")
         for op, v in self.kind_op_overheads.items():
             if op not in _KIND_OPS:
                 raise _fail(f"device.kind_op_overheads.{op}", "unknown instruction kind", f"use {', '.join(_KIND_OPS)}")
@@ -367,14 +374,15 @@ def _device_to_json(d: DeviceProfile) -> dict[str, Any]:
             **({"op_overheads": dict(d.op_overheads)} if d.op_overheads else {}),
             **({"probs_fwd_byte_time": d.probs_fwd_byte_time} if d.probs_fwd_byte_time else {}),
             **({"probs_bwd_byte_time": d.probs_bwd_byte_time} if d.probs_bwd_byte_time else {}),
-            **({"kind_op_overheads": dict(d.kind_op_overheads)} if d.kind_op_overheads else {})}
+            **({"kind_op_overheads": dict(d.kind_op_overheads)} if d.kind_op_overheads else {}),
+            **({"bytes_mode": d.bytes_mode} if d.bytes_mode != "max" else {})}
 
 
 def _device_from_json(path: str, obj: Any) -> DeviceProfile:
     d = _object(path, obj, ("name", "peak_flops", "memory_bandwidth", "memory_capacity",
                             "launch_overhead", "efficiency"),
                 ("kind", "source", "op_overhead", "instruction_overhead", "dense_masked_attention", "op_overheads",
-                 "probs_fwd_byte_time", "probs_bwd_byte_time", "kind_op_overheads"))
+                 "probs_fwd_byte_time", "probs_bwd_byte_time", "kind_op_overheads", "bytes_mode"))
     peaks = d["peak_flops"]
     if not isinstance(peaks, Mapping):
         raise _fail(f"{path}.peak_flops", f"expected an object of dtype -> FLOP/s, got {peaks!r}",
@@ -404,6 +412,7 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
         kind_op_overheads={str(k): _positive(f"{path}.kind_op_overheads.{k}", v, allow_zero=True)
                            for k, v in _object(f"{path}.kind_op_overheads", d.get("kind_op_overheads", {}), (),
                                                _KIND_OPS).items()},
+        bytes_mode=d.get("bytes_mode", "max"),
     )
 
 

@@ -22,10 +22,12 @@ How one layer is timed (per GPU of a TP group; ``c = cost_model.cost(path, stats
   "efficiency vs the FLOPs of one op", and a transformer layer runs ~4 GEMMs per pass), the
   attention FLOPs as one ``attention`` op (forward ``attn``, backward ``2·attn`` in BWD_I);
 - the memory traffic (``fwd_bytes``, ``bwd_bytes``, split between BWD_I and BWD_W by their FLOPs)
-  is timed at the profile's bandwidth; ``bytes_mode="max"`` (default) takes the roofline
+  is timed at the profile's bandwidth; ``bytes_mode="max"`` (the default unless the device
+  profile's ``bytes_mode`` says otherwise) takes the roofline
   ``max(compute, memory)`` per layer and pass (the paper's operator formula, §6.1, at layer
   granularity), ``"sum"`` adds them (an upper bound: the byte count is an unfused estimate that
-  also counts the GEMMs' own operands);
+  also counts the GEMMs' own operands; what a calibrated CPU profile uses, since one CPU thread
+  does not overlap them and calibration fits them as a sum);
 - TP collectives: ``n`` all-reduces of the layer's output activation (``out_bytes``) in the
   forward and ``n`` in the backward (in BWD_I), each ``latency + 2·(tp-1)/tp · bytes / bw`` on the
   intra-node link (inter-node when ``tp`` exceeds a node). ``n`` defaults to the number of
@@ -312,7 +314,7 @@ class StepModel:
                  microbatch_stats: Sequence[StatsLike], *, tp: int = 1, dp: int = 1,
                  dtype: str | Mapping[str, str] | None = None,
                  tp_allreduces: Callable[[str], int] | None = None, gemms_per_layer: int = 4,
-                 bytes_mode: str = "max",
+                 bytes_mode: str | None = None,
                  sub_stats: Mapping[tuple[int, int], StatsLike] | None = None, no_input_grads: Sequence[int] = (),
                  wgrad_recomputes: bool = False, whole_wgrad_stages: Sequence[int] = (),
                  loss_stages: Sequence[int] = ()) -> None:
@@ -331,7 +333,7 @@ class StepModel:
         self.dtype = dtype
         self.tp_allreduces = tp_allreduces
         self.gemms_per_layer = gemms_per_layer
-        self.bytes_mode = bytes_mode
+        self.bytes_mode = bytes_mode or cluster.device.bytes_mode
         self.no_input_grads = frozenset(no_input_grads)
         self.wgrad_recomputes = wgrad_recomputes
         self.whole_wgrad_stages = frozenset(whole_wgrad_stages)

@@ -128,21 +128,60 @@ def test_fit_recovers_a_time_per_op_for_each_instruction_kind(vlm):
     assert result.profile.device.op_overhead == 0.0   # replaced, not added twice
 
 
+def test_calibrated_profile_predicts_the_steps_it_was_fitted_on(vlm):
+    """On a CPU compute and memory traffic add up, and calibration fits them as a sum: the profile
+    it writes must make the step model add them too, or every prediction runs low (by the smaller
+    of the two per layer). Truth here has both terms large, so max and sum differ a lot."""
+    ex, pipe, cm = vlm
+    base = _cpu_like()
+    truth = dataclasses.replace(base, device=dataclasses.replace(
+        base.device, peak_flops={"float32": 25e9}, memory_bandwidth=0.5e9, instruction_overhead=100e-6,
+        bytes_mode="sum"))
+    layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
+    samples, programs = [], []
+    for _ in range(3):
+        mbs = ex.data.microbatches(3, 2)
+        stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+        sm = StepModel(cm, truth, layers, stats, dtype="float32", no_input_grads=[0])
+        timings = [(op.value, s, m, sm.compute_time(Instruction(op=op, stage=s, mb=m)))
+                   for s in range(2) for m in range(3) for op in (Op.FWD, Op.BWD)]
+        samples.append(CalibrationSample(stats=stats, timings=timings))
+        programs.append((stats, sum(t for *_, t in timings)))
+    sum_only = StepModel(cm, truth, layers, programs[0][0], dtype="float32", no_input_grads=[0])
+    max_only = StepModel(cm, truth, layers, programs[0][0], dtype="float32", no_input_grads=[0], bytes_mode="max")
+    fwd = Instruction(op=Op.FWD, stage=1, mb=0)
+    assert max_only.compute_time(fwd) < 0.9 * sum_only.compute_time(fwd)   # the two rules really differ here
+    result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
+                                               no_input_grads=[0])])
+    assert result.profile.device.bytes_mode == "sum"
+    for stats, total in programs:
+        sm = StepModel(cm, result.profile, layers, stats, dtype="float32", no_input_grads=[0])
+        got = sum(sm.compute_time(Instruction(op=op, stage=s, mb=m))
+                  for s in range(2) for m in range(3) for op in (Op.FWD, Op.BWD))
+        assert got == pytest.approx(total, rel=1e-3)
+
+
 def test_calibrated_profile_loads_like_a_preset(tmp_path):
     dev = dataclasses.replace(_cpu_like().device, op_overhead=1.5e-6, instruction_overhead=4e-4,
                               dense_masked_attention=True, op_overheads={"FWD": 1e-4, "SEND_ACT": 2e-5},
                               probs_fwd_byte_time=1e-9, probs_bwd_byte_time=5e-10,
-                              kind_op_overheads={"FWD": 1e-6, "BWD_I": 4e-6})
+                              kind_op_overheads={"FWD": 1e-6, "BWD_I": 4e-6}, bytes_mode="sum")
     prof = dataclasses.replace(_cpu_like(), device=dev, name="cal")
     path = save_profile(prof, tmp_path / "cal.json")
     assert load_profile(path) == prof
     # presets and old files carry none of the new keys and still load with the defaults
     obj = json.loads(path.read_text())
     for k in ("op_overhead", "instruction_overhead", "dense_masked_attention", "op_overheads", "probs_fwd_byte_time",
-              "probs_bwd_byte_time", "kind_op_overheads"):
+              "probs_bwd_byte_time", "kind_op_overheads", "bytes_mode"):
         del obj["device"][k]
     path.write_text(json.dumps(obj))
     assert load_profile(path).device.op_overhead == 0.0
+    assert load_profile(path).device.bytes_mode == "max"
+    obj["device"]["bytes_mode"] = "overlap"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ProfileError, match="device.bytes_mode.*use max"):
+        load_profile(path)
+    del obj["device"]["bytes_mode"]
     obj["device"]["op_overhead"] = -1
     path.write_text(json.dumps(obj))
     with pytest.raises(ProfileError, match="device.op_overhead"):
