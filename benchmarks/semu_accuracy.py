@@ -74,12 +74,18 @@ LIMITS = [
     "CPU attention: masked SDPA over packed sequences runs torch's math path: dense QK^T, a materialised softmax and "
     "its stash (modelled: dense FLOPs, a fitted time per probability byte, the probabilities in the stash)",
     "dipc's BWD_W runs only the weight-gradient nodes (dipc.runtime.split_backward), except in stages with "
-    "recomputed layers, where it re-walks the backward graph (not modelled); the stage glue and the loss have no "
-    "cost entries of their own (their time is in the fitted per-kind constants)",
+    "recomputed layers, where it re-walks the backward graph (not modelled), and in stages where a parameter is "
+    "used at several depths (T2V's conditioning MLP), where it walks the whole backward once (probed on the "
+    "example batch, Pipeline.whole_wgrad_stages, and modelled as a whole backward); the stage glue and the loss "
+    "have no cost entries of their own (their time is in the fitted per-kind constants)",
+    "the calibrated profile adds memory-traffic time to compute time (bytes_mode=sum), as one CPU thread runs "
+    "them and as the fit models them; the GPU presets keep the roofline max",
     "the local executor runs gpipe, 1f1b and dual_queue as the same instructions: SEMU predicts them equal, and "
     "their measured order is noise, which caps Kendall's tau there (about 0.84 if everything else is right)",
     "gloo: P2P is gloo's handshake (a send waits for the receive's ready notice) at the ping-pong's latency and "
-    "bandwidth; messages with several dtypes make one handshake per dtype (modelled as one)",
+    "bandwidth; messages with several dtypes make one handshake per dtype (modelled as one); the CPU a rank spends "
+    "posting and waiting on gloo work objects is not calibrated (SEND/RECV times come from the local executor's "
+    "copies), so gloo steps are under-predicted, most for interleaved 1F1B, which sends twice the messages",
     "memory: temporaries inside a layer's backward are not modelled (the workspace is the largest layer's output "
     "and input gradients, and the loss head's log-softmax); allocator caching is not counted on either side",
 ]
