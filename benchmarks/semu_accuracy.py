@@ -19,7 +19,9 @@ What it does, in order:
    default in this thread's CPU time, which other processes on a shared machine do not inflate) and
    of 2 gloo processes (SEMU predicts the simulated step time with gloo's send/receive handshake,
    plus the distributed executor's own per-step work, the plan check and the loss all-reduce, timed
-   on their own); the peak live tensor bytes per rank of one local step with Adam
+   on their own, on the local profile calibrated once more to the gloo executor's own calibration
+   steps: P2P op times from their measured timelines and a compute factor for co-located ranks,
+   :mod:`dipc.semu.calibrate_dist`); the peak live tensor bytes per rank of one local step with Adam
    (``measured_peak_memory``) vs the emulator's peak per rank;
 4. DIP vs 1F1B direction: on batches of 8 one-sample microbatches (sizes skewed across
    microbatches), 1F1B and DIP's plan scored on the calibrated model (``dip_cpu``) and as dipc
@@ -58,6 +60,7 @@ MICROBATCHES, SAMPLES = 4, 2
 CALIBRATION_SEED, TEST_SEED = 1001, 7
 DIP = "dip"          # the DIP vs 1F1B direction check's key
 DIP_KEYS = ("1f1b", "dip_cpu", "dip_gpu")
+CALIBRATION_SCHEDULES = ((1, "1f1b"), (1, "zb_h1"), (2, "interleaved_1f1b"))   # (chunks, schedule)
 # the direction check's batches: more, smaller microbatches than the accuracy cases, so sizes are
 # skewed across microbatches and DIP has orders to choose from
 DIRECTION_SEED, DIRECTION_MICROBATCHES, DIRECTION_SAMPLES = 11, 8, 1
@@ -167,6 +170,19 @@ def _dip_plans(pipe, mbs, profile=None) -> dict:
     return out
 
 
+def _gloo_predictor(pipe, cost_model, mbs, program):
+    """profile -> SEMU's step time of ``program`` under gloo's handshake (without the executor's
+    fixed per-step work), for :func:`dipc.semu.calibrate_dist.fit_distributed`."""
+    from dipc.semu.step_model import StepModel, pipeline_length_stats
+
+    stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+
+    def predict(profile) -> float:
+        sm = StepModel.for_pipeline(pipe, cost_model, profile, stats, **StepModel.runtime_options(pipe))
+        return sm.simulate(program, memory=False, p2p=GLOO_P2P).step_time
+    return predict
+
+
 # ------------------------------------------------------------------------------------------------
 # gloo: every rank builds the same pipelines and batches, then times every case
 
@@ -197,20 +213,37 @@ def _executor_fixed_seconds(repeats: int = 20) -> list[float]:
     return times[2:]
 
 
-def _dist_cases(rank: int, world: int, num_batches: int, warmup: int, repeats: int,
+def _dist_cases(rank: int, world: int, num_batches: int, num_calib: int, warmup: int, repeats: int,
                 profile_path: str | None = None) -> dict:
     import torch.distributed as dist
 
+    from dipc.runtime.distributed import run_step_distributed
     from dipc.runtime.measure import timed_distributed_step
     from dipc.semu.profiles import load_profile
     from examples.data import make_example
 
     profile = load_profile(profile_path) if profile_path else None
-    out: dict[str, list[float]] = {"executor_fixed_s": _executor_fixed_seconds()}
+    out: dict[str, list] = {"executor_fixed_s": _executor_fixed_seconds(), "cal_spans": []}
     for name in MODELS:
         ex = make_example(name, seed=0)
         batches = _batches(name, TEST_SEED, num_batches)
         pipes = _pipes(ex, batches[0][0])
+        # calibration steps (the local fit's batches and schedules): one with a measured timeline
+        # for the P2P op times, then timed ones for the compute factor (calibrate_dist)
+        for k, cmbs in enumerate(_batches(name, CALIBRATION_SEED, num_calib)):
+            for chunks, schedule in CALIBRATION_SCHEDULES:
+                pipe = pipes[chunks]
+                program = pipe.plan(cmbs, schedule=schedule)
+                for _ in range(warmup):
+                    timed_distributed_step(pipe, cmbs, program)
+                timeline = run_step_distributed(pipe, cmbs, program, record_timeline=True).timeline
+                out["cal_spans"] += [(op.value, e - s) for _, _, op, _, _, s, e in timeline.spans]
+                times = []
+                for _ in range(repeats):
+                    t = torch.tensor([timed_distributed_step(pipe, cmbs, program)], dtype=torch.float64)
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    times.append(float(t))
+                out[f"cal|{name}|{schedule}|{k}"] = times
         direction = _direction_batches(name, num_batches)
         for b, mbs in enumerate(batches):
             plans = {s: (pipes[c], mbs, pipes[c].plan(mbs, schedule=s)) for s, c in SCHEDULE_CHUNKS.items()}
@@ -252,6 +285,7 @@ def main() -> None:
 
     from dipc.runtime.measure import measure_gloo_link, measured_peak_memory, timed_local_step
     from dipc.semu.calibrate import CalibrationSample, CalibrationSet, fit_link, fit_profile
+    from dipc.semu.calibrate_dist import DistributedSample, fit_distributed, p2p_overheads
     from dipc.semu.costs import layer_cost_model
     from dipc.semu.profile_machine import measure_profile
     from dipc.semu.profiles import save_profile
@@ -293,8 +327,8 @@ def main() -> None:
                               "gloo": {}})
             if b % cal_every == 0 and b // cal_every < num_calib:
                 cmbs = calib[b // cal_every]
-                for chunks, pipe in pipes.items():
-                    for schedule in (["interleaved_1f1b"] if chunks == 2 else ["1f1b", "zb_h1"]):
+                for chunks, schedule in CALIBRATION_SCHEDULES:
+                        pipe = pipes[chunks]
                         program = pipe.plan(cmbs, schedule=schedule)
                         timed_local_step(pipe, cmbs, program, clock="cpu")
                         # every run is a sample: least squares then fits the mean instruction time, whose
@@ -338,7 +372,7 @@ def main() -> None:
 
     # -- DIP vs 1F1B direction (own batches: 8 microbatches of 1 sample, sizes skewed) -------------
     # does the measured DIP/1F1B step-time ratio move the way the calibrated SEMU says?
-    direction = []
+    direction, direction_programs = [], {}
     for name, (ex, test, pipes, cms) in models.items():
         pipe = pipes[1]
         for b, mbs in enumerate(_direction_batches(name, num_batches)):
@@ -348,6 +382,7 @@ def main() -> None:
                                         **StepModel.runtime_options(pipe))
             row = {"model": name, "batch": b, "dip_plans": {k: label for k, (label, _) in dips.items()}}
             for key, program in [("1f1b", pipe.plan(mbs, schedule="1f1b"))] + [(k, p) for k, (_, p) in dips.items()]:
+                direction_programs[(name, b, key)] = program
                 sim = sm.simulate(program, memory=False)
                 for _ in range(warmup):
                     timed_local_step(pipe, mbs, program, clock=a.clock)
@@ -384,7 +419,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             profile_path = str(Path(tmp) / "profile.json")
             save_profile(profile, profile_path)
-            per_rank = spawn(_dist_cases, NUM_RANKS, num_batches, warmup, repeats, profile_path, timeout_s=3000)
+            per_rank = spawn(_dist_cases, NUM_RANKS, num_batches, num_calib, warmup, repeats, profile_path,
+                             timeout_s=3000)
         for c in cases:
             times = per_rank[0][f"{c['model']}|{c['schedule']}|{c['batch']}"]
             c["gloo"]["measured_s"] = statistics.median(times)
@@ -396,8 +432,32 @@ def main() -> None:
         # from any step, is added to every gloo prediction
         executor_fixed = statistics.median(max(a, b) for a, b in zip(per_rank[0]["executor_fixed_s"],
                                                                     per_rank[1]["executor_fixed_s"]))
-        for c in cases + [d[k] for d in direction for k in DIP_KEYS]:
-            c["gloo"]["predicted_s"] += executor_fixed
+        # calibrate the profile to the gloo executor on its calibration steps, then predict the tests
+        samples = []
+        for name, (ex, test, pipes, cms) in models.items():
+            for k, cmbs in enumerate(_batches(name, CALIBRATION_SEED, num_calib)):
+                for chunks, schedule in CALIBRATION_SCHEDULES:
+                    pipe = pipes[chunks]
+                    samples.append(DistributedSample(
+                        predict=_gloo_predictor(pipe, cms[chunks], cmbs, pipe.plan(cmbs, schedule=schedule)),
+                        measured_s=statistics.median(per_rank[0][f"cal|{name}|{schedule}|{k}"])))
+        gloo_cal = fit_distributed(profile, samples, step_overhead=executor_fixed,
+                                   p2p=p2p_overheads(per_rank[0]["cal_spans"], dispatch=cal.dispatch_overhead))
+        print(f"gloo calibration: compute x{gloo_cal.compute_factor:.3f} (co-located ranks), P2P per op "
+              + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in gloo_cal.p2p_overheads.items())
+              + f", {executor_fixed * 1e3:.2f} ms per step; calibration steps median |err| "
+              f"{gloo_cal.median_rel_error_before:.1%} -> {gloo_cal.median_rel_error:.1%}")
+        for c in cases:
+            ex, test, pipes, cms = models[c["model"]]
+            pipe, mbs = pipes[SCHEDULE_CHUNKS[c["schedule"]]], test[c["batch"]]
+            c["gloo"]["predicted_s"] = _gloo_predictor(pipe, cms[SCHEDULE_CHUNKS[c["schedule"]]], mbs, pipe.plan(
+                mbs, schedule=c["schedule"]))(gloo_cal.profile) + executor_fixed
+        for d in direction:
+            ex, test, pipes, cms = models[d["model"]]
+            mbs = _direction_batches(d["model"], num_batches)[d["batch"]]
+            for key in DIP_KEYS:
+                d[key]["gloo"]["predicted_s"] = _gloo_predictor(pipes[1], cms[1], mbs, direction_programs[(
+                    d["model"], d["batch"], key)])(gloo_cal.profile) + executor_fixed
         print(f"gloo: done ({time.perf_counter() - t_start:.0f} s)")
 
     # -- summary --------------------------------------------------------------------------------
@@ -490,6 +550,10 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
                     "note": "shared, noisy machine unless rerun on a quiet one"},
         "gloo_executor_fixed_s": None if a.no_dist else executor_fixed, "gloo_p2p_model": GLOO_P2P,
+        "gloo_calibration": None if a.no_dist else {
+            "compute_factor": gloo_cal.compute_factor, "p2p_overheads_s": gloo_cal.p2p_overheads,
+            "calibration_median_abs_err_before": gloo_cal.median_rel_error_before,
+            "calibration_median_abs_err": gloo_cal.median_rel_error, "num_steps": len(samples)},
         "calibration": {"scale": cal.scale, "attention_scale": cal.attention_scale,
                         "memory_scale": cal.memory_scale, "op_overhead_s": cal.op_overhead,
                         "instruction_overhead_s": cal.instruction_overhead, "op_overheads_s": cal.op_overheads,
