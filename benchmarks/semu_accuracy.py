@@ -86,9 +86,10 @@ LIMITS = [
     "the local executor runs gpipe, 1f1b and dual_queue as the same instructions: SEMU predicts them equal, and "
     "their measured order is noise, which caps Kendall's tau there (about 0.84 if everything else is right)",
     "gloo: P2P is gloo's handshake (a send waits for the receive's ready notice) at the ping-pong's latency and "
-    "bandwidth; messages with several dtypes make one handshake per dtype (modelled as one); the CPU a rank spends "
-    "posting and waiting on gloo work objects is not calibrated (SEND/RECV times come from the local executor's "
-    "copies), so gloo steps are under-predicted, most for interleaved 1F1B, which sends twice the messages",
+    "bandwidth; messages with several dtypes make one handshake per dtype (modelled as one); P2P op times and one "
+    "compute factor for co-located ranks are calibrated on the gloo executor's own calibration steps "
+    "(dipc.semu.calibrate_dist), but how much two ranks slow each other depends on what each runs at the moment "
+    "(one average factor here), and any other load on the machine lands in the gloo wall times in full",
     "memory: temporaries inside a layer's backward are not modelled (the workspace is the largest layer's output "
     "and input gradients, and the loss head's log-softmax); allocator caching is not counted on either side",
 ]
