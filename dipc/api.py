@@ -137,7 +137,7 @@ class CompiledPipeline:
         named schedule's generator; ``schedule`` then only names the program.
 
         ``memory_limit`` (bytes per rank, one number or one per rank) applies DIP's phase 3
-        (:func:`dipc.semu.memory_opt.optimize_memory`): the cheapest per-stage activation
+        (:func:`dipc.semu.memory_opt.optimize_memory`): the cheapest per-(stage, microbatch) activation
         recomputation that keeps SEMU's peak (on ``profile``) within the limit, written to the
         program's ``recompute`` attribute, which :meth:`step` executes. Raises
         ``InfeasibleMemoryError`` (how much over, per rank) when even full recomputation does not fit.

@@ -1,63 +1,104 @@
 """Which layers a program recomputes (activation checkpointing), stored in ``Program.attrs``.
 
-The choice is per program (DIP re-plans it per batch) and per stage: ``recompute`` holds
-``"<stage>:<layer>,<layer>;<stage>:<layer>"`` with stages ascending and each stage's layers in
-the order given (module paths contain neither ``,`` ``;`` nor ``:``). A program without the key
-recomputes nothing, so dumps written before this attribute existed read back unchanged, and an
-empty plan removes the key rather than writing an empty value.
+DIP re-plans the choice per batch, per stage and, optionally, per microbatch (phase 3 of the
+paper: only the microbatches alive at a rank's memory peak need to recompute). ``recompute``
+holds ``;``-separated parts, each ``<stage>:<layer>,<layer>`` (every microbatch of the stage) or
+``<stage>@<mb>,<mb>:<layer>,<layer>`` (only the listed microbatches), e.g.
+``0:vision.blocks.0;2@0,3:lm.layers.3,lm.layers.4;2@1:lm.layers.3``. Module paths contain
+neither ``,`` ``;`` ``:`` nor ``@``. A microbatch recomputes the union of its stage's whole-stage
+layers and its own. The typed form, :data:`RecomputePlan`, keys whole-stage entries by the stage
+id (``int``) and per-microbatch ones by ``(stage, mb)``, so plans and dumps written before
+microbatches could be named read back unchanged and mean "every microbatch".
+
+Canonical text (what :func:`format_recompute` writes and ``parse(dump(p)) == p`` relies on):
+stages ascending; per stage its whole-stage part first, then one part per distinct layer list,
+its microbatches ascending, ordered by their first microbatch. A program without the key
+recomputes nothing, and an empty plan removes the key rather than writing an empty value.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from dipc.errors import IRParseError
+from dipc.errors import IRParseError, ScheduleError
 from dipc.ir.program import Program
 
-__all__ = ["RECOMPUTE_ATTR", "RecomputePlan", "format_recompute", "parse_recompute", "recompute_plan",
-           "with_recompute"]
+__all__ = ["RECOMPUTE_ATTR", "RecomputePlan", "UnitRecompute", "check_recompute", "expand_recompute",
+           "format_recompute", "is_per_microbatch", "layers_of", "parse_recompute", "recompute_plan",
+           "recomputes", "stage_union", "with_recompute"]
 
 RECOMPUTE_ATTR = "recompute"
 
-RecomputePlan = dict[int, tuple[str, ...]]
-"""stage id -> module paths of its layers that run under activation checkpointing."""
+RecomputeKey = int | tuple[int, int]
+RecomputePlan = dict[RecomputeKey, tuple[str, ...]]
+"""stage id (every microbatch) or (stage id, microbatch) -> module paths run under checkpointing."""
 
-_SEPARATORS = (",", ";", ":")
+UnitRecompute = dict[tuple[int, int], frozenset[str]]
+"""(stage, microbatch) -> the layers it recomputes; only pairs that recompute something."""
+
+_SEPARATORS = (",", ";", ":", "@")
+_EXAMPLE = "recompute=\"0:vision.blocks.0,vision.blocks.1;2@0,3:lm.layers.3\""
 
 
-def _normalise(plan: Mapping[int, Iterable[str]]) -> RecomputePlan:
+def _order(key: RecomputeKey) -> tuple[int, int]:
+    return (key, -1) if isinstance(key, int) else key
+
+
+def _is_index(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _normalise(plan: Mapping[RecomputeKey, Iterable[str]]) -> RecomputePlan:
     out: RecomputePlan = {}
-    for stage, layers in sorted(plan.items()):
+    for key, layers in sorted(plan.items(), key=lambda kv: _order(kv[0])):
         names = tuple(dict.fromkeys(layers))
-        if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
-            raise ValueError(f"recompute plan stage {stage!r}. Fix: use stage ids (ints >= 0).")
+        ok = _is_index(key) or (isinstance(key, tuple) and len(key) == 2 and all(_is_index(x) for x in key))
+        if not ok:
+            raise ValueError(f"recompute plan key {key!r}. Fix: use a stage id (int >= 0) for every microbatch "
+                             "or a (stage, microbatch) pair of ints >= 0.")
         for name in names:
             if not name or any(c in name for c in _SEPARATORS) or name != name.strip():
-                raise ValueError(f"recompute plan layer {name!r} of stage {stage} cannot be written "
-                                 "(empty, padded, or contains ',', ';' or ':'). Fix: use module paths.")
+                raise ValueError(f"recompute plan layer {name!r} of {key!r} cannot be written "
+                                 "(empty, padded, or contains ',', ';', ':' or '@'). Fix: use module paths.")
         if names:
-            out[stage] = names
+            out[key] = names
     return out
 
 
-def format_recompute(plan: Mapping[int, Iterable[str]]) -> str:
-    """The attribute value of ``plan`` (``""`` for an empty plan)."""
-    return ";".join(f"{s}:{','.join(layers)}" for s, layers in _normalise(plan).items())
+def format_recompute(plan: Mapping[RecomputeKey, Iterable[str]]) -> str:
+    """The attribute value of ``plan`` (``""`` for an empty plan), in canonical text."""
+    parts: list[tuple[tuple[int, int], str]] = []                # (stage, first microbatch or -1), text
+    groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}   # (stage, layers) -> microbatches
+    for key, layers in _normalise(plan).items():
+        if isinstance(key, int):
+            parts.append(((key, -1), f"{key}:{','.join(layers)}"))
+        else:
+            groups.setdefault((key[0], layers), []).append(key[1])
+    for (stage, layers), mbs in groups.items():
+        parts.append(((stage, mbs[0]), f"{stage}@{','.join(map(str, mbs))}:{','.join(layers)}"))
+    parts.sort()
+    return ";".join(text for _, text in parts)
 
 
 def parse_recompute(value: str) -> RecomputePlan:
     """Inverse of :func:`format_recompute`; raises ``IRParseError`` naming the bad part."""
     plan: RecomputePlan = {}
     for part in value.split(";") if value else ():
-        stage, sep, layers = part.partition(":")
-        if not sep or not stage.isdigit() or not layers:
-            raise IRParseError(f"recompute={value!r}: part {part!r} is not '<stage>:<layer>,<layer>'. "
-                               "Fix: e.g. recompute=\"0:vision.blocks.0,vision.blocks.1;2:lm.layers.3\".")
+        head, sep, layers = part.partition(":")
+        stage, at, mbs = head.partition("@")
+        mb_list = mbs.split(",") if at else []
+        if not sep or not stage.isdigit() or not layers or (at and not all(m.isdigit() for m in mb_list)):
+            raise IRParseError(f"recompute={value!r}: part {part!r} is not '<stage>:<layer>,...' or "
+                               f"'<stage>@<mb>,...:<layer>,...'. Fix: e.g. {_EXAMPLE}.")
         names = tuple(layers.split(","))
-        if int(stage) in plan or any(not n or n != n.strip() for n in names):
-            raise IRParseError(f"recompute={value!r}: stage {stage} repeats or names an empty layer. "
-                               "Fix: one '<stage>:...' part per stage, layers separated by single commas.")
-        plan[int(stage)] = names
+        keys: list[RecomputeKey] = [(int(stage), int(m)) for m in mb_list] if at else [int(stage)]
+        if any(k in plan for k in keys) or len(set(keys)) != len(keys) \
+                or any(not n or n != n.strip() or "@" in n for n in names):
+            raise IRParseError(f"recompute={value!r}: part {part!r} repeats a stage or microbatch, or names an "
+                               "empty layer. Fix: one part per stage (or per stage and microbatch list), layers "
+                               "and microbatches separated by single commas.")
+        for k in keys:
+            plan[k] = names
     return plan
 
 
@@ -69,14 +110,63 @@ def recompute_plan(program: Program) -> RecomputePlan:
     return {}
 
 
-def with_recompute(program: Program, plan: Mapping[int, Iterable[str]]) -> Program:
-    """A copy of ``program`` recomputing ``plan``'s layers (replacing any earlier choice)."""
-    value = format_recompute(plan)
+def is_per_microbatch(plan: Mapping[RecomputeKey, Iterable[str]]) -> bool:
+    """Whether some entry names microbatches (so the choice may differ between them)."""
+    return any(not isinstance(k, int) for k in plan)
+
+
+def layers_of(plan: Mapping[RecomputeKey, Iterable[str]], stage: int, mb: int) -> tuple[str, ...]:
+    """The layers (``stage``, ``mb``) recomputes: its stage's whole-stage layers, then its own."""
+    return tuple(dict.fromkeys((*plan.get(stage, ()), *plan.get((stage, mb), ()))))
+
+
+def recomputes(plan: Mapping[RecomputeKey, Iterable[str]], stage: int, mb: int, layer: str) -> bool:
+    """Whether microbatch ``mb`` of ``stage`` runs ``layer`` under checkpointing."""
+    return layer in plan.get(stage, ()) or layer in plan.get((stage, mb), ())
+
+
+def stage_union(plan: Mapping[RecomputeKey, Iterable[str]]) -> dict[int, tuple[str, ...]]:
+    """Per stage, every layer some microbatch recomputes (whole-stage layers first)."""
+    out: dict[int, dict[str, None]] = {}
+    for key, layers in sorted(plan.items(), key=lambda kv: _order(kv[0])):
+        stage = key if isinstance(key, int) else key[0]
+        out.setdefault(stage, {}).update(dict.fromkeys(layers))
+    return {s: tuple(names) for s, names in out.items() if names}
+
+
+def expand_recompute(plan: Mapping[RecomputeKey, Iterable[str]], num_microbatches: int) -> UnitRecompute:
+    """``plan`` per (stage, microbatch) for a program of ``num_microbatches``."""
+    out: UnitRecompute = {}
+    for key, layers in plan.items():
+        if not layers:
+            continue
+        pairs = [(key, m) for m in range(num_microbatches)] if isinstance(key, int) else [key]
+        for pair in pairs:
+            out[pair] = out.get(pair, frozenset()) | frozenset(layers)
+    return out
+
+
+def check_recompute(program: Program, plan: Mapping[RecomputeKey, Iterable[str]] | None = None) -> None:
+    """Raise ``ScheduleError`` if ``plan`` (default: the program's own) names a stage or a
+    microbatch the program does not have."""
+    plan = recompute_plan(program) if plan is None else plan
     stage_ids = {s.id for s in program.stages}
-    unknown = [s for s in _normalise(plan) if s not in stage_ids]
-    if unknown:
-        raise ValueError(f"recompute plan names stages {unknown} but the program has stages "
-                         f"{sorted(stage_ids)}. Fix: plan for this program's stages.")
+    M = program.num_microbatches
+    for key in plan:
+        stage, mb = (key, None) if isinstance(key, int) else key
+        if stage not in stage_ids:
+            raise ScheduleError(f"program: recompute names stage {stage}, but the program has stages "
+                                f"{sorted(stage_ids)}. Fix: plan the recomputation for this program's stages.")
+        if mb is not None and not 0 <= mb < M:
+            raise ScheduleError(f"program: recompute names microbatch {mb} of stage {stage}, outside 0..{M - 1}. "
+                                "Fix: name microbatches of this program, or a bare stage for all of them.")
+
+
+def with_recompute(program: Program, plan: Mapping[RecomputeKey, Iterable[str]]) -> Program:
+    """A copy of ``program`` recomputing ``plan``'s layers (replacing any earlier choice).
+    Raises ``ScheduleError`` for a stage or microbatch the program lacks."""
+    value = format_recompute(plan)
+    check_recompute(program, _normalise(plan))
     attrs = tuple((k, v) for k, v in program.attrs if k != RECOMPUTE_ATTR)
     if value:
         attrs += ((RECOMPUTE_ATTR, value),)

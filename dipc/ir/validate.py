@@ -2,7 +2,8 @@
 
 ``validate(program)`` checks, in this order, and raises ``ScheduleError`` at the first problem:
 
-1. structure: stream count, stage ids, stage graph (ids in range, acyclic, grad edges are edges);
+1. structure: stream count, stage ids, stage graph (ids in range, acyclic, grad edges are edges),
+   the ``recompute`` attribute's stages and microbatches exist (:mod:`dipc.ir.recompute`);
 2. each instruction: its fields fit its op, its stage lives on this rank, a comm instruction's edge
    exists and crosses ranks, ``peer`` is the rank of ``other_stage``; no instruction twice;
 3. completeness: every (stage, microbatch, sub) has one FWD, one BWD or one BWD_I + BWD_W, one LOAD
@@ -32,6 +33,7 @@ from collections import deque
 from dipc.errors import ScheduleError
 from dipc.ir.instructions import COMPUTE_OPS, RECV_OPS, SEND_OPS, Instruction, Op
 from dipc.ir.program import Program
+from dipc.ir.recompute import check_recompute
 from dipc.ir.text import format_grid, format_instruction
 
 # Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
@@ -94,6 +96,7 @@ class _Validator:
 
     def run(self) -> None:
         self._check_structure()
+        check_recompute(self.p)   # the recompute attribute names stages and microbatches that exist
         self._check_instructions()
         self._check_complete()
         self._check_order()

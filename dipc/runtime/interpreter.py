@@ -35,8 +35,9 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dipc.errors import RuntimeStepError
 from dipc.ir import COMPUTE_OPS, RECV_OPS, Instruction, Op, Program
-from dipc.ir.recompute import recompute_plan
+from dipc.ir.recompute import expand_recompute, is_per_microbatch, recompute_plan
 from dipc.passes.partition import StageSpec
+from dipc.runtime.recompute import microbatch_switches
 from dipc.runtime.split_backward import WeightGradWork, backward_input, backward_weight, param_nodes
 from dipc.runtime.transport import Transport, WouldBlock
 from dipc.passes.submicrobatch import join_values
@@ -122,7 +123,10 @@ class _RankPlan:
         self.split = {s.id: s.modality in split_modalities for s in stages}
         self.edge_names = {(p, s.id): s.values_from(p) for s in stages for p in s.producers}
         mine = [s for s in stages if s.rank == rank]
-        self.recomputing = set(recompute_plan(program))   # stages whose BWD_W walks from the outputs again
+        choice = recompute_plan(program)
+        # (stage, mb) units whose BWD_W walks from the outputs again (they checkpoint some layer)
+        self.recomputing = set(expand_recompute(choice, program.num_microbatches))
+        self.per_microbatch = is_per_microbatch(choice)   # FWDs switch checkpointing per microbatch
         self.inputs = {s.id: [_Input(n, p, self.split[p] and not self.split[s.id], n in s.grad_values)
                               for n, p in s.input_values] for s in mine}
         out_index = {s.id: {n: k for k, n in enumerate(s.output_values)} for s in stages}
@@ -220,6 +224,8 @@ class RankInterpreter:
         self.inputs = plan.inputs
         self.local_consumers = plan.local_consumers
         self.recomputing = plan.recomputing
+        # stage -> per mb, the checkpointing flags its FWD sets (stages whose choice varies by mb)
+        self.switches = microbatch_switches(program, stages) if plan.per_microbatch else {}
         self.prepost = plan.prepost
         self._args = plan.args
         # keys: (stage, mb, sub); sub -1 = the whole microbatch
@@ -309,6 +315,11 @@ class RankInterpreter:
 
     def _fwd(self, i: Instruction) -> None:
         unit, st, inputs, consumers = self._args[self.pc]
+        if self.switches:
+            flags = self.switches.get(i.stage)
+            if flags is not None:   # this stage checkpoints only some microbatches: set this one's
+                for wrapper, on in flags[i.mb]:
+                    wrapper.enabled = on
         args = self.loaded.pop(unit, None) or []
         box = self.inbox.pop(unit, None)
         grad_inputs = []
@@ -438,7 +449,7 @@ class RankInterpreter:
         if nodes is None:
             nodes = self.param_nodes[i.stage] = param_nodes(params)
         input_grads, saved.weight_work = backward_input(tensors, grads, leaves, params, nodes=nodes,
-                                                        rewalk=i.stage in self.recomputing)
+                                                        rewalk=(i.stage, i.mb) in self.recomputing)
         del tensors, grads, leaves
         self._deliver_input_grads(i, saved, input_grads)
 

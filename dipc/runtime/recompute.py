@@ -15,6 +15,14 @@ forward. BWD re-runs it once; the zero-bubble split re-runs it twice (BWD_I's
 ``autograd.grad(..., retain_graph=True)`` and BWD_W's backward to the parameters are two graph
 tasks, and torch discards the recomputed tensors at the end of each), which SEMU charges too.
 RNG state is restored for the re-run (torch's default), so dropout masks match.
+
+Per-microbatch choices (``<stage>@<mb>:...``): :func:`apply_recompute` wraps, per stage, every
+layer some microbatch recomputes; for a stage whose choice differs between microbatches,
+:func:`microbatch_switches` gives per microbatch the ``enabled`` flag of each wrapper, and the
+interpreter sets them before that microbatch's FWD. ``checkpoint`` decides at forward time, so
+the backward re-runs exactly what that microbatch's forward checkpointed; a wrapper that is off
+costs one extra Python call per layer. Stages with one choice for all microbatches are never
+switched, and a step that recomputes nothing still pays no wrapper.
 """
 from __future__ import annotations
 
@@ -27,10 +35,10 @@ from torch.utils.checkpoint import checkpoint
 
 from dipc.errors import ScheduleError
 from dipc.ir import Program
-from dipc.ir.recompute import RecomputePlan, recompute_plan
+from dipc.ir.recompute import RecomputePlan, is_per_microbatch, layers_of, recompute_plan, stage_union
 from dipc.passes.partition import StageSpec
 
-__all__ = ["RecomputableLayer", "apply_recompute", "wrap_layers"]
+__all__ = ["MicrobatchSwitches", "RecomputableLayer", "apply_recompute", "microbatch_switches", "wrap_layers"]
 
 
 class RecomputableLayer(nn.Module):
@@ -91,16 +99,53 @@ def _switch(stage: StageSpec, recompute: dict[str, bool]) -> int:
     return count
 
 
-# id(stages) -> (stages, the plan applied last): a step with the same choice as the last skips the walk
-_APPLIED: dict[int, tuple[Sequence[StageSpec], RecomputePlan]] = {}
+MicrobatchSwitches = dict[int, list[tuple[tuple["RecomputableLayer", bool], ...]]]
+"""stage -> per microbatch, (wrapper, enabled) for each of the stage's wrapped layers; only stages
+whose choice differs between microbatches."""
+
+# id(stages) -> (stages, the plan applied last, its switches): a step with the same choice skips the walk
+_APPLIED: dict[int, tuple[Sequence[StageSpec], RecomputePlan, MicrobatchSwitches]] = {}
+
+
+def _switches(plan: RecomputePlan, stages: Sequence[StageSpec], num_microbatches: int) -> MicrobatchSwitches:
+    out: MicrobatchSwitches = {}
+    if not is_per_microbatch(plan):
+        return out
+    by_id = {st.id: st for st in stages}
+    for stage_id, layers in stage_union(plan).items():
+        if not any(isinstance(k, tuple) and k[0] == stage_id for k in plan):
+            continue
+        owners = [(_owner(by_id[stage_id], p), p) for p in layers]
+        wrappers = [(getattr(owner, name), p) for (owner, name), p in owners]
+        per_mb = []
+        for m in range(num_microbatches):
+            mine = set(layers_of(plan, stage_id, m))
+            per_mb.append(tuple((w, p in mine) for w, p in wrappers if isinstance(w, RecomputableLayer)))
+        out[stage_id] = per_mb
+    return out
+
+
+def microbatch_switches(program: Program, stages: Sequence[StageSpec]) -> MicrobatchSwitches:
+    """The per-microbatch ``enabled`` flags of ``program``'s choice (applying it first if the
+    stages carry another one); empty when no stage's choice differs between microbatches."""
+    plan = recompute_plan(program)
+    if not is_per_microbatch(plan):
+        return {}
+    hit = _APPLIED.get(id(stages))
+    if hit is None or hit[0] is not stages or hit[1] != plan:
+        apply_recompute(program, stages)
+        hit = _APPLIED[id(stages)]
+    return hit[2]
 
 
 def apply_recompute(program: Program, stages: Sequence[StageSpec]) -> int:
-    """Wrap exactly the layers ``program`` recomputes (none without a choice), unwrap the rest.
-    Returns how many layers will recompute. Raises ``ScheduleError`` for a layer the stage lacks."""
+    """Wrap exactly the layers ``program`` recomputes for some microbatch (none without a
+    choice), unwrap the rest. Returns how many layers are wrapped. Raises ``ScheduleError`` for a
+    layer the stage lacks."""
     plan = recompute_plan(program)
+    union = stage_union(plan)
     by_id = {st.id: st for st in stages}
-    for stage_id, layers in plan.items():
+    for stage_id, layers in union.items():
         st = by_id.get(stage_id)
         missing = [p for p in layers if st is None or p not in st.layers]
         if missing:
@@ -110,12 +155,12 @@ def apply_recompute(program: Program, stages: Sequence[StageSpec]) -> int:
                                 "pipeline (pipe.plan(..., memory_limit=...)), or drop its 'recompute' attribute.")
     last = _APPLIED.get(id(stages))
     if last is not None and last[0] is stages and last[1] == plan:
-        return sum(len(v) for v in plan.values())
+        return sum(len(v) for v in union.values())
     count = 0
     for st in stages:
-        chosen = set(plan.get(st.id, ()))
+        chosen = set(union.get(st.id, ()))
         count += _switch(st, {p: p in chosen for p in st.layers})
     if len(_APPLIED) >= 16:
         _APPLIED.pop(next(iter(_APPLIED)))
-    _APPLIED[id(stages)] = (stages, plan)
+    _APPLIED[id(stages)] = (stages, plan, _switches(plan, stages, program.num_microbatches))
     return count

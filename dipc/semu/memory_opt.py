@@ -9,27 +9,38 @@ frugal. With more than ``max_candidates`` prefixes, evenly spaced ones are kept 
 always). Layers that save nothing are never recomputed.
 
 The ILP (paper §5.4, one per rank, since phase 2 fixed every rank's order). Variables
-``o[s, j] ∈ {0, 1}``: stage ``s`` of the rank uses candidate ``j``; ``Σ_j o[s, j] = 1``.
-The choice is per stage, the same for all microbatches of the program, because the runtime
-switches checkpointing per stage and step (:mod:`dipc.runtime.recompute`); the paper's per
-stage-pair choice would need the interpreter to switch it per instruction. Objective: the
-rank's added seconds, each re-run counted once per backward instruction that re-runs it (twice
-under the zero-bubble split, see :mod:`dipc.semu.recompute_costs`). Memory: where the paper
-checks the Iverson sum of overlapping stage pairs at every start time, the time-free equivalent
-is exact here: a rank's memory only changes at its own instructions, so walking its stream in
-order gives the live stashes after every FWD and during every backward (plus that backward's
-recompute workspace) — the same accounting as the emulator's :class:`MemoryModel`, whose peaks
-do not depend on timings. Every such point gives one row ``static + Σ o·stash (+ workspace) ≤ M``.
-Solved with ``scipy.optimize.milp`` (HiGHS), exactly by default: instances are small (one
-variable per stage and candidate); ``mip_rel_gap=0.05`` gives the paper's 5% gap. The paper's
-greedy warm start is not available through scipy and not needed at these sizes.
+``o[s, m, j] ∈ {0, 1}``: microbatch ``m`` of stage ``s`` of the rank uses candidate ``j``;
+``Σ_j o[s, m, j] = 1`` (sub-microbatches share their microbatch's choice, as in the runtime,
+which switches checkpointing per FWD: :mod:`dipc.runtime.recompute`). This is finer than the
+paper's per stage-pair choice where it matters for long-tailed batches: only the microbatches
+alive at a rank's peak (typically the long ones) recompute. Objective: the rank's added seconds,
+each microbatch's re-run counted once per backward instruction that re-runs it (twice under the
+zero-bubble split, see :mod:`dipc.semu.recompute_costs`). Memory: where the paper checks the
+Iverson sum of overlapping stage pairs at every start time, the time-free equivalent is exact
+here: a rank's memory only changes at its own instructions, so walking its stream in order gives
+the live stashes after every FWD and during every backward (plus that backward's recompute
+workspace) — the same accounting as the emulator's :class:`MemoryModel`, whose peaks do not
+depend on timings. Every such point gives one row ``static + Σ o·stash (+ workspace) ≤ M`` over
+the (stage, microbatch) pairs live there, plus the cost model's own workspace of the instruction
+(``workspace_bytes``: loss head, gradients of a backward) as a constant, so the emulator's check
+agrees with the ILP and the per-microbatch choice does not chase the peak round after round.
+
+Keeping it small: the (stage, microbatch) pairs that hold no stash at any point the all-fastest
+choice breaks are first fixed to "nothing recomputed" (recomputing them could only help a row
+that the all-fastest choice already satisfies, by making room for another pair's workspace);
+only if that reduced ILP is infeasible are all pairs freed. A rank whose ILP would still exceed
+``max_columns`` variables falls back to one choice per stage (``per_microbatch=False``, the
+earlier formulation: one variable per stage and candidate). Solved with ``scipy.optimize.milp``
+(HiGHS), exactly by default; ``mip_rel_gap=0.05`` gives the paper's 5% gap. The paper's greedy
+warm start is not available through scipy.
 
 Then the plan is simulated; a rank the emulator still finds over the limit (it would need a
 memory model the ILP does not mirror) has its budget lowered by the excess and is solved again,
 up to ``max_rounds``. If even the most frugal candidates do not fit, or the ILP is infeasible,
 :class:`~dipc.errors.InfeasibleMemoryError` says by how much per rank and what to change.
 
-Not done: offloading (the paper's other strategy), per-microbatch choices, re-running phase 2
+Not done: offloading (the paper's other strategy), candidates ranked per microbatch (the prefix
+ranking is per stage, over the whole batch), re-running phase 2
 with the chosen latencies (the paper leaves this open too: the score is the simulated step of the
 final plan, as here).
 """
@@ -49,6 +60,7 @@ from dipc.semu.recompute_costs import RecomputeCosts, recomputes_in
 
 # Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
 _BWD, _BWD_I, _BWD_W, _FWD = Op.BWD, Op.BWD_I, Op.BWD_W, Op.FWD
+_COMPUTE = frozenset((_FWD, _BWD, _BWD_I, _BWD_W))
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "Phase3Tables", "PlannableCosts", "optimize_memory", "stage_candidates"]
 
@@ -119,14 +131,23 @@ def _limits(memory_limit: float | Sequence[float], num_ranks: int) -> list[float
     return limits
 
 
+_Group = tuple[int, int]   # (stage, microbatch) of one one-hot choice; microbatch -1: the whole stage
+
+
 @dataclass
 class _RankProblem:
     stages: list[int]
     cands: dict[int, list[tuple[str, ...]]]
-    cols: dict[tuple[int, int], int]          # (stage, candidate) -> column
+    groups: list[_Group]                      # one one-hot choice each, in column order
+    span: dict[_Group, np.ndarray]            # group -> its columns, candidate order
     rows: np.ndarray                          # memory rows (rows x columns), MiB
+    offset: np.ndarray                        # per row: the cost model's own workspace there, MiB
     cost: np.ndarray                          # seconds per column
     static: float
+
+    @property
+    def num_columns(self) -> int:
+        return len(self.cost)
 
 
 class Phase3Tables:
@@ -177,81 +198,142 @@ class Phase3Tables:
         return hit
 
 
-def _rank_problem(program: Program, tables: Phase3Tables, rank: int) -> _RankProblem:
-    """One rank's ILP data. The live stashes are kept as one running row (column -> MiB), updated
-    by each FWD and freeing backward, so building costs O(instructions x columns). A row is kept
-    only where memory is about to fall (before a free, or a backward's workspace point): every
-    coefficient is >= 0, so a row taken after a FWD that is followed by more FWDs is dominated by
-    the later one and adds no constraint."""
+def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microbatch: bool = True) -> _RankProblem:
+    """One rank's ILP data, one one-hot group per (stage, microbatch) (``per_microbatch``) or per
+    stage. The live stashes are kept as one running row (column -> MiB), updated by each FWD and
+    freeing backward, so building costs O(instructions x columns). A row is kept only where memory
+    is about to fall (before a free, or a backward's workspace point): every coefficient is >= 0,
+    so a row taken after a FWD that is followed by more FWDs is dominated by the later one."""
     stages = list(program.stages_of_rank(rank))
     cands = {s: tables.candidates(s) for s in stages}
-    cols = {(s, j): i for i, (s, j) in enumerate((s, j) for s in stages for j in range(len(cands[s])))}
-    span = {s: np.array([cols[(s, j)] for j in range(len(cands[s]))]) for s in stages}
+    stream = program.streams[rank]
+    groups = list(dict.fromkeys((ins.stage, ins.mb if per_microbatch else -1) for ins in stream if ins.op is _FWD))
+    span: dict[_Group, np.ndarray] = {}
+    at = 0
+    for g in groups:
+        span[g] = np.arange(at, at + len(cands[g[0]]))
+        at += len(cands[g[0]])
     useful = {s: any(cands[s]) for s in stages}
-    cost = np.zeros(len(cols))
+    base = getattr(tables.costs, "workspace_bytes", None)   # StepModel: transients of every compute
+    if base is not None:
+        from dipc.semu.step_model import first_weight_backwards
+        firsts = first_weight_backwards(program)
+    cost = np.zeros(at)
     rows: list[np.ndarray] = []
-    running = np.zeros(len(cols))
+    offsets: list[float] = []
+    running = np.zeros(at)
     live: set[tuple[int, int, int]] = set()
     pending = False                      # the running row after the last FWD is not yet recorded
 
-    for ins in program.streams[rank]:
+    for ins in stream:
         key = (ins.stage, ins.mb, ins.sub)
+        extra = base(ins, first=key in firsts) / _SCALE if base is not None and ins.op in _COMPUTE else 0.0
         if ins.op is _FWD:
+            if extra > 0:                 # the emulator adds a workspace to the memory before the FWD
+                rows.append(running.copy())
+                offsets.append(extra)
             if key not in live:
                 live.add(key)
-                running[span[ins.stage]] += tables.vectors(*key)[0]
+                running[span[(ins.stage, ins.mb if per_microbatch else -1)]] += tables.vectors(*key)[0]
             pending = True
         elif ins.op in (_BWD, _BWD_I, _BWD_W):
-            if recomputes_in(ins, program):
+            cols = span[(ins.stage, ins.mb if per_microbatch else -1)]
+            reruns = recomputes_in(ins, program)
+            if reruns:
                 _, work, secs = tables.vectors(*key)
-                cost[span[ins.stage]] += secs
-                if useful[ins.stage]:     # live stashes plus this backward's workspace: dominates pending
-                    row = running.copy()
-                    row[span[ins.stage]] += work
-                    rows.append(row)
-                    pending = False
+                cost[cols] += secs
+            if (reruns and useful[ins.stage]) or extra > 0:   # live stashes + workspaces: dominates pending
+                row = running.copy()
+                if reruns:
+                    row[cols] += work
+                rows.append(row)
+                offsets.append(extra)
+                pending = False
             if ins.op is not _BWD_I and key in live:
                 if pending:
                     rows.append(running.copy())
+                    offsets.append(0.0)
                     pending = False
                 live.discard(key)
-                running[span[ins.stage]] -= tables.vectors(*key)[0]
+                running[cols] -= tables.vectors(*key)[0]
     if pending:
         rows.append(running.copy())
-    matrix = np.unique(np.array(rows), axis=0) if rows else np.zeros((0, len(cols)))
+        offsets.append(0.0)
+    both = np.unique(np.column_stack([np.array(rows), offsets]), axis=0) if rows else np.zeros((0, at + 1))
     static = sum(tables.costs.static_bytes(s) for s in stages)
-    return _RankProblem(stages, cands, cols, matrix, cost, static)
+    return _RankProblem(stages, cands, groups, span, both[:, :-1], both[:, -1], cost, static)
 
 
-def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
-           time_limit: float | None) -> dict[int, int] | None:
-    """Stage -> candidate index of the cheapest choice with every memory row within ``budget``
-    bytes, or None if infeasible."""
+def _milp(problem: _RankProblem, groups: list[_Group], rows: np.ndarray, rhs: np.ndarray, mip_rel_gap: float,
+          time_limit: float | None) -> dict[_Group, int] | None:
+    """The cheapest one-hot choice of ``groups`` (their columns only) with ``rows @ x <= rhs``."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    n = len(problem.cols)
-    if n == 0:
-        return {}
-    fastest = [problem.cols[(s, 0)] for s in problem.stages]
-    if not len(problem.rows) or problem.rows[:, fastest].sum(axis=1).max() <= budget / _SCALE:
-        return {s: 0 for s in problem.stages}     # nothing recomputed fits: free, so optimal
-    constraints = []
-    if len(problem.rows):
-        constraints.append(LinearConstraint(problem.rows, -np.inf, budget / _SCALE))
-    E = np.zeros((len(problem.stages), n))
-    for (s, _), c in problem.cols.items():
-        E[problem.stages.index(s), c] = 1.0
-    constraints.append(LinearConstraint(E, 1.0, 1.0))
+    cols = np.concatenate([problem.span[g] for g in groups])
+    n = len(cols)
+    E = np.zeros((len(groups), n))
+    at = 0
+    for k, g in enumerate(groups):
+        E[k, at:at + len(problem.span[g])] = 1.0
+        at += len(problem.span[g])
+    constraints = [LinearConstraint(E, 1.0, 1.0)]
+    if len(rows):
+        constraints.append(LinearConstraint(rows[:, cols], -np.inf, rhs))
     options: dict[str, float | bool] = {"disp": False, "mip_rel_gap": mip_rel_gap}
     if time_limit is not None:
         options["time_limit"] = time_limit
     # seconds are tiny; milliseconds keep the objective's scale near the constraints'
-    res = milp(problem.cost * 1e3, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
+    res = milp(problem.cost[cols] * 1e3, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
                options=options)
     if res.x is None:
         return None
-    return {s: max(range(len(problem.cands[s])), key=lambda j: res.x[problem.cols[(s, j)]])
-            for s in problem.stages}
+    out: dict[_Group, int] = {}
+    at = 0
+    for g in groups:
+        width = len(problem.span[g])
+        out[g] = int(np.argmax(res.x[at:at + width]))
+        at += width
+    return out
+
+
+def _solve(problem: _RankProblem, budget: float, mip_rel_gap: float,
+           time_limit: float | None) -> dict[_Group, int] | None:
+    """Group -> candidate index of the cheapest choice with every memory row within ``budget``
+    bytes, or None if infeasible. Groups with no stash in any row that the fastest choice breaks
+    are first fixed to the fastest candidate (the reduced ILP; see the module docstring); if that
+    is infeasible, every group is free."""
+    if not problem.groups:
+        return {}
+    fastest = np.array([problem.span[g][0] for g in problem.groups])
+    limit = budget / _SCALE
+    at_fastest = problem.rows[:, fastest].sum(axis=1) + problem.offset if len(problem.rows) else np.zeros(0)
+    if not len(problem.rows) or at_fastest.max() <= limit:
+        return {g: 0 for g in problem.groups}     # nothing recomputed fits: free, so optimal
+    broken = problem.rows[at_fastest > limit]
+    needed = [g for g in problem.groups if broken[:, problem.span[g]].any()]
+    if len(needed) < len(problem.groups):
+        fixed = np.array([problem.span[g][0] for g in problem.groups if g not in set(needed)])
+        rhs = limit - problem.offset - problem.rows[:, fixed].sum(axis=1)
+        got = _milp(problem, needed, problem.rows, rhs, mip_rel_gap, time_limit)
+        if got is not None:
+            return {**{g: 0 for g in problem.groups}, **got}
+    return _milp(problem, problem.groups, problem.rows, limit - problem.offset, mip_rel_gap, time_limit)
+
+
+def _choice(problem: _RankProblem, index: dict[_Group, int], num_microbatches: int) -> RecomputePlan:
+    """The chosen candidates as a plan: a bare stage where every microbatch takes the same one."""
+    plan: RecomputePlan = {}
+    for s in problem.stages:
+        mine = {m: index[(st, m)] for st, m in problem.groups if st == s}
+        if not mine:
+            continue
+        if set(mine) == {-1} or (set(mine) == set(range(num_microbatches)) and len(set(mine.values())) == 1):
+            layers = problem.cands[s][next(iter(mine.values()))]
+            if layers:
+                plan[s] = layers
+            continue
+        plan.update({(s, m): problem.cands[s][j] for m, j in mine.items() if problem.cands[s][j]})
+    return plan
 
 
 def _infeasible(program: Program, costs: PlannableCosts, limits: list[float], problems: list[_RankProblem],
@@ -280,9 +362,11 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
                     max_candidates: int = 10, max_rounds: int = 4, mip_rel_gap: float = 0.0,
                     time_limit: float | None = None,
                     simulate: Callable[[Program], SimResult] | None = None,
-                    tables: Phase3Tables | None = None) -> MemoryPlan:
-    """``program`` with the cheapest per-stage recomputation that keeps every rank's simulated peak
-    memory within ``memory_limit`` bytes (one number, or one per rank); see the module docstring.
+                    tables: Phase3Tables | None = None, per_microbatch: bool = True,
+                    max_columns: int = 4000) -> MemoryPlan:
+    """``program`` with the cheapest per-(stage, microbatch) recomputation that keeps every rank's
+    simulated peak memory within ``memory_limit`` bytes (one number, or one per rank); see the
+    module docstring.
 
     Example::
 
@@ -291,23 +375,34 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
         pipe.step(mbs, plan.program)                        # the runtime recomputes plan.recompute
 
     ``tables``: a :class:`Phase3Tables` of ``costs`` shared by calls on programs of the same batch.
+    ``per_microbatch=False`` makes one choice per stage for all its microbatches (as does a rank
+    whose per-microbatch ILP would have more than ``max_columns`` variables).
     """
     limits = _limits(memory_limit, program.num_ranks)
+    if max_columns < 1:
+        raise MemoryLimitError(f"max_columns={max_columns}. Fix: allow at least 1 ILP variable per rank.")
     sim = simulate or costs.simulate
     if tables is None or tables.costs is not costs or tables.max_candidates != max_candidates \
             or tables.num_microbatches != program.num_microbatches:
         tables = Phase3Tables(costs, program.num_microbatches, max_candidates)
-    problems = [_rank_problem(program, tables, r) for r in range(program.num_ranks)]
+    problems = []
+    for r in range(program.num_ranks):
+        problem = _rank_problem(program, tables, r, per_microbatch)
+        if per_microbatch and problem.num_columns > max_columns:   # too big: one choice per stage
+            problem = _rank_problem(program, tables, r, False)
+        problems.append(problem)
     budgets = [limit - p.static for limit, p in zip(limits, problems)]
-    index: dict[int, int] = {}          # stage -> chosen candidate
+    index: list[dict[_Group, int]] = [{} for _ in problems]   # per rank: group -> chosen candidate
     todo = list(range(program.num_ranks))
     for rounds in range(1, max_rounds + 1):
         for r in todo:
             got = _solve(problems[r], budgets[r], mip_rel_gap, time_limit) if budgets[r] > 0 else None
             if got is None:
                 raise _infeasible(program, costs, limits, problems, sim, f"rank {r}'s ILP is infeasible")
-            index.update(got)
-        plan = {s: p.cands[s][index[s]] for p in problems for s in p.stages if p.cands[s][index[s]]}
+            index[r] = got
+        plan: RecomputePlan = {}
+        for p, chosen in zip(problems, index):
+            plan.update(_choice(p, chosen, program.num_microbatches))
         planned = with_recompute(program, plan)
         result = sim(planned)
         peaks = result.peak_memory
@@ -315,7 +410,8 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
             raise ValueError("the simulator returned no peak memory. Fix: simulate with a memory model.")
         todo = [r for r in range(program.num_ranks) if peaks[r] > limits[r] * (1 + 1e-9) + 1.0]
         if not todo:
-            added = tuple(float(sum(p.cost[p.cols[(s, index[s])]] for s in p.stages)) for p in problems)
+            added = tuple(float(sum(p.cost[p.span[g][j]] for g, j in chosen.items()))
+                          for p, chosen in zip(problems, index))
             return MemoryPlan(program=planned, recompute=plan, result=result, peak_memory=tuple(peaks),
                               limit=tuple(limits), added_seconds=added, rounds=rounds)
         for r in todo:   # the emulator disagrees with the ILP's accounting: tighten and re-solve

@@ -9,19 +9,22 @@ runs no graph task at all, so it re-runs nothing. While a recomputed layer's bac
 recomputed activations exist on top of the stash: charged as workspace, the largest
 ``act_bytes - in_bytes`` among the stage's recomputed layers (layers are re-run one at a time).
 
+The plan is per (stage, microbatch) (:func:`dipc.ir.recompute.expand_recompute`): a FWD stashes,
+and a backward re-runs and takes workspace for, the layers its own microbatch recomputes (all
+sub-microbatches of a microbatch share its choice, as in the runtime).
+
 Not modelled: a recomputed layer's input may also be saved by the previous, non-recomputed
 layer (e.g. when that layer's last op saves its output); it is then counted twice
 (conservative). Recomputation reads the same inputs, so its time is the layer's forward time.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from dipc.errors import ScheduleError
 from dipc.ir import Instruction, Op, Program
-from dipc.ir.recompute import RecomputePlan
+from dipc.ir.recompute import RecomputePlan, UnitRecompute, expand_recompute, stage_union
 from dipc.semu.emulator import ComputeTimeFn, MemoryModel
 
 # Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
@@ -82,22 +85,22 @@ def recomputes_in(ins: Instruction, program: Program) -> bool:
     return ins.op is _BWD_I and bool(program.stage(ins.stage).grad_producers)
 
 
-def _sets(costs: RecomputeCosts, plan: Mapping[int, Sequence[str]]) -> dict[int, frozenset[str]]:
-    """The plan as sets, after checking every named layer belongs to its stage."""
-    for stage, layers in plan.items():
+def _sets(costs: RecomputeCosts, plan: RecomputePlan, num_microbatches: int) -> UnitRecompute:
+    """The plan per (stage, microbatch), after checking every named layer belongs to its stage."""
+    for stage, layers in stage_union(plan).items():
         own = costs.stage_layers[stage] if 0 <= stage < len(costs.stage_layers) else []
         bad = [p for p in layers if p not in own]
         if bad:
             raise ScheduleError(f"the program recomputes {bad[:3]} in stage {stage}, which holds {own[:4]}"
                                 f"{'...' if len(own) > 4 else ''}. Fix: plan the recomputation for this "
                                 "pipeline's stages (pipe.plan(..., memory_limit=...)).")
-    return {s: frozenset(layers) for s, layers in plan.items() if layers}
+    return expand_recompute(plan, num_microbatches)
 
 
 def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: Program,
                            plan: RecomputePlan) -> ComputeTimeFn:
     """``base`` plus the re-run forwards in every backward instruction that recomputes."""
-    sets = _sets(costs, plan)
+    sets = _sets(costs, plan, program.num_microbatches)
     if not sets:
         return base
     cache: dict[tuple[int, int, int], float] = {}
@@ -105,7 +108,7 @@ def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: 
 
     def time(ins: Instruction) -> float:
         t = base(ins)
-        layers = sets.get(ins.stage)
+        layers = sets.get((ins.stage, ins.mb))
         if layers and recomputes_in(ins, program):
             key = (ins.stage, ins.mb, ins.sub)
             hit = cache.get(key)
@@ -121,21 +124,22 @@ def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: 
 def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: RecomputePlan) -> MemoryModel:
     """Static bytes per stage; per-FWD stash under ``plan``; recompute workspace in backwards.
     Layers' ``act_bytes`` include their inputs, so received messages are not counted again."""
-    sets = _sets(costs, plan)
+    sets = _sets(costs, plan, program.num_microbatches)
     empty: frozenset[str] = frozenset()
 
     unit = getattr(costs, "unit_key", None)     # StepModel: units of equal statistics share numbers
-    stashes: dict[tuple[int, int, int], float] = {}
+    stashes: dict[tuple[int, int, int] | tuple[int, int, int, frozenset[str]], float] = {}
 
     def activations(ins: Instruction) -> float:
         key = (ins.stage, ins.mb, ins.sub)
         hit = stashes.get(key)
         if hit is None:
             m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)
-            hit = stashes.get((ins.stage, m, j))
+            layers = sets.get((ins.stage, ins.mb), empty)
+            shared = (ins.stage, m, j, layers)   # units of equal statistics and choice share bytes
+            hit = stashes.get(shared)
             if hit is None:
-                hit = stash_bytes(costs, ins.stage, m, sets.get(ins.stage, empty), j)
-                stashes[(ins.stage, m, j)] = hit
+                hit = stashes[shared] = stash_bytes(costs, ins.stage, m, layers, j)
             stashes[key] = hit
         return hit
 
@@ -149,7 +153,7 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
 
     def workspace(ins: Instruction) -> float:
         extra = base(ins, first=(ins.stage, ins.mb, ins.sub) in firsts) if base is not None else 0.0
-        layers = sets.get(ins.stage)
+        layers = sets.get((ins.stage, ins.mb))
         if not layers or not recomputes_in(ins, program):
             return extra
         key = (ins.stage, ins.mb, ins.sub)

@@ -1,10 +1,14 @@
 """The ``recompute`` program attribute: typed read/write, text and JSON round trips, old dumps."""
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from dipc.errors import IRParseError
+from dipc.errors import IRParseError, ScheduleError
 from dipc.ir import dump_program, parse_program, program_from_json, program_to_json
-from dipc.ir.recompute import (RECOMPUTE_ATTR, format_recompute, parse_recompute, recompute_plan,
+from dipc.ir.recompute import (RECOMPUTE_ATTR, expand_recompute, format_recompute, is_per_microbatch,
+                               layers_of, parse_recompute, recompute_plan, recomputes, stage_union,
                                with_recompute)
+from dipc.ir.validate import validate
 from tests.ir.programs import two_rank_1f1b
 
 
@@ -38,7 +42,7 @@ def test_malformed_values_are_parse_errors(bad):
 def test_unwritable_plans_are_refused():
     with pytest.raises(ValueError, match="Fix:"):
         format_recompute({0: ["a,b"]})
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(ScheduleError, match="stage 7.*Fix:"):
         with_recompute(two_rank_1f1b(), {7: ["a"]})
 
 
@@ -46,3 +50,75 @@ def test_format_parse_inverse():
     plan = {0: ("a.b", "c"), 3: ("d.0",)}
     assert parse_recompute(format_recompute(plan)) == plan
     assert format_recompute({}) == "" and parse_recompute("") == {}
+
+
+# -- per-microbatch choices -----------------------------------------------------------------------
+
+def test_microbatch_entries_round_trip_and_group_in_canonical_text():
+    p = two_rank_1f1b()
+    plan = {(1, 1): ("b",), 0: ("v",), (1, 0): ("a", "b"), 1: ("c",)}
+    q = with_recompute(p, plan)
+    assert dict(q.attrs)[RECOMPUTE_ATTR] == "0:v;1:c;1@0:a,b;1@1:b"
+    assert recompute_plan(q) == {0: ("v",), 1: ("c",), (1, 0): ("a", "b"), (1, 1): ("b",)}
+    text = dump_program(q)
+    assert parse_program(text) == q and dump_program(parse_program(text)) == text
+    assert program_from_json(program_to_json(q)) == q
+    # microbatches with the same layers share one part
+    assert format_recompute({(2, 3): ["x"], (2, 0): ["x"], (2, 1): ["y"]}) == "2@0,3:x;2@1:y"
+    assert parse_recompute("2@0,3:x;2@1:y") == {(2, 0): ("x",), (2, 3): ("x",), (2, 1): ("y",)}
+
+
+def test_accessors_union_stage_and_microbatch_layers():
+    plan = parse_recompute("1:c;1@0:a,c;2@1:z")
+    assert layers_of(plan, 1, 0) == ("c", "a") and layers_of(plan, 1, 1) == ("c",)
+    assert layers_of(plan, 2, 0) == () and layers_of(plan, 2, 1) == ("z",)
+    assert recomputes(plan, 1, 0, "a") and not recomputes(plan, 1, 1, "a") and recomputes(plan, 1, 1, "c")
+    assert stage_union(plan) == {1: ("c", "a"), 2: ("z",)}
+    assert is_per_microbatch(plan) and not is_per_microbatch(parse_recompute("0:a;1:b"))
+    assert expand_recompute(plan, 2) == {(1, 0): frozenset("ac"), (1, 1): frozenset("c"), (2, 1): frozenset("z")}
+
+
+def test_old_text_means_every_microbatch():
+    plan = parse_recompute("0:vision.blocks.1;1:lm.0")
+    assert plan == {0: ("vision.blocks.1",), 1: ("lm.0",)}
+    assert expand_recompute(plan, 2) == {(s, m): frozenset(plan[s]) for s in (0, 1) for m in (0, 1)}
+
+
+@pytest.mark.parametrize("bad", ["0@:a", "0@x:a", "0@1,,2:a", "0@1,1:a", "0@1:a;0@1:b", "@1:a", "0@1:a@b",
+                                 "0@-1:a"])
+def test_malformed_microbatch_parts_are_parse_errors_naming_the_part(bad):
+    with pytest.raises(IRParseError, match=r"recompute=.*part .*Fix:"):
+        parse_recompute(bad)
+
+
+def test_plans_naming_missing_stages_or_microbatches_are_refused():
+    p = two_rank_1f1b()   # 2 microbatches
+    with pytest.raises(ScheduleError, match=r"microbatch 2 of stage 1, outside 0\.\.1.*Fix:"):
+        with_recompute(p, {(1, 2): ["a"]})
+    with pytest.raises(ScheduleError, match=r"stage 5.*Fix:"):
+        with_recompute(p, {(5, 0): ["a"]})
+    with pytest.raises(ValueError, match="Fix:"):
+        format_recompute({(1, -1): ["a"]})
+    with pytest.raises(ValueError, match="Fix:"):
+        format_recompute({(1, 0): ["a@b"]})
+
+
+def test_validator_refuses_a_dumped_plan_naming_a_missing_microbatch():
+    text = dump_program(with_recompute(two_rank_1f1b(), {(1, 1): ["a"]})).replace("1@1:a", "1@7:a")
+    program = parse_program(text)   # parsing alone cannot know the program's microbatches
+    with pytest.raises(ScheduleError, match=r"microbatch 7 of stage 1.*Fix:"):
+        validate(program)
+    validate(parse_program(text.replace("1@7:a", "1@1:a")))
+
+
+_layer = st.from_regex(r"[a-z][a-z0-9_.]{0,6}", fullmatch=True)
+
+
+@given(st.dictionaries(st.one_of(st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 5))),
+                       st.lists(_layer, max_size=3), max_size=6))
+def test_text_round_trip_property(plan):
+    text = format_recompute(plan)
+    parsed = parse_recompute(text)
+    assert parsed == {k: tuple(dict.fromkeys(v)) for k, v in plan.items() if v}
+    assert format_recompute(parsed) == text
+    assert expand_recompute(parsed, 6) == expand_recompute(plan, 6)
