@@ -67,6 +67,7 @@ from collections import Counter
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
@@ -85,8 +86,8 @@ from dipc.passes.capture import capture  # noqa: E402
 from dipc.passes.codegen import lower  # noqa: E402
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule  # noqa: E402
 from dipc.passes.schedules import SCHEDULES, ComputeAction, expand_subs  # noqa: E402
-from dipc.ir.recompute import with_recompute  # noqa: E402
-from dipc.semu.memory_opt import Phase3Tables, optimize_memory  # noqa: E402
+from dipc.ir.recompute import recompute_plan, with_recompute  # noqa: E402
+from dipc.semu.memory_opt import Phase3Tables, optimize_memory, refine_per_microbatch  # noqa: E402
 from dipc.passes.priorities import critical_path_priority, grouped_priority, microbatch_priority  # noqa: E402
 from dipc.passes.segment_order import mcts_order, priority_from_order  # noqa: E402
 from dipc.semu.costs import CostModel, LengthStats, layer_cost_model  # noqa: E402
@@ -911,14 +912,19 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
 
     def fit(program, c: BatchCosts):
         fitted = optimize_memory(program, c.step, capacity, mip_rel_gap=0.05,   # the paper's 5% gap
-                                 tables=tables[id(c)])
-        info["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
+                                 tables=tables[id(c)], per_microbatch=False)
         return fitted.program, fitted.result
 
     # the ZB-H1 orders get phase-3 runs of their own: they must not take the other candidates' runs
     groups = {label: "zb-h1" for label, *_ in candidates if "zb-h1" in label}
     choice = pick_fastest(candidates, lambda program, c: c.step.simulate(program, record=False), capacity, fit, P,
                           max_fits=None if max_fits is None else {"": max_fits, "zb-h1": ZB_FITS}, groups=groups)
+    # the winner alone is refitted per (stage, microbatch): only the microbatches alive at a peak recompute
+    c = choice.model
+    program, result = refine_per_microbatch(choice.program, choice.result, c.step, capacity, mip_rel_gap=0.05,
+                                            tables=tables[id(c)])
+    info["recomputed_layers"] = sum(len(v) for v in recompute_plan(program).values())
+    choice = dataclasses.replace(choice, program=program, result=result)
     validate(choice.program)
     return choice, info
 
@@ -982,7 +988,8 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
             validate(program)
             res = c.step.simulate(program, record=False)
             if res.ranks_over(capacity):          # phase 3: recompute what must be to fit
-                fitted = optimize_memory(program, c.step, capacity, mip_rel_gap=0.05)   # the paper's 5% gap
+                fitted = optimize_memory(program, c.step, capacity, mip_rel_gap=0.05,   # the paper's 5% gap
+                                         per_microbatch=False)   # baselines: one choice per stage, as Megatron
                 program, res = fitted.program, fitted.result
                 rec["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
         except DipcError as e:

@@ -49,6 +49,7 @@ class Choice:
     fitted: int
     bounds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    model: Any = None                  # the cost model that scored the winner (its build's)
 
 
 @contextmanager
@@ -126,9 +127,9 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
         bound, level, _, label, payload = heapq.heappop(heap)
         level = -level
         if level == 2:                           # exact and no other bound is lower: the winner
-            program, result = payload
+            program, result, model = payload
             return Choice(label=label, program=program, result=result, simulated=simulated, fitted=fitted,
-                          bounds=bounds, failures=failures)
+                          bounds=bounds, failures=failures, model=model)
         if level == 0:
             try:
                 program, model = payload()
@@ -140,7 +141,7 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
             simulated += 1
             bounds[label] = result.step_time
             if _fits(result, caps):
-                heapq.heappush(heap, (result.step_time, -2, arrival, label, (program, result)))
+                heapq.heappush(heap, (result.step_time, -2, arrival, label, (program, result, model)))
             else:
                 heapq.heappush(heap, (result.step_time, -1, arrival, label, (program, model)))
             arrival += 1
@@ -154,14 +155,14 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
         fitted += 1
         got = _fit(label, payload)
         if got is not None:
-            heapq.heappush(heap, (got[1].step_time, -2, arrival, label, got))
+            heapq.heappush(heap, (got[1].step_time, -2, arrival, label, (*got, payload[1])))
             arrival += 1
     for _, label, payload in deferred:        # nothing fits as it is: fit past max_fits until one does
         fitted += 1
         got = _fit(label, payload)
         if got is not None:
             return Choice(label=label, program=got[0], result=got[1], simulated=simulated, fitted=fitted,
-                          bounds=bounds, failures=failures)
+                          bounds=bounds, failures=failures, model=payload[1])
     if errors:
         raise min(errors, key=lambda e: e.excess)
     raise InfeasibleMemoryError(f"no candidate could be lowered and simulated: {failures}. Fix: check the "

@@ -100,7 +100,7 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
 def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model, baselines: Sequence[str],
               memory_limit: float | Sequence[float] | None) -> tuple[str, Program, SimResult]:
     from dipc.semu.candidate_select import pick_fastest
-    from dipc.semu.memory_opt import Phase3Tables, _limits, optimize_memory
+    from dipc.semu.memory_opt import Phase3Tables, _limits, optimize_memory, refine_per_microbatch
 
     subs = pipe.sub_counts(microbatches)
     candidates: dict[str, Any] = {f"dual-queue ({k})": v
@@ -131,13 +131,14 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
     tables = Phase3Tables(model, len(microbatches))
 
     def fit(program: Program, costs):
-        fitted = optimize_memory(program, costs, memory_limit, tables=tables)
+        fitted = optimize_memory(program, costs, memory_limit, tables=tables, per_microbatch=False)
         return fitted.program, fitted.result
 
     choice = pick_fastest([(label, build(label, orders)) for label, orders in candidates.items()],
                           lambda program, costs: costs.simulate(program), _limits(memory_limit, pipe.num_ranks),
                           fit, pipe.num_ranks)
-    return choice.label, choice.program, choice.result
+    program, result = refine_per_microbatch(choice.program, choice.result, model, memory_limit, tables=tables)
+    return choice.label, program, result
 
 
 def compare_schedules(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]],
