@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from dipc.errors import InfeasibleMemoryError
 from dipc.ir import Op
-from dipc.ir.recompute import with_recompute
-from dipc.semu.memory_opt import optimize_memory, stage_candidates
+from dipc.ir.recompute import recompute_plan, with_recompute
+from dipc.semu.memory_opt import optimize_memory, refine_per_microbatch, stage_candidates
 from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompute_memory_model
 from tests.semu.test_memory_opt import MiB, RandomCosts, added_seconds, chain, random_costs
 
@@ -74,6 +74,26 @@ def test_only_the_long_microbatch_recomputes():
     assert sum(per_stage.added_seconds) > 1.5 * sum(result.added_seconds)
     # too many columns for the per-microbatch ILP: the per-stage fallback
     assert optimize_memory(program, costs, limit, max_columns=4).recompute == per_stage.recompute
+
+
+def test_refining_a_per_stage_winner_keeps_the_faster_plan():
+    """Planners fit candidates per stage and refit the winner per microbatch: the refit must win
+    where only one microbatch needs it, and a winner that recomputes nothing comes back as it is."""
+    M, long_mb = 6, 3
+    program = chain(2, 1, M, "1f1b")
+    costs = _one_long_microbatch(M, long_mb)
+    only_long = costs.simulate(with_recompute(program, {(s, long_mb): costs.stage_layers[s] for s in (0, 1)}))
+    limit = max(only_long.peak_memory) + 1.0
+    per_stage = optimize_memory(program, costs, limit, per_microbatch=False)
+    fine, result = refine_per_microbatch(per_stage.program, per_stage.result, costs, limit)
+    assert result.step_time <= per_stage.result.step_time
+    assert recompute_plan(fine) and all(isinstance(k, tuple) and k[1] == long_mb for k in recompute_plan(fine))
+    def total(prog):
+        return sum(added_seconds(costs, prog, r, recompute_plan(prog)) for r in range(prog.num_ranks))
+    assert total(fine) < total(per_stage.program)
+    assert max(result.peak_memory) <= limit
+    plain = costs.simulate(program)
+    assert refine_per_microbatch(program, plain, costs, limit) == (program, plain)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
