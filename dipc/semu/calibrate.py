@@ -117,6 +117,13 @@ class CalibrationResult:
     dispatch_overhead: float = 0.0                                  # per instruction, in op_overheads
     median_rel_error: float          # per instruction, on the calibration samples
     residuals: dict[str, float] = field(default_factory=dict)   # relative RMS per attention variant
+    num_outliers: int = 0            # points further than _OUTLIER_MADS robust deviations, left out of the fit
+
+
+# a point whose relative error lies this many robust standard deviations (1.4826 x MAD) from the
+# median is timer or scheduling noise (a descheduled thread, a GC pause), not a cost to fit
+_OUTLIER_MADS = 5.0
+_OUTLIER_FLOOR = 0.25   # ... but never closer than this to the median relative error
 
 
 def _bare(profile: ClusterProfile, dense: bool) -> ClusterProfile:
@@ -198,7 +205,7 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                               stage not in samples[si][0].no_input_grads,
                               samples[si][0].wgrad_recomputes or stage in samples[si][0].whole_wgrad_stages)
                     for si, op, stage, _, _ in points], dtype=float)
-    fits = {}
+    fits, trimmed = {}, {}
     for dense in (False, True):
         bare = _bare(measured, dense)
         # compute alone (bandwidth taken as unlimited) and the memory traffic apart: on a CPU the two
@@ -224,13 +231,21 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                             probs, ops[:, None] * kinds, kinds], axis=1)
         # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
         w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
-        if instruction_overhead is None:
-            coef = _nnls(x * w[:, None], y * w)
-        else:
-            n = 5 + len(_COMPUTE)
-            coef = np.append(_nnls(x[:, :n] * w[:, None], (y - instruction_overhead) * w),
-                             [instruction_overhead] * len(_COMPUTE))
-        rel = (x @ coef - y) / y
+        keep = np.ones_like(y, dtype=bool)
+        for _ in range(4):   # fit, drop the outliers (an instruction descheduled or hit by a GC pause), refit
+            if instruction_overhead is None:
+                coef = _nnls(x[keep] * w[keep, None], y[keep] * w[keep])
+            else:
+                n = 5 + len(_COMPUTE)
+                coef = np.append(_nnls(x[keep, :n] * w[keep, None], (y[keep] - instruction_overhead) * w[keep]),
+                                 [instruction_overhead] * len(_COMPUTE))
+            rel = (x @ coef - y) / y
+            dev = np.abs(rel - np.median(rel))
+            kept = dev <= max(_OUTLIER_MADS * 1.4826 * float(np.median(dev)), _OUTLIER_FLOOR)
+            if (kept == keep).all():
+                break
+            keep = kept
+        trimmed[dense] = int((~keep).sum())
         resid = rel if weighting == "relative" else (x @ coef - y) / float(np.mean(y))
         fits[dense] = (float(np.sqrt(np.mean(resid ** 2))), coef, rel)
     dense = fits[True][0] < fits[False][0]
@@ -283,7 +298,7 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                              op_overhead=float(oo), kind_op_overheads=kind_oo, instruction_overhead=float(c),
                              dense_masked_attention=dense, num_points=len(points), op_overheads=op_overheads,
                              probs_fwd_byte_time=pf, probs_bwd_byte_time=pb, dispatch_overhead=dispatch,
-                             median_rel_error=float(np.median(np.abs(rel))),
+                             median_rel_error=float(np.median(np.abs(rel))), num_outliers=trimmed[dense],
                              residuals={"sparse": fits[False][0], "dense": fits[True][0]})
 
 

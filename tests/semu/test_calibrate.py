@@ -61,6 +61,33 @@ def test_fit_recovers_the_generating_parameters(vlm):
     assert result.profile.device.peak_flops["float32"] == pytest.approx(25e9)
 
 
+def test_a_descheduled_instruction_does_not_steer_the_fit(vlm):
+    """One instruction that took 30 ms longer (the thread was descheduled, a GC pause) is left
+    out, and the generating parameters come back as if it were not there."""
+    ex, pipe, cm = vlm
+    base = _cpu_like()
+    base = dataclasses.replace(base, device=dataclasses.replace(base.device, memory_bandwidth=1e16))
+    truth = dataclasses.replace(base, device=dataclasses.replace(
+        base.device, peak_flops={"float32": 25e9}, memory_bandwidth=5e15, instruction_overhead=300e-6))
+    layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
+    samples = []
+    for k in range(4):
+        mbs = ex.data.microbatches(3, 2)
+        stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+        sm = StepModel(cm, truth, layers, stats, dtype="float32", wgrad_recomputes=True)
+        timings = [(op.value, s, m, sm.compute_time(Instruction(op=op, stage=s, mb=m)))
+                   for s in range(2) for m in range(3) for op in (Op.FWD, Op.BWD_I, Op.BWD_W)]
+        if k == 1:
+            op, s, m, t = timings[4]
+            timings[4] = (op, s, m, t + 0.03)
+        samples.append(CalibrationSample(stats=stats, timings=timings))
+    result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
+                                               wgrad_recomputes=True)])
+    assert result.num_outliers == 1
+    assert result.scale == pytest.approx(2.0, rel=1e-3)
+    assert result.instruction_overhead == pytest.approx(300e-6, rel=1e-3)
+
+
 def test_fit_recovers_per_op_overheads_probability_traffic_and_dispatch(vlm):
     ex, pipe, cm = vlm
     base = _cpu_like()
