@@ -329,17 +329,17 @@ def main() -> None:
             if b % cal_every == 0 and b // cal_every < num_calib:
                 cmbs = calib[b // cal_every]
                 for chunks, schedule in CALIBRATION_SCHEDULES:
-                        pipe = pipes[chunks]
-                        program = pipe.plan(cmbs, schedule=schedule)
-                        timed_local_step(pipe, cmbs, program, clock="cpu")
-                        # every run is a sample: least squares then fits the mean instruction time, whose
-                        # sum is what a step's time is (a sum of per-instruction medians runs low)
-                        stats = [pipeline_length_stats(pipe, mb) for mb in cmbs]
-                        for _ in range(3):
-                            run = timed_local_step(pipe, cmbs, program, clock="cpu")
-                            cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
-                                stats=stats, timings=run.compute_times(), other_timings=run.other_times(),
-                                untimed_seconds=run.untimed_seconds, num_instructions=len(run.records)))
+                    pipe = pipes[chunks]
+                    program = pipe.plan(cmbs, schedule=schedule)
+                    timed_local_step(pipe, cmbs, program, clock="cpu")
+                    # every run is a sample: least squares then fits the mean instruction time, whose
+                    # sum is what a step's time is (a sum of per-instruction medians runs low)
+                    stats = [pipeline_length_stats(pipe, mb) for mb in cmbs]
+                    for _ in range(3):
+                        run = timed_local_step(pipe, cmbs, program, clock="cpu")
+                        cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
+                            stats=stats, timings=run.compute_times(), other_timings=run.other_times(),
+                            untimed_seconds=run.untimed_seconds, num_instructions=len(run.records)))
         print(f"local executor: {name} done ({time.perf_counter() - t_start:.0f} s)")
 
     sets = []
@@ -453,9 +453,10 @@ def main() -> None:
             pipe, mbs = pipes[SCHEDULE_CHUNKS[c["schedule"]]], test[c["batch"]]
             c["gloo"]["predicted_s"] = _gloo_predictor(pipe, cms[SCHEDULE_CHUNKS[c["schedule"]]], mbs, pipe.plan(
                 mbs, schedule=c["schedule"]))(gloo_cal.profile) + executor_fixed
+        direction_mbs = {name: _direction_batches(name, num_batches) for name in models}
         for d in direction:
             ex, test, pipes, cms = models[d["model"]]
-            mbs = _direction_batches(d["model"], num_batches)[d["batch"]]
+            mbs = direction_mbs[d["model"]][d["batch"]]
             for key in DIP_KEYS:
                 d[key]["gloo"]["predicted_s"] = _gloo_predictor(pipes[1], cms[1], mbs, direction_programs[(
                     d["model"], d["batch"], key)])(gloo_cal.profile) + executor_fixed

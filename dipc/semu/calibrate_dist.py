@@ -33,13 +33,12 @@ from dataclasses import dataclass
 import scipy.optimize
 
 from dipc.errors import DipcError
-from dipc.semu.profiles import ClusterProfile, DeviceProfile
+from dipc.semu.profiles import _KIND_OPS as _COMPUTE_OPS, ClusterProfile, DeviceProfile
 
 __all__ = ["DistributedCalibration", "DistributedCalibrationError", "DistributedSample", "fit_distributed",
            "p2p_overheads", "scale_compute"]
 
 _P2P_OPS = ("SEND_ACT", "SEND_GRAD", "RECV_ACT", "RECV_GRAD")
-_COMPUTE_OPS = ("FWD", "BWD", "BWD_I", "BWD_W")
 
 
 class DistributedCalibrationError(DipcError, ValueError):

@@ -57,7 +57,7 @@ import numpy as np
 
 from dipc.errors import DipcError, InfeasibleMemoryError
 from dipc.ir import Op, Program
-from dipc.ir.recompute import RecomputePlan, with_recompute
+from dipc.ir.recompute import RecomputePlan, recompute_plan, with_recompute
 from dipc.semu.emulator import SimResult
 from dipc.semu.recompute_costs import RecomputeCosts, recomputes_in
 
@@ -433,8 +433,6 @@ def refine_per_microbatch(program: Program, result: SimResult, costs: PlannableC
     changes with the finer choice. A winner that recomputes nothing is returned as it is; the
     refit is kept unless its simulated step is slower.
     ``kwargs`` go to :func:`optimize_memory`; a refit that fails keeps the per-stage plan."""
-    from dipc.ir.recompute import recompute_plan
-
     if not recompute_plan(program):
         return program, result
     try:

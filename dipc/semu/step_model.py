@@ -343,6 +343,7 @@ class StepModel:
         self._act_cache: dict[tuple[int, int, int], float] = {}
         self._footprint_cache: dict[tuple[int, int, str], Footprint] = {}
         self._ops_cache: dict[tuple[Op, int], int] = {}
+        self._per_op_dispatch = bool(cluster.device.kind_op_overheads)   # compute_time runs per instruction
         self._costs_cache: dict[tuple[int, int, int], list[LayerCost]] = {}
         self._workspace_cache: dict[tuple[Op, int, int, int, bool], float] = {}
         self._unit_keys: dict[tuple[int, int], tuple[int, int]] = {}
@@ -621,7 +622,7 @@ class StepModel:
         """Seconds ``ins`` occupies its rank's compute stream (a ``ComputeTimeFn``)."""
         op = ins.op
         fixed = self.instruction_overhead(op)
-        if op in _COMPUTE and self.cluster.device.kind_op_overheads:
+        if self._per_op_dispatch and op in _COMPUTE:
             fixed += self.dispatch_time(op, ins.stage)
         if op is _BWD_I and ins.stage in self.no_input_grads:
             return 0.0

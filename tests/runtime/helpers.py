@@ -47,3 +47,19 @@ def assert_grads_equal(got: dict, want: dict, rtol: float, atol: float, where: s
     assert set(got) == set(want), f"{where}: parameters with grads differ: {set(got) ^ set(want)}"
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=rtol, atol=atol, msg=lambda m: f"{where} {n}: {m}")
+
+
+def distributed_recompute_grads(rank: int, world: int, plan: dict | None = None,
+                                num_microbatches: int | None = None) -> tuple[float, dict]:
+    """One gloo zb_h1 step of the float64 example VLM recomputing ``plan`` (``None``: every layer of
+    every stage) on its first ``num_microbatches`` microbatches (``None``: all): the loss and this
+    rank's parameter gradients, for :func:`reference_grads` (run under ``spawn``)."""
+    from dipc.ir.recompute import with_recompute
+    from dipc.runtime.distributed import run_step_distributed
+
+    ex, pipe, mbs = build("vlm", torch.float64, world, "zb_h1", 1)
+    mbs = mbs[:num_microbatches]
+    plan = {s.id: s.layers for s in pipe.stages} if plan is None else plan
+    result = run_step_distributed(pipe, mbs, with_recompute(pipe.plan(mbs), plan), timeout_s=60)
+    owned = {id(p) for p in pipe.rank_parameters(rank)}
+    return result.loss, {n: p.grad for n, p in ex.model.named_parameters() if id(p) in owned and p.grad is not None}

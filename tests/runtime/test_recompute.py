@@ -7,7 +7,8 @@ import torch
 from dipc.errors import ScheduleError
 from dipc.ir.recompute import with_recompute
 from dipc.runtime.recompute import RecomputableLayer, apply_recompute
-from tests.runtime.helpers import assert_grads_equal, build, independent_weights, reference_grads
+from tests.runtime.helpers import (assert_grads_equal, build, distributed_recompute_grads, independent_weights,
+                                   reference_grads)
 
 
 def _all_layers(pipe):
@@ -121,22 +122,12 @@ def test_unknown_layer_in_plan_is_refused():
         pipe.step(mbs, program)
 
 
-def _distributed_recompute(rank: int, world: int) -> tuple[float, dict]:
-    from dipc.runtime.distributed import run_step_distributed
-
-    ex, pipe, mbs = build("vlm", torch.float64, world, "zb_h1", 1)
-    program = with_recompute(pipe.plan(mbs), _all_layers(pipe))
-    result = run_step_distributed(pipe, mbs, program, timeout_s=60)
-    owned = {id(p) for p in pipe.rank_parameters(rank)}
-    return result.loss, {n: p.grad for n, p in ex.model.named_parameters() if id(p) in owned and p.grad is not None}
-
-
 @pytest.mark.dist
 @pytest.mark.timeout(240)
 def test_distributed_executor_recomputes_with_exact_gradients():
     from dipc.runtime.launch import spawn
 
-    per_rank = spawn(_distributed_recompute, 2, timeout_s=200)
+    per_rank = spawn(distributed_recompute_grads, 2, timeout_s=200)
     ex, pipe, mbs = build("vlm", torch.float64, 2, "zb_h1", 1)
     want = reference_grads(ex.model, mbs, independent_weights(ex, mbs))
     got = {n: g for r in range(2) for n, g in per_rank[r][1].items()}

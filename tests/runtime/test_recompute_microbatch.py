@@ -6,7 +6,8 @@ import torch
 
 from dipc.ir.recompute import layers_of, with_recompute
 from dipc.runtime.recompute import RecomputableLayer, microbatch_switches
-from tests.runtime.helpers import assert_grads_equal, build, independent_weights, reference_grads
+from tests.runtime.helpers import (assert_grads_equal, build, distributed_recompute_grads, independent_weights,
+                                   reference_grads)
 
 V0, L0, L1 = "vision.blocks.0", "language_model.layers.0", "language_model.layers.1"
 # stage 0 (vision) recomputes only microbatch 1; stage 1 (backbone) layer 1 for all, layer 0 for mbs 0 and 2
@@ -68,22 +69,12 @@ def test_switches_cover_only_stages_whose_choice_varies():
     assert calls[L0] == 2 * len(mbs)
 
 
-def _distributed(rank: int, world: int) -> tuple[float, dict]:
-    from dipc.runtime.distributed import run_step_distributed
-
-    ex, pipe, mbs = build("vlm", torch.float64, world, "zb_h1", 1)
-    program = with_recompute(pipe.plan(mbs[:4]), PLAN)
-    result = run_step_distributed(pipe, mbs[:4], program, timeout_s=60)
-    owned = {id(p) for p in pipe.rank_parameters(rank)}
-    return result.loss, {n: p.grad for n, p in ex.model.named_parameters() if id(p) in owned and p.grad is not None}
-
-
 @pytest.mark.dist
 @pytest.mark.timeout(240)
 def test_distributed_per_microbatch_recompute_is_exact():
     from dipc.runtime.launch import spawn
 
-    per_rank = spawn(_distributed, 2, timeout_s=200)
+    per_rank = spawn(distributed_recompute_grads, 2, PLAN, 4, timeout_s=200)
     ex, pipe, mbs = build("vlm", torch.float64, 2, "zb_h1", 1)
     want = reference_grads(ex.model, mbs[:4], independent_weights(ex, mbs[:4]))
     got = {n: g for r in range(2) for n, g in per_rank[r][1].items()}

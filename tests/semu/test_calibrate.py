@@ -7,22 +7,11 @@ import json
 
 import pytest
 
-import dipc
 from dipc.ir import Instruction, Op
 from dipc.semu.calibrate import (CalibrationError, CalibrationSample, CalibrationSet, fit_link, fit_profile,
                                  stage_ops)
-from dipc.semu.costs import layer_cost_model
 from dipc.semu.profiles import EfficiencyCurve, LinkProfile, ProfileError, load_preset, load_profile, save_profile
 from dipc.semu.step_model import StepModel, pipeline_length_stats
-from examples.data import make_example
-
-
-@pytest.fixture(scope="module")
-def vlm():
-    ex = make_example("vlm")
-    mbs = ex.data.microbatches(2, 2)
-    pipe = dipc.compile(ex.model, mbs[0], num_stages=2)
-    return ex, pipe, layer_cost_model(pipe.captured)
 
 
 def _cpu_like():
@@ -34,8 +23,19 @@ def _cpu_like():
     return dataclasses.replace(h, device=dev)
 
 
-def test_fit_recovers_the_generating_parameters(vlm):
-    ex, pipe, cm = vlm
+def _truth_timings(ex, pipe, cm, truth, ops=(Op.FWD, Op.BWD_I, Op.BWD_W), **model_kwargs):
+    """One batch of 3 microbatches timed by the step model on ``truth``: (its stats, per-instruction
+    timings of ``ops`` on both stages), what calibration is fitted to."""
+    layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
+    mbs = ex.data.microbatches(3, 2)
+    stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+    sm = StepModel(cm, truth, layers, stats, dtype="float32", **model_kwargs)
+    return stats, [(op.value, s, m, sm.compute_time(Instruction(op=op, stage=s, mb=m)))
+                   for s in range(2) for m in range(3) for op in ops]
+
+
+def test_fit_recovers_the_generating_parameters(vlm_2stage):
+    ex, pipe, cm = vlm_2stage
     base = _cpu_like()
     # FLOP-bound truth (the fit separates compute and memory traffic; the step model takes their max)
     base = dataclasses.replace(base, device=dataclasses.replace(base.device, memory_bandwidth=1e16))
@@ -43,14 +43,8 @@ def test_fit_recovers_the_generating_parameters(vlm):
         base.device, peak_flops={"float32": 25e9}, memory_bandwidth=5e15, op_overhead=2e-6,
         instruction_overhead=300e-6, dense_masked_attention=True))
     layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
-    samples = []
-    for _ in range(3):
-        mbs = ex.data.microbatches(3, 2)
-        stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
-        sm = StepModel(cm, truth, layers, stats, dtype="float32", wgrad_recomputes=True)
-        timings = [(op.value, s, m, sm.compute_time(Instruction(op=op, stage=s, mb=m)))
-                   for s in range(2) for m in range(3) for op in (Op.FWD, Op.BWD_I, Op.BWD_W)]
-        samples.append(CalibrationSample(stats=stats, timings=timings))
+    samples = [CalibrationSample(stats=stats, timings=timings)
+               for stats, timings in (_truth_timings(ex, pipe, cm, truth, wgrad_recomputes=True) for _ in range(3))]
     result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
                                                wgrad_recomputes=True)])
     assert result.dense_masked_attention
@@ -61,10 +55,10 @@ def test_fit_recovers_the_generating_parameters(vlm):
     assert result.profile.device.peak_flops["float32"] == pytest.approx(25e9)
 
 
-def test_a_descheduled_instruction_does_not_steer_the_fit(vlm):
+def test_a_descheduled_instruction_does_not_steer_the_fit(vlm_2stage):
     """One instruction that took 30 ms longer (the thread was descheduled, a GC pause) is left
     out, and the generating parameters come back as if it were not there."""
-    ex, pipe, cm = vlm
+    ex, pipe, cm = vlm_2stage
     base = _cpu_like()
     base = dataclasses.replace(base, device=dataclasses.replace(base.device, memory_bandwidth=1e16))
     truth = dataclasses.replace(base, device=dataclasses.replace(
@@ -72,11 +66,7 @@ def test_a_descheduled_instruction_does_not_steer_the_fit(vlm):
     layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
     samples = []
     for k in range(4):
-        mbs = ex.data.microbatches(3, 2)
-        stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
-        sm = StepModel(cm, truth, layers, stats, dtype="float32", wgrad_recomputes=True)
-        timings = [(op.value, s, m, sm.compute_time(Instruction(op=op, stage=s, mb=m)))
-                   for s in range(2) for m in range(3) for op in (Op.FWD, Op.BWD_I, Op.BWD_W)]
+        stats, timings = _truth_timings(ex, pipe, cm, truth, wgrad_recomputes=True)
         if k == 1:
             op, s, m, t = timings[4]
             timings[4] = (op, s, m, t + 0.03)
@@ -88,8 +78,8 @@ def test_a_descheduled_instruction_does_not_steer_the_fit(vlm):
     assert result.instruction_overhead == pytest.approx(300e-6, rel=1e-3)
 
 
-def test_fit_recovers_per_op_overheads_probability_traffic_and_dispatch(vlm):
-    ex, pipe, cm = vlm
+def test_fit_recovers_per_op_overheads_probability_traffic_and_dispatch(vlm_2stage):
+    ex, pipe, cm = vlm_2stage
     base = _cpu_like()
     base = dataclasses.replace(base, device=dataclasses.replace(base.device, memory_bandwidth=1e16))
     kinds = {"FWD": 200e-6, "BWD_I": 100e-6, "BWD_W": 400e-6}
@@ -99,11 +89,7 @@ def test_fit_recovers_per_op_overheads_probability_traffic_and_dispatch(vlm):
     layers = [s.layers for s in sorted(pipe.stages, key=lambda s: s.id)]
     samples = []
     for i in range(3):
-        mbs = ex.data.microbatches(3, 2)
-        stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
-        sm = StepModel(cm, truth, layers, stats, dtype="float32", wgrad_recomputes=True)
-        timings = [(op.value, s, m, sm.compute_time(Instruction(op=op, stage=s, mb=m)))
-                   for s in range(2) for m in range(3) for op in (Op.FWD, Op.BWD_I, Op.BWD_W)]
+        stats, timings = _truth_timings(ex, pipe, cm, truth, wgrad_recomputes=True)
         samples.append(CalibrationSample(stats=stats, timings=timings, other_timings=[("SEND_ACT", 30e-6 + i * 1e-6)],
                                          untimed_seconds=10e-6 * 20, num_instructions=20))
     result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
@@ -121,10 +107,10 @@ def test_fit_recovers_per_op_overheads_probability_traffic_and_dispatch(vlm):
     assert dev.probs_bwd_byte_time == pytest.approx(1e-9, rel=0.05)
 
 
-def test_fit_recovers_a_time_per_op_for_each_instruction_kind(vlm):
+def test_fit_recovers_a_time_per_op_for_each_instruction_kind(vlm_2stage):
     """A split BWD_I walks the autograd graph in Python: its time per dispatched op is not a
     forward's, and the fit must tell them apart (and the step model charge them per stage)."""
-    ex, pipe, cm = vlm
+    ex, pipe, cm = vlm_2stage
     base = _cpu_like()
     base = dataclasses.replace(base, device=dataclasses.replace(base.device, memory_bandwidth=1e16))
     per_op = {"FWD": 1e-6, "BWD": 3e-6, "BWD_I": 6e-6, "BWD_W": 2e-6}
@@ -155,11 +141,11 @@ def test_fit_recovers_a_time_per_op_for_each_instruction_kind(vlm):
     assert result.profile.device.op_overhead == 0.0   # replaced, not added twice
 
 
-def test_calibrated_profile_predicts_the_steps_it_was_fitted_on(vlm):
+def test_calibrated_profile_predicts_the_steps_it_was_fitted_on(vlm_2stage):
     """On a CPU compute and memory traffic add up, and calibration fits them as a sum: the profile
     it writes must make the step model add them too, or every prediction runs low (by the smaller
     of the two per layer). Truth here has both terms large, so max and sum differ a lot."""
-    ex, pipe, cm = vlm
+    ex, pipe, cm = vlm_2stage
     base = _cpu_like()
     truth = dataclasses.replace(base, device=dataclasses.replace(
         base.device, peak_flops={"float32": 25e9}, memory_bandwidth=0.5e9, instruction_overhead=100e-6,
@@ -231,8 +217,8 @@ def test_fit_link_recovers_latency_and_bandwidth():
         fit_link([(4, 1e-4)])
 
 
-def test_too_few_timings_fail_clearly(vlm):
-    ex, pipe, cm = vlm
+def test_too_few_timings_fail_clearly(vlm_2stage):
+    ex, pipe, cm = vlm_2stage
     layers = [s.layers for s in pipe.stages]
     sample = CalibrationSample(stats=[pipeline_length_stats(pipe, ex.data.microbatches(1, 2)[0])],
                                timings=[("FWD", 0, 0, 1e-3)])
@@ -242,8 +228,8 @@ def test_too_few_timings_fail_clearly(vlm):
         fit_profile(_cpu_like(), [], weighting="cubic")
 
 
-def test_op_counts_split_the_backward(vlm):
-    ex, pipe, cm = vlm
+def test_op_counts_split_the_backward(vlm_2stage):
+    ex, pipe, cm = vlm_2stage
     layers = pipe.stages[1].layers
     f, bi, b = (stage_ops(cm, layers, op) for op in ("FWD", "BWD_I", "BWD"))
     assert 0 < f < b and 0 < bi < b
@@ -252,11 +238,11 @@ def test_op_counts_split_the_backward(vlm):
     assert stage_ops(cm, layers, "BWD_I", input_grads=False) == 0
 
 
-def test_runtime_options_and_dense_attention(vlm):
+def test_runtime_options_and_dense_attention(vlm_2stage):
     """StepModel follows dipc's interpreter when asked: the first stage's BWD_I is empty and its
     BWD_W costs a whole backward, while a later stage's BWD_W runs only the weight gradients (the
     split backward does not walk twice); dense masked attention costs more only for packed streams."""
-    ex, pipe, cm = vlm
+    ex, pipe, cm = vlm_2stage
     mbs = ex.data.microbatches(2, 2)
     stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
     prof = _cpu_like()

@@ -6,21 +6,10 @@ import dataclasses
 
 import pytest
 
-import dipc
 from dipc.semu.calibrate_dist import (DistributedCalibrationError, DistributedSample, fit_distributed,
                                       p2p_overheads, scale_compute)
-from dipc.semu.costs import layer_cost_model
 from dipc.semu.profiles import load_preset
 from dipc.semu.step_model import StepModel, pipeline_length_stats
-from examples.data import make_example
-
-
-@pytest.fixture(scope="module")
-def vlm():
-    ex = make_example("vlm")
-    mbs = ex.data.microbatches(2, 2)
-    pipe = dipc.compile(ex.model, mbs[0], num_stages=2)
-    return ex, pipe, layer_cost_model(pipe.captured)
 
 
 def _cpu_profile():
@@ -64,8 +53,8 @@ def test_p2p_overheads_take_sends_median_and_receives_that_did_not_wait():
     assert got == pytest.approx({"SEND_ACT": 2.1e-4, "RECV_GRAD": 1.1e-4})
 
 
-def test_fit_recovers_the_compute_factor_that_made_the_steps(vlm):
-    ex, pipe, cm = vlm
+def test_fit_recovers_the_compute_factor_that_made_the_steps(vlm_2stage):
+    ex, pipe, cm = vlm_2stage
     base = _cpu_profile()
     p2p = {"SEND_ACT": 150e-6, "RECV_ACT": 90e-6, "SEND_GRAD": 150e-6, "RECV_GRAD": 90e-6}
     with_p2p = dataclasses.replace(base, device=dataclasses.replace(
@@ -79,8 +68,8 @@ def test_fit_recovers_the_compute_factor_that_made_the_steps(vlm):
     assert cal.profile.device.peak_flops["float32"] == pytest.approx(50e9 / 1.3, rel=1e-2)
 
 
-def test_too_few_or_bad_steps_fail_clearly(vlm):
-    ex, pipe, cm = vlm
+def test_too_few_or_bad_steps_fail_clearly(vlm_2stage):
+    ex, pipe, cm = vlm_2stage
     with pytest.raises(DistributedCalibrationError, match="at least two"):
         fit_distributed(_cpu_profile(), [_sample(ex, pipe, cm, "1f1b")])
     bad = [DistributedSample(predict=lambda p: 1.0, measured_s=0.0)] * 2
