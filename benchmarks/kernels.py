@@ -118,31 +118,67 @@ def _liger_fn(name: str, case: dict[str, Any]) -> Callable[..., torch.Tensor] | 
     return None  # no Liger counterpart with the same semantics (GELU alone, HF-layout RoPE on one tensor)
 
 
+def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> None:
+    out = fn(*inputs)
+    out.backward(torch.ones_like(out))
+
+
+def _clear_grads(inputs: list[torch.Tensor]) -> None:
+    for t in inputs:
+        t.grad = None
+
+
 def _measure(fn: Callable[..., torch.Tensor], make_inputs: Callable[[], list[torch.Tensor]], device: torch.device,
              reps: int) -> dict[str, float | None]:
-    def step():
-        inputs = make_inputs()
-        out = fn(*inputs)
-        out.backward(torch.ones_like(out))
+    """Median forward+backward time over ``reps`` runs and the peak memory one run adds on top of
+    its inputs. Inputs are made (and their gradients cleared) outside the timed region, so input
+    generation does not dilute the ratios; two input sets alternate so no run reads the last
+    run's outputs from cache."""
+    sets = [make_inputs() for _ in range(2)]
+    _fwd_bwd(fn, sets[0])  # warm-up (compilation, autotune-free JIT)
+    times, peak = [], None
+    for i in range(reps):
+        inputs = sets[i % 2]
+        _clear_grads(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _fwd_bwd(fn, inputs)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+            peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - base) / 2**20)
+        else:
+            t0 = time.perf_counter()
+            _fwd_bwd(fn, inputs)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return dict(ms=sorted(times)[len(times) // 2], peak_mib=peak)
 
-    step()  # warm-up (compilation, autotune-free JIT)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / reps
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        return dict(ms=ms, peak_mib=peak)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        step()
-    return dict(ms=(time.perf_counter() - t0) * 1e3 / reps, peak_mib=None)
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _check(case: dict[str, Any]) -> dict[str, float]:
+    """dipc's and eager's output and input gradients against eager run on float32 copies of the
+    same inputs: ||x - ref|| / ||ref||, worst over output and gradients. dipc passes when its error
+    is within 2x eager's own low-precision error (or under 1e-2)."""
+    inputs = case["inputs"]()
+    ref_in = [t.detach().float().requires_grad_() for t in inputs]
+    errs = {}
+    ref_out = case["eager"](*ref_in)
+    ref_out.backward(torch.ones_like(ref_out))
+    for name in ("eager", "dipc"):
+        xs = [t.detach().clone().requires_grad_() for t in inputs]
+        out = case[name](*xs)
+        out.backward(torch.ones_like(out))
+        errs[name] = max([_rel_err(out, ref_out)] + [_rel_err(x.grad, r.grad) for x, r in zip(xs, ref_in)])
+    errs["ok"] = errs["dipc"] <= max(2 * errs["eager"], 1e-2)
+    return errs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_compile:
             impls["torch.compile"] = torch.compile(case["eager"], dynamic=False)
         impls["liger"] = _liger_fn(case["liger"], case)
-        row: dict[str, Any] = {"op": case["op"], "shape": case["shape"]}
+        row: dict[str, Any] = {"op": case["op"], "shape": case["shape"], "check": _check(case)}
         for name, fn in impls.items():
             if fn is None:
                 row[name] = None
@@ -177,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                 row[name] = _measure(fn, case["inputs"], device, reps)
             except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
                 row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
-        if isinstance(row.get("eager"), dict) and "ms" in row["eager"] and "ms" in row["dipc"]:
-            row["speedup_vs_eager"] = row["eager"]["ms"] / row["dipc"]["ms"]
+        for base in ("eager", "torch.compile", "liger"):
+            if isinstance(row.get(base), dict) and "ms" in row[base] and "ms" in row["dipc"]:
+                row[f"speedup_vs_{base}"] = row[base]["ms"] / row["dipc"]["ms"]
+        if row.get("liger") and row["liger"].get("peak_mib") and row["dipc"].get("peak_mib") is not None:
+            row["peak_vs_liger"] = row["dipc"]["peak_mib"] / row["liger"]["peak_mib"]
         rows.append(row)
 
     cols = ["eager", "torch.compile", "liger", "dipc"]
@@ -191,11 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         mem = f" / {r['peak_mib']:.0f} MiB" if r.get("peak_mib") is not None else ""
         return f"{r['ms']:.2f} ms{mem}"
 
-    print("| op | shape | " + " | ".join(cols) + " | dipc vs eager |")
-    print("|---|---|" + "---|" * len(cols) + "---|")
+    def ratio(r, key, unit="x"):
+        return f"{r[key]:.2f}{unit}" if key in r else "—"
+
+    print("| op | shape | " + " | ".join(cols) + " | dipc vs eager | vs compile | vs Liger | mem / Liger | check |")
+    print("|---|---|" + "---|" * len(cols) + "---|---|---|---|---|")
     for r in rows:
-        sp = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "—"
-        print(f"| {r['op']} | {r['shape']} | " + " | ".join(cell(r.get(c)) for c in cols) + f" | {sp} |")
+        chk = r["check"]
+        print(f"| {r['op']} | {r['shape']} | " + " | ".join(cell(r.get(c)) for c in cols)
+              + f" | {ratio(r, 'speedup_vs_eager')} | {ratio(r, 'speedup_vs_torch.compile')} | "
+              f"{ratio(r, 'speedup_vs_liger')} | {ratio(r, 'peak_vs_liger', '')} | "
+              f"{'ok' if chk['ok'] else 'WRONG'} {chk['dipc']:.1e} (eager {chk['eager']:.1e}) |")
     if not on_gpu:
         print("\nNOTE: no GPU — measured on CPU with the Triton interpreter at small shapes; "
               "ratios here are NOT kernel performance. Run on a GPU for real figures.")

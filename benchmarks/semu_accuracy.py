@@ -64,6 +64,7 @@ CALIBRATION_SCHEDULES = ((1, "1f1b"), (1, "zb_h1"), (2, "interleaved_1f1b"))   #
 # the direction check's batches: more, smaller microbatches than the accuracy cases, so sizes are
 # skewed across microbatches and DIP has orders to choose from
 DIRECTION_SEED, DIRECTION_MICROBATCHES, DIRECTION_SAMPLES = 11, 8, 1
+DEVICE = torch.device("cpu")   # --device: where the example models and their batches live
 GLOO_P2P = "handshake"   # gloo's unbound-buffer sends wait for the receiver's ready notice
 LIMITS = [
     "shared 2-core machine (4 sessions; load 6-8 while measured): the two gloo ranks get well under a core each, "
@@ -109,8 +110,13 @@ def _batches(name: str, seed: int, n: int, microbatches: int = MICROBATCHES, sam
              ) -> list[list[dict]]:
     from examples.data import make_example
 
+    from torch.utils._pytree import tree_map
+
     data = make_example(name, seed=seed).data
-    return [data.microbatches(microbatches, samples) for _ in range(n)]
+    batches = [data.microbatches(microbatches, samples) for _ in range(n)]
+    if DEVICE.type == "cpu":
+        return batches
+    return [tree_map(lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t, mbs) for mbs in batches]
 
 
 def _direction_batches(name: str, n: int) -> list[list[dict]]:
@@ -274,11 +280,21 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=None, help="test batches per model (default 20; quick 4)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case after warm-up (default 3)")
     ap.add_argument("--no-dist", action="store_true", help="skip the gloo runs")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: the models, batches and the measured profile on the GPU; local executor only "
+                         "(one GPU: no gloo ranks), steps timed on the 'cuda' clock (wall time after a device "
+                         "synchronisation), peak memory tracked per rank as on the CPU")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
                     help="local executor step clock: this thread's CPU time (default; robust to other processes "
                          "on a shared machine, and what calibration uses) or wall time")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "semu_accuracy.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/semu_accuracy[_gpu].json")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(a.device)
+    if DEVICE.type == "cuda":
+        a.no_dist, a.clock = True, "cuda"
+    cal_clock = "cpu" if DEVICE.type == "cpu" else a.clock
+    a.out = a.out or str(ROOT / "benchmarks" / "results" / f"semu_accuracy{'' if DEVICE.type == 'cpu' else '_gpu'}.json")
     num_batches = a.batches or (4 if a.quick else 20)
     repeats = a.repeats or (2 if a.quick else 3)
     num_calib = 2 if a.quick else 4
@@ -295,10 +311,10 @@ def main() -> None:
 
     torch.set_num_threads(1)     # one thread per rank, as the gloo launcher gives each rank
     t_start = time.perf_counter()
-    measured = measure_profile(quick=a.quick)
+    measured = measure_profile(quick=a.quick, device=a.device)
     link_points = measure_gloo_link(repeats=10 if a.quick else 30)
     link = fit_link(link_points)
-    print(f"measured profile: peak {measured.device.peak_flops['float32'] / 1e9:.1f} GFLOP/s fp32, "
+    print(f"measured profile ({measured.device.name}): peak {measured.device.peak_flops['float32'] / 1e9:.1f} GFLOP/s fp32, "
           f"{measured.device.memory_bandwidth / 1e9:.1f} GB/s; gloo link {link.latency * 1e6:.0f} us + "
           f"{link.bandwidth / 1e9:.2f} GB/s")
 
@@ -310,6 +326,7 @@ def main() -> None:
     cal_timings: dict[tuple[str, int], list] = {}
     for name in MODELS:
         ex = make_example(name, seed=0)
+        ex.model.to(DEVICE)
         test = _batches(name, TEST_SEED, num_batches)
         calib = _batches(name, CALIBRATION_SEED, num_calib)
         pipes = _pipes(ex, test[0][0])
@@ -331,12 +348,12 @@ def main() -> None:
                 for chunks, schedule in CALIBRATION_SCHEDULES:
                     pipe = pipes[chunks]
                     program = pipe.plan(cmbs, schedule=schedule)
-                    timed_local_step(pipe, cmbs, program, clock="cpu")
+                    timed_local_step(pipe, cmbs, program, clock=cal_clock)
                     # every run is a sample: least squares then fits the mean instruction time, whose
                     # sum is what a step's time is (a sum of per-instruction medians runs low)
                     stats = [pipeline_length_stats(pipe, mb) for mb in cmbs]
                     for _ in range(3):
-                        run = timed_local_step(pipe, cmbs, program, clock="cpu")
+                        run = timed_local_step(pipe, cmbs, program, clock=cal_clock)
                         cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
                             stats=stats, timings=run.compute_times(), other_timings=run.other_times(),
                             untimed_seconds=run.untimed_seconds, num_instructions=len(run.records)))
@@ -544,11 +561,13 @@ def main() -> None:
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_profile(profile, out.with_name("semu_calibrated_profile.json"))
+    suffix = "" if DEVICE.type == "cpu" else "_gpu"
+    save_profile(profile, out.with_name(f"semu_calibrated_profile{suffix}.json"))
     result = {
         "benchmark": "semu_accuracy", "quick": a.quick, "num_ranks": NUM_RANKS,
         "microbatches": MICROBATCHES, "samples_per_microbatch": SAMPLES, "test_batches_per_model": num_batches,
         "calibration_batches_per_model": num_calib, "repeats": repeats, "warmup": warmup, "local_clock": a.clock,
+        "device": measured.device.name, "on_gpu": DEVICE.type == "cuda",
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
                     "note": "shared, noisy machine unless rerun on a quiet one"},
         "gloo_executor_fixed_s": None if a.no_dist else executor_fixed, "gloo_p2p_model": GLOO_P2P,
