@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one bounded run, most important first, for a short lease on a
 # GPU machine that has torch and triton installed (run from the repository root):
 #
-#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [part ...]     # parts: kernels kernel_tests runtime semu
+#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [part ...]     # parts: kernels kernel_tests semu runtime sweep
 #
 # Liger-Kernel is taken from wheels in .whl/ when that folder exists (the machine may be offline).
 # Each part has its own time limit, writes its log and JSON under $OUT, and prints its last lines.
@@ -27,15 +27,16 @@ part() {
     tail -n "${TAIL:-22}" "$OUT/$name.log"
 }
 
-parts=${*:-kernels kernel_tests runtime semu}
+parts=${*:-kernels kernel_tests semu runtime}
 for p in $parts; do
     case $p in
-        kernels) part kernels 180 python3 benchmarks/kernels.py --out "$OUT/kernels.json" ;;
-        kernel_tests) part kernel_tests 80 python3 -m pytest -q -x -p no:cacheprovider \
+        kernels) part kernels 120 python3 benchmarks/kernels.py --out "$OUT/kernels.json" ;;
+        kernel_tests) part kernel_tests 60 python3 -m pytest -q -x -p no:cacheprovider \
             tests/kernels/test_kernels.py tests/kernels/test_kernel_inputs.py ;;
-        runtime) part runtime 80 python3 benchmarks/runtime_gpu.py --out "$OUT/runtime_gpu.json" ;;
-        semu) part semu 120 python3 benchmarks/semu_accuracy.py --device cuda --quick \
+        runtime) part runtime 70 python3 benchmarks/runtime_gpu.py --out "$OUT/runtime_gpu.json" ;;
+        semu) part semu 200 python3 benchmarks/semu_accuracy.py --device cuda --quick \
             --out "$OUT/semu_accuracy_gpu.json" ;;
+        sweep) part sweep 200 python3 benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" ;;
         *) echo "unknown part $p" ;;
     esac
 done

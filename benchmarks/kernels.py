@@ -158,6 +158,58 @@ def _measure(fn: Callable[..., torch.Tensor], make_inputs: Callable[[], list[tor
     return dict(ms=sorted(times)[len(times) // 2], peak_mib=peak)
 
 
+def _measure_together(impls: dict[str, Callable[..., torch.Tensor]], make_inputs: Callable[[], list[torch.Tensor]],
+                      device: torch.device, reps: int) -> dict[str, dict[str, Any]]:
+    """Every implementation of one op timed round-robin, one forward+backward each per round
+    (start rotating), so drifts in the machine's speed (clocks, other tenants: the same config
+    measured 0.75 and 1.15 ms in two passes an H200) hit all of them alike; median per
+    implementation. Peak memory from one isolated run each. Each has its own two input sets
+    (Liger's SwiGLU backward writes its gradients into its inputs)."""
+    out: dict[str, dict[str, Any]] = {}
+    sets: dict[str, list[list[torch.Tensor]]] = {}
+    for name, fn in impls.items():
+        try:
+            sets[name] = [make_inputs() for _ in range(2)]
+            _fwd_bwd(fn, sets[name][0])            # warm-up: compilation, JIT
+            _clear_grads(sets[name][0])
+            peak = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                _fwd_bwd(fn, sets[name][0])
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                _clear_grads(sets[name][0])
+            out[name] = {"times": [], "peak_mib": peak}
+        except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
+            sets.pop(name, None)
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    names = [n for n in impls if "times" in out[n]]
+    for i in range(reps):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            inputs = sets[name][i % 2]
+            _clear_grads(inputs)
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                _fwd_bwd(impls[name], inputs)
+                end.record()
+                torch.cuda.synchronize()
+                out[name]["times"].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                _fwd_bwd(impls[name], inputs)
+                out[name]["times"].append((time.perf_counter() - t0) * 1e3)
+    for name in names:
+        times = sorted(out[name].pop("times"))
+        out[name].update(ms=times[len(times) // 2], ms_p10=times[len(times) // 10], ms_p90=times[(9 * len(times)) // 10])
+    del sets
+    return out
+
+
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.detach().double(), ref.detach().double()
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -192,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
-    reps = args.reps or (20 if on_gpu else 2)
+    reps = args.reps or (50 if on_gpu else 2)
     where = (torch.cuda.get_device_name() if on_gpu else
              f"CPU ({platform.processor() or platform.machine()}), Triton INTERPRETER: times are not kernel speed")
     print(f"# dipc fused kernels: fwd+bwd, {dtype}, measured on {where}")
@@ -205,14 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             impls["torch.compile"] = torch.compile(case["eager"], dynamic=False)
         impls["liger"] = _liger_fn(case["liger"], case)
         row: dict[str, Any] = {"op": case["op"], "shape": case["shape"], "check": _check(case)}
-        for name, fn in impls.items():
-            if fn is None:
-                row[name] = None
-                continue
-            try:
-                row[name] = _measure(fn, case["inputs"], device, reps)
-            except Exception as exc:  # e.g. no C++ compiler for inductor on CPU
-                row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+        row.update({name: None for name, fn in impls.items() if fn is None})
+        row.update(_measure_together({n: f for n, f in impls.items() if f is not None}, case["inputs"], device, reps))
+        print(f"{case['op']}: " + ", ".join(f"{n} {r['ms']:.3f} ms" for n, r in row.items()
+                                            if isinstance(r, dict) and "ms" in r), flush=True)
         for base in ("eager", "torch.compile", "liger"):
             if isinstance(row.get(base), dict) and "ms" in row[base] and "ms" in row["dipc"]:
                 row[f"speedup_vs_{base}"] = row[base]["ms"] / row["dipc"]["ms"]

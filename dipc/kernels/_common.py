@@ -136,6 +136,27 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+# GPU launch parameters, read at every launch (the interpreter ignores warps and uses its own
+# sizes). ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU by changing these.
+LAUNCH: dict[str, int] = {
+    "row_warps_max": 16,       # warps of a row kernel (norms): Liger's ladder by row width, capped here
+    "persistent_per_sm": 4,    # programs per SM of the persistent norm backward kernels
+    "ew_block": 1024,          # elements per program of the elementwise kernels (SwiGLU, GELU)
+    "ew_warps": 4,
+    "rope_rows": 2048,         # rotary: elements (rows x half-dim) per program
+    "rope_warps": 4,
+    "ce_block": 32768,         # fused cross-entropy: vocabulary entries per loop step of a row
+    "ce_warps": 32,
+}
+
+
+def row_warps(block_n: int) -> int:
+    """Warps for a kernel whose program holds ``block_n``-wide rows: more warps for wider rows so
+    each thread keeps few values in registers (Liger-Kernel's ``calculate_settings`` ladder)."""
+    w = 32 if block_n >= 32768 else 16 if block_n >= 8192 else 8 if block_n >= 2048 else 4
+    return min(w, LAUNCH["row_warps_max"])
+
+
 def rows_per_program(block_n: int) -> int:
     """Rows one program handles: a few on a GPU for small rows, many under the interpreter
     (each interpreted program instance costs milliseconds, so fewer, fatter programs win)."""
@@ -144,8 +165,10 @@ def rows_per_program(block_n: int) -> int:
 
 
 def num_persistent_programs(num_tiles: int, device: torch.device) -> int:
-    """Programs of a persistent (grid-stride) kernel: one per SM on a GPU, 2 under the interpreter."""
+    """Programs of a persistent (grid-stride) kernel: a few per SM on a GPU (one program of 4 warps
+    per SM left an H200 mostly idle: LayerNorm's backward ran 2.4x slower than eager), 2 under the
+    interpreter."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(num_tiles, sms))
+        return max(1, min(num_tiles, sms * LAUNCH["persistent_per_sm"]))
     return max(1, min(num_tiles, 2))

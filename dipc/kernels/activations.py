@@ -18,6 +18,7 @@ from dipc.semu.op_costs import register_op_cost
 from ._common import (
     HAS_TRITON,
     INTERPRET,
+    LAUNCH,
     KernelInputError,
     check_inputs,
     record_path,
@@ -39,7 +40,16 @@ __all__ = [
     "swiglu_reference",
 ]
 
-_BLOCK = 16384 if INTERPRET else 1024
+
+
+def _ew_launch(n: int) -> tuple[tuple[int], dict[str, int]]:
+    """Grid and launch options of an elementwise kernel over ``n`` elements."""
+    if INTERPRET:
+        return (triton.cdiv(n, 16384),), dict(BLOCK=16384)
+    block = LAUNCH["ew_block"]
+    return (triton.cdiv(n, block),), dict(BLOCK=block, num_warps=LAUNCH["ew_warps"])
+
+
 _SQRT_2_OVER_PI = 0.7978845608028654
 _INV_SQRT_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -117,7 +127,8 @@ def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     a1, b1 = _flat(gate), _flat(up)
     c = torch.empty_like(a1)
     n = a1.numel()
-    _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](a1, b1, c, n, BLOCK=_BLOCK)
+    grid, opts = _ew_launch(n)
+    _swiglu_fwd_kernel[grid](a1, b1, c, n, **opts)
     return c.view(gate.shape)
 
 
@@ -131,7 +142,8 @@ def swiglu_backward_op(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
     a1, b1 = _flat(gate), _flat(up)
     da, db = torch.empty_like(a1), torch.empty_like(b1)
     n = a1.numel()
-    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(dc), a1, b1, da, db, n, BLOCK=_BLOCK)
+    grid, opts = _ew_launch(n)
+    _swiglu_bwd_kernel[grid](_flat(dc), a1, b1, da, db, n, **opts)
     return da.view(gate.shape), db.view(gate.shape)
 
 
@@ -157,7 +169,8 @@ def gelu_op(x: torch.Tensor, tanh: bool) -> torch.Tensor:
     x1 = _flat(x)
     y = torch.empty_like(x1)
     n = x1.numel()
-    _gelu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x1, y, n, TANH=tanh, BLOCK=_BLOCK)
+    grid, opts = _ew_launch(n)
+    _gelu_fwd_kernel[grid](x1, y, n, TANH=tanh, **opts)
     return y.view(x.shape)
 
 
@@ -171,7 +184,8 @@ def gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, tanh: bool) -> torch.Ten
     x1 = _flat(x)
     dx = torch.empty_like(x1)
     n = x1.numel()
-    _gelu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](_flat(dy), x1, dx, n, TANH=tanh, BLOCK=_BLOCK)
+    grid, opts = _ew_launch(n)
+    _gelu_bwd_kernel[grid](_flat(dy), x1, dx, n, TANH=tanh, **opts)
     return dx.view(x.shape)
 
 

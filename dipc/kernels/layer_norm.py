@@ -22,6 +22,7 @@ from ._common import (
     next_pow2,
     num_persistent_programs,
     record_path,
+    row_warps,
     rows_per_program,
     tl,
     triton,
@@ -111,7 +112,7 @@ def _fwd(x2: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
     rstd = torch.empty_like(mean)
     _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         x2, w if w is not None else x2, b if b is not None else x2, y, mean, rstd, n_rows, n_cols, eps,
-        HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+        HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=row_warps(block_n))
     return y, mean, rstd
 
 
@@ -127,7 +128,7 @@ def _bwd(dy2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor | None, mean: torc
     db_part = torch.empty_like(dw_part) if has_b else dw_part
     _layer_norm_bwd_kernel[(num_progs,)](
         dy2, x2, w if w is not None else x2, mean, rstd, dx, dw_part, db_part,
-        n_rows, n_cols, num_tiles, HAS_W=w is not None, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n)
+        n_rows, n_cols, num_tiles, HAS_W=w is not None, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=row_warps(block_n))
     dw = dw_part.sum(0).to(w.dtype) if w is not None else None
     db = db_part.sum(0).to(x2.dtype) if has_b else None
     return dx, dw, db

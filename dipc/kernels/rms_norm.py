@@ -23,6 +23,7 @@ from ._common import (
     next_pow2,
     num_persistent_programs,
     record_path,
+    row_warps,
     rows_per_program,
     tl,
     triton,
@@ -91,7 +92,7 @@ def _fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tens
     y = torch.empty_like(x2)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(n_rows, block_m),)
-    _rms_norm_fwd_kernel[grid](x2, weight, y, rstd, n_rows, n_cols, eps, BLOCK_M=block_m, BLOCK_N=block_n)
+    _rms_norm_fwd_kernel[grid](x2, weight, y, rstd, n_rows, n_cols, eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=row_warps(block_n))
     return y, rstd
 
 
@@ -104,7 +105,7 @@ def _bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.
     dx = torch.empty_like(x2)
     dw_part = torch.empty(num_progs, n_cols, dtype=torch.float32, device=x2.device)
     _rms_norm_bwd_kernel[(num_progs,)](dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, num_tiles,
-                                        BLOCK_M=block_m, BLOCK_N=block_n)
+                                        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=row_warps(block_n))
     return dx, dw_part.sum(0).to(weight.dtype)
 
 

@@ -24,6 +24,7 @@ from dipc.semu.op_costs import register_op_cost
 from ._common import (
     HAS_TRITON,
     INTERPRET,
+    LAUNCH,
     KernelInputError,
     next_pow2,
     record_path,
@@ -81,11 +82,12 @@ def _launch(x4: torch.Tensor, cos3: torch.Tensor, sin3: torch.Tensor, backward: 
     y = torch.empty((n_lead, n_heads, seq_len, dim), dtype=x4.dtype, device=x4.device)
     n_rows = n_lead * n_heads * seq_len
     block_h = next_pow2(half)
-    block_m = max(1, min(64 if INTERPRET else 16, (16384 if INTERPRET else 2048) // block_h))
+    block_m = max(1, min(64 if INTERPRET else 16, (16384 if INTERPRET else LAUNCH["rope_rows"]) // block_h))
+    warps = {} if INTERPRET else dict(num_warps=LAUNCH["rope_warps"])
     _rope_kernel[(triton.cdiv(n_rows, block_m),)](
         x4, cos3, sin3, y, n_rows, n_heads, seq_len,
         x4.stride(0), x4.stride(1), x4.stride(2), cos3.stride(0), cos3.stride(1), half,
-        BACKWARD=backward, BLOCK_M=block_m, BLOCK_H=block_h)
+        BACKWARD=backward, BLOCK_M=block_m, BLOCK_H=block_h, **warps)
     return y
 
 

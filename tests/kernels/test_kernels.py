@@ -226,3 +226,30 @@ def test_fused_linear_cross_entropy_never_builds_full_logits(device):
     finally:
         mod.F.linear = old
     assert seen and max(r for r, _ in seen) == 4
+
+
+def test_fused_linear_cross_entropy_repeated_backward(device):
+    """The op scales its kept gradients in place on the first backward (no weight-sized copy).
+    A second backward through the same graph (the split backward's weight pass) must still get
+    ``grad·g``, and what the first one handed out must not change when the second uses another g."""
+    torch.manual_seed(8)
+    x, w = _randn((12, 16), torch.float32, device), _randn((40, 16), torch.float32, device)
+    target = torch.randint(0, 40, (12,), device=device)
+    xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ref_x, ref_w = torch.autograd.grad(ref_linear_ce(xs, ws, target, None, -100, "mean"), (xs, ws))
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = fused_linear_cross_entropy(x, w, target)
+    g1, g2 = torch.tensor(0.5, device=device), torch.tensor(3.0, device=device)
+    first = torch.autograd.grad(loss, (x, w), g1, retain_graph=True)
+    kept = [t.clone() for t in first]
+    again = torch.autograd.grad(loss, (x, w), g1, retain_graph=True)
+    other = torch.autograd.grad(loss, (x, w), g2)
+    for got, ref in zip(first, (ref_x, ref_w)):
+        torch.testing.assert_close(got, ref * 0.5, rtol=1e-4, atol=1e-6)
+    for got, ref in zip(again, (ref_x, ref_w)):
+        torch.testing.assert_close(got, ref * 0.5, rtol=1e-4, atol=1e-6)
+    for got, ref in zip(other, (ref_x, ref_w)):
+        torch.testing.assert_close(got, ref * 3.0, rtol=1e-4, atol=1e-6)
+    for got, was in zip(first, kept):
+        assert torch.equal(got, was), "a later backward changed gradients an earlier one handed out"
+    assert w.dtype == first[1].dtype
