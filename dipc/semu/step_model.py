@@ -516,7 +516,11 @@ class StepModel:
         the forward and two (its gradient and the output's) in the backward. Only BWD frees each
         layer's stash once past it (BWD_I keeps the graph for BWD_W, which walks it with
         ``retain_graph``), and ``first`` (the stage's first weight backward of the step) allocates
-        the layer's parameter gradients as it goes. A BWD_I that captures BWD_W's seeds
+        the layer's parameter gradients as it goes. Where nothing is freed on the way, a masked
+        attention whose kernel materialises the probabilities (``dense_masked_attention``) holds
+        two probability-sized gradients at once on top (dP, then dS from the softmax backward);
+        under BWD that transient takes the place of the probabilities autograd just freed. A BWD_I
+        that captures BWD_W's seeds
         (:meth:`captures_seeds`; not when its unit recomputes layers, ``rewalk``) gathers them as
         it goes and holds them all at its end. Not modelled: temporaries inside a layer's backward."""
         op = ins.op
@@ -539,13 +543,14 @@ class StepModel:
             frees = op is _BWD
             makes_grads = first and op is not _BWD_I
             captures = op is _BWD_I and not rewalk and self.captures_seeds(ins.stage)
+            probs = 0.0 if frees or not self.cluster.device.dense_masked_attention else 2.0
             peak = live = 0.0
             if loss:
                 peak = 2 * loss
             for c in reversed(costs):
                 if makes_grads:
                     live += c.grad_bytes
-                peak = max(peak, live + c.out_bytes + c.in_bytes)
+                peak = max(peak, live + c.out_bytes + c.in_bytes + probs * c.attn_probs_bytes)
                 if frees:
                     live -= self._stash(c)
                 if captures:
