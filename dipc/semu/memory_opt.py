@@ -23,7 +23,10 @@ workspace) — the same accounting as the emulator's :class:`MemoryModel`, whose
 depend on timings. Every such point gives one row ``static + Σ o·stash (+ workspace) ≤ M`` over
 the (stage, microbatch) pairs live there, plus the cost model's own workspace of the instruction
 (``workspace_bytes``: loss head, gradients of a backward) as a constant, so the emulator's check
-agrees with the ILP and the per-microbatch choice does not chase the peak round after round.
+agrees with the ILP and the per-microbatch choice does not chase the peak round after round. The
+gradients a zero-bubble BWD_I keeps for its BWD_W (``wgrad_seed_bytes``) are held from one to the
+other by the candidate that recomputes nothing only: a unit that recomputes takes the runtime's
+plain split, which keeps none, so recomputing one layer of a unit also frees its seeds.
 
 Keeping it small: the (stage, microbatch) pairs that hold no stash at any point the all-fastest
 choice breaks are first fixed to "nothing recomputed" (recomputing them could only help a row
