@@ -25,6 +25,9 @@ block) would be reached through the activation path from every deeper call, whic
 example cost 17x a whole backward; then BWD_W walks once from the stage outputs instead (the
 plain split's cost).
 
+The graph analysis itself is :mod:`dipc.passes.grad_split`, shared with SEMU, which runs it on
+each layer's fake graph to count the captured gradients BWD_I keeps alive until BWD_W.
+
 Outputs whose graph does not lead to any input (the first stage, whose inputs are token ids, or
 an output computed from parameters alone) are weight work only: BWD_W runs them from the given
 output gradients, and BWD_I does nothing for them.
@@ -46,6 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
+from dipc.passes.grad_split import analyse_split
+
 __all__ = ["WeightGradWork", "backward_input", "backward_weight", "param_nodes", "walks_whole"]
 
 
@@ -65,55 +70,6 @@ class WeightGradWork:
     calls: list[_Call]
 
 
-def _analyse(roots: Sequence[Node], input_nodes: set[Node], param_nodes: set[Node]
-             ) -> tuple[set[Node], dict[Node, frozenset[Node]], dict[Node, int], dict[Node, frozenset[Node]]]:
-    """One post-order pass over the graph below ``roots``. Returns the nodes on the input path
-    (an input node is reachable from them), the intermediates with the parameter nodes each owns
-    (reachable through an edge off the input path), every on-path node's depth (the most
-    intermediates on a path strictly below it), and for off-path nodes the parameters below."""
-    on_path: set[Node] = set()
-    below: dict[Node, frozenset[Node]] = {}      # off-path node -> parameter nodes reachable from it
-    owned: dict[Node, frozenset[Node]] = {}
-    depth: dict[Node, int] = {}
-    kids_of: dict[Node, tuple[Node, ...]] = {}
-    stack: list[tuple[Node, bool]] = [(r, False) for r in roots]
-    while stack:
-        node, expanded = stack.pop()
-        if not expanded:
-            if node in kids_of:
-                continue
-            kids = tuple(f for f, _ in node.next_functions if f is not None)
-            kids_of[node] = kids
-            stack.append((node, True))
-            stack.extend((k, False) for k in kids if k not in kids_of)
-            continue
-        if node in depth or node in below:   # pushed twice before it was finished
-            continue
-        kids = kids_of[node]
-        if node in input_nodes or any(k in on_path for k in kids):
-            on_path.add(node)
-            mine = frozenset().union(*(below[k] for k in kids if k in below))
-            if mine:
-                owned[node] = mine
-            depth[node] = max((depth[k] + (k in owned) for k in kids if k in depth), default=0)
-        else:
-            mine = frozenset().union(*(below[k] for k in kids))
-            below[node] = mine | {node} if node in param_nodes else mine
-    return on_path, owned, depth, below
-
-
-def _shared_across_depths(owned: dict[Node, frozenset[Node]], depth: dict[Node, int]) -> bool:
-    """Whether some parameter hangs below intermediates of two or more depths (then BWD_W walks
-    the whole backward once instead of once per depth; see the module docstring)."""
-    first: dict[Node, int] = {}
-    for node, ps in owned.items():
-        d = depth[node]
-        for p in ps:
-            if first.setdefault(p, d) != d:
-                return True
-    return False
-
-
 def walks_whole(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
     """Whether :func:`backward_weight` after :func:`backward_input` of this graph runs the whole
     backward (a parameter shared across depths, or no input taking a gradient) rather than only
@@ -125,9 +81,8 @@ def walks_whole(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
         return False
     if not leaves:
         return True
-    _, owned, depth, _ = _analyse(roots, {get_gradient_edge(x).node for x in leaves},
-                                  set(param_nodes(params)))
-    return _shared_across_depths(owned, depth)
+    split = analyse_split(roots, {get_gradient_edge(x).node for x in leaves}, set(param_nodes(params)))
+    return split.shared_across_depths()
 
 
 def param_nodes(params: Sequence[torch.Tensor]) -> dict[Node, torch.Tensor]:
@@ -151,11 +106,11 @@ def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         result = torch.autograd.grad(list(outputs), list(inputs), list(grads), retain_graph=True, allow_unused=True)
         return list(result), WeightGradWork(whole)
     param_of = param_nodes(params) if nodes is None else nodes
-    on_path, owned, depth, below = _analyse([e.node for e in root_edges], {get_gradient_edge(x).node for x in inputs},
-                                            set(param_of))
+    split = analyse_split([e.node for e in root_edges], {get_gradient_edge(x).node for x in inputs}, set(param_of))
+    on_path, owned, depth, below = split.on_path, split.owned, split.depth, split.below
     # the gradient flowing into each intermediate, asked of the same backward as the input grads
     # (a GradientEdge among ``inputs`` is captured where it enters its node; the node still runs)
-    kept = [GradientEdge(node, k) for node in owned for k in range(len(node._input_metadata))]
+    kept = split.kept_edges()
     every = torch.autograd.grad(list(outputs), [*inputs, *kept], list(grads), retain_graph=True, allow_unused=True)
     result = list(every[:len(inputs)])
     captured: dict[Node, list[tuple[GradientEdge, torch.Tensor]]] = defaultdict(list)
@@ -170,7 +125,7 @@ def backward_input(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         if reached:
             calls.append(_Call([e for e, _ in roots_off_path], [g for _, g in roots_off_path],
                                [param_of[n] for n in reached]))
-    if _shared_across_depths(owned, depth):
+    if split.shared_across_depths():
         # a parameter used at several depths (a conditioning MLP feeding every DiT block, a tied
         # embedding): the deeper calls would each walk the activation path down to it again --
         # measured 17x a whole backward on the T2V example -- so BWD_W walks once from the outputs

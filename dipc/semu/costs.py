@@ -125,6 +125,9 @@ class LayerCost:
     # extra stash of a kernel that materialises masked attention (CPU SDPA's math path): the
     # softmax probabilities of every masked call, less the output and log-sum-exp a fused kernel keeps
     attn_probs_bytes: float = 0.0
+    # gradients the zero-bubble BWD_I captures at the layer's intermediates (the output gradients
+    # of its weight-carrying ops) and keeps alive as BWD_W's seeds (dipc.runtime.split_backward)
+    wgrad_seed_bytes: float = 0.0
 
     @property
     def bwd_flops(self) -> float:

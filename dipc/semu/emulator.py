@@ -23,7 +23,8 @@ memory, and a timeline that :func:`dipc.semu.trace.to_chrome_trace` exports):
   (the runtime waits for posted sends at the end of the step);
 - memory (optional :class:`MemoryModel`): per-stage resident bytes (parameters, optimizer
   states) for the whole step, gradients from the stage's first weight backward on; a FWD's
-  stashed activations from its end until its backward frees them (BWD_I frees all but what BWD_W still needs, BWD_W the rest); received
+  stashed activations from its end until its backward frees them (BWD_I frees all but what BWD_W still needs, BWD_W the rest); the
+  gradients a BWD_I captures for its BWD_W (the seeds of the weight-gradient walk), from its end until that BWD_W ends; received
   activations until the stage's backward of that microbatch ends and received gradients until the
   backward that reads them ends; per-instruction workspace while it runs.
 
@@ -95,6 +96,9 @@ class MemoryModel:
     ``static(stage)``: resident bytes of that stage for the whole step (parameters, gradients,
     optimizer states). ``activations(fwd)``: bytes a FWD stashes for its backward.
     ``kept_for_wgrad(bwd_i)``: of those, the bytes BWD_I leaves for BWD_W (``None``: all of them).
+    ``seeds_for_wgrad(bwd_i)``: bytes BWD_I allocates and leaves alive until BWD_W ends, on top of
+    the stash (the gradients the runtime's split captures as BWD_W's seeds; ``None``: none), so
+    programs without BWD_I are unaffected.
     ``workspace(instr)``: transient bytes while a compute instruction runs (``None``: none).
     ``grads(stage)``: the stage's parameter gradients, made by its first BWD or BWD_W and kept to
     the end of the step (``None``: count them in ``static``); they count from that instruction's
@@ -107,6 +111,7 @@ class MemoryModel:
     static: Callable[[int], float]
     activations: Callable[[Instruction], float]
     kept_for_wgrad: Callable[[Instruction], float] | None = None
+    seeds_for_wgrad: Callable[[Instruction], float] | None = None
     workspace: Callable[[Instruction], float] | None = None
     grads: Callable[[int], float] | None = None
     count_messages: bool = True
@@ -326,6 +331,7 @@ def simulate(
         split_stage = [s.modality in split_modalities for s in program.stages]
         mem_act = memory.activations
         mem_keep = memory.kept_for_wgrad
+        mem_seeds = memory.seeds_for_wgrad
         mem_ws = memory.workspace
         mem_grads = memory.grads
         has_grads: set[int] = set()
@@ -362,8 +368,9 @@ def simulate(
                     elif op is _BWD_I:
                         full = stash.get(key, 0.0)
                         kept = full if mem_keep is None else min(full, float(mem_keep(ins)))
-                        stash[key] = kept
-                        delta = kept - full - held_grad.pop(key, 0.0)
+                        seeds = 0.0 if mem_seeds is None else float(mem_seeds(ins))
+                        stash[key] = kept + seeds       # BWD_W frees both
+                        delta = kept + seeds - full - held_grad.pop(key, 0.0)
                     elif op is _BWD_W:
                         delta = -stash.pop(key, 0.0) - held_act.pop(key, 0.0)
                     if mem_grads is not None and (op is _BWD or op is _BWD_W) and ins.stage not in has_grads:

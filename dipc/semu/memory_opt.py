@@ -23,7 +23,10 @@ workspace) — the same accounting as the emulator's :class:`MemoryModel`, whose
 depend on timings. Every such point gives one row ``static + Σ o·stash (+ workspace) ≤ M`` over
 the (stage, microbatch) pairs live there, plus the cost model's own workspace of the instruction
 (``workspace_bytes``: loss head, gradients of a backward) as a constant, so the emulator's check
-agrees with the ILP and the per-microbatch choice does not chase the peak round after round.
+agrees with the ILP and the per-microbatch choice does not chase the peak round after round. The
+gradients a zero-bubble BWD_I keeps for its BWD_W (``wgrad_seed_bytes``) are held from one to the
+other by the candidate that recomputes nothing only: a unit that recomputes takes the runtime's
+plain split, which keeps none, so recomputing one layer of a unit also frees its seeds.
 
 Keeping it small: the (stage, microbatch) pairs that hold no stash at any point the all-fastest
 choice breaks are first fixed to "nothing recomputed" (recomputing them could only help a row
@@ -219,6 +222,8 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
         at += len(cands[g[0]])
     useful = {s: any(cands[s]) for s in stages}
     base = getattr(tables.costs, "workspace_bytes", None)   # StepModel: transients of every compute
+    seed_bytes = getattr(tables.costs, "wgrad_seed_bytes", None)   # StepModel: what BWD_I keeps for BWD_W
+    seeds: dict[tuple[int, int, int], tuple[int, float]] = {}      # unit -> (column, MiB) while held
     if base is not None:
         from dipc.semu.step_model import first_weight_backwards
         firsts = first_weight_backwards(program)
@@ -253,6 +258,21 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
                 rows.append(row)
                 offsets.append(extra)
                 pending = False
+            if ins.op is _BWD_I and seed_bytes is not None:
+                # held only by the candidate that recomputes nothing (column 0): a unit that
+                # recomputes takes the plain split, whose BWD_I keeps no seeds (recompute_costs)
+                held = seed_bytes(*key) / _SCALE
+                if held > 0:
+                    seeds[key] = (int(cols[0]), held)
+                    running[cols[0]] += held
+                    pending = True
+            if ins.op is _BWD_W and key in seeds:
+                if pending:
+                    rows.append(running.copy())
+                    offsets.append(0.0)
+                    pending = False
+                col, held = seeds.pop(key)
+                running[col] -= held
             if ins.op is not _BWD_I and key in live:
                 if pending:
                     rows.append(running.copy())

@@ -13,6 +13,10 @@ The plan is per (stage, microbatch) (:func:`dipc.ir.recompute.expand_recompute`)
 and a backward re-runs and takes workspace for, the layers its own microbatch recomputes (all
 sub-microbatches of a microbatch share its choice, as in the runtime).
 
+A unit that recomputes layers takes the runtime's plain zero-bubble split (BWD_W walks again
+from the outputs, :mod:`dipc.runtime.split_backward`), so its BWD_I captures and keeps no
+gradients for BWD_W; the other units keep the cost model's ``wgrad_seed_bytes`` from BWD_I to BWD_W.
+
 Not modelled: a recomputed layer's input may also be saved by the previous, non-recomputed
 layer (e.g. when that layer's last op saves its output); it is then counted twice
 (conservative). Recomputation reads the same inputs, so its time is the layer's forward time.
@@ -152,8 +156,9 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
     rerun: dict[tuple[int, int, int], float] = {}
 
     def workspace(ins: Instruction) -> float:
-        extra = base(ins, first=(ins.stage, ins.mb, ins.sub) in firsts) if base is not None else 0.0
         layers = sets.get((ins.stage, ins.mb))
+        extra = (base(ins, first=(ins.stage, ins.mb, ins.sub) in firsts, rewalk=bool(layers))
+                 if base is not None else 0.0)
         if not layers or not recomputes_in(ins, program):
             return extra
         key = (ins.stage, ins.mb, ins.sub)
@@ -163,6 +168,11 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
             hit = rerun[key] = workspace_bytes(costs, ins.stage, m, layers, j)
         return extra + hit
 
+    seed_bytes = getattr(costs, "wgrad_seed_bytes", None)
+
+    def seeds(ins: Instruction) -> float:
+        return 0.0 if seed_bytes is None or sets.get((ins.stage, ins.mb)) else seed_bytes(ins.stage, ins.mb, ins.sub)
+
     static = costs.static_bytes if grads is None else (lambda stage: costs.static_bytes(stage) - grads(stage))
-    return MemoryModel(static=static, activations=activations, grads=grads,
+    return MemoryModel(static=static, activations=activations, grads=grads, seeds_for_wgrad=seeds,
                        workspace=workspace if (sets or base is not None) else None, count_messages=False)

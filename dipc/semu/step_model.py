@@ -341,11 +341,12 @@ class StepModel:
         self._layer_cache: dict[tuple, LayerTime] = {}
         self._stage_cache: dict[tuple[int, int, int], StageTime] = {}
         self._act_cache: dict[tuple[int, int, int], float] = {}
+        self._seed_cache: dict[tuple[int, int, int], float] = {}
         self._footprint_cache: dict[tuple[int, int, str], Footprint] = {}
         self._ops_cache: dict[tuple[Op, int], int] = {}
         self._per_op_dispatch = bool(cluster.device.kind_op_overheads)   # compute_time runs per instruction
         self._costs_cache: dict[tuple[int, int, int], list[LayerCost]] = {}
-        self._workspace_cache: dict[tuple[Op, int, int, int, bool], float] = {}
+        self._workspace_cache: dict[tuple[Op, int, int, int, bool, bool], float] = {}
         self._unit_keys: dict[tuple[int, int], tuple[int, int]] = {}
         self._overheads: dict = {}
         self._units_by_stats: dict[tuple, tuple[int, int]] = {}
@@ -506,45 +507,78 @@ class StepModel:
         cm = self.cost_model
         return sum(cm._static[cm.signature(p)][1] for p in self._layers(stage)) / self.tp
 
-    def workspace_bytes(self, ins: Instruction, first: bool = False) -> float:
+    def workspace_bytes(self, ins: Instruction, first: bool = False, rewalk: bool = False) -> float:
         """Peak transient bytes while a compute instruction runs, above the memory before it.
 
         Walks the stage's layers the way autograd does (loss head, then the layers in reverse): a
         layer's backward holds its output and input gradients at once; on a loss stage the loss
         head materialises one copy of the last layer's output (log-softmax over the vocabulary) in
-        the forward and two (its gradient and the output's) in the backward. A backward frees each
-        layer's stash once past it, and ``first`` (the stage's first weight backward of the step)
-        allocates the layer's parameter gradients as it goes. Not modelled: temporaries inside a
-        layer's backward."""
+        the forward and two (its gradient and the output's) in the backward. Only BWD frees each
+        layer's stash once past it (BWD_I keeps the graph for BWD_W, which walks it with
+        ``retain_graph``), and ``first`` (the stage's first weight backward of the step) allocates
+        the layer's parameter gradients as it goes. Where nothing is freed on the way, a masked
+        attention whose kernel materialises the probabilities (``dense_masked_attention``) holds
+        two probability-sized gradients at once on top (dP, then dS from the softmax backward);
+        under BWD that transient takes the place of the probabilities autograd just freed. A BWD_I
+        that captures BWD_W's seeds
+        (:meth:`captures_seeds`; not when its unit recomputes layers, ``rewalk``) gathers them as
+        it goes and holds them all at its end. Not modelled: temporaries inside a layer's backward."""
         op = ins.op
         if op not in _COMPUTE:
             return 0.0
-        key = (op, ins.stage, ins.mb, ins.sub, bool(first))
+        key = (op, ins.stage, ins.mb, ins.sub, bool(first), bool(rewalk))
         hit = self._workspace_cache.get(key)
         if hit is not None:       # the emulator asks once per instruction, per simulated candidate
             return hit
         unit = self.unit_key(ins.mb, ins.sub)
         if unit != (ins.mb, ins.sub):
-            hit = self._workspace_cache[key] = self.workspace_bytes(replace(ins, mb=unit[0], sub=unit[1]), first)
+            hit = self._workspace_cache[key] = self.workspace_bytes(replace(ins, mb=unit[0], sub=unit[1]), first,
+                                                                    rewalk)
             return hit
         costs = self._stage_costs(ins.stage, ins.mb, ins.sub)
         loss = costs[-1].out_bytes if ins.stage in self.loss_stages and costs else 0.0
         if op is _FWD:
             hit = loss / self.tp
         else:
-            frees = op is not _BWD_I                   # BWD_I keeps the graph for BWD_W
+            frees = op is _BWD
             makes_grads = first and op is not _BWD_I
+            captures = op is _BWD_I and not rewalk and self.captures_seeds(ins.stage)
+            probs = 0.0 if frees or not self.cluster.device.dense_masked_attention else 2.0
             peak = live = 0.0
             if loss:
                 peak = 2 * loss
             for c in reversed(costs):
                 if makes_grads:
                     live += c.grad_bytes
-                peak = max(peak, live + c.out_bytes + c.in_bytes)
+                peak = max(peak, live + c.out_bytes + c.in_bytes + probs * c.attn_probs_bytes)
                 if frees:
                     live -= self._stash(c)
-            hit = max(peak, 0.0) / self.tp
+                if captures:
+                    live += c.wgrad_seed_bytes
+            hit = max(peak, live, 0.0) / self.tp
         self._workspace_cache[key] = hit
+        return hit
+
+    def captures_seeds(self, stage: int) -> bool:
+        """Whether BWD_I of ``stage`` captures gradients for BWD_W (:mod:`dipc.runtime.split_backward`):
+        it runs an input-gradient pass and the model follows dipc's split (not ``wgrad_recomputes``)."""
+        return stage not in self.no_input_grads and not self.wgrad_recomputes
+
+    def wgrad_seed_bytes(self, stage: int, mb: int, sub: int = -1) -> float:
+        """Bytes a BWD_I of ``stage`` on (``mb``, ``sub``) keeps alive until its BWD_W besides the
+        stash, per GPU (÷ tp): the gradients it captured at the layers' intermediates
+        (``LayerCost.wgrad_seed_bytes``), BWD_W's seeds. 0 where it captures none, and where BWD_W
+        walks the whole backward (``whole_wgrad_stages``: BWD_I drops what it captured). A unit
+        that recomputes layers captures none either; :func:`recompute_memory_model` says so.
+        Not modelled: captures in the glue between layers (a VLM's text embeddings merging with
+        the image features: ~2% of the VLM's), and the stage's received output gradients, which
+        BWD_W also keeps (one activation, small next to the seeds)."""
+        if not self.captures_seeds(stage) or stage in self.whole_wgrad_stages:
+            return 0.0
+        key = (stage, mb, sub)
+        hit = self._seed_cache.get(key)
+        if hit is None:
+            hit = self._seed_cache[key] = sum(c.wgrad_seed_bytes for c in self._stage_costs(stage, mb, sub)) / self.tp
         return hit
 
     def _stage_costs(self, stage: int, mb: int, sub: int = -1) -> list[LayerCost]:
@@ -666,8 +700,9 @@ class StepModel:
     def memory_model(self, program: Program | None = None) -> MemoryModel:
         """Per-GPU memory: parameters and optimizer states per stage, gradients from the stage's first
         backward on (the runtime frees them after the optimizer step), activations per (stage,
-        microbatch), a backward's workspace (:meth:`workspace_bytes`). The layers' ``act_bytes``
-        include each layer's input, so received messages are not counted again.
+        microbatch), the seeds a BWD_I keeps for its BWD_W (:meth:`wgrad_seed_bytes`), a backward's
+        workspace (:meth:`workspace_bytes`). The layers' ``act_bytes`` include each layer's input,
+        so received messages are not counted again.
         With a ``program`` that recomputes layers, its recomputed layers stash only their inputs."""
         plan = recompute_plan(program) if program is not None else {}
         if plan:
@@ -679,6 +714,7 @@ class StepModel:
 
         return MemoryModel(static=lambda stage: self.static_bytes(stage) - self.grad_bytes(stage),
                            activations=lambda ins: self.activation_bytes(ins.stage, ins.mb, ins.sub),
+                           seeds_for_wgrad=lambda ins: self.wgrad_seed_bytes(ins.stage, ins.mb, ins.sub),
                            grads=self.grad_bytes, workspace=workspace, count_messages=False)
 
     def simulate(self, program: Program, *, memory: bool = True, **kwargs: Any) -> SimResult:

@@ -18,6 +18,11 @@ Under that trace:
 - Bytes moved are an *unfused* estimate: the tensor bytes every non-view ATen op reads and writes.
 - Activation memory is the bytes of the distinct storages autograd saves for backward (parameters
   excluded, the layer's own input included), plus the softmax statistics a flash kernel keeps.
+- The zero-bubble split's held gradients (``wgrad_seed_bytes``): the layer's backward graph is
+  split by the runtime's own rules (:mod:`dipc.passes.grad_split`) and the input-gradient pass is
+  asked for the gradients flowing into its intermediates, as BWD_I does; the bytes of their
+  distinct storages (the seed of the layer's output gradient included when one is captured) are
+  what BWD_I keeps alive for BWD_W. The layer's inputs stand for the stage's activation path.
 
 Custom ops are costed by their ``register_op_cost`` entries (FLOPs, optionally bytes moved); what
 they keep for backward is what their autograd saves. dipc's fused kernels are such ops
@@ -44,13 +49,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from dipc.passes.grad_split import analyse_split
 from dipc.semu.op_costs import _NO_FLOPS, _OP_BYTES, _OP_FLOPS, register_op_cost
 
 __all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownOpCostWarning", "register_op_cost"]
 
 # The symbolic quantities of one layer, in this order everywhere (LocalCost.exprs, LayerCost fields).
 COST_FIELDS = ("fwd_flops", "bwd_in_flops", "bwd_w_flops", "attn_fwd_flops", "fwd_bytes", "bwd_bytes",
-               "act_bytes", "out_bytes", "in_bytes", "attn_probs_bytes")
+               "act_bytes", "out_bytes", "in_bytes", "attn_probs_bytes", "wgrad_seed_bytes")
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -332,7 +338,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
             out_bytes = sympy.Add(*(_nbytes(o) for o in outs))
             grad_outs = [o for o in outs if o.requires_grad]
             inputs = [f for f in fake if isinstance(f, torch.Tensor) and f.requires_grad]
-            bwd_in, bwd_all = sympy.Integer(0), sympy.Integer(0)
+            bwd_in, bwd_all, seeds = sympy.Integer(0), sympy.Integer(0), sympy.Integer(0)
             if grad_outs:
                 gouts = [torch.empty_like(o) for o in grad_outs]
                 rec.phase = "skip"
@@ -341,6 +347,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                     with c, rec:
                         torch.autograd.grad(grad_outs, inputs, gouts, retain_graph=True, allow_unused=True)
                     bwd_in = _expr(c.get_total_flops())
+                    seeds = _wgrad_seed_bytes(grad_outs, gouts, inputs, params)
                 rec.phase = "bwd"
                 c = _flop_counter()
                 with c, rec:
@@ -358,6 +365,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 "out_bytes": out_bytes,
                 "in_bytes": _stream_bytes(fake),
                 "attn_probs_bytes": attn.probs_saved,
+                "wgrad_seed_bytes": seeds,
             }
             if not grad_outs:   # nothing differentiable leaves the layer: no stash either
                 exprs["act_bytes"] = sympy.Integer(0)
@@ -378,6 +386,28 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
             "flops=lambda *shapes, out_shape=None, **kw: ...) before building the cost model, or flops=None if "
             "the op does no matmul-like work."), stacklevel=2)
     return local
+
+
+def _wgrad_seed_bytes(outs: list[torch.Tensor], grads: list[torch.Tensor], inputs: list[torch.Tensor],
+                      params: list[torch.Tensor]) -> sympy.Expr:
+    """Bytes of the gradients the zero-bubble BWD_I captures at the layer's intermediates and keeps
+    for BWD_W (:func:`dipc.runtime.split_backward.backward_input`'s rules), each storage once.
+    Runs one more input-gradient pass on the fake graph, outside the counters."""
+    from torch.autograd.graph import get_gradient_edge
+
+    if not params:
+        return sympy.Integer(0)
+    split = analyse_split([get_gradient_edge(o).node for o in outs], {get_gradient_edge(x).node for x in inputs},
+                          {get_gradient_edge(p).node for p in params})
+    kept = split.kept_edges()
+    if not kept:
+        return sympy.Integer(0)
+    got = torch.autograd.grad(outs, [*inputs, *kept], grads, retain_graph=True, allow_unused=True)[len(inputs):]
+    storages: dict[int, sympy.Expr] = {}
+    for g in got:
+        if g is not None:
+            storages.setdefault(_storage_key(g), _nbytes(g._base if g._base is not None else g))
+    return sympy.Add(*storages.values())
 
 
 def _to_meta(module: nn.Module) -> nn.Module:

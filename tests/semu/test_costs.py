@@ -251,3 +251,46 @@ def test_unknown_layer_names_choices():
     cm = layer_cost_model(captured)
     with pytest.raises(CostError, match="no layer 'nope'.*Fix"):
         cm.cost("nope", LengthStats.of([3]))
+
+
+def _runtime_seed_bytes(module, args, kwargs) -> int:
+    """Bytes of the distinct storages the runtime's BWD_I keeps for BWD_W when ``module`` is run
+    alone, its inputs standing for the stage's activation path."""
+    from dipc.runtime.split_backward import backward_input
+
+    clone = lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+    args = torch.utils._pytree.tree_map(clone, args)
+    kwargs = torch.utils._pytree.tree_map(clone, kwargs)
+    out = module(*args, **kwargs)
+    outs = [o for o in torch.utils._pytree.tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+    inputs = [a for a in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+              if isinstance(a, torch.Tensor) and a.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not outs or not inputs:
+        return 0
+    _, work = backward_input(outs, [torch.ones_like(o) for o in outs], inputs, params)
+    storages = {g.untyped_storage()._cdata: g.untyped_storage().nbytes() for c in work.calls for g in c.grads}
+    return sum(storages.values())
+
+
+def test_wgrad_seed_bytes_equal_what_the_runtime_split_keeps(example):
+    """The traced term counts exactly the gradients the runtime's BWD_I captures for BWD_W, on
+    batches of other lengths than the traced one (the logits' gradient in ``lm_head``, every
+    linear's output gradient in a block)."""
+    ex, captured, cm = example
+    rng = random.Random(2)
+    held = 0
+    for _ in range(3):
+        batch = _random_batch(ex, rng)
+        interp = _LayerInputs(captured.graph_module, set(captured.layers))
+        interp.run(*[batch[k] for k in captured.input_keys])
+        for path in captured.layers:
+            args, kwargs = interp.seen[path]
+            if any(a.numel() == 0 for a in torch.utils._pytree.tree_flatten(args)[0] if isinstance(a, torch.Tensor)):
+                continue   # an empty stream (a batch without images): eager keeps a stray 4-byte storage
+            module = captured.graph_module.get_submodule(path)
+            got = cm.cost_at(path, args, kwargs, pairs=measure_attention_pairs(module, args, kwargs))
+            want = _runtime_seed_bytes(module, args, kwargs)
+            assert got.wgrad_seed_bytes == want, path
+            held += want
+    assert held > 0

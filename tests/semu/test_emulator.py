@@ -259,6 +259,20 @@ def test_bwd_i_keeps_what_bwd_w_needs():
     assert r.peak_memory == (8.0, 4.0)
 
 
+def test_bwd_w_seeds_are_held_from_bwd_i_to_bwd_w():
+    P, M = 2, 2
+    p = lower(chain(P), P, M, _zero_bubble_orders(P, M), schedule="zb")
+    mem = MemoryModel(static=lambda s: 0.0, activations=lambda ins: 4.0, kept_for_wgrad=lambda ins: 1.0,
+                      seeds_for_wgrad=lambda ins: 4.0 if ins.stage == 1 else 0.0, count_messages=False)
+    r = simulate(p, cluster(), cost, mem)
+    values = [b for _, b in r.memory_timeline[1]]  # rank 1: F(+4) I(-3 +4) W(-1 -4) per microbatch
+    assert values == [0.0, 4.0, 5.0, 0.0, 4.0, 5.0, 0.0]
+    assert r.peak_memory == (8.0, 5.0)
+    # a program without BWD_I never asks for seeds
+    one = simulate(program("1f1b", P, M), cluster(), cost, dataclasses.replace(mem, seeds_for_wgrad=lambda ins: 1 / 0))
+    assert one.peak_memory == (8.0, 4.0)
+
+
 def test_received_messages_count_until_the_backward():
     spec = (TensorSpec(kind="tensor", dtype="float32", shape=(2,)),)  # 8 bytes
     p = program("gpipe", 2, 2, specs=lambda *a: spec)
