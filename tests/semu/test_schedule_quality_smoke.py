@@ -41,3 +41,13 @@ def test_schedule_quality_vlm_and_t2v_batches():
     t2v = sq.run(2, 8, model="t2v_s", budget_s=0.05, trace_iterations=1)
     assert t2v["rise_and_fall"] == {} and {b["regime"] for b in t2v["batches"]} == {"video-caption", "mixed-video"}
     _check(sq, t2v)
+
+
+def test_k_overrides_set_the_dip_layouts_chunks():
+    sq = _load()
+    wl = sq.WORKLOADS["vlm_s"](vit_tokens=sq.IMAGE_TOKENS)
+    cm, cluster = sq.cost_model(wl), sq.load_preset(sq.PROFILE)
+    rep = [wl.stats(mb) for mb in wl.draw(sq.np.random.default_rng(0), "interleaved", 0, 4)]
+    layouts, ki = sq.make_layouts(wl, cm, cluster, wl.paper.tp, rep, 4, 4, k_backbone=1, k_encoder=2)
+    assert ki["K"] == {wl.encoder: 2, "backbone": 1} and ki["override"] == "--k-backbone --k-encoder"
+    assert layouts["dip"].stage_modality == (wl.encoder,) * 8 + ("backbone",) * 4
