@@ -844,7 +844,8 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
     Phase 3 then runs only where needed (:func:`dipc.semu.candidate_select.pick_fastest`: branch and
     bound on the plain step time, a lower bound of the fitted one), at most ``max_fits`` times per
     batch (a latency guard: on memory-bound batches every candidate needs recomputation and the
-    bounds prune little). Returns (Choice, info)."""
+    bounds prune little). The winner's per-microbatch refit gets what is left of
+    :data:`PLAN_BUDGET_S` (wall seconds per batch). Returns (Choice, info)."""
     from dipc.semu.candidate_select import gc_paused
 
     with gc_paused():       # a plan allocates ~10^5 short-lived objects: see gc_paused
@@ -855,6 +856,7 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
     from dipc.semu.candidate_select import pick_fastest
     from dipc.semu.order_bound import order_lower_bound
 
+    t_start = time.perf_counter()
     plain, subs = fresh_costs()
     stages = layout.stages
     P = layout.P
@@ -922,7 +924,8 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
     # the winner alone is refitted per (stage, microbatch): only the microbatches alive at a peak recompute
     c = choice.model
     program, result = refine_per_microbatch(choice.program, choice.result, c.step, capacity, mip_rel_gap=0.05,
-                                            tables=tables[id(c)])
+                                            tables=tables[id(c)],
+                                            time_budget=PLAN_BUDGET_S - (time.perf_counter() - t_start))
     info["recomputed_layers"] = sum(len(v) for v in recompute_plan(program).values())
     choice = dataclasses.replace(choice, program=program, result=result)
     validate(choice.program)
@@ -930,6 +933,9 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
 
 
 MEGATRON = "megatron interleaved"
+# the DIP planner's wall-clock budget per batch; the per-microbatch refit of its winner uses what the
+# search leaves (issue 5's target: <= 1 s median for VLM-L on 2 cores)
+PLAN_BUDGET_S = 1.0
 
 # (name, layout key, builder, role). Layout keys: see ``make_layouts``.
 PLANNER = "DIP planner"

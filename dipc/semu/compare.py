@@ -2,6 +2,7 @@
 interleaving included, so users (and `dipc trace`) see predicted step time and bubbles side by side."""
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from dipc.errors import InfeasibleMemoryError
@@ -82,7 +83,8 @@ def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int,
 
 def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model,
              baselines: Sequence[str] = (),
-             memory_limit: float | Sequence[float] | None = None) -> tuple[str, Program, SimResult]:
+             memory_limit: float | Sequence[float] | None = None,
+             time_budget: float | None = None) -> tuple[str, Program, SimResult]:
     """DIP's plan for this batch: every candidate order (and the static ``baselines``) lowered,
     validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw.
 
@@ -90,15 +92,19 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
     (:func:`dipc.semu.memory_opt.optimize_memory`), so their score includes the recomputation they
     need to fit — but only as many as can still win: each is first simulated as it is, a lower
     bound of its fitted time (:func:`dipc.semu.candidate_select.pick_fastest`). Candidates that
-    cannot fit are dropped, and if none fits the error of the one that came closest is raised."""
+    cannot fit are dropped, and if none fits the error of the one that came closest is raised.
+    ``time_budget`` (wall seconds for the whole plan): what the search leaves of it bounds the
+    winner's per-microbatch refit (:func:`dipc.semu.memory_opt.refine_per_microbatch`)."""
     from dipc.semu.candidate_select import gc_paused
 
     with gc_paused():       # a plan allocates many short-lived objects: see gc_paused
-        return _plan_dip(pipe, microbatches, model, baselines, memory_limit)
+        return _plan_dip(pipe, microbatches, model, baselines, memory_limit, time_budget)
 
 
 def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model, baselines: Sequence[str],
-              memory_limit: float | Sequence[float] | None) -> tuple[str, Program, SimResult]:
+              memory_limit: float | Sequence[float] | None,
+              time_budget: float | None = None) -> tuple[str, Program, SimResult]:
+    t_start = time.perf_counter()
     from dipc.semu.candidate_select import pick_fastest
     from dipc.semu.memory_opt import Phase3Tables, _limits, optimize_memory, refine_per_microbatch
 
@@ -137,7 +143,9 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
     choice = pick_fastest([(label, build(label, orders)) for label, orders in candidates.items()],
                           lambda program, costs: costs.simulate(program), _limits(memory_limit, pipe.num_ranks),
                           fit, pipe.num_ranks)
-    program, result = refine_per_microbatch(choice.program, choice.result, model, memory_limit, tables=tables)
+    program, result = refine_per_microbatch(choice.program, choice.result, model, memory_limit, tables=tables,
+                                            time_budget=None if time_budget is None else
+                                            time_budget - (time.perf_counter() - t_start))
     return choice.label, program, result
 
 

@@ -94,6 +94,11 @@ def test_refining_a_per_stage_winner_keeps_the_faster_plan():
     assert max(result.peak_memory) <= limit
     plain = costs.simulate(program)
     assert refine_per_microbatch(program, plain, costs, limit) == (program, plain)
+    # a spent planning budget keeps the per-stage plan; an ample one refits as before
+    spent = refine_per_microbatch(per_stage.program, per_stage.result, costs, limit, time_budget=0.001)
+    assert spent == (per_stage.program, per_stage.result)
+    ample = refine_per_microbatch(per_stage.program, per_stage.result, costs, limit, time_budget=5.0)
+    assert ample[1].step_time == result.step_time
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
