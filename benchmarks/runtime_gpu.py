@@ -42,8 +42,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> dict[str, float | None]:
-    for _ in range(warmup):
+def _timed(step: Callable[[], float], device: torch.device, warmup: int, steps: int) -> dict[str, float | None]:
+    """Median wall time of ``steps`` steps after ``warmup``; ``first_loss``: the first step's loss
+    (every variant starts from the same weights, so these must agree)."""
+    first_loss = float(step())
+    for _ in range(warmup - 1):
         step()
     times = []
     peak = None
@@ -57,7 +60,7 @@ def _timed(step: Callable[[], Any], device: torch.device, warmup: int, steps: in
         times.append(time.perf_counter() - t0)
         if device.type == "cuda":
             peak = max(peak or 0, torch.cuda.max_memory_allocated())
-    return {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak}
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak, "first_loss": first_loss}
 
 
 def _batches(cfg: dict, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -75,13 +78,17 @@ def _model(cfg: dict, device: torch.device) -> TinyLlama:
     return TinyLlama(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["inter"]).to(device)
 
 
-def plain_step(model: TinyLlama, mbs: list[dict], weights: list[float], opt: torch.optim.Optimizer) -> Callable[[], None]:
+def plain_step(model: TinyLlama, mbs: list[dict], weights: list[float], opt: torch.optim.Optimizer) -> Callable[[], float]:
     """What a user without pipelining runs on one device: weighted losses, one backward each."""
-    def step() -> None:
+    def step() -> float:
+        total = 0.0
         for mb, w in zip(mbs, weights):
-            (model(mb["input_ids"], mb["labels"]) * w).backward()
+            loss = model(mb["input_ids"], mb["labels"]) * w
+            loss.backward()
+            total += loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return total
     return step
 
 
@@ -102,7 +109,7 @@ def run(cfg: dict, device: torch.device, warmup: int, steps: int) -> dict[str, A
             pipe = dipc.compile(model, mbs[0], num_stages=2, chunks=chunks, schedule=schedule, layers=layers,
                                 fused_kernels=fused, optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-3))
             program = pipe.plan(mbs, schedule=schedule)
-            r = _timed(lambda: pipe.step(mbs, program), device, warmup, steps)
+            r = _timed(lambda: pipe.step(mbs, program).loss, device, warmup, steps)
             r["instructions"] = sum(len(s) for s in program.streams)
             r["overhead_per_instruction_s"] = (r["median_s"] - rows["plain"]["median_s"]) / r["instructions"]
             key = f"{schedule}{'+fused' if fused else ''}"
