@@ -133,12 +133,16 @@ def _bare(profile: ClusterProfile, dense: bool) -> ClusterProfile:
     return dataclasses.replace(profile, device=dev)
 
 
-def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative least squares (SciPy's active-set solver), columns scaled to unit norm first
-    (seconds, bytes and op counts differ by 10^12)."""
+def _nnls(x: np.ndarray, y: np.ndarray, lower: np.ndarray | None = None) -> np.ndarray:
+    """Least squares with every coefficient >= ``lower`` (default 0), columns scaled to unit norm
+    first (seconds, bytes and op counts differ by 10^12): SciPy's active-set NNLS, or its bounded
+    variable least squares where a bound is above 0."""
     norms = np.linalg.norm(x, axis=0)
     norms[norms == 0] = 1.0
-    coef, _ = scipy.optimize.nnls(x / norms, y, maxiter=50 * x.shape[1])
+    if lower is None or not np.any(lower > 0):
+        coef, _ = scipy.optimize.nnls(x / norms, y, maxiter=50 * x.shape[1])
+    else:
+        coef = scipy.optimize.lsq_linear(x / norms, y, bounds=(lower * norms, np.inf), method="bvls").x
     return coef / norms
 
 
@@ -232,12 +236,19 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
         w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
         keep = np.ones_like(y, dtype=bool)
+        # compute time is never below the roofline at the measured matmul throughput (the profile's
+        # best-of timings): the compute multiplier is bounded below by 1. Without the bound, compute
+        # and the per-instruction constants are nearly collinear on tiny models, and one quiet run
+        # put compute at x0.25 with a 6 ms constant on every BWD_I, another at x2.76 with 10 us.
+        lower = np.zeros(x.shape[1])
+        lower[0] = 1.0
         for _ in range(4):   # fit, drop the outliers (an instruction descheduled or hit by a GC pause), refit
             if instruction_overhead is None:
-                coef = _nnls(x[keep] * w[keep, None], y[keep] * w[keep])
+                coef = _nnls(x[keep] * w[keep, None], y[keep] * w[keep], lower)
             else:
                 n = 5 + len(_COMPUTE)
-                coef = np.append(_nnls(x[keep, :n] * w[keep, None], (y[keep] - instruction_overhead) * w[keep]),
+                coef = np.append(_nnls(x[keep, :n] * w[keep, None], (y[keep] - instruction_overhead) * w[keep],
+                                       lower[:n]),
                                  [instruction_overhead] * len(_COMPUTE))
             rel = (x @ coef - y) / y
             dev = np.abs(rel - np.median(rel))
