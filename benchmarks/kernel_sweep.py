@@ -51,7 +51,7 @@ def main() -> int:
             _common.LAUNCH.update(defaults)
             _common.LAUNCH[knob] = value
             for op in ops:
-                ms = bench._measure(cases[op]["dipc"], cases[op]["inputs"], device, a.reps)["ms"]
+                ms = bench._measure_together({op: cases[op]["dipc"]}, cases[op]["inputs"], device, a.reps)[op]["ms"]
                 rows.append({"knob": knob, "value": value, "op": op, "ms": ms, "default": value == defaults[knob]})
                 print(f"{knob}={value:<6} {op:<22} {ms:8.3f} ms{'  (default)' if value == defaults[knob] else ''}",
                       flush=True)

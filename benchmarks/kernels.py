@@ -128,36 +128,6 @@ def _clear_grads(inputs: list[torch.Tensor]) -> None:
         t.grad = None
 
 
-def _measure(fn: Callable[..., torch.Tensor], make_inputs: Callable[[], list[torch.Tensor]], device: torch.device,
-             reps: int) -> dict[str, float | None]:
-    """Median forward+backward time over ``reps`` runs and the peak memory one run adds on top of
-    its inputs. Inputs are made (and their gradients cleared) outside the timed region, so input
-    generation does not dilute the ratios; two input sets alternate so no run reads the last
-    run's outputs from cache."""
-    sets = [make_inputs() for _ in range(2)]
-    _fwd_bwd(fn, sets[0])  # warm-up (compilation, autotune-free JIT)
-    times, peak = [], None
-    for i in range(reps):
-        inputs = sets[i % 2]
-        _clear_grads(inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            _fwd_bwd(fn, inputs)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-            peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - base) / 2**20)
-        else:
-            t0 = time.perf_counter()
-            _fwd_bwd(fn, inputs)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return dict(ms=sorted(times)[len(times) // 2], peak_mib=peak)
-
-
 def _measure_together(impls: dict[str, Callable[..., torch.Tensor]], make_inputs: Callable[[], list[torch.Tensor]],
                       device: torch.device, reps: int) -> dict[str, dict[str, Any]]:
     """Every implementation of one op timed round-robin, one forward+backward each per round
@@ -205,7 +175,8 @@ def _measure_together(impls: dict[str, Callable[..., torch.Tensor]], make_inputs
                 out[name]["times"].append((time.perf_counter() - t0) * 1e3)
     for name in names:
         times = sorted(out[name].pop("times"))
-        out[name].update(ms=times[len(times) // 2], ms_p10=times[len(times) // 10], ms_p90=times[(9 * len(times)) // 10])
+        n = len(times)
+        out[name].update(ms=times[n // 2], ms_p10=times[n // 10], ms_p90=times[(9 * n) // 10])
     del sets
     return out
 

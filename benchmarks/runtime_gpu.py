@@ -78,7 +78,8 @@ def _model(cfg: dict, device: torch.device) -> TinyLlama:
     return TinyLlama(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["inter"]).to(device)
 
 
-def plain_step(model: TinyLlama, mbs: list[dict], weights: list[float], opt: torch.optim.Optimizer) -> Callable[[], float]:
+def plain_step(model: TinyLlama, mbs: list[dict], weights: list[float],
+               opt: torch.optim.Optimizer) -> Callable[[], float]:
     """What a user without pipelining runs on one device: weighted losses, one backward each."""
     def step() -> float:
         total = 0.0

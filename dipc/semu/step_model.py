@@ -520,9 +520,8 @@ class StepModel:
         attention whose kernel materialises the probabilities (``dense_masked_attention``) holds
         two probability-sized gradients at once on top (dP, then dS from the softmax backward);
         under BWD that transient takes the place of the probabilities autograd just freed. A BWD_I
-        that captures BWD_W's seeds
-        (:meth:`captures_seeds`; not when its unit recomputes layers, ``rewalk``) gathers them as
-        it goes and holds them all at its end. Not modelled: temporaries inside a layer's backward."""
+        that captures BWD_W's seeds (:meth:`captures_seeds`; not when its unit recomputes layers,
+        ``rewalk``) gathers them as it goes and holds them all at its end. Not modelled: temporaries inside a layer's backward."""
         op = ins.op
         if op not in _COMPUTE:
             return 0.0

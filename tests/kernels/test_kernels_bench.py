@@ -1,13 +1,10 @@
 """Smoke test of benchmarks/kernels.py without a GPU (Triton interpreter, tiny shapes): it runs,
 times every implementation, and each dipc kernel passes its check against the fp32 reference."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmark_loader import load_benchmark
 
 pytestmark = pytest.mark.triton
 
@@ -15,10 +12,7 @@ pytestmark = pytest.mark.triton
 def test_kernels_benchmark_runs_and_checks(tmp_path, device):
     if device.type != "cpu":
         pytest.skip("the CPU smoke run; on a GPU run the benchmark itself")
-    spec = importlib.util.spec_from_file_location("kernels_bench", ROOT / "benchmarks" / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("kernels")
     out = tmp_path / "k.json"
     assert mod.main(["--reps", "1", "--no-compile", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

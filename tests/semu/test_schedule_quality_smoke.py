@@ -1,17 +1,9 @@
 """Smoke test of benchmarks/schedule_quality.py: its core on a few VLM-S and T2V-S batches."""
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmark_loader import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("schedule_quality", ROOT / "benchmarks" / "schedule_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod   # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("schedule_quality")
 
 
 def _check(sq, result):

@@ -3,7 +3,6 @@ cost model, a device profile and tensor parallelism; and the paper checks built 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import random
 import time
@@ -21,6 +20,7 @@ from dipc.semu.step_model import (StepModel, StepModelError, allreduce_time, bat
 from dipc.semu.step_model import stats_for_layer as _lookup
 from dipc.semu.symbolic import measure_attention_pairs
 from examples.data import make_example
+from tests.benchmark_loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,15 +207,8 @@ def test_chain_program_messages_follow_the_last_layer(vlm):
     assert sm.simulate(prog).step_time > 0
 
 
-def _load_paper_checks():
-    spec = importlib.util.spec_from_file_location("paper_checks", ROOT / "benchmarks" / "paper_checks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_paper_checks_run_fast_and_land_near_the_paper():
-    pc = _load_paper_checks()
+    pc = load_benchmark("paper_checks")
     t0 = time.perf_counter()
     vlm = pc.vlm37b_semu()
     t2v = pc.t2v_check()
