@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one bounded run, most important first, for a short lease on a
 # GPU machine that has torch and triton installed (run from the repository root):
 #
-#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [part ...]     # parts: kernels kernel_tests semu runtime sweep
+#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh [part ...]     # parts: kernels kernel_tests semu runtime sweep memprobe
 #
 # Liger-Kernel is taken from wheels in .whl/ when that folder exists (the machine may be offline).
 # Each part has its own time limit, writes its log and JSON under $OUT, and prints its last lines.
@@ -36,6 +36,8 @@ for p in $parts; do
         runtime) part runtime 70 python3 benchmarks/runtime_gpu.py --out "$OUT/runtime_gpu.json" ;;
         semu) part semu 200 python3 benchmarks/semu_accuracy.py --device cuda --quick \
             --out "$OUT/semu_accuracy_gpu.json" ;;
+        memprobe) part memprobe 90 python3 benchmarks/semu_memory_probe.py --device cuda \
+            --out "$OUT/semu_memory_probe_gpu.json" ;;
         sweep) part sweep 200 python3 benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" ;;
         *) echo "unknown part $p" ;;
     esac

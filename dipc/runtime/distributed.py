@@ -66,32 +66,73 @@ def collective(what: str, rank: int, call):
                         "if they are only slow.") from None
 
 
-def check_same_program(program: "Program", topo, device: torch.device) -> None:
-    """Every rank of a pipeline must run the same program: compare a checksum of its text dump
-    before any instruction runs (a mismatch would otherwise surface as a hang or wrong shapes)."""
-    import torch.distributed as dist
-
+def _program_checksum(program: "Program") -> int:
     from dipc.ir.text import dump_program
 
-    if topo.pp == 1:
-        return
     crc = _CHECKSUMS.get(id(program), (None, 0))
     if crc[0] is not program:   # plans recur (CompiledPipeline caches them): dump each one once
         if len(_CHECKSUMS) >= 16:
             _CHECKSUMS.pop(next(iter(_CHECKSUMS)))
         crc = _CHECKSUMS[id(program)] = (program, zlib.crc32(dump_program(program).encode()))
-    mine = torch.tensor([crc[1]], dtype=torch.int64, device=device)
-    every = [torch.zeros_like(mine) for _ in range(topo.pp)]
-    collective("plan check", topo.rank, lambda: dist.all_gather(every, mine, group=topo.pp_group))
-    sums = [int(t.item()) for t in every]
-    if len(set(sums)) > 1:
-        groups: dict[int, list[int]] = {}
-        for r, c in enumerate(sums):
-            groups.setdefault(c, []).append(r)
-        raise DipcError(f"pipeline ranks planned different programs (ranks grouped by program: "
-                        f"{sorted(groups.values())}); this rank is {topo.pp_rank}. Fix: give every rank of a "
-                        "replica the same microbatches and the same dipc.compile arguments (plans are "
-                        "deterministic functions of both).")
+    return crc[1]
+
+
+class ProgramCheck:
+    """Every rank of a pipeline must run the same program: an all-gather of a checksum of its text
+    dump, compared before this rank's first message (a mismatch would otherwise surface as a hang
+    or wrong shapes).
+
+    Why posted asynchronously and waited at the first send or receive (:meth:`wait`, the
+    transport's gate): a rank's instructions before its first message (its first LOAD and FWD)
+    touch no peer, so the collective's latency hides behind them instead of adding to the step."""
+
+    def __init__(self, program: "Program", topo, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.topo = topo
+        self.mine = torch.tensor([_program_checksum(program)], dtype=torch.int64, device=device)
+        self.every = [torch.zeros_like(self.mine) for _ in range(topo.pp)]
+        self.work = collective("plan check", topo.rank,
+                               lambda: dist.all_gather(self.every, self.mine, group=topo.pp_group, async_op=True))
+
+    def wait(self) -> None:
+        """Complete the check; raise if the ranks' programs differ or a peer never joined."""
+        work, self.work = self.work, None
+        if work is not None:
+            collective("plan check", self.topo.rank, work.wait)
+            self._compare()
+
+    def mismatch(self) -> DipcError | None:
+        """After this rank failed mid-step: the plan mismatch that explains it, if the check
+        completes and finds one (a failed collective says nothing new, so it gives None)."""
+        work, self.work = self.work, None
+        if work is not None:
+            try:
+                work.wait()
+            except RuntimeError:
+                return None
+        try:
+            self._compare()
+        except DipcError as e:
+            return e
+        return None
+
+    def _compare(self) -> None:
+        sums = [int(t.item()) for t in self.every]
+        if len(set(sums)) > 1:
+            groups: dict[int, list[int]] = {}
+            for r, c in enumerate(sums):
+                groups.setdefault(c, []).append(r)
+            raise DipcError(f"pipeline ranks planned different programs (ranks grouped by program: "
+                            f"{sorted(groups.values())}); this rank is {self.topo.pp_rank}. Fix: give every rank "
+                            "of a replica the same microbatches and the same dipc.compile arguments (plans are "
+                            "deterministic functions of both).")
+
+
+def check_same_program(program: "Program", topo, device: torch.device) -> None:
+    """:class:`ProgramCheck`, waited at once (for callers that send before running any compute)."""
+    if topo.pp > 1:
+        ProgramCheck(program, topo, device).wait()
 
 
 def aligned_origin(topo) -> float:
@@ -140,7 +181,7 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     program = pipe.program_for(microbatches, program)
     # collectives run on the parameters' device (NCCL needs CUDA tensors, gloo CPU ones)
     device = next(pipe.model.parameters()).device
-    check_same_program(program, topo, device)
+    plan_check = ProgramCheck(program, topo, device) if topo.pp > 1 else None
     raw = torch.tensor([float(pipe.loss_weight(mb)) for mb in microbatches], dtype=torch.float64, device=device)
     total = raw.sum().reshape(1)
     if topo.dp > 1:
@@ -148,7 +189,8 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     if total.item() <= 0:
         raise DipcError("every microbatch has loss weight 0 (no label tokens?). Fix: check the labels.")
     weights = (raw / total).tolist()
-    transport = DistributedTransport(timeout_s, device=device, global_rank=topo.global_rank)
+    transport = DistributedTransport(timeout_s, device=device, global_rank=topo.global_rank,
+                                     gate=plan_check.wait if plan_check else None)
     rank = topo.pp_rank
     reducer = None
     if topo.dp > 1:
@@ -164,14 +206,40 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     interp = RankInterpreter(rank, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,
                              optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None,
                              sub_batches=pipe.sub_batches(microbatches), record_timeline=record_timeline)
-    origin = aligned_origin(topo) if record_timeline else 0.0
-    interp.run()
-    transport.finish()
+    if record_timeline:   # the barrier comes before the loss all-reduce on every rank (gloo matches by order)
+        if plan_check is not None:
+            plan_check.wait()
+        origin = aligned_origin(topo)
+    else:
+        origin = 0.0
+    # The loss all-reduce brings the loss rank's losses to every rank. A rank without a loss stage
+    # adds zeros, so it posts them now and the collective completes while it computes (its last
+    # backward usually ends the step); the loss rank posts once its stream has run.
     losses = torch.zeros(len(microbatches), dtype=torch.float64, device=device)
-    for m, l in interp.stats.losses.items():
-        losses[m] = l
+    has_loss = any(s.has_loss for s in pipe.stages if s.rank == rank)
+    loss_work = None
+    if topo.pp > 1 and not has_loss:
+        loss_work = collective("loss", topo.rank, lambda: dist.all_reduce(losses, group=topo.pp_group, async_op=True))
+    try:
+        interp.run()
+    except Exception:
+        mismatch = plan_check.mismatch() if plan_check is not None else None
+        if mismatch is not None:   # a mismatched plan explains a failure better than its symptom
+            raise mismatch from None
+        raise
+    transport.finish()
+    if plan_check is not None:
+        plan_check.wait()   # a rank that sends and receives nothing has not waited yet
     if topo.pp > 1:
-        collective("loss", topo.rank, lambda: dist.all_reduce(losses, group=topo.pp_group))
+        if has_loss:
+            for m, l in interp.stats.losses.items():
+                losses[m] = l
+            loss_work = collective("loss", topo.rank,
+                                   lambda: dist.all_reduce(losses, group=topo.pp_group, async_op=True))
+        collective("loss", topo.rank, loss_work.wait)
+    else:
+        for m, l in interp.stats.losses.items():
+            losses[m] = l
     local = pipe.result(weights, losses.tolist(), t0, program)
     if topo.dp > 1:   # every replica's pipeline rank 0 contributes its replica's share of the global loss
         total_loss = torch.tensor([local.loss if rank == 0 else 0.0], dtype=torch.float64, device=device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 from collections import defaultdict, deque
+from typing import Callable
 
 import torch
 
@@ -113,7 +114,10 @@ class LocalTransport(Transport):
 class DistributedTransport(Transport):
     """torch.distributed point-to-point (gloo on CPU, NCCL on GPU) with a timeout on every wait."""
 
-    def __init__(self, timeout_s: float, device: torch.device | str = "cpu", global_rank=lambda peer: peer):
+    def __init__(self, timeout_s: float, device: torch.device | str = "cpu", global_rank=lambda peer: peer,
+                 gate: Callable[[], None] | None = None):
+        """``gate``: called once, before this rank's first message (the pipeline's plan check,
+        which may then overlap the compute that comes before it)."""
         import torch.distributed as dist
 
         self.dist = dist
@@ -125,9 +129,16 @@ class DistributedTransport(Transport):
         self.pending: list[tuple[object, torch.Tensor, Instruction]] = []
         # id(receive instruction) -> (its buffers, the works filling them)
         self.posted: dict[int, tuple[list[torch.Tensor], list[object]]] = {}
+        self.gate = gate
+
+    def _open_gate(self) -> None:
+        gate, self.gate = self.gate, None
+        gate()
 
     def send(self, instr, rank, tensors):
         # one flat buffer per dtype: a message costs one isend per dtype, not one per leaf
+        if self.gate is not None:
+            self._open_gate()
         dst = self.global_rank(instr.peer)
         for flat in _pack(tensors, self.device):
             self.pending.append((self._isend(flat, dst), flat, instr))
@@ -143,6 +154,8 @@ class DistributedTransport(Transport):
     def post_recv(self, instr, rank):
         if id(instr) in self.posted:
             return
+        if self.gate is not None:
+            self._open_gate()
         src = self.global_rank(instr.peer)
         specs = instr.specs
         if len(specs) == 1:   # the common message: one activation or one gradient
