@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -43,7 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from dipc.errors import DipcError
 from dipc.passes.symexpr import lambdify_int
-from dipc.semu.symbolic import COST_FIELDS, LocalCost, trace_layer
+from dipc.semu.symbolic import COST_FIELDS, LocalCost, PinnedShapeWarning, trace_layer
 
 __all__ = ["LengthStats", "LayerCost", "LayerCostExpr", "CostModel", "layer_cost_model", "layer_signature",
            "STAT_SYMBOLS", "CostError"]
@@ -365,6 +366,21 @@ def _out_matches(local: LocalCost, example_out: Any) -> bool:
                for dims, o in zip(local.out_dims, outs))
 
 
+def _warn_if_rows_pinned(local: LocalCost, path: str) -> None:
+    """A layer whose stream input (its first floating-point tensor) kept none of its leading dims
+    free costs the same for every batch: say so rather than predict silently wrong numbers."""
+    leaf = next((k for k, (dims, fl) in enumerate(zip(local.leaf_dims, local.leaf_float)) if dims and fl), None)
+    if leaf is None or len(local.leaf_dims[leaf]) < 2:
+        return
+    pinned = {d for k, d, _ in local.specialized if k == leaf}
+    if set(range(len(local.leaf_dims[leaf]) - 1)) <= pinned:
+        warnings.warn(PinnedShapeWarning(
+            f"layer {path!r}: tracing pinned every leading dim of its input to the example's sizes "
+            f"({[v for k, _, v in local.specialized if k == leaf]}), so SEMU's costs for it will not follow the "
+            f"batch (torch {torch.__version__}). Fix: report the op that reads sizes as integers, or give the "
+            "layer a profiled cost."), stacklevel=3)
+
+
 def _trace_checked(module: nn.Module, args: tuple, kwargs: dict, path: str, example_out: Any) -> LocalCost:
     """Trace with size-1 dims bumped to 2 (so a one-sequence example batch does not pin the batch
     size); if that fails or disagrees with the example outputs, trace the example shapes as they are."""
@@ -413,6 +429,7 @@ def layer_cost_model(captured: Any, *, reuse: bool = True, bucket_rel: float = 0
                 raise CostError(f"layer {path!r} ({type(module).__name__}) could not be traced under symbolic "
                                 f"fake tensors: {type(e).__name__}: {str(e)[:300]}. Fix: make its shapes follow "
                                 "its input shapes, or give SEMU a profiled cost for it.") from e
+            _warn_if_rows_pinned(local, path)
             binding = _bind(local, path)
             by_sig[sig] = (local, binding)
             model.num_traced += 1

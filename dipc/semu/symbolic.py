@@ -52,17 +52,45 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from dipc.passes.grad_split import analyse_split
 from dipc.semu.op_costs import _NO_FLOPS, _OP_BYTES, _OP_FLOPS, register_op_cost
 
-__all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownOpCostWarning", "register_op_cost"]
+__all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownOpCostWarning", "PinnedShapeWarning",
+           "register_op_cost"]
 
 # The symbolic quantities of one layer, in this order everywhere (LocalCost.exprs, LayerCost fields).
 COST_FIELDS = ("fwd_flops", "bwd_in_flops", "bwd_w_flops", "attn_fwd_flops", "fwd_bytes", "bwd_bytes",
                "act_bytes", "out_bytes", "in_bytes", "attn_probs_bytes", "wgrad_seed_bytes")
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_LINEAR = {F.linear, torch._C._nn.linear}
+
+
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` spelled with the ops torch's C++ ``linear``/``matmul`` dispatch for it (rows
+    flattened, one ``mm``/``addmm``, the leading dims restored), so the trace records the same ops,
+    bytes and saved tensors.
+
+    Why: on torch 2.11 (found on a GPU machine) ``linear`` read a symbolic input's sizes as plain
+    integers (``aten.size.default`` on the fake tensor), which pinned the batch and sequence dims
+    to the example's values and left every linear layer with constant costs. Here every size is
+    read symbolically, through ops with Python meta functions."""
+    if input.dim() < 2:
+        return F.linear(input, weight, bias)
+    if input.dim() == 2:
+        return torch.mm(input, weight.t()) if bias is None else torch.addmm(bias, input, weight.t())
+    lead = input.shape[:-1]
+    if bias is not None and input.dim() == 3 and input.is_contiguous():   # C++ _flatten_nd_linear
+        return torch.addmm(bias, input.view(-1, input.shape[-1]), weight.t()).view(*lead, weight.shape[0])
+    # matmul's fold of the leading dims into rows (a copy when the input is not contiguous)
+    rows = input.contiguous().view(-1, input.shape[-1])
+    out = torch.ops.aten._unsafe_view(torch.mm(rows, weight.t()), (*lead, weight.shape[0]))
+    return out if bias is None else torch.add(out, bias)
 
 
 class UnknownOpCostWarning(UserWarning):
     """A layer runs an op SEMU has no FLOP formula for; its FLOPs are counted as 0."""
+
+
+class PinnedShapeWarning(UserWarning):
+    """The trace pinned a layer's row dims to the example's sizes: its costs ignore the batch."""
 
 
 def _flop_counter() -> FlopCounterMode:
@@ -228,6 +256,8 @@ class _AttentionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _LINEAR:
+            return _linear(*args, **kwargs)
         if func not in _SDPA:
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

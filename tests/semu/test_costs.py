@@ -294,3 +294,59 @@ def test_wgrad_seed_bytes_equal_what_the_runtime_split_keeps(example):
             assert got.wgrad_seed_bytes == want, path
             held += want
     assert held > 0
+
+
+@pytest.mark.parametrize("shape,bias,contiguous", [((5, 8), True, True), ((2, 5, 8), True, True),
+                                                   ((2, 5, 8), True, False), ((2, 5, 8), False, True),
+                                                   ((3, 2, 5, 8), True, True)])
+def test_traced_linear_matches_f_linear_and_keeps_lengths_symbolic(shape, bias, contiguous):
+    """The tracer spells F.linear with the ops torch's C++ linear dispatches (so lengths stay
+    symbolic on releases whose linear reads sizes as plain ints): same values, and the trace of a
+    linear layer keeps every leading dim free."""
+    from dipc.semu.symbolic import _linear, trace_layer
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    if not contiguous:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    w, b = torch.randn(4, 8, generator=gen), torch.randn(4, generator=gen) if bias else None
+    torch.testing.assert_close(_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    layer = torch.nn.Linear(8, 4, bias=bias)
+    local = trace_layer(layer, (x.requires_grad_(),))
+    pinned = {d for leaf, d, _ in local.specialized if leaf == 0}
+    assert pinned == {len(shape) - 1}, f"leading dims pinned: {local.specialized}"
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    got = float(local.exprs["fwd_flops"].subs(dict(zip(local.dim_symbols, local.example_dims))))
+    assert got == 2 * rows * 8 * 4
+
+
+def test_a_layer_whose_rows_get_pinned_is_a_warning_naming_it(monkeypatch):
+    """A trace that pins every leading dim (as torch 2.11's linear did) must not pass silently;
+    the example models' own traces raise no such warning."""
+    import warnings
+
+    import dipc
+    from dipc.semu import symbolic
+    from dipc.semu.symbolic import PinnedShapeWarning
+
+    def pinned_by(captured) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer_cost_model(captured)
+        return [str(w.message) for w in caught if issubclass(w.category, PinnedShapeWarning)]
+
+    ex = make_example("vlm", seed=0)
+    pipe = dipc.compile(ex.model, ex.data.microbatches(1, 2)[0], num_stages=2)
+    assert pinned_by(pipe.captured) == []
+
+    def pinning_linear(input, weight, bias=None):
+        for s in input.shape[:-1]:
+            int(s)   # reads sizes as ints: the guards pin them
+        return torch.nn.functional.linear(input, weight, bias)
+
+    monkeypatch.setattr(symbolic, "_linear", pinning_linear)
+    pinned = pinned_by(pipe.captured)
+    assert any("'lm_head'" in m for m in pinned), pinned
+    assert any("'language_model.layers.0'" in m for m in pinned), pinned
