@@ -240,6 +240,9 @@ class RankInterpreter:
         self.trainable = {s.id: [p for p in s.params if p.requires_grad] for s in stages if s.rank == rank}
         self.param_nodes: dict[int, dict[Any, torch.Tensor]] = {}   # stage -> split_backward.param_nodes, per step
         self._seeds: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._graves: list[_Saved] = []   # units whose backward ran, freed by _release_finished
+        if hasattr(transport, "idle"):    # a receive about to wait frees them first
+            transport.idle = self._release_finished
         self._calls: list[Callable[[Instruction], None]] | None = None
         self.handlers: dict[Op, Callable[[Instruction], None]] = {
             Op.LOAD: self._load, Op.FWD: self._fwd, Op.BWD: self._bwd, Op.BWD_I: self._bwd_input,
@@ -286,6 +289,8 @@ class RankInterpreter:
             raise RuntimeStepError(rank, pc, str(stream[pc]), f"{type(e).__name__}: {e}") from e
         finally:
             self.stats.instructions += pc - start
+        if pc >= end and self._graves:
+            self._release_finished()
         if pc >= end and self.losses:   # one device sync per step, not one per loss
             self.stats.losses.update(zip(self.losses, torch.stack(list(self.losses.values())).tolist()))
             self.losses.clear()
@@ -314,6 +319,8 @@ class RankInterpreter:
         self.loaded[unit] = [mb[k] for k in keys]
 
     def _fwd(self, i: Instruction) -> None:
+        if self._graves:
+            self._release_finished()
         unit, st, inputs, consumers = self._args[self.pc]
         if self.switches:
             flags = self.switches.get(i.stage)
@@ -432,15 +439,19 @@ class RankInterpreter:
             self.out_grads[key] = grads
 
     def _bwd(self, i: Instruction) -> None:
+        if self._graves:
+            self._release_finished()
         saved = self.saved.pop(self._args[self.pc][0])
         tensors, grads = self._backward_args(i, saved)
         if tensors:
             torch.autograd.backward(tensors, grads)
         del tensors, grads   # the graph's roots: _release frees the graph
         self._deliver_input_grads(i, saved, [l.grad for _, _, ls, _ in saved.grad_inputs for l in ls])
-        self._release(saved)
+        self._graves.append(saved)   # freed after the sends that follow (see _release_finished)
 
     def _bwd_input(self, i: Instruction) -> None:
+        if self._graves:
+            self._release_finished()
         saved = self.saved[self._args[self.pc][0]]
         tensors, grads = self._backward_args(i, saved)
         leaves = [l for _, _, ls, _ in saved.grad_inputs for l in ls]
@@ -454,10 +465,22 @@ class RankInterpreter:
         self._deliver_input_grads(i, saved, input_grads)
 
     def _bwd_weight(self, i: Instruction) -> None:
+        if self._graves:
+            self._release_finished()
         saved = self.saved.pop(self._args[self.pc])
         if saved.weight_work is not None:
             backward_weight(saved.weight_work)
-        self._release(saved)
+        self._graves.append(saved)
+
+    def _release_finished(self) -> None:
+        """Free the units whose backward has run. Deferred from BWD / BWD_W to the next compute
+        instruction, a receive that has to wait, or the end of the stream: freeing a graph takes
+        tens to hundreds of microseconds, and the gradient sends that follow a BWD are what the
+        upstream rank waits for, so they go first. Memory is unchanged where it peaks (inside
+        compute): the next compute frees before it allocates."""
+        graves = self._graves
+        while graves:
+            self._release(graves.pop())
 
     @staticmethod
     def _release(saved: _Saved) -> None:
@@ -522,6 +545,7 @@ class RankInterpreter:
             self.reduce_grads(i.stage)
 
     def _optim(self, i: Instruction) -> None:
+        self._release_finished()
         self.transport.finish()
         if self.optimizer_step is not None:
             self.optimizer_step()

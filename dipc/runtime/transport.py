@@ -130,6 +130,7 @@ class DistributedTransport(Transport):
         # id(receive instruction) -> (its buffers, the works filling them)
         self.posted: dict[int, tuple[list[torch.Tensor], list[object]]] = {}
         self.gate = gate
+        self.idle: Callable[[], None] | None = None   # work to do before a receive blocks
 
     def _open_gate(self) -> None:
         gate, self.gate = self.gate, None
@@ -184,6 +185,8 @@ class DistributedTransport(Transport):
     def recv(self, instr, rank):
         self.post_recv(instr, rank)
         bufs, works = self.posted.pop(id(instr))
+        if self.idle is not None and works and not works[-1].is_completed():
+            self.idle()
         for work in works:
             self._wait(work, instr)
         return bufs
