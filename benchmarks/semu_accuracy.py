@@ -14,12 +14,14 @@ What it does, in order:
    interleaved 1F1B steps) of *calibration* batches, drawn from a data source with a different seed
    than the test batches; the calibration steps run interleaved with the test steps of step 3, so
    both see the same machine load, and the fit uses none of the test steps;
-3. for every model x schedule x test batch: the median step time (after a warm-up step) of the
+3. for every model x schedule x test batch: the median step time (after a warm-up step; the
+   batch's schedules timed round-robin, and schedules that compile to the same program timed
+   once, :func:`_round_robin`) of the
    local executor (ranks run one after another: SEMU predicts the sum of all ranks' busy time; by
    default in this thread's CPU time, which other processes on a shared machine do not inflate) and
    of 2 gloo processes (SEMU predicts the simulated step time with gloo's send/receive handshake,
-   plus the distributed executor's own per-step work, the plan check and the loss all-reduce, timed
-   on their own, on the local profile calibrated once more to the gloo executor's own calibration
+   plus the distributed executor's own per-step work, posting the plan check and the loss
+   all-reduce, timed on their own, on the local profile calibrated once more to the gloo executor's own calibration
    steps: P2P op times from their measured timelines and a compute factor for co-located ranks,
    :mod:`dipc.semu.calibrate_dist`); the peak live tensor bytes per rank of one local step with Adam
    (``measured_peak_memory``) vs the emulator's peak per rank;
@@ -195,13 +197,15 @@ def _gloo_predictor(pipe, cost_model, mbs, program):
 
 
 def _executor_fixed_seconds(repeats: int = 20) -> list[float]:
-    """What a distributed step does besides its instructions, timed on its own: the plan check
-    (text dump, checksum, all-gather) and the loss all-reduce. Measured on a 1F1B program of a
-    calibration batch (the dump's length, not its batch, sets the cost)."""
+    """What a distributed step does besides its instructions, timed on its own: posting the plan
+    check (text dump, checksum, an all-gather whose wait overlaps the first compute) and the loss
+    all-reduce (the rank without a loss posts it at the start, so the step pays one all-reduce
+    round, not two). Measured on a 1F1B program of a calibration batch (the dump's length, not its
+    batch, sets the cost)."""
     import torch.distributed as dist
 
     from dipc.runtime.data_parallel import topology
-    from dipc.runtime.distributed import check_same_program
+    from dipc.runtime.distributed import ProgramCheck
     from examples.data import make_example
 
     ex = make_example(MODELS[0], seed=0)
@@ -213,11 +217,40 @@ def _executor_fixed_seconds(repeats: int = 20) -> list[float]:
     for _ in range(repeats + 2):
         dist.barrier()
         t0 = time.perf_counter()
-        check_same_program(program, topo, torch.device("cpu"))
+        check = ProgramCheck(program, topo, torch.device("cpu"))
         losses = torch.zeros(len(mbs), dtype=torch.float64)
         dist.all_reduce(losses)
+        check.wait()
         times.append(time.perf_counter() - t0)
     return times[2:]
+
+
+def _round_robin(plans: dict, step, warmup: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Times of every plan (``name -> (pipe, microbatches, program)``), measured round-robin: each
+    repeat runs every distinct program once, so a slow spell of a shared machine hits all of them
+    alike instead of one schedule's repeats. Schedules that compile to the same program (same text
+    dump on the same pipeline, e.g. the dual queue reproducing 1F1B) are measured once and share
+    those times: timing one program twice would only add measurement noise between equals.
+    Returns the times per name and, for a shared one, the name it shares with."""
+    from dipc.ir.text import dump_program
+
+    first: dict[tuple[int, str], str] = {}
+    same: dict[str, str] = {}
+    for name, (pipe, mbs, program) in plans.items():
+        key = (id(pipe), id(mbs), dump_program(program))
+        if key in first:
+            same[name] = first[key]
+        else:
+            first[key] = name
+    distinct = list(first.values())
+    for name in distinct:
+        for _ in range(warmup):
+            step(*plans[name])
+    times: dict[str, list[float]] = {name: [] for name in distinct}
+    for _ in range(repeats):
+        for name in distinct:
+            times[name].append(step(*plans[name]))
+    return {name: times[same.get(name, name)] for name in plans}, same
 
 
 def _dist_cases(rank: int, world: int, num_batches: int, num_calib: int, warmup: int, repeats: int,
@@ -259,15 +292,14 @@ def _dist_cases(rank: int, world: int, num_batches: int, num_calib: int, warmup:
                 plans[f"{DIP}-1f1b"] = (pipes[1], dmbs, pipes[1].plan(dmbs, schedule="1f1b"))
                 for key, (_, program) in _dip_plans(pipes[1], dmbs, profile).items():
                     plans[f"{DIP}-{key}"] = (pipes[1], dmbs, program)
-            for schedule, (pipe, mbs, program) in plans.items():
-                for _ in range(warmup):
-                    timed_distributed_step(pipe, mbs, program)
-                times = []
-                for _ in range(repeats):
-                    t = torch.tensor([timed_distributed_step(pipe, mbs, program)], dtype=torch.float64)
-                    dist.all_reduce(t, op=dist.ReduceOp.MAX)   # the step ends when the slowest rank does
-                    times.append(float(t))
-                out[f"{name}|{schedule}|{b}"] = times
+            def step(pipe, mbs, program) -> float:
+                t = torch.tensor([timed_distributed_step(pipe, mbs, program)], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)   # the step ends when the slowest rank does
+                return float(t)
+
+            times, _ = _round_robin(plans, step, warmup, repeats)
+            for schedule, ts in times.items():
+                out[f"{name}|{schedule}|{b}"] = ts
     return out
 
 
@@ -334,15 +366,14 @@ def main() -> None:
         models[name] = (ex, test, pipes, cms)
         cal_every = max(1, num_batches // num_calib)
         for b, mbs in enumerate(test):
-            for schedule, chunks in SCHEDULE_CHUNKS.items():
-                pipe = pipes[chunks]
-                program = pipe.plan(mbs, schedule=schedule)
-                for _ in range(warmup):
-                    timed_local_step(pipe, mbs, program, clock=a.clock)
-                runs = [timed_local_step(pipe, mbs, program, clock=a.clock).step_seconds for _ in range(repeats)]
+            plans = {s: (pipes[c], mbs, pipes[c].plan(mbs, schedule=s)) for s, c in SCHEDULE_CHUNKS.items()}
+            runs, same = _round_robin(plans, lambda p, m, prog: timed_local_step(p, m, prog, clock=a.clock).step_seconds,
+                                      warmup, repeats)
+            for schedule in SCHEDULE_CHUNKS:
                 cases.append({"model": name, "schedule": schedule, "batch": b,
-                              "local": {"measured_s": statistics.median(runs), "measured_min_s": min(runs)},
-                              "gloo": {}})
+                              "local": {"measured_s": statistics.median(runs[schedule]),
+                                        "measured_min_s": min(runs[schedule])},
+                              "gloo": {}, **({"same_program_as": same[schedule]} if schedule in same else {})})
             if b % cal_every == 0 and b // cal_every < num_calib:
                 cmbs = calib[b // cal_every]
                 for chunks, schedule in CALIBRATION_SCHEDULES:
