@@ -29,10 +29,12 @@ Schedules (one row each; ``role`` baseline / ablation / dip):
   zb_h1 and interleaved 1F1B on a modality split.
 - ``DIP planner`` (role ``dip``): :func:`dip_planner`, what a training job runs per batch, timed as
   a whole from empty SEMU caches (wall and CPU time; the machine may be shared, so the batch's
-  load average is recorded): candidates on DIP's fixed layout — its interleaved 1F1B with and
-  without sub-microbatches, the dual queue under two priority rules, the encoder-first order and
-  bounded encoder look-ahead orders over sub-microbatches (optionally MCTS, ``--planner-budget``) —
-  each simulated once as it is, then phase 3 by branch and bound on that lower bound.
+  load average is recorded): the microbatch order (as drawn, or lightest first where the
+  compute-order bound says it pays: :func:`microbatch_order`), then candidates on DIP's fixed
+  layout — its interleaved 1F1B with and without sub-microbatches, the dual queue under two
+  priority rules, the encoder-first order and bounded encoder look-ahead orders over
+  sub-microbatches (optionally MCTS, ``--planner-budget``) — each simulated once as it is, then
+  phase 3 by branch and bound on that lower bound.
 - DIP ablation (role ``ablation``; ``--no-ablation`` skips them), cumulative (each row adds
   candidates and keeps the fastest by SEMU): ``partitioner only`` (the K_i layout under interleaved
   1F1B), ``+interleaving`` (phase 2: the dual queue under three priority rules), ``+reordering``
@@ -115,7 +117,9 @@ HONESTY = {
         "planner: best-first branch and bound over three bounds (compute orders without messages, the "
         "unfitted simulation, phase 3), at most 4 ILP rounds per batch, cyclic GC paused while planning; MCTS "
         "rollouts score the all-recompute bound",
-        "beyond the paper: bounded encoder look-ahead orders (encoder_ahead_orders), also around a ZB-H1 backbone"],
+        "beyond the paper: bounded encoder look-ahead orders (encoder_ahead_orders), also around a ZB-H1 backbone",
+        "planner: the batch's microbatches run lightest first (phase 1's lightest-first seed ranking) where that lowers "
+        "the encoder look-ahead orders' compute-order bound by >= 2% (microbatch_order); baselines run them as drawn"],
     "not_implemented": ["B_i from profiled efficiency (fixed per workload: --b-enc)", "offloading",
                         "per-microbatch recompute choices (the runtime switches checkpointing per stage)",
                         "MCTS inside the timed planner by default (--planner-budget 0)"],
@@ -821,12 +825,69 @@ def _dip(split: bool, budget_s: float, rules: bool = False):
 
 ENCODER_AHEAD = ((2, 2), (3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tried by the planner
 ZB_FITS = 2                                    # phase-3 runs for the ZB-H1-backbone orders, beside max_fits
+# the planner runs the batch lightest microbatch first when that lowers the encoder look-ahead
+# orders' compute-order bound by at least this fraction (see microbatch_order)
+ORDER_MARGIN = 0.02
 
 
-def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[], tuple["BatchCosts", "BatchCosts"]],
-                budget_s: float = 0.0, max_fits: int | None = 4) -> tuple[Any, Any]:
+def _lookahead_bound(stages, P: int, M: int, c: "BatchCosts") -> float:
+    """The lowest compute-order lower bound (:func:`dipc.semu.order_bound.order_lower_bound`) of
+    the encoder-first and :data:`ENCODER_AHEAD` orders on ``c`` (sub-microbatch costs)."""
+    from dipc.semu.order_bound import order_lower_bound
+
+    best = math.inf
+    for ahead, lag in ((None, 1), *ENCODER_AHEAD):
+        try:
+            orders = encoder_ahead_orders(stages, P, M, c.subs, ahead=ahead, lag=lag)
+            best = min(best, order_lower_bound(stages, orders, c.step.compute_seconds, c.subs))
+        except DipcError:
+            continue
+    return best
+
+
+def microbatch_order(layout: Layout, M: int, costs: tuple["BatchCosts", "BatchCosts"], fresh_costs,
+                     layer_cache: dict | None = None) -> tuple[list[int] | None, tuple["BatchCosts", "BatchCosts"]]:
+    """The order the planner runs the batch's microbatches in: as drawn, or lightest first (SEMU
+    fwd+bwd work of the whole microbatch; a stable sort). Returns (order or None for as drawn,
+    the (whole-microbatch, sub-microbatch) costs in that order; ``fresh_costs(order, layer_cache)``
+    makes the reordered ones).
+
+    Why: the static candidates (interleaved 1F1B, the encoder look-ahead orders) run microbatches
+    in index order, and on T2V batches — DiT work per microbatch skewed up to 4x, a heavy clip
+    anywhere in the batch — a heavy microbatch between light ones stalls the interleaved
+    backbone's steady state (its chunks wait on each other) and fills the warm-up slowly. Run
+    lightest first, neighbouring microbatches are alike and the fill is short: on 10 T2V-S batches
+    the planner's step fell 0.5-12% (one batch +0.5%), on T2V-L 1-12% (SEMU, no planning
+    budget). It is one of the rankings phase 1 (MCTS, :func:`dip_search`) is seeded with, which
+    the timed planner does not run by default. On VLM-S the bound barely moves (<= 1.3%) and the
+    fitted steps were up to 3.6% slower lightest first (the order changes which microbatches are
+    in flight at the memory peak, which the bound ignores), hence :data:`ORDER_MARGIN`: the
+    lightest-first order is kept only when it lowers the look-ahead orders' bound by at least 2%.
+    Cost: one reordered cost model (layer times shared through ``layer_cache``) and eight order
+    bounds, ~15-30 ms per batch."""
+    plain, subs = costs
+    work = [plain.mb_work(m) for m in range(M)]
+    light = sorted(range(M), key=work.__getitem__)
+    if light == list(range(M)):
+        return None, costs
+    stages = layout.stages
+    reordered = fresh_costs(light, layer_cache)
+    if _lookahead_bound(stages, layout.P, M, reordered[1]) <= (1 - ORDER_MARGIN) * _lookahead_bound(
+            stages, layout.P, M, subs):
+        return light, reordered
+    return None, costs
+
+
+def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[..., tuple["BatchCosts", "BatchCosts"]],
+                budget_s: float = 0.0, max_fits: int | None = 4, reorder: bool = True) -> tuple[Any, Any]:
     """DIP's per-batch plan on its fixed layout, timed as a whole (SEMU's stage costs included:
-    ``fresh_costs()`` returns new (whole-microbatch, sub-microbatch) costs with empty caches).
+    ``fresh_costs(order=None, layer_cache=None)`` returns new (whole-microbatch, sub-microbatch)
+    costs of the batch's microbatches in ``order`` (slot m runs microbatch ``order[m]``; None: as
+    drawn), sharing ``layer_cache`` (a new one when None)).
+
+    First, with ``reorder``, the microbatch order (:func:`microbatch_order`: as drawn or lightest
+    first); every candidate below runs the batch in that order, and ``info["microbatch_order"]``
+    says which (the data loader feeds microbatch ``order[m]`` into slot m).
 
     Candidates (compute orders; each lowered and simulated once as it is):
 
@@ -849,15 +910,20 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[[
     from dipc.semu.candidate_select import gc_paused
 
     with gc_paused():       # a plan allocates ~10^5 short-lived objects: see gc_paused
-        return _dip_planner(layout, M, capacity, fresh_costs, budget_s, max_fits)
+        return _dip_planner(layout, M, capacity, fresh_costs, budget_s, max_fits, reorder)
 
 
-def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s: float, max_fits: int | None):
+def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s: float, max_fits: int | None,
+                 reorder: bool = True):
     from dipc.semu.candidate_select import pick_fastest
     from dipc.semu.order_bound import order_lower_bound
 
     t_start = time.perf_counter()
-    plain, subs = fresh_costs()
+    layer_cache: dict = {}
+    plain, subs = fresh_costs(None, layer_cache)
+    order = None
+    if reorder:
+        order, (plain, subs) = microbatch_order(layout, M, (plain, subs), fresh_costs, layer_cache)
     stages = layout.stages
     P = layout.P
     limits = [capacity - x for x in plain.static]
@@ -902,7 +968,7 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
         ("dual queue (microbatch)", *program_of(dq(plain, microbatch_priority, False), plain)),
         ("dual queue (critical path)", *program_of(lambda: dq(plain, critical(plain), False)(), plain)),
     ]
-    info: dict = {}
+    info: dict = {"microbatch_order": order}
     if budget_s > 0:
         def mcts():
             orders, res = dip_search(layout, stages, P, M, subs, limits, split=True, budget_s=budget_s, seeds=False)
@@ -1085,6 +1151,8 @@ def summarise(batches: Sequence[dict], base: str = MEGATRON) -> dict:
             "plan_cpu_ms": {"median": _pct(cpu, 50), "p99": _pct(cpu, 99)} if cpu else None,
             "picked": dict(Counter(r.get("picked") for r, _ in ok)),
         }
+        if any("microbatch_order" in r for r, _ in ok):   # the DIP planner: batches it ran lightest first
+            out[name]["lightest_first"] = sum(r.get("microbatch_order") is not None for r, _ in ok)
     return out
 
 
@@ -1144,6 +1212,28 @@ def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: in
     }, ki
 
 
+def planner_costs(wl: Workload, cm: CostModel, cluster, tp: int, layout: Layout, mbs: Sequence[Any], b_enc: int,
+                  dp: int = 1) -> Callable[..., tuple[BatchCosts, BatchCosts]]:
+    """The DIP planner's ``fresh_costs`` for one batch: ``fresh_costs(order=None, layer_cache=None)``
+    gives new (whole-microbatch, sub-microbatch) SEMU costs on ``layout`` with the microbatches in
+    ``order`` (slot m holds ``mbs[order[m]]``; None: as drawn), from ``layer_cache`` (empty when None)."""
+    stats = [wl.stats(mb) for mb in mbs]
+    counts = wl.sub_counts(mbs, b_enc)
+    sub_stats = wl.sub_stats(mbs, counts)
+
+    def fresh_costs(order: Sequence[int] | None = None, layer_cache: dict | None = None):
+        layer_cache = {} if layer_cache is None else layer_cache
+        if order is None:
+            st, cnt, sst = stats, counts, sub_stats
+        else:
+            st, cnt = [stats[m] for m in order], tuple(counts[m] for m in order)
+            sst = wl.sub_stats([mbs[m] for m in order], cnt)
+        return (batch_costs(cm, cluster, tp, layout, st, layer_cache, dp=dp, frugal=True),
+                batch_costs(cm, cluster, tp, layout, st, layer_cache, dp=dp, frugal=True,
+                            sub_stats=sst, subs=((wl.encoder, cnt),)))
+    return fresh_costs
+
+
 def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm_s", seed: int = 0,
         vit_tokens: int = VIT_PATCHES, budget_s: float = 0.15, b_enc: int | None = None, trace_iterations: int = 40,
         dp: int | None = None, profile: str | None = None, batch_seed: int | None = None,
@@ -1184,13 +1274,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         costs["dip_subs"] = batch_costs(cm, cluster, tp, layouts["dip"], stats, cache, dp=dp, frugal=True,
                                         sub_stats=wl.sub_stats(mbs, counts), subs=((wl.encoder, counts),))
         t_costs = time.perf_counter() - t0
-        sub_stats = wl.sub_stats(mbs, counts)
-
-        def fresh_costs():   # the planner's own SEMU costs, from empty caches (timed with it)
-            layer_cache: dict = {}
-            return (batch_costs(cm, cluster, tp, layouts["dip"], stats, layer_cache, dp=dp, frugal=True),
-                    batch_costs(cm, cluster, tp, layouts["dip"], stats, layer_cache, dp=dp, frugal=True,
-                                sub_stats=sub_stats, subs=((wl.encoder, counts),)))
+        fresh_costs = planner_costs(wl, cm, cluster, tp, layouts["dip"], mbs, b_enc, dp)
         scheds = evaluate_batch({**layouts, "dip_subs": layouts["dip"]}, costs, num_microbatches, capacity, budget_s,
                                 fresh_costs, planner_budget_s, ablation)
         batches.append({"index": i, "regime": regime, **wl.describe_mb(mbs), "semu_costs_ms": t_costs * 1e3,
