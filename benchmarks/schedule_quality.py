@@ -830,23 +830,29 @@ ZB_FITS = 2                                    # phase-3 runs for the ZB-H1-back
 ORDER_MARGIN = 0.02
 
 
-def _lookahead_bound(stages, P: int, M: int, c: "BatchCosts") -> float:
+def _lookahead_bound(stages, P: int, M: int, c: "BatchCosts", memo: dict | None = None) -> float:
     """The lowest compute-order lower bound (:func:`dipc.semu.order_bound.order_lower_bound`) of
-    the encoder-first and :data:`ENCODER_AHEAD` orders on ``c`` (sub-microbatch costs)."""
+    the encoder-first and :data:`ENCODER_AHEAD` orders on ``c`` (sub-microbatch costs). ``memo``
+    keeps each order and its bound under ``(id(c), ahead, lag)``: the planner's candidates reuse
+    them, so the order choice costs the planner only the orders it rejects."""
     from dipc.semu.order_bound import order_lower_bound
 
     best = math.inf
     for ahead, lag in ((None, 1), *ENCODER_AHEAD):
         try:
             orders = encoder_ahead_orders(stages, P, M, c.subs, ahead=ahead, lag=lag)
-            best = min(best, order_lower_bound(stages, orders, c.step.compute_seconds, c.subs))
+            bound = order_lower_bound(stages, orders, c.step.compute_seconds, c.subs)
         except DipcError:
             continue
+        if memo is not None:
+            memo[(id(c), ahead, lag)] = (orders, bound, c)   # c kept alive: its id stays unique
+        best = min(best, bound)
     return best
 
 
 def microbatch_order(layout: Layout, M: int, costs: tuple["BatchCosts", "BatchCosts"], fresh_costs,
-                     layer_cache: dict | None = None) -> tuple[list[int] | None, tuple["BatchCosts", "BatchCosts"]]:
+                     layer_cache: dict | None = None, memo: dict | None = None
+                     ) -> tuple[list[int] | None, tuple["BatchCosts", "BatchCosts"]]:
     """The order the planner runs the batch's microbatches in: as drawn, or lightest first (SEMU
     fwd+bwd work of the whole microbatch; a stable sort). Returns (order or None for as drawn,
     the (whole-microbatch, sub-microbatch) costs in that order; ``fresh_costs(order, layer_cache)``
@@ -864,7 +870,8 @@ def microbatch_order(layout: Layout, M: int, costs: tuple["BatchCosts", "BatchCo
     in flight at the memory peak, which the bound ignores), hence :data:`ORDER_MARGIN`: the
     lightest-first order is kept only when it lowers the look-ahead orders' bound by at least 2%.
     Cost: one reordered cost model (layer times shared through ``layer_cache``) and eight order
-    bounds, ~15-30 ms per batch."""
+    bounds, ~15-50 ms per batch, half of it reused by the planner's candidates through ``memo``
+    (see :func:`_lookahead_bound`): the planner's leftover time goes to phase 3's refit."""
     plain, subs = costs
     work = [plain.mb_work(m) for m in range(M)]
     light = sorted(range(M), key=work.__getitem__)
@@ -872,8 +879,8 @@ def microbatch_order(layout: Layout, M: int, costs: tuple["BatchCosts", "BatchCo
         return None, costs
     stages = layout.stages
     reordered = fresh_costs(light, layer_cache)
-    if _lookahead_bound(stages, layout.P, M, reordered[1]) <= (1 - ORDER_MARGIN) * _lookahead_bound(
-            stages, layout.P, M, subs):
+    if _lookahead_bound(stages, layout.P, M, reordered[1], memo) <= (1 - ORDER_MARGIN) * _lookahead_bound(
+            stages, layout.P, M, subs, memo):
         return light, reordered
     return None, costs
 
@@ -922,15 +929,18 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
     layer_cache: dict = {}
     plain, subs = fresh_costs(None, layer_cache)
     order = None
+    memo: dict = {}             # (id(costs), ahead, lag) -> (orders, bound, costs), from microbatch_order
     if reorder:
-        order, (plain, subs) = microbatch_order(layout, M, (plain, subs), fresh_costs, layer_cache)
+        order, (plain, subs) = microbatch_order(layout, M, (plain, subs), fresh_costs, layer_cache, memo)
     stages = layout.stages
     P = layout.P
     limits = [capacity - x for x in plain.static]
 
-    def program_of(orders_fn, c: BatchCosts):
-        """(build, bound) of one candidate: its orders made once, bounded before lowering."""
-        made: list = []
+    def program_of(orders_fn, c: BatchCosts, key: tuple | None = None):
+        """(build, bound) of one candidate: its orders made once, bounded before lowering (or
+        both taken from ``memo[key]`` when microbatch_order made them)."""
+        known = memo.get(key) if key is not None else None
+        made: list = [known[0]] if known else []
 
         def orders():
             if not made:
@@ -941,6 +951,8 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
             return lower(stages, P, M, orders(), schedule="dip", specs=_specs(c), subs=c.subs), c
 
         def bound():              # compute orders without messages: a lower bound of the step
+            if known:
+                return known[1]
             return order_lower_bound(stages, orders(), c.step.compute_seconds, c.subs)
         return build, bound
 
@@ -952,10 +964,11 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
         return critical_path_priority(stages, M, lambda s, m: c.time(s, m).fwd, lambda s, m: c.time(s, m).bwd)
 
     candidates = [
-        ("encoder-first", *program_of(lambda: encoder_ahead_orders(stages, P, M, subs.subs), subs)),
+        ("encoder-first", *program_of(lambda: encoder_ahead_orders(stages, P, M, subs.subs), subs,
+                                      (id(subs), None, 1))),
         *[(f"encoder ahead {k} lag {lag}", *program_of(
-            lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag), subs))
-          for k, lag in ENCODER_AHEAD],
+            lambda k=k, lag=lag: encoder_ahead_orders(stages, P, M, subs.subs, ahead=k, lag=lag), subs,
+            (id(subs), k, lag))) for k, lag in ENCODER_AHEAD],
         *([("encoder-first, zb-h1 backbone", *program_of(
             lambda: encoder_ahead_orders(stages, P, M, subs.subs, backbone="zb_h1"), subs)),
            *[(f"encoder ahead {k} lag {lag}, zb-h1 backbone", *program_of(
