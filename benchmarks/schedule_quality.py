@@ -852,11 +852,11 @@ def _lookahead_bound(stages, P: int, M: int, c: "BatchCosts", memo: dict | None 
 
 def microbatch_order(layout: Layout, M: int, costs: tuple["BatchCosts", "BatchCosts"], fresh_costs,
                      layer_cache: dict | None = None, memo: dict | None = None
-                     ) -> tuple[list[int] | None, tuple["BatchCosts", "BatchCosts"]]:
+                     ) -> tuple[list[int] | None, tuple["BatchCosts", "BatchCosts"], float]:
     """The order the planner runs the batch's microbatches in: as drawn, or lightest first (SEMU
     fwd+bwd work of the whole microbatch; a stable sort). Returns (order or None for as drawn,
-    the (whole-microbatch, sub-microbatch) costs in that order; ``fresh_costs(order, layer_cache)``
-    makes the reordered ones).
+    the (whole-microbatch, sub-microbatch) costs in that order — ``fresh_costs(order, layer_cache)``
+    makes the reordered ones —, the wall seconds spent on the order not taken).
 
     Why: the static candidates (interleaved 1F1B, the encoder look-ahead orders) run microbatches
     in index order, and on T2V batches — DiT work per microbatch skewed up to 4x, a heavy clip
@@ -870,19 +870,24 @@ def microbatch_order(layout: Layout, M: int, costs: tuple["BatchCosts", "BatchCo
     in flight at the memory peak, which the bound ignores), hence :data:`ORDER_MARGIN`: the
     lightest-first order is kept only when it lowers the look-ahead orders' bound by at least 2%.
     Cost: one reordered cost model (layer times shared through ``layer_cache``) and eight order
-    bounds, ~15-50 ms per batch, half of it reused by the planner's candidates through ``memo``
-    (see :func:`_lookahead_bound`): the planner's leftover time goes to phase 3's refit."""
+    bounds, ~15-50 ms per batch; the chosen order's bounds are reused by the planner's candidates
+    through ``memo`` (see :func:`_lookahead_bound`), the other order's time is returned: the
+    planner adds it to phase 3's refit budget (see :func:`dip_planner`)."""
     plain, subs = costs
     work = [plain.mb_work(m) for m in range(M)]
     light = sorted(range(M), key=work.__getitem__)
     if light == list(range(M)):
-        return None, costs
+        return None, costs, 0.0
     stages = layout.stages
+    t0 = time.perf_counter()
+    as_drawn = _lookahead_bound(stages, layout.P, M, subs, memo)
+    t1 = time.perf_counter()
     reordered = fresh_costs(light, layer_cache)
-    if _lookahead_bound(stages, layout.P, M, reordered[1], memo) <= (1 - ORDER_MARGIN) * _lookahead_bound(
-            stages, layout.P, M, subs, memo):
-        return light, reordered
-    return None, costs
+    lightest_first = _lookahead_bound(stages, layout.P, M, reordered[1], memo)
+    t2 = time.perf_counter()
+    if lightest_first <= (1 - ORDER_MARGIN) * as_drawn:
+        return light, reordered, t1 - t0
+    return None, costs, t2 - t1
 
 
 def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[..., tuple["BatchCosts", "BatchCosts"]],
@@ -894,7 +899,11 @@ def dip_planner(layout: Layout, M: int, capacity: float, fresh_costs: Callable[.
 
     First, with ``reorder``, the microbatch order (:func:`microbatch_order`: as drawn or lightest
     first); every candidate below runs the batch in that order, and ``info["microbatch_order"]``
-    says which (the data loader feeds microbatch ``order[m]`` into slot m).
+    says which (the data loader feeds microbatch ``order[m]`` into slot m). The time spent on the
+    order not taken (~15-30 ms) is added to the refit's budget below rather than taken from it:
+    the refit is an anytime ILP whose result moves with its time limit (a VLM-S batch planned as
+    drawn lost 1% against the best baseline when the check took its ~15 ms from the refit), so the
+    planner's latency grows by the check instead (medians 0.80 -> ~0.83 s on VLM-S).
 
     Candidates (compute orders; each lowered and simulated once as it is):
 
@@ -930,8 +939,9 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
     plain, subs = fresh_costs(None, layer_cache)
     order = None
     memo: dict = {}             # (id(costs), ahead, lag) -> (orders, bound, costs), from microbatch_order
+    order_s = 0.0               # seconds spent on the microbatch order not taken
     if reorder:
-        order, (plain, subs) = microbatch_order(layout, M, (plain, subs), fresh_costs, layer_cache, memo)
+        order, (plain, subs), order_s = microbatch_order(layout, M, (plain, subs), fresh_costs, layer_cache, memo)
     stages = layout.stages
     P = layout.P
     limits = [capacity - x for x in plain.static]
@@ -1004,7 +1014,7 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
     c = choice.model
     program, result = refine_per_microbatch(choice.program, choice.result, c.step, capacity, mip_rel_gap=0.05,
                                             tables=tables[id(c)],
-                                            time_budget=PLAN_BUDGET_S - (time.perf_counter() - t_start))
+                                            time_budget=PLAN_BUDGET_S + order_s - (time.perf_counter() - t_start))
     info["recomputed_layers"] = sum(len(v) for v in recompute_plan(program).values())
     choice = dataclasses.replace(choice, program=program, result=result)
     validate(choice.program)

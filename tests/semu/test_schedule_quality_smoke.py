@@ -70,6 +70,6 @@ def test_planner_runs_a_skewed_t2v_batch_lightest_first(monkeypatch):
     assert info0["microbatch_order"] is None
     assert choice.result.step_time < as_drawn.result.step_time
     # a batch already lightest first is left as it is
-    order2, _ = sq.microbatch_order(lay, M, sq.planner_costs(wl, cm, cluster, tp, lay, [mbs[m] for m in order], b)(),
+    order2, _, _ = sq.microbatch_order(lay, M, sq.planner_costs(wl, cm, cluster, tp, lay, [mbs[m] for m in order], b)(),
                                     None)
     assert order2 is None
