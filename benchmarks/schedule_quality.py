@@ -862,9 +862,10 @@ def microbatch_order(layout: Layout, M: int, costs: tuple["BatchCosts", "BatchCo
     in index order, and on T2V batches — DiT work per microbatch skewed up to 4x, a heavy clip
     anywhere in the batch — a heavy microbatch between light ones stalls the interleaved
     backbone's steady state (its chunks wait on each other) and fills the warm-up slowly. Run
-    lightest first, neighbouring microbatches are alike and the fill is short: on 10 T2V-S batches
-    the planner's step fell 0.5-12% (one batch +0.5%), on T2V-L 1-12% (SEMU, no planning
-    budget). It is one of the rankings phase 1 (MCTS, :func:`dip_search`) is seeded with, which
+    lightest first, neighbouring microbatches are alike and the fill is short: the compute-order
+    bound (no memory, no messages) drops 3-17% on T2V-S, and the planner's fitted step fell 2-12%
+    on 9 of 10 T2V-S batches (one +0.5%) and 1-12% on 10 of 10 T2V-L batches (SEMU, unlimited
+    refit). It is one of the rankings phase 1 (MCTS, :func:`dip_search`) is seeded with, which
     the timed planner does not run by default. On VLM-S the bound barely moves (<= 1.3%) and the
     fitted steps were up to 3.6% slower lightest first (the order changes which microbatches are
     in flight at the memory peak, which the bound ignores), hence :data:`ORDER_MARGIN`: the
