@@ -1415,7 +1415,7 @@ def print_table(result: dict) -> None:
     for key, lay in result["layouts"].items():
         print(f"layout {key}: {lay['name']} ({lay['rule']})\n  {lay['description']}")
     print(f"rel = t({MEGATRON}) / t; vs best = min over baselines of t / t (worst: the lowest batch); "
-          f"no-bub = sum work / (P x step); memory capacity {s['memory_capacity_gb']:.1f} GB")
+          f"no-bub = sum busy (compute and recomputation) / (P x step); memory capacity {s['memory_capacity_gb']:.1f} GB")
     if result["summary"]:
         print("skewed batches:")
         _rows(result["summary"])
