@@ -73,3 +73,22 @@ def test_planner_runs_a_skewed_t2v_batch_lightest_first(monkeypatch):
     order2, _, _ = sq.microbatch_order(lay, M, sq.planner_costs(wl, cm, cluster, tp, lay, [mbs[m] for m in order], b)(),
                                     None)
     assert order2 is None
+
+
+def test_interleave_search_keeps_the_depth_dip_plans_fastest(monkeypatch):
+    """The offline choice of interleaving depth: every depth's layout is planned by DIP on the same
+    sample batches, the lowest geometric-mean step wins, and the layout has that many chunks."""
+    sq = _load()
+    monkeypatch.setattr(sq, "INTERLEAVE_SAMPLES", 2)
+    wl = sq.WORKLOADS["vlm_s"](vit_tokens=sq.IMAGE_TOKENS)
+    cm, cluster = sq.cost_model(wl), sq.load_preset(sq.PROFILE)
+    P, tp, M = wl.paper.pp, wl.paper.tp, 8
+    rep = [wl.stats(mb) for mb in wl.draw(sq.np.random.default_rng(0), "interleaved", 0, M)]
+    _, ki = sq.make_layouts(wl, cm, cluster, tp, rep, P, 4)
+    layout, chosen = sq.choose_interleave(wl, cm, cluster, tp, P, rep, ki, 4, 1, cluster.device.memory_capacity, M, 0)
+    tried = chosen["interleave_search"]
+    assert set(tried) == {1, 2} and chosen["K_rule"] == ki["K"]
+    best = min(tried, key=lambda v: tried[v]["geomean_step_s"])
+    assert chosen["interleave_depth"] == best and chosen["K"] == tried[best]["K"]
+    assert all(len(t["sample_steps_s"]) == 2 for t in tried.values())
+    assert len(layout.stages) == P * sum(chosen["K"].values())
