@@ -1241,7 +1241,7 @@ INTERLEAVE_SAMPLES = 4   # sample batches the offline interleave-depth choice si
 
 
 def choose_interleave(wl: Workload, cm: CostModel, cluster, tp: int, P: int, rep_stats, ki: dict, b_enc: int,
-                      dp: int, capacity: float, M: int, seed: int, depths: Sequence[int] = (0, 1, 2)
+                      dp: int, capacity: float, M: int, seed: int, depths: Sequence[int] = (1, 0, 2)
                       ) -> tuple[Layout, dict]:
     """DIP's offline layout with its interleaving depth chosen by simulation: the paper's rule fixes
     the ratio of the modules' segment counts (K_i = floor(T_i / T_1)) but not a common multiple of
@@ -1250,7 +1250,8 @@ def choose_interleave(wl: Workload, cm: CostModel, cluster, tp: int, P: int, rep
     drain; on others the rule's K > 1 costs more than it gives (VLM-M: K_backbone 3, whose chunks
     leave the LM head's rank waiting on the fill). So, like the paper's partitioner, which profiles
     before it fixes the placement: for each depth v (every K_i times v, capped so that chunks keep
-    their minimum blocks; v = 0 stands for one segment per module and rank, K_i = 1), DIP's own planner
+    their minimum blocks; v = 0 stands for one segment per module and rank, K_i = 1; a depth giving
+    the K of one tried before is skipped, the rule's first), DIP's own planner
     plans :data:`INTERLEAVE_SAMPLES` sample batches (drawn from the workload's regimes with a seed
     of their own, never the measured batches), and the depth with the lowest geometric-mean step
     time is kept for the whole run. Baselines are untouched (Megatron keeps V=2 by parameters)."""
