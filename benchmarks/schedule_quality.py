@@ -1241,8 +1241,8 @@ INTERLEAVE_SAMPLES = 4   # sample batches the offline interleave-depth choice si
 
 
 def choose_interleave(wl: Workload, cm: CostModel, cluster, tp: int, P: int, rep_stats, ki: dict, b_enc: int,
-                      dp: int, capacity: float, M: int, seed: int, depths: Sequence[int] = (1, 0, 2)
-                      ) -> tuple[Layout, dict]:
+                      dp: int, capacity: float, M: int, seed: int, depths: Sequence[int] = (1, 0, 2),
+                      rule_layout: Layout | None = None) -> tuple[Layout, dict]:
     """DIP's offline layout with its interleaving depth chosen by simulation: the paper's rule fixes
     the ratio of the modules' segment counts (K_i = floor(T_i / T_1)) but not a common multiple of
     them, and on a model whose modules take about as long as each other (VLM-S: K 1 and 1) the rule
@@ -1263,7 +1263,8 @@ def choose_interleave(wl: Workload, cm: CostModel, cluster, tp: int, P: int, rep
         K = {m: 1 if v == 0 else min(k * v, ki["K_cap"][m]) for m, k in ki["K"].items()}
         if any(t["K"] == K for t in tried.values()):
             continue
-        layout = ki_layout(wl, cm, cluster, tp, rep_stats, P, K)
+        layout = rule_layout if rule_layout is not None and K == ki["K"] else \
+            ki_layout(wl, cm, cluster, tp, rep_stats, P, K)
         steps = []
         for mbs in samples:
             choice, _ = dip_planner(layout, M, capacity, planner_costs(wl, cm, cluster, tp, layout, mbs, b_enc, dp))
@@ -1322,7 +1323,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
     layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc, k_backbone, k_encoder)
     if interleave_search and k_backbone is None and k_encoder is None:
         layouts["dip"], ki = choose_interleave(wl, cm, cluster, tp, P, rep_stats, ki, b_enc, dp, capacity,
-                                               num_microbatches, seed)
+                                               num_microbatches, seed, rule_layout=layouts["dip"])
     t_setup = time.perf_counter() - t_start
 
     rng = np.random.default_rng(seed if batch_seed is None else batch_seed)   # layouts always from `seed`

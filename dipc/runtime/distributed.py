@@ -206,6 +206,7 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     interp = RankInterpreter(rank, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,
                              optimizer_step=optimizer_step, reduce_grads=reducer.start if reducer else None,
                              sub_batches=pipe.sub_batches(microbatches), record_timeline=record_timeline)
+    transport.idle = interp.release_finished   # a receive about to wait frees finished graphs first
     if record_timeline:   # the barrier comes before the loss all-reduce on every rank (gloo matches by order)
         if plan_check is not None:
             plan_check.wait()
@@ -230,16 +231,14 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     transport.finish()
     if plan_check is not None:
         plan_check.wait()   # a rank that sends and receives nothing has not waited yet
+    if has_loss:
+        for m, l in interp.stats.losses.items():
+            losses[m] = l
     if topo.pp > 1:
         if has_loss:
-            for m, l in interp.stats.losses.items():
-                losses[m] = l
             loss_work = collective("loss", topo.rank,
                                    lambda: dist.all_reduce(losses, group=topo.pp_group, async_op=True))
         collective("loss", topo.rank, loss_work.wait)
-    else:
-        for m, l in interp.stats.losses.items():
-            losses[m] = l
     local = pipe.result(weights, losses.tolist(), t0, program)
     if topo.dp > 1:   # every replica's pipeline rank 0 contributes its replica's share of the global loss
         total_loss = torch.tensor([local.loss if rank == 0 else 0.0], dtype=torch.float64, device=device)

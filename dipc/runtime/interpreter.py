@@ -240,9 +240,7 @@ class RankInterpreter:
         self.trainable = {s.id: [p for p in s.params if p.requires_grad] for s in stages if s.rank == rank}
         self.param_nodes: dict[int, dict[Any, torch.Tensor]] = {}   # stage -> split_backward.param_nodes, per step
         self._seeds: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-        self._graves: list[_Saved] = []   # units whose backward ran, freed by _release_finished
-        if hasattr(transport, "idle"):    # a receive about to wait frees them first
-            transport.idle = self._release_finished
+        self._graves: list[_Saved] = []   # units whose backward ran, freed by release_finished
         self._calls: list[Callable[[Instruction], None]] | None = None
         self.handlers: dict[Op, Callable[[Instruction], None]] = {
             Op.LOAD: self._load, Op.FWD: self._fwd, Op.BWD: self._bwd, Op.BWD_I: self._bwd_input,
@@ -290,7 +288,7 @@ class RankInterpreter:
         finally:
             self.stats.instructions += pc - start
         if pc >= end and self._graves:
-            self._release_finished()
+            self.release_finished()
         if pc >= end and self.losses:   # one device sync per step, not one per loss
             self.stats.losses.update(zip(self.losses, torch.stack(list(self.losses.values())).tolist()))
             self.losses.clear()
@@ -320,7 +318,7 @@ class RankInterpreter:
 
     def _fwd(self, i: Instruction) -> None:
         if self._graves:
-            self._release_finished()
+            self.release_finished()
         unit, st, inputs, consumers = self._args[self.pc]
         if self.switches:
             flags = self.switches.get(i.stage)
@@ -440,18 +438,18 @@ class RankInterpreter:
 
     def _bwd(self, i: Instruction) -> None:
         if self._graves:
-            self._release_finished()
+            self.release_finished()
         saved = self.saved.pop(self._args[self.pc][0])
         tensors, grads = self._backward_args(i, saved)
         if tensors:
             torch.autograd.backward(tensors, grads)
         del tensors, grads   # the graph's roots: _release frees the graph
         self._deliver_input_grads(i, saved, [l.grad for _, _, ls, _ in saved.grad_inputs for l in ls])
-        self._graves.append(saved)   # freed after the sends that follow (see _release_finished)
+        self._graves.append(saved)   # freed after the sends that follow (see release_finished)
 
     def _bwd_input(self, i: Instruction) -> None:
         if self._graves:
-            self._release_finished()
+            self.release_finished()
         saved = self.saved[self._args[self.pc][0]]
         tensors, grads = self._backward_args(i, saved)
         leaves = [l for _, _, ls, _ in saved.grad_inputs for l in ls]
@@ -466,13 +464,13 @@ class RankInterpreter:
 
     def _bwd_weight(self, i: Instruction) -> None:
         if self._graves:
-            self._release_finished()
+            self.release_finished()
         saved = self.saved.pop(self._args[self.pc])
         if saved.weight_work is not None:
             backward_weight(saved.weight_work)
         self._graves.append(saved)
 
-    def _release_finished(self) -> None:
+    def release_finished(self) -> None:
         """Free the units whose backward has run. Deferred from BWD / BWD_W to the next compute
         instruction, a receive that has to wait, or the end of the stream: freeing a graph takes
         tens to hundreds of microseconds, and the gradient sends that follow a BWD are what the
@@ -545,7 +543,7 @@ class RankInterpreter:
             self.reduce_grads(i.stage)
 
     def _optim(self, i: Instruction) -> None:
-        self._release_finished()
+        self.release_finished()
         self.transport.finish()
         if self.optimizer_step is not None:
             self.optimizer_step()

@@ -130,7 +130,8 @@ class DistributedTransport(Transport):
         # id(receive instruction) -> (its buffers, the works filling them)
         self.posted: dict[int, tuple[list[torch.Tensor], list[object]]] = {}
         self.gate = gate
-        self.idle: Callable[[], None] | None = None   # work to do before a receive blocks
+        # one rank's transport: work to do before a receive blocks (its interpreter's deferred frees)
+        self.idle: Callable[[], None] | None = None
 
     def _open_gate(self) -> None:
         gate, self.gate = self.gate, None
