@@ -260,7 +260,7 @@ def _bench(rank: int, world: int, cfg: dict, scenario: str, schedule: str, num_s
         out["torch_loss"].append(loss)
     for name, prof in profs.items():
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
+        st = pstats.Stats(prof, stream=s); st.sort_stats("tottime").print_stats(20); st.print_stats("dipc/", 40)
         out[f"profile_{name}"] = s.getvalue()
     return out
 

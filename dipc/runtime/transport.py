@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 from collections import defaultdict, deque
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -56,6 +56,47 @@ def _pack(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tenso
                 members = [t.to(device) for t in members]
             out.append(torch._C._nn.flatten_dense_tensors(members))
     return out
+
+
+class _RecvLayout:
+    """Where a receive's values land, worked out once per instruction (a steady run executes the
+    same instructions every step): ``single`` (shape, dtype) for a one-value message; otherwise
+    per dtype the values' indices, the buffer's shape (one value) or length (several, views cut by
+    meta-tensor templates in one C++ call), and the empty values, which are not transferred."""
+
+    __slots__ = ("instr", "single", "groups", "empties")
+
+    def __init__(self, instr: Instruction) -> None:
+        self.instr = instr
+        specs = instr.specs
+        self.single = (specs[0].shape if specs[0].kind == "tensor" else (), dtype_for(specs[0]),
+                       specs[0].numel > 0) if len(specs) == 1 else None
+        self.empties: list[tuple[int, tuple[int, ...], torch.dtype]] = []
+        members: dict[torch.dtype, list[int]] = {}
+        for k, spec in enumerate(specs):
+            if spec.numel:
+                members.setdefault(dtype_for(spec), []).append(k)
+            else:
+                self.empties.append((k, tuple(empty_for(spec, "meta").shape), dtype_for(spec)))
+        self.groups: list[tuple[torch.dtype, list[int], Any, list[torch.Tensor] | None]] = []
+        for dtype, ks in members.items():
+            if len(ks) == 1:
+                self.groups.append((dtype, ks, tuple(empty_for(specs[ks[0]], "meta").shape), None))
+            else:
+                self.groups.append((dtype, ks, sum(specs[k].numel for k in ks),
+                                    [empty_for(specs[k], "meta") for k in ks]))
+
+
+_LAYOUTS: dict[int, _RecvLayout] = {}
+_LAYOUT_CACHE_SIZE = 1 << 16
+
+
+def _recv_layout(instr: Instruction) -> _RecvLayout:
+    """The cached :class:`_RecvLayout` of ``instr`` (by identity: the pipeline caches programs)."""
+    if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
+        _LAYOUTS.clear()
+    layout = _LAYOUTS[id(instr)] = _RecvLayout(instr)
+    return layout
 
 
 class Transport:
@@ -154,34 +195,35 @@ class DistributedTransport(Transport):
         return self.group.recv([tensor], src, 0)
 
     def post_recv(self, instr, rank):
-        if id(instr) in self.posted:
+        key = id(instr)
+        if key in self.posted:
             return
         if self.gate is not None:
             self._open_gate()
         src = self.global_rank(instr.peer)
-        specs = instr.specs
-        if len(specs) == 1:   # the common message: one activation or one gradient
-            buf = empty_for(specs[0], self.device)
-            self.posted[id(instr)] = ([buf], [self._irecv(buf, src)] if buf.numel() else [])
+        layout = _LAYOUTS.get(key)
+        if layout is None or layout.instr is not instr:
+            layout = _recv_layout(instr)
+        device = self.device
+        if layout.single is not None:   # the common message: one activation or one gradient
+            shape, dtype, nonempty = layout.single
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            self.posted[key] = ([buf], [self._irecv(buf, src)] if nonempty else [])
             return
         # one flat buffer per dtype (as the sender packs them); each value is a view into it
-        bufs: list[torch.Tensor | None] = [None] * len(specs)
-        groups: dict[torch.dtype, list[int]] = {}
-        for k, spec in enumerate(specs):
-            if spec.numel:
-                groups.setdefault(dtype_for(spec), []).append(k)
-            else:
-                bufs[k] = empty_for(spec, self.device)
+        bufs: list[torch.Tensor | None] = [None] * len(instr.specs)
+        for k, shape, dtype in layout.empties:
+            bufs[k] = torch.empty(shape, dtype=dtype, device=device)
         works = []
-        for dtype, members in groups.items():
-            if len(members) == 1:
-                flat = bufs[members[0]] = empty_for(specs[members[0]], self.device)
+        for dtype, members, shape_or_numel, templates in layout.groups:
+            flat = torch.empty(shape_or_numel, dtype=dtype, device=device)
+            if templates is None:
+                bufs[members[0]] = flat
             else:
-                flat = torch.empty(sum(specs[k].numel for k in members), dtype=dtype, device=self.device)
-                for k, part in zip(members, flat.split([specs[k].numel for k in members])):
-                    bufs[k] = part.view(specs[k].shape)
+                for k, view in zip(members, torch._C._nn.unflatten_dense_tensors(flat, templates)):
+                    bufs[k] = view
             works.append(self._irecv(flat, src))
-        self.posted[id(instr)] = (bufs, works)
+        self.posted[key] = (bufs, works)
 
     def recv(self, instr, rank):
         self.post_recv(instr, rank)
