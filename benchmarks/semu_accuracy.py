@@ -22,8 +22,8 @@ What it does, in order:
    of 2 gloo processes (SEMU predicts the simulated step time with gloo's send/receive handshake,
    plus the distributed executor's own per-step work, posting the plan check and the loss
    all-reduce, timed on their own, on the local profile calibrated once more to the gloo executor's own calibration
-   steps: P2P op times from their measured timelines and a compute factor for co-located ranks,
-   :mod:`dipc.semu.calibrate_dist`); the peak live tensor bytes per rank of one local step with Adam
+   steps: P2P op times from their measured timelines, a compute factor for co-located ranks and
+   the latency with which a rank blocked in a receive wakes, :mod:`dipc.semu.calibrate_dist`); the peak live tensor bytes per rank of one local step with Adam
    (``measured_peak_memory``) vs the emulator's peak per rank;
 4. DIP vs 1F1B direction: on batches of 8 one-sample microbatches (sizes skewed across
    microbatches), 1F1B and DIP's plan scored on the calibrated model (``dip_cpu``) and as dipc
@@ -89,10 +89,12 @@ LIMITS = [
     "the local executor runs gpipe, 1f1b and dual_queue as the same instructions: SEMU predicts them equal, and "
     "their measured order is noise, which caps Kendall's tau there (about 0.84 if everything else is right)",
     "gloo: P2P is gloo's handshake (a send waits for the receive's ready notice) at the ping-pong's latency and "
-    "bandwidth; messages with several dtypes make one handshake per dtype (modelled as one); P2P op times and one "
-    "compute factor for co-located ranks are calibrated on the gloo executor's own calibration steps "
-    "(dipc.semu.calibrate_dist), but how much two ranks slow each other depends on what each runs at the moment "
-    "(one average factor here), and any other load on the machine lands in the gloo wall times in full",
+    "bandwidth; messages with several dtypes make one handshake per dtype (modelled as one); P2P op times, one "
+    "compute factor for co-located ranks and one wake-up latency per receive that blocked are calibrated on the "
+    "gloo executor's own calibration steps (dipc.semu.calibrate_dist), but how much two ranks slow each other "
+    "depends on what each runs at the moment (one average factor here), a blocked thread's wake-up is mostly "
+    "immediate and now and then 3-5 ms late on this VM (one expected value here), and any other load on the "
+    "machine lands in the gloo wall times in full",
     "memory: temporaries inside a layer's backward are not modelled (the workspace is the largest layer's output "
     "and input gradients, and the loss head's log-softmax); allocator caching is not counted on either side",
 ]
@@ -492,7 +494,8 @@ def main() -> None:
                         measured_s=statistics.median(per_rank[0][f"cal|{name}|{schedule}|{k}"])))
         gloo_cal = fit_distributed(profile, samples, step_overhead=executor_fixed,
                                    p2p=p2p_overheads(per_rank[0]["cal_spans"], dispatch=cal.dispatch_overhead))
-        print(f"gloo calibration: compute x{gloo_cal.compute_factor:.3f} (co-located ranks), P2P per op "
+        print(f"gloo calibration: compute x{gloo_cal.compute_factor:.3f} (co-located ranks), blocked receives "
+              f"wake {gloo_cal.wake_latency * 1e6:.0f} us late, P2P per op "
               + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in gloo_cal.p2p_overheads.items())
               + f", {executor_fixed * 1e3:.2f} ms per step; calibration steps median |err| "
               f"{gloo_cal.median_rel_error_before:.1%} -> {gloo_cal.median_rel_error:.1%}")
@@ -603,7 +606,8 @@ def main() -> None:
                     "note": "shared, noisy machine unless rerun on a quiet one"},
         "gloo_executor_fixed_s": None if a.no_dist else executor_fixed, "gloo_p2p_model": GLOO_P2P,
         "gloo_calibration": None if a.no_dist else {
-            "compute_factor": gloo_cal.compute_factor, "p2p_overheads_s": gloo_cal.p2p_overheads,
+            "compute_factor": gloo_cal.compute_factor, "wake_latency_s": gloo_cal.wake_latency,
+            "p2p_overheads_s": gloo_cal.p2p_overheads,
             "calibration_median_abs_err_before": gloo_cal.median_rel_error_before,
             "calibration_median_abs_err": gloo_cal.median_rel_error, "num_steps": len(samples)},
         "calibration": {"scale": cal.scale, "attention_scale": cal.attention_scale,

@@ -19,6 +19,8 @@ memory, and a timeline that :func:`dipc.semu.trace.to_chrome_trace` exports):
   receive-ready notice first crosses the link (gloo's unbound-buffer protocol: a send posted
   before its receive waits for the receiver's notification, so the data arrives at
   ``max(send posted, receive posted + latency) + latency + bytes / bandwidth``);
+- a receive that had to wait resumes ``wake_latency`` after its data arrived (a blocked CPU
+  thread's wake-up; 0 by default, fitted for multi-process CPU executors);
 - a rank's step ends when its last instruction and its last outgoing transfer have finished
   (the runtime waits for posted sends at the end of the step);
 - memory (optional :class:`MemoryModel`): per-stage resident bytes (parameters, optimizer
@@ -279,6 +281,7 @@ def simulate(
     p2p: str = "eager",
     record: bool = True,
     comm_overhead: ComputeTimeFn | None = None,
+    wake_latency: float = 0.0,
 ) -> SimResult:
     """Simulate one step of ``program`` on ``cluster``; see the module docstring for the model.
 
@@ -286,6 +289,10 @@ def simulate(
     rank pairs share a node. ``record=False`` skips the timeline (faster, for schedule search).
     ``comm_overhead(instr)``: seconds a send or receive occupies its own rank's compute stream (a
     send before it is posted, a receive after its message arrived: packing and copying on a CPU).
+    ``wake_latency``: seconds a rank that blocked in a receive needs, after its message arrived,
+    to run again (a CPU thread woken from a futex wait; on a virtual machine whose idle vCPUs halt,
+    the host's wake-up latency, measured in milliseconds on the machine this project's CPU figures
+    come from). A receive whose message was already there does not pay it.
     The program should be valid (:func:`dipc.ir.validate.validate`); a wait cycle raises
     ``ScheduleError`` naming the blocked ranks.
     """
@@ -453,6 +460,7 @@ def simulate(
                 else:
                     arrive = box.popleft()
                 if arrive > t:
+                    arrive += wake_latency
                     if record:
                         append_span((r, STREAM_RECV_WAIT, i, t, arrive, -1))
                     wait[r] += arrive - t

@@ -220,6 +220,10 @@ class DeviceProfile:
     ``bytes_mode``: how a layer's memory-traffic time combines with its compute time, the
     :class:`~dipc.semu.step_model.StepModel` default: ``"max"`` (the roofline; a GPU overlaps
     them) or ``"sum"`` (they add up: one CPU thread, as calibration fits them).
+    ``recv_wake_latency``: seconds a rank blocked in a receive takes to run again once its message
+    has arrived (the emulator's ``wake_latency``; :mod:`dipc.semu.calibrate_dist` fits it for a
+    multi-process CPU executor, where a woken thread may wait for the OS or, on a virtual machine,
+    for the host to resume a halted vCPU). 0 on the GPU presets.
     """
 
     name: str
@@ -238,6 +242,7 @@ class DeviceProfile:
     probs_bwd_byte_time: float = 0.0
     kind_op_overheads: Mapping[str, float] = field(default_factory=dict)
     bytes_mode: str = "max"
+    recv_wake_latency: float = 0.0
 
     def __post_init__(self) -> None:
         _string("device.name", self.name)
@@ -254,6 +259,7 @@ class DeviceProfile:
         _positive("device.probs_bwd_byte_time", self.probs_bwd_byte_time, allow_zero=True)
         _positive("device.op_overhead", self.op_overhead, allow_zero=True)
         _positive("device.instruction_overhead", self.instruction_overhead, allow_zero=True)
+        _positive("device.recv_wake_latency", self.recv_wake_latency, allow_zero=True)
         if not isinstance(self.dense_masked_attention, bool):
             raise _fail("device.dense_masked_attention", f"expected true or false, got {self.dense_masked_attention!r}",
                         "write a JSON boolean")
@@ -375,14 +381,16 @@ def _device_to_json(d: DeviceProfile) -> dict[str, Any]:
             **({"probs_fwd_byte_time": d.probs_fwd_byte_time} if d.probs_fwd_byte_time else {}),
             **({"probs_bwd_byte_time": d.probs_bwd_byte_time} if d.probs_bwd_byte_time else {}),
             **({"kind_op_overheads": dict(d.kind_op_overheads)} if d.kind_op_overheads else {}),
-            **({"bytes_mode": d.bytes_mode} if d.bytes_mode != "max" else {})}
+            **({"bytes_mode": d.bytes_mode} if d.bytes_mode != "max" else {}),
+            **({"recv_wake_latency": d.recv_wake_latency} if d.recv_wake_latency else {})}
 
 
 def _device_from_json(path: str, obj: Any) -> DeviceProfile:
     d = _object(path, obj, ("name", "peak_flops", "memory_bandwidth", "memory_capacity",
                             "launch_overhead", "efficiency"),
                 ("kind", "source", "op_overhead", "instruction_overhead", "dense_masked_attention", "op_overheads",
-                 "probs_fwd_byte_time", "probs_bwd_byte_time", "kind_op_overheads", "bytes_mode"))
+                 "probs_fwd_byte_time", "probs_bwd_byte_time", "kind_op_overheads", "bytes_mode",
+                 "recv_wake_latency"))
     peaks = d["peak_flops"]
     if not isinstance(peaks, Mapping):
         raise _fail(f"{path}.peak_flops", f"expected an object of dtype -> FLOP/s, got {peaks!r}",
@@ -413,6 +421,7 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
                            for k, v in _object(f"{path}.kind_op_overheads", d.get("kind_op_overheads", {}), (),
                                                _KIND_OPS).items()},
         bytes_mode=d.get("bytes_mode", "max"),
+        recv_wake_latency=_positive(f"{path}.recv_wake_latency", d.get("recv_wake_latency", 0.0), allow_zero=True),
     )
 
 

@@ -724,6 +724,8 @@ class StepModel:
             raise StepModelError(f"the program has {program.num_microbatches} microbatches but "
                                  f"{len(self.microbatch_stats)} statistics were given. Fix: one per microbatch.")
         kwargs.setdefault("gpus_per_rank", self.tp)
+        if self.cluster.device.recv_wake_latency:
+            kwargs.setdefault("wake_latency", self.cluster.device.recv_wake_latency)
         plan = recompute_plan(program)
         compute = recompute_compute_time(self.compute_time, self, program, plan)
         if self.cluster.device.op_overheads:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from dipc.semu.calibrate_dist import (DistributedCalibrationError, DistributedSample, fit_distributed,
-                                      p2p_overheads, scale_compute)
+                                      p2p_overheads, scale_compute, with_wake_latency)
 from dipc.semu.profiles import load_preset
 from dipc.semu.step_model import StepModel, pipeline_length_stats
 
@@ -66,6 +66,22 @@ def test_fit_recovers_the_compute_factor_that_made_the_steps(vlm_2stage):
     assert cal.median_rel_error < 1e-3 < cal.median_rel_error_before
     assert cal.profile.device.op_overheads["SEND_GRAD"] == pytest.approx(150e-6)
     assert cal.profile.device.peak_flops["float32"] == pytest.approx(50e9 / 1.3, rel=1e-2)
+
+
+def test_fit_separates_the_wake_latency_from_the_compute_factor(vlm_2stage):
+    """Steps made with compute x1.2 and blocked receives waking 2 ms late: the schedules wait on
+    different numbers of receives, so the two parameters are told apart."""
+    ex, pipe, cm = vlm_2stage
+    base = _cpu_profile()
+    truth = with_wake_latency(scale_compute(base, 1.2), 2e-3)
+    samples = [_sample(ex, pipe, cm, s, measured_on=truth) for s in ("1f1b", "zb_h1", "gpipe")]
+    cal = fit_distributed(base, samples)
+    assert cal.compute_factor == pytest.approx(1.2, rel=0.02)
+    assert cal.wake_latency == pytest.approx(2e-3, rel=0.05)
+    assert cal.profile.device.recv_wake_latency == cal.wake_latency
+    assert cal.median_rel_error < 0.005
+    alone = fit_distributed(base, samples, fit_wake=False)   # the factor alone cannot make them all fit
+    assert alone.wake_latency == 0.0 and alone.median_rel_error > cal.median_rel_error
 
 
 def test_fit_follows_the_typical_step_not_a_slowed_one(vlm_2stage):

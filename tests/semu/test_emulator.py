@@ -11,7 +11,7 @@ from dipc.errors import ScheduleError
 from dipc.ir import Instruction, Op, Program, StageInfo, TensorSpec, validate
 from dipc.passes.codegen import build_program, lower
 from dipc.passes.schedules import ComputeAction
-from dipc.semu.emulator import (STREAM_COMPUTE, STREAM_SEND, MemoryModel, message_bytes, simulate,
+from dipc.semu.emulator import (STREAM_COMPUTE, STREAM_RECV_WAIT, STREAM_SEND, MemoryModel, message_bytes, simulate,
                                 uniform_memory)
 from dipc.semu.profiles import LinkProfile, load_preset
 from dipc.semu.trace import to_chrome_trace
@@ -171,6 +171,24 @@ def test_comm_overhead_occupies_the_rank():
         msgs = sum(1 for ins in stream if ins.op in (Op.SEND_ACT, Op.SEND_GRAD, Op.RECV_ACT, Op.RECV_GRAD))
         assert charged.busy[r] == pytest.approx(plain.busy[r] + 0.125 * msgs)
     assert charged.step_time > plain.step_time
+
+
+def test_wake_latency_delays_only_receives_that_waited():
+    # gpipe on 2 ranks, 1 microbatch: rank 1 waits for the activation (TF), rank 0 for the gradient
+    # (TF + TB later); each resumes W late, so the step grows by 2 W. Data already there pays nothing.
+    W = 0.03
+    p = program("gpipe", 2, 1)
+    res = simulate(p, cluster(), cost, wake_latency=W)
+    assert res.step_time == pytest.approx(TF + W + TF + TB + W + TB)
+    # waits: rank 1 one W longer; rank 0 two (its gradient comes W later, and it wakes W late)
+    assert sum(res.recv_wait) == pytest.approx(sum(simulate(p, cluster(), cost).recv_wait) + 3 * W)
+    # rank 1 of 1F1B with 4 microbatches: only receives reached before their data arrived pay W
+    p4 = program("1f1b", 2, 4)
+    plain = simulate(p4, cluster(), cost, record=True)
+    late = simulate(p4, cluster(), cost, wake_latency=W)
+    waited = sum(1 for s in plain.spans if s.stream == STREAM_RECV_WAIT and s.end > s.start)
+    assert 0 < waited < sum(1 for st in p4.streams for ins in st if ins.op in (Op.RECV_ACT, Op.RECV_GRAD))
+    assert late.step_time > plain.step_time
 
 
 def _zero_bubble_orders(P: int, M: int) -> list[list[ComputeAction]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -39,6 +40,9 @@ def test_json_round_trip(name, tmp_path):
     assert load_profile(name) == c
     # a bare device round-trips too
     assert profile_from_json(profile_to_json(c.device)) == c.device
+    # so does a fitted wake latency (absent from the presets' JSON)
+    woken = dataclasses.replace(c, device=dataclasses.replace(c.device, recv_wake_latency=7e-4))
+    assert profile_from_json(json.loads(json.dumps(profile_to_json(woken)))) == woken
 
 
 def _bad(mutate):
