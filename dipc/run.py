@@ -132,9 +132,13 @@ def _spawned(rank: int, world: int, cfg: RunConfig) -> list[float]:
 def run(cfg: RunConfig) -> list[float]:
     """Run the job in this process (under torchrun) or spawn ``nproc`` local gloo processes."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from dipc.runtime.affinity import pin_local_rank
         from dipc.runtime.distributed import init_process_group
 
         _check(cfg, int(os.environ["WORLD_SIZE"]))
+        # before the process group starts its I/O threads, so they inherit the rank's cores
+        pin_local_rank(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                       uses_gpu=torch.cuda.is_available())
         init_process_group(timeout_s=cfg.timeout_s)
         return train_rank(cfg)
     from dipc.runtime.launch import spawn

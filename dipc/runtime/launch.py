@@ -28,10 +28,17 @@ def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, t
                       LOCAL_RANK=str(rank))
     import torch.distributed as dist
 
+    from dipc.runtime.affinity import pin_local_rank
     from dipc.runtime.distributed import init_process_group
 
-    # share the machine's cores between the ranks instead of oversubscribing them
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # share the machine's cores between the ranks instead of oversubscribing them: each rank's
+    # threads (the process group's I/O threads included, started below) on cores of its own
+    try:
+        cores = pin_local_rank(rank, world)
+    except ValueError as e:   # a bad DIPC_PIN_CPUS: reported like any other failure of this rank
+        queue.put((rank, "error", f"{type(e).__name__}: {e}"))
+        return
+    torch.set_num_threads(len(cores) if cores else max(1, (os.cpu_count() or 1) // world))
     try:
         init_process_group("gloo", timeout_s=timeout_s)
         result = fn(rank, world, *args)
