@@ -12,7 +12,11 @@ Measured on CPU with gloo (2 processes, one thread each), in one run:
    whenever that length changes (static metadata via ``input_args``/``output_args``, cached per
    length). Steps/s and real tokens/s.
 3. **overhead**: dipc's interpreter time per executed instruction outside the stage modules' forward,
-   autograd backward, P2P waits and the optimizer step (instrumented run, see ``_instrumented``).
+   autograd backward, P2P waits and the optimizer step (instrumented run, see ``_instrumented``), and
+   next to it the same measurement of torch.distributed.pipelining's runtime (Schedule1F1B): its
+   ``schedule.step`` time outside forward, loss, autograd, P2P posting and waits, per action (stage
+   forward, ``backward_one_chunk``, ``isend``, ``irecv``), from the same two processes alternating
+   step by step with dipc's (see ``_TorchProbe``); both with and without releasing finished graphs.
 
 Both systems run in the same two processes, alternating step by step (so machine noise hits both
 alike), from the same initial weights (same seed), with SGD, on identical batches; the loss is the
@@ -26,6 +30,7 @@ schedule and the optimizer step).
 Usage::
 
     python benchmarks/runtime_vs_torch_pipelining.py [--steps 12] [--layers 8] [--profile]
+    python benchmarks/runtime_vs_torch_pipelining.py --overhead-only --overhead-modes distributed --steps 9
 
 Prints a table and writes ``benchmarks/results/runtime_vs_torch_pipelining.json``.
 """
@@ -213,7 +218,7 @@ class TorchPipeline:
 
 # -- the per-process benchmark ---------------------------------------------------------------------
 def _bench(rank: int, world: int, cfg: dict, scenario: str, schedule: str, num_steps: int, warmup: int,
-           profile: bool) -> dict:
+           profile: bool, profile_clock: str = "wall") -> dict:
     """Both systems in this process, alternating step by step on identical batches."""
     import torch.distributed as dist
 
@@ -227,7 +232,9 @@ def _bench(rank: int, world: int, cfg: dict, scenario: str, schedule: str, num_s
     tp = TorchPipeline(torch_model, cfg, rank, stage_layers, schedule)
     out: dict[str, Any] = {"stage_layers": stage_layers, "dipc": [], "torch": [], "dipc_loss": [], "torch_loss": [],
                            "instructions": [], "plan_ms": [], "torch_setup_s": []}
-    profs = {"dipc": cProfile.Profile(), "torch": cProfile.Profile()} if profile else {}
+    # "cpu": this thread's CPU clock, so time spent descheduled or blocked in a wait drops out
+    new_prof = (lambda: cProfile.Profile(time.thread_time)) if profile_clock == "cpu" else cProfile.Profile
+    profs = {"dipc": new_prof(), "torch": new_prof()} if profile else {}
     for k, mbs in enumerate(batches):
         dipc_mbs = [{"input_ids": i, "labels": l} for i, l in mbs]
         denom = float(sum((l != -100).sum() for _, l in mbs))
@@ -260,9 +267,40 @@ def _bench(rank: int, world: int, cfg: dict, scenario: str, schedule: str, num_s
         out["torch_loss"].append(loss)
     for name, prof in profs.items():
         s = io.StringIO()
-        st = pstats.Stats(prof, stream=s); st.sort_stats("tottime").print_stats(20); st.print_stats("dipc/", 40)
+        st = pstats.Stats(prof, stream=s); st.sort_stats("tottime").print_stats(20)
+        st.print_stats("dipc/" if name == "dipc" else "distributed/", 40)   # each runtime's own functions
+        s.write("tottime by origin, ms per step: " + ", ".join(
+            f"{k} {v / num_steps * 1e3:.2f}" for k, v in _tottime_by_origin(st).items()) + "\n")
         out[f"profile_{name}"] = s.getvalue()
     return out
+
+
+def _tottime_by_origin(st: pstats.Stats) -> dict[str, float]:
+    """A profile's own time (tottime) summed by where the code lives: tells a runtime's Python
+    (what the overhead figures count) from compute, autograd and communication. cProfile charges
+    what a frame's locals free on return to the caller: the graph a torch ``backward_one_chunk``
+    drops shows up as ``_step_microbatches``' own time (first stage; the last stage's losses hold
+    theirs past the step)."""
+    out: dict[str, float] = {}
+    for (path, _, name), (_, _, tottime, _, _) in st.stats.items():  # type: ignore[attr-defined]
+        if "torch/distributed/pipelining/" in path:
+            k = "torch.distributed.pipelining python"
+        elif "/dipc/" in path:
+            k = "dipc python"
+        elif "torch/distributed/" in path:
+            k = "torch.distributed (c10d) python"
+        elif path == "~" and "run_backward" in name:
+            k = "autograd engine"
+        elif path == "~" and "_distributed_c10d" in name:
+            k = "process group calls (send/recv/wait)"
+        elif path == "~":
+            k = "other C calls (tensor ops, builtins)"
+        elif "torch/nn/" in path or "examples/models/" in path or path.endswith("runtime_vs_torch_pipelining.py"):
+            k = "model, loss and nn.Module python"
+        else:
+            k = "other python"
+        out[k] = out.get(k, 0.0) + tottime
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 # -- interpreter overhead (instrumented) ------------------------------------------------------------
@@ -270,7 +308,7 @@ PARTS = ("init", "run", "fwd", "autograd", "wait", "post", "optim", "free")
 
 
 def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: int, warmup: int,
-                  mode: str = "distributed") -> dict:
+                  mode: str = "distributed", with_torch: bool = False) -> dict:
     """dipc's real distributed step (``mode="local"``: the local executor, both ranks' streams in
     this one process, no P2P and no second process competing for the cores) with timers around everything that is *not* the interpreter:
     stage forward (each stage module's call, timed from outside), ``torch.autograd.backward``/``grad`` (patched), posting P2P
@@ -285,7 +323,11 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
     timed as ``free``) counts as overhead; ``*_excl_free`` rows give the figure without it (any
     eager runtime, torch.distributed.pipelining included, frees the same graph). The per-opcode
     breakdown wraps every handler in timers of its own, so it is taken on alternate steps and the
-    totals on the others: the breakdown's timers do not inflate the totals."""
+    totals on the others: the breakdown's timers do not inflate the totals.
+
+    ``with_torch`` (distributed only): after each dipc step, torch.distributed.pipelining's 1F1B
+    step on the same batch, measured by ``_TorchProbe`` (its rows come back as ``torch_rows``):
+    both runtimes alternate in the same processes, so load on the machine hits both alike."""
     import torch.distributed as dist
 
     import dipc.runtime.distributed as dd
@@ -294,6 +336,7 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
     from dipc.runtime.transport import DistributedTransport, LocalTransport
 
     torch.set_num_threads(1)
+    probe = _TorchProbe() if with_torch else None   # its patches first: dipc's timers wrap them
     wall = dict.fromkeys(PARTS, 0.0)
     cpu = dict.fromkeys(PARTS, 0.0)
     depth = [0]   # only the outermost timed region counts (autograd inside a wait, etc.)
@@ -375,6 +418,8 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
         # their timer, where it counted as interpreter overhead (~15-25 us per FWD measured).
         cls = type(st.module)   # torch.fx gives every GraphModule a class of its own
         cls.__call__ = timed(cls.__call__, "fwd")
+    if probe is not None:
+        probe.build(cfg, rank, [list(s.layers) for s in pipe.stages])
 
     rows, breakdowns = [], []
     for k, mbs in enumerate(make_batches(cfg, scenario, warmup + num_steps)):
@@ -387,6 +432,9 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
         batch = [{"input_ids": i, "labels": l} for i, l in mbs]
         res = dd.run_step_distributed(pipe, batch, timeout_s=120) if mode == "distributed" else pipe.step(batch)
         step = time.perf_counter() - w0
+        if probe is not None:
+            dist.barrier()
+            probe.step(mbs, record=k >= warmup)
         if k < warmup:
             continue
         if breakdown[0]:
@@ -406,7 +454,175 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
             row[f"{name}_per_instruction_excl_free_us"] = (interp - t["free"]) / n * 1e6
             row[f"{name}_per_instruction_incl_p2p_post_us"] = (interp + t["post"]) / n * 1e6
         rows.append(row)
-    return {"rows": rows, "breakdowns": breakdowns}
+    return {"rows": rows, "breakdowns": breakdowns, "torch_rows": probe.rows if probe is not None else []}
+
+
+# -- torch.distributed.pipelining's runtime overhead (instrumented) --------------------------------
+TORCH_PARTS = ("step", "setup", "fwd", "loss", "autograd", "wait", "post", "free", "split")
+TORCH_ACTIONS = ("fwd", "bwd", "send", "recv")
+
+
+class _TorchProbe:
+    """torch.distributed.pipelining's runtime overhead per action, measured as ``_instrumented``
+    measures dipc's interpreter: ``TorchPipeline.step`` with timers (outermost region only) around
+    all that is not the schedule's own Python: the stage modules' forward (``ChainStage.__call__``,
+    timed from the outside as dipc's stage modules are), the loss function,
+    ``torch.autograd.backward``/``grad`` (``stage_backward``'s calls), P2P posting
+    (``torch.distributed.isend``/``irecv``/``batch_isend_irecv``, patched in ``torch.distributed``
+    and in ``distributed_c10d``: ``P2POp`` and ``_batch_p2p`` look them up at call time, and
+    ``_check_op`` compares against the latter) and P2P waits (``schedules._wait_batch_p2p``, every
+    wait in Schedule1F1B and the interleaved runtime). Total = the ``schedule.step`` call less the
+    per-shape set-up it runs on a new schedule's first step (``_initialize_pp_stages``: P2P
+    warm-up vote, recv buffers; timed as ``setup``); overhead = total - timed parts: schedule
+    bookkeeping, ``P2POp`` creation, input chunking, metadata look-ups. Building a new shape's
+    stages (``_schedule_for``) and the optimizer step run outside ``schedule.step``.
+
+    Graph release: left alone, ``backward_one_chunk`` drops a chunk's graph when its frame ends
+    (the ``fwd_cache`` entry it popped), the schedule's ``output`` local can hold the newest one a
+    while longer, and on the last stage the loss tensors hold theirs until the caller drops the
+    ``losses`` list, after the step. So ``backward_one_chunk`` is wrapped to keep the chunk's graph
+    roots (stage outputs, loss) across the call and then detach them in place (what pipelining
+    does to the last stage's outputs), timed as ``free``: all graph destruction happens at one
+    timed point inside the step, as in dipc's ``_release``. ``*_excl_free`` compares with dipc's
+    figure without releasing graphs, the other with its default one.
+
+    Actions this rank executed = stage forwards + ``backward_one_chunk`` calls + P2P ops (every
+    ``isend`` and ``irecv``, also those issued inside ``batch_isend_irecv``), counted at run time.
+
+    The patches are process-wide. Install the probe before dipc's timers, so that those wrap
+    these: in a dipc step these wrappers then run inside dipc's timed regions, and in a torch step
+    dipc's inactive wrappers add a pass-through call (~0.1 us, a few per action) to torch's figure."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+        import torch.distributed.pipelining.schedules as ps
+        from torch.distributed.pipelining.stage import _PipelineStageBase
+
+        self.wall = dict.fromkeys(TORCH_PARTS, 0.0)
+        self.cpu = dict.fromkeys(TORCH_PARTS, 0.0)
+        self.counts = dict.fromkeys(TORCH_ACTIONS, 0)
+        self.rows: list[dict] = []
+        self.pipeline: TorchPipeline | None = None
+        wall, cpu, counts = self.wall, self.cpu, self.counts
+        depth = [0]   # only the outermost timed region counts (isend inside batch_isend_irecv, etc.)
+        active = [False]   # only inside schedule.step, outside its per-shape set-up
+
+        def timed(fn, key: str, count: str | None = None):
+            def wrapper(*a, **kw):
+                if not active[0]:
+                    return fn(*a, **kw)
+                if count is not None:
+                    counts[count] += 1
+                if depth[0]:
+                    return fn(*a, **kw)
+                depth[0] += 1
+                w0, c0 = time.perf_counter(), time.thread_time()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    wall[key] += time.perf_counter() - w0
+                    cpu[key] += time.thread_time() - c0
+                    depth[0] -= 1
+            return wrapper
+
+        def region(fn, key: str, on: bool):
+            """The whole step (``on``: timers active inside) or its set-up (``not on``: nothing
+            inside is timed or counted as an action)."""
+            def wrapper(*a, **kw):
+                if active[0] == on:   # outside any step, or nested
+                    return fn(*a, **kw)
+                active[0] = on
+                w0, c0 = time.perf_counter(), time.thread_time()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    wall[key] += time.perf_counter() - w0
+                    cpu[key] += time.thread_time() - c0
+                    active[0] = not on
+            return wrapper
+
+        def hold(stage, chunk: int, loss) -> list[torch.Tensor]:
+            """The chunk's graph roots, kept past ``backward_one_chunk`` so the graph dies in ``release``."""
+            roots = [t for t in stage.fwd_cache[chunk][0] if isinstance(t, torch.Tensor)]
+            return roots + [loss] if isinstance(loss, torch.Tensor) else roots
+
+        def release(roots: list[torch.Tensor]) -> None:
+            for t in roots:
+                if t.grad_fn is not None and not t._is_view():
+                    t.detach_()
+            roots.clear()
+
+        hold_t, release_t = timed(hold, "free"), timed(release, "free")
+        backward_one_chunk = _PipelineStageBase.backward_one_chunk
+
+        def timed_backward(stage, bwd_chunk_id: int, loss=None, full_backward: bool = True,
+                           last_backward: bool = False):
+            if not active[0]:
+                return backward_one_chunk(stage, bwd_chunk_id, loss, full_backward, last_backward)
+            counts["bwd"] += 1
+            roots = hold_t(stage, bwd_chunk_id, loss)
+            try:
+                return backward_one_chunk(stage, bwd_chunk_id, loss, full_backward, last_backward)
+            finally:
+                release_t(roots)
+
+        _PipelineStageBase.backward_one_chunk = timed_backward
+        for name, count in (("isend", "send"), ("irecv", "recv"), ("batch_isend_irecv", None)):
+            fn = timed(getattr(c10d, name), "post", count)   # one object in both, so `op.op is isend` holds
+            setattr(dist, name, fn)
+            setattr(c10d, name, fn)
+        ps._wait_batch_p2p = timed(ps._wait_batch_p2p, "wait")
+        ps._split_tensor = timed(ps._split_tensor, "split")   # input chunking: overhead, shown apart
+        ps._PipelineSchedule._split_inputs = timed(ps._PipelineSchedule._split_inputs, "split")
+        ps._PipelineSchedule._initialize_pp_stages = region(ps._PipelineSchedule._initialize_pp_stages, "setup", False)
+        for cls in (ps.PipelineScheduleSingle, ps.PipelineScheduleMulti):
+            cls.step = region(cls.step, "step", True)
+        torch.autograd.backward = timed(torch.autograd.backward, "autograd")
+        torch.autograd.grad = timed(torch.autograd.grad, "autograd")
+        # the stage module's whole call, timed from the outside (as dipc's: no module hooks)
+        ChainStage.__call__ = timed(ChainStage.__call__, "fwd", "fwd")
+        self._timed = timed
+
+    def build(self, cfg: dict, rank: int, stage_layers: list[list[str]], schedule: str = "1f1b") -> None:
+        """The pipeline to measure (own model, same initial weights); after ``__init__``'s patches."""
+        tp = TorchPipeline(build_model(cfg), cfg, rank, stage_layers, schedule)
+        tp.loss_fn = self._timed(tp.loss_fn, "loss")   # schedules take it when built: before any is
+        self.pipeline = tp
+
+    def step(self, mbs: list[tuple[torch.Tensor, torch.Tensor]], record: bool) -> None:
+        """One ``TorchPipeline.step`` on the batch; with ``record``, its row is kept."""
+        tp, wall, cpu, counts = self.pipeline, self.wall, self.cpu, self.counts
+        denom = float(sum((l != -100).sum() for _, l in mbs))
+        ids, labels, _ = padded_batch(mbs)
+        for d in (wall, cpu):
+            d.update(dict.fromkeys(TORCH_PARTS, 0.0))
+        counts.update(dict.fromkeys(TORCH_ACTIONS, 0))
+        w0 = time.perf_counter()
+        tp.step(ids, labels, denom)
+        step = time.perf_counter() - w0
+        if not record:
+            return
+        m = tp.cfg["microbatches"] * len(tp.my_stages)
+        assert counts["fwd"] == counts["bwd"] == m, f"expected {m} forwards and backwards, counted {counts}"
+        n, fb = sum(counts.values()), counts["fwd"] + counts["bwd"]
+        row = {"step_s": step, "actions": n, **{f"n_{a}": c for a, c in counts.items()},
+               "outside_schedule_step_s": step - wall["step"]}
+        for name, t in (("wall", wall), ("cpu", cpu)):
+            total = t["step"] - t["setup"]
+            parts = t["fwd"] + t["loss"] + t["autograd"] + t["wait"] + t["post"]
+            # outermost regions only: the timed parts cannot exceed the step they are in
+            assert parts + t["free"] <= total + 1e-6, f"{name}: timed parts exceed the step: {t}"
+            over = total - parts   # graph release included, as in dipc's default figure
+            row.update({f"{name}_{p}_s": t[p] for p in TORCH_PARTS})
+            row[f"{name}_total_s"] = total
+            row[f"{name}_overhead_s"] = over
+            row[f"{name}_per_action_us"] = over / n * 1e6
+            row[f"{name}_per_action_excl_free_us"] = (over - t["free"]) / n * 1e6
+            row[f"{name}_per_action_incl_p2p_post_us"] = (over + t["post"]) / n * 1e6
+            row[f"{name}_per_fb_us"] = over / fb * 1e6
+            row[f"{name}_per_fb_excl_free_us"] = (over - t["free"]) / fb * 1e6
+        self.rows.append(row)
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -414,8 +630,35 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def _compare_overheads(overhead: dict, torch_overhead: dict) -> list[dict]:
+    """dipc's and torch's overhead side by side, per scenario and rank, on common units: per the
+    runtime's own unit (instruction / action), per forward + backward, per step."""
+    rows = []
+    for sc in ("static", "skewed"):
+        if f"{sc} distributed" not in overhead or f"{sc} 1f1b" not in torch_overhead:
+            continue
+        for r in range(2):
+            d, t = overhead[f"{sc} distributed"][f"rank{r}"], torch_overhead[f"{sc} 1f1b"][f"rank{r}"]
+            d_mix = {op: v["calls"] for op, v in d["residual_us_per_call_by_op"].items()}
+            t_mix = {"F": round(t["n_fwd"]), "B": round(t["n_bwd"]), "send": round(t["n_send"]), "recv": round(t["n_recv"])}
+            row: dict[str, Any] = {"scenario": sc, "rank": r}
+            for who, x, n, fb, mix, over, unit in (
+                    ("dipc", d, d["instructions"], d_mix.get("FWD", 0) + d_mix.get("BWD", 0), d_mix, "interp_overhead",
+                     "instruction"),
+                    ("torch", t, round(t["actions"]), t_mix["F"] + t_mix["B"], t_mix, "overhead", "action")):
+                row[who] = {"unit": unit, "units": n, "fb": fb, "op_mix": mix}
+                for clock in ("wall", "cpu"):
+                    o, f = x[f"{clock}_{over}_s"], x[f"{clock}_free_s"]
+                    row[who][clock] = {"per_unit_us": o / n * 1e6, "per_unit_excl_free_us": (o - f) / n * 1e6,
+                                       "per_fb_us": o / fb * 1e6, "per_fb_excl_free_us": (o - f) / fb * 1e6,
+                                       "per_step_ms": o * 1e3, "per_step_excl_free_ms": (o - f) * 1e3}
+            rows.append(row)
+    return rows
+
+
 def run_case(cfg: dict, scenario: str, schedule: str, args) -> dict:
-    per_rank = spawn(_bench, 2, cfg, scenario, schedule, args.steps, args.warmup, args.profile, timeout_s=900)
+    per_rank = spawn(_bench, 2, cfg, scenario, schedule, args.steps, args.warmup, args.profile, args.profile_clock,
+                     timeout_s=900)
     w = args.warmup
     dipc_t = [max(a, b) for a, b in zip(per_rank[0]["dipc"], per_rank[1]["dipc"])][w:]
     torch_t = [max(a, b) for a, b in zip(per_rank[0]["torch"], per_rank[1]["torch"])][w:]
@@ -451,9 +694,11 @@ def run_case(cfg: dict, scenario: str, schedule: str, args) -> dict:
     return r
 
 
-def run_overhead(cfg: dict, scenario: str, args, mode: str) -> dict:
+def run_overhead(cfg: dict, scenario: str, args, mode: str, with_torch: bool = False) -> tuple[dict, dict]:
+    """dipc's interpreter overhead (per rank, medians) and, ``with_torch``, torch.distributed.pipelining's
+    runtime overhead from the same processes (``{}`` without)."""
     per_rank = spawn(_instrumented, 2 if mode == "distributed" else 1, cfg, scenario, args.steps, args.warmup, mode,
-                     timeout_s=900)
+                     with_torch, timeout_s=900)
     out: dict[str, Any] = {}
     for rank, res in enumerate(per_rank):
         rows, parts = res["rows"], res["breakdowns"]
@@ -467,7 +712,17 @@ def run_overhead(cfg: dict, scenario: str, args, mode: str) -> dict:
         for what in ("", "_excl_free"):
             out[f"{clock}_per_instruction{what}_us_max_rank"] = max(
                 out[f"rank{r}"][f"{clock}_per_instruction{what}_us"] for r in range(len(per_rank)))
-    return out
+    tout: dict[str, Any] = {}
+    if with_torch:
+        for rank, res in enumerate(per_rank):
+            rows = res["torch_rows"]
+            tout[f"rank{rank}"] = {k: med([r[k] for r in rows]) for k in rows[0]}
+        for clock in ("wall", "cpu"):
+            for what in ("", "_excl_free"):
+                for unit in ("action", "fb"):
+                    key = f"{clock}_per_{unit}{what}_us"
+                    tout[f"{key}_max_rank"] = max(tout[f"rank{r}"][key] for r in range(len(per_rank)))
+    return out, tout
 
 
 def main() -> None:
@@ -478,9 +733,16 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--static-seq", type=int, default=64)
-    ap.add_argument("--profile", action="store_true", help="cProfile rank 0's dipc steps; print the top")
+    ap.add_argument("--profile", action="store_true", help="cProfile both runtimes' timed steps on each rank; print the top")
+    ap.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
+                    help="--profile's clock; cpu (thread CPU time) leaves out waits and time other processes held the core")
     ap.add_argument("--cases", default="static:1f1b,static:interleaved_1f1b,skewed:1f1b,skewed:interleaved_1f1b")
     ap.add_argument("--no-overhead", action="store_true", help="skip the instrumented overhead runs")
+    ap.add_argument("--overhead-only", action="store_true", help="skip the throughput cases (--cases)")
+    ap.add_argument("--overhead-modes", default="distributed,local",
+                    help="dipc's instrumented runs: its distributed runtime and/or the local executor")
+    ap.add_argument("--no-torch-overhead", action="store_true",
+                    help="dipc's distributed overhead runs without torch.distributed.pipelining's steps in between")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     cfg = dict(vocab=1024, dim=args.dim, layers=args.layers, heads=4, kv_heads=2, inter=int(args.dim * 8 / 3) // 8 * 8,
@@ -489,9 +751,16 @@ def main() -> None:
 
     t_all = time.perf_counter()
     load_start = os.getloadavg()
-    cases = [run_case(cfg, *c.split(":"), args) for c in args.cases.split(",")]
-    overhead = {} if args.no_overhead else {f"{sc} {mode}": run_overhead(cfg, sc, args, mode)
-                                            for mode in ("distributed", "local") for sc in ("static", "skewed")}
+    cases = [] if args.overhead_only else [run_case(cfg, *c.split(":"), args) for c in args.cases.split(",")]
+    modes = [m for m in args.overhead_modes.split(",") if m]
+    overhead: dict[str, dict] = {}
+    torch_overhead: dict[str, dict] = {}   # "<scenario> 1f1b": from the same processes as dipc's distributed row
+    for mode in [] if args.no_overhead else modes:
+        for sc in ("static", "skewed"):
+            with_torch = mode == "distributed" and not args.no_torch_overhead
+            overhead[f"{sc} {mode}"], t = run_overhead(cfg, sc, args, mode, with_torch)
+            if t:
+                torch_overhead[f"{sc} 1f1b"] = t
 
     env = {"device": "CPU", "backend": "gloo", "processes": 2, "threads_per_process": 1, "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
            "machine": platform.processor() or platform.machine(),
@@ -508,8 +777,9 @@ def main() -> None:
                                                           for i, s in enumerate(c["stage_layers"])))
     hdr = (f"{'case':26s} {'dipc st/s':>9s} {'torch st/s':>10s} {'ratio':>6s} {'dipc tok/s':>10s} "
            f"{'torch tok/s':>11s} {'torch pad':>9s} {'loss rel diff':>13s}")
-    print(hdr)
-    print("-" * len(hdr))
+    if cases:
+        print(hdr)
+        print("-" * len(hdr))
     for c in cases:
         print(f"{c['scenario'] + ' ' + c['schedule']:26s} {c['dipc_steps_per_s']:9.2f} {c['torch_steps_per_s']:10.2f} "
               f"{c['ratio_dipc_over_torch']:5.2f}x {c['dipc_tokens_per_s']:10.0f} {c['torch_tokens_per_s']:11.0f} "
@@ -539,6 +809,52 @@ def main() -> None:
                 print("      residual per call (wall/cpu us): " + ", ".join(
                     f"{op} {v['wall']:.0f}/{v['cpu']:.0f}" for op, v in x["residual_us_per_call_by_op"].items())
                     + f"; dispatch loop + init {x['loop_and_init_wall_s'] * 1e3:.2f} ms")
+    if torch_overhead:
+        print("\ntorch.distributed.pipelining runtime overhead per action = schedule.step - per-shape stage set-up "
+              "(_initialize_pp_stages) - stage forward - loss_fn - autograd - P2P post (dist.isend/irecv/"
+              "batch_isend_irecv) - P2P waits (_wait_batch_p2p); actions = this rank's stage forwards + "
+              "backward_one_chunk calls + isend + irecv ops; releasing a chunk's graph (its roots detached right "
+              "after backward_one_chunk) timed as free; medians; wall clock / thread CPU clock:")
+        for sc, o in torch_overhead.items():
+            for r in range(2):
+                x = o[f"rank{r}"]
+                print(f"  {sc:19s} rank {r}: {x['wall_per_action_us']:6.1f} / {x['cpu_per_action_us']:5.1f} us per action "
+                      f"over {x['actions']:.0f} ({x['n_fwd']:.0f} F, {x['n_bwd']:.0f} B, {x['n_send']:.0f} send, "
+                      f"{x['n_recv']:.0f} recv) (without releasing finished graphs: {x['wall_per_action_excl_free_us']:.1f}"
+                      f" / {x['cpu_per_action_excl_free_us']:.1f} us; incl. P2P posting: "
+                      f"{x['wall_per_action_incl_p2p_post_us']:.1f} / {x['cpu_per_action_incl_p2p_post_us']:.1f} us; "
+                      f"per F+B: {x['wall_per_fb_us']:.1f} / {x['cpu_per_fb_us']:.1f} us)"
+                      f" | step {x['step_s'] * 1e3:.1f} ms = fwd {x['wall_fwd_s'] * 1e3:.1f} + loss "
+                      f"{x['wall_loss_s'] * 1e3:.1f} + autograd {x['wall_autograd_s'] * 1e3:.1f} + wait "
+                      f"{x['wall_wait_s'] * 1e3:.1f} + post {x['wall_post_s'] * 1e3:.1f} + runtime (incl. free "
+                      f"{x['wall_free_s'] * 1e3:.2f}, input chunking {x['wall_split_s'] * 1e3:.2f}) "
+                      f"{x['wall_overhead_s'] * 1e3:.2f} + set-up {x['wall_setup_s'] * 1e3:.2f} + outside "
+                      f"schedule.step (optimizer; new shape: stage build) {x['outside_schedule_step_s'] * 1e3:.1f} ms")
+    comparison = _compare_overheads(overhead, torch_overhead)
+    if comparison:
+        print("\nruntime overhead, dipc's interpreter vs torch.distributed.pipelining's schedule runtime -- 1f1b, the "
+              "same two processes alternating step by step on the same batches; medians; each cell 'a / b': a with "
+              "releasing finished autograd graphs, b without. dipc's unit: an executed instruction; torch's: an "
+              "action (stage forward, backward_one_chunk, isend, irecv); F+B: forwards + backwards:")
+        hdr2 = (f"  {'clock':5s} {'scenario':8s} {'rank':4s} | {'dipc us/instr':>14s} {'us/(F+B)':>14s} "
+                f"{'ms/step':>12s} | {'torch us/action':>15s} {'us/(F+B)':>14s} {'ms/step':>12s}")
+        print(hdr2)
+        print("  " + "-" * (len(hdr2) - 2))
+        for clock in ("cpu", "wall"):
+            for c in comparison:
+                cells = []
+                for who, w in (("dipc", 14), ("torch", 15)):
+                    x = c[who][clock]
+                    cells.append(f"{x['per_unit_us']:{w - 8}.1f} /{x['per_unit_excl_free_us']:6.1f} "
+                                 f"{x['per_fb_us']:6.1f} /{x['per_fb_excl_free_us']:6.1f} "
+                                 f"{x['per_step_ms']:5.2f} /{x['per_step_excl_free_ms']:5.2f}")
+                print(f"  {clock:5s} {c['scenario']:8s} {c['rank']:4d} | {cells[0]} | {cells[1]}")
+        print("  (units per rank and step -- dipc: " + "; ".join(
+            f"{c['scenario']} rank {c['rank']}: {c['dipc']['units']} instructions = "
+            + " + ".join(f"{n} {op}" for op, n in c["dipc"]["op_mix"].items()) for c in comparison[:2])
+            + "; torch: " + "; ".join(f"{c['scenario']} rank {c['rank']}: {c['torch']['units']} actions = "
+                                       + " + ".join(f"{n} {op}" for op, n in c["torch"]["op_mix"].items())
+                                       for c in comparison[:2]) + ")")
     by_case = {(c["scenario"], c["schedule"]): c for c in cases}
     targets = {}
     for (scenario, schedule), c in by_case.items():
@@ -555,11 +871,13 @@ def main() -> None:
     if args.profile:
         for c in cases:
             for name, text in c["profiles"].items():
-                print(f"\n--- cProfile of the timed steps, {name}, {c['scenario']} {c['schedule']} (tottime) ---")
+                print(f"\n--- cProfile of the timed steps, {name}, {c['scenario']} {c['schedule']} (tottime, "
+                      f"{args.profile_clock} clock) ---")
                 print(text)
     result = {"measured_on": "CPU, gloo backend, 2 local processes, torch.set_num_threads(1) each (no GPU)",
               "env": env, "config": cfg, "steps": args.steps, "warmup": args.warmup,
-              "method": __doc__, "cases": cases, "interpreter_overhead": overhead, "targets": targets,
+              "method": __doc__, "cases": cases, "interpreter_overhead": overhead,
+              "torch_runtime_overhead": torch_overhead, "overhead_comparison": comparison, "targets": targets,
               "wall_s": time.perf_counter() - t_all}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
