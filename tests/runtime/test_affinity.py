@@ -25,6 +25,8 @@ def test_local_cores_split_evenly_and_contiguously():
 def test_pinning_follows_dipc_pin_cpus(monkeypatch):
     before = os.sched_getaffinity(0)
     try:
+        monkeypatch.delenv("DIPC_PIN_CPUS", raising=False)
+        assert pin_local_rank(0, 1) is None                  # opt-in
         monkeypatch.setenv("DIPC_PIN_CPUS", "0")
         assert pin_local_rank(0, 1) is None
         monkeypatch.setenv("DIPC_PIN_CPUS", "auto")
@@ -47,7 +49,8 @@ def _affinity_of_every_thread(rank: int, world: int) -> list[list[int]]:
     return [sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")]
 
 
-def test_spawned_ranks_and_their_threads_sit_on_their_own_cores():
+def test_spawned_ranks_and_their_threads_sit_on_their_own_cores(monkeypatch):
+    monkeypatch.setenv("DIPC_PIN_CPUS", "auto")   # the children inherit it
     available = sorted(os.sched_getaffinity(0))
     per_rank = spawn(_affinity_of_every_thread, 2, timeout_s=60)
     for rank, threads in enumerate(per_rank):
