@@ -314,7 +314,8 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
     stage forward (each stage module's call, timed from outside), ``torch.autograd.backward``/``grad`` (patched), posting P2P
     (the process group's send/recv, ``DistributedTransport._isend``/``_irecv``, and the
     copy packing a multi-value message into one buffer, ``transport._pack``; for the local executor
-    its message copy, ``LocalTransport._copy``), every P2P wait (``DistributedTransport._wait``) and the
+    its message copy, ``LocalTransport._copy``), every P2P wait (``DistributedTransport._wait``, and the
+plan check's all-gather, ``ProgramCheck.wait``, which the first message waits for) and the
     optimizer step. Interpreter overhead = ``RankInterpreter.__init__`` + ``run()`` minus those, per
     executed instruction, on the wall clock and on this thread's CPU clock (``time.thread_time``:
     immune to being descheduled, which happens with 2 processes + gloo threads on 2 cores).
@@ -407,6 +408,8 @@ def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: in
 
     dd.DistributedTransport, dd.RankInterpreter, dl.RankInterpreter = TimedTransport, TimedInterpreter, TimedInterpreter
     RankInterpreter._release = staticmethod(timed(RankInterpreter._release, "free"))
+    # the plan check's all-gather, waited at the rank's first message (the transport's gate): a wait
+    dd.ProgramCheck.wait = timed(dd.ProgramCheck.wait, "wait")
     torch.autograd.backward = timed(torch.autograd.backward, "autograd")
     torch.autograd.grad = timed(torch.autograd.grad, "autograd")
 
