@@ -119,7 +119,10 @@ HONESTY = {
         "rollouts score the all-recompute bound",
         "beyond the paper: bounded encoder look-ahead orders (encoder_ahead_orders), also around a ZB-H1 backbone",
         "planner: the batch's microbatches run lightest first (phase 1's lightest-first seed ranking) where that lowers "
-        "the encoder look-ahead orders' compute-order bound by >= 2% (microbatch_order); baselines run them as drawn"],
+        "the encoder look-ahead orders' compute-order bound by >= 2% (microbatch_order); baselines run them as drawn",
+        "offline interleaving depth: every K_i times v, v chosen by simulating DIP's planner on 4 sample batches of the "
+        "run's own data (choose_interleave); the rise-and-fall trace is a run of its own, so its DIP placement is "
+        "chosen on samples of the trace (other draws, at iterations 2, 7, 12, 17); baselines keep their layouts"],
     "not_implemented": ["B_i from profiled efficiency (fixed per workload: --b-enc)", "offloading",
                         "per-microbatch recompute choices (the runtime switches checkpointing per stage)",
                         "MCTS inside the timed planner by default (--planner-budget 0)"],
@@ -1217,12 +1220,12 @@ def rise_and_fall(rng: np.random.Generator, iteration: int, num_microbatches: in
 
 def make_layouts(wl: Workload, cm: CostModel, cluster, tp: int, rep_stats, P: int,
                  b_enc: int, k_backbone: int | None = None,
-                 k_encoder: int | None = None) -> tuple[dict[str, Layout], dict]:
+                 k_encoder: int | None = None, min_chunk_blocks: int = 2) -> tuple[dict[str, Layout], dict]:
     """Every layout of the run; ``k_backbone`` and ``k_encoder`` override the paper's K rule for
     the backbone and the encoder (offline choices, recorded in the result: e.g. fewer backbone
     chunks where memory binds, more encoder chunks where image-heavy batches make rank 0's encoder
     stash bind)."""
-    ki = segment_counts(wl, cm, cluster, tp, b_enc, P=P)
+    ki = segment_counts(wl, cm, cluster, tp, b_enc, P=P, min_layers=min_chunk_blocks)
     if k_backbone is not None:
         ki = {**ki, "K": {**ki["K"], "backbone": k_backbone}, "K_rule": ki["K"], "override": "--k-backbone"}
     if k_encoder is not None:
@@ -1242,7 +1245,8 @@ INTERLEAVE_SAMPLES = 4   # sample batches the offline interleave-depth choice si
 
 def choose_interleave(wl: Workload, cm: CostModel, cluster, tp: int, P: int, rep_stats, ki: dict, b_enc: int,
                       dp: int, capacity: float, M: int, seed: int, depths: Sequence[int] = (1, 0, 2),
-                      rule_layout: Layout | None = None) -> tuple[Layout, dict]:
+                      rule_layout: Layout | None = None,
+                      draws: Sequence[tuple[str, int]] | None = None) -> tuple[Layout, dict]:
     """DIP's offline layout with its interleaving depth chosen by simulation: the paper's rule fixes
     the ratio of the modules' segment counts (K_i = floor(T_i / T_1)) but not a common multiple of
     them, and on a model whose modules take about as long as each other (VLM-S: K 1 and 1) the rule
@@ -1254,9 +1258,12 @@ def choose_interleave(wl: Workload, cm: CostModel, cluster, tp: int, P: int, rep
     the K of one tried before is skipped, the rule's first), DIP's own planner
     plans :data:`INTERLEAVE_SAMPLES` sample batches (drawn from the workload's regimes with a seed
     of their own, never the measured batches), and the depth with the lowest geometric-mean step
-    time is kept for the whole run. Baselines are untouched (Megatron keeps V=2 by parameters)."""
+    time is kept for the whole run. Baselines are untouched (Megatron keeps V=2 by parameters).
+    ``draws``: the samples' (regime, iteration) pairs (default: the workload's regimes in turn);
+    the rise-and-fall trace, a run of its own, passes points spread over its period."""
     rng = np.random.default_rng(seed + 20_000)
-    samples = [wl.draw(rng, wl.regimes[i % len(wl.regimes)], i, M) for i in range(INTERLEAVE_SAMPLES)]
+    draws = draws or [(wl.regimes[i % len(wl.regimes)], i) for i in range(INTERLEAVE_SAMPLES)]
+    samples = [wl.draw(rng, regime, i, M) for regime, i in draws]
     tried: dict[int, dict] = {}
     layouts: dict[int, Layout] = {}
     for v in depths:
@@ -1274,7 +1281,12 @@ def choose_interleave(wl: Workload, cm: CostModel, cluster, tp: int, P: int, rep
         layouts[v] = layout
     best = min(tried, key=lambda v: tried[v]["geomean_step_s"])
     return layouts[best], {**ki, "K": tried[best]["K"], "K_rule": ki["K"], "interleave_depth": best,
-                           "interleave_search": tried}
+                           "interleave_search": tried, "sample_draws": [list(d) for d in draws]}
+
+
+# the trace's interleave-depth samples: iterations spread over its 20-iteration period (rising
+# bounds at 2, the peak at 7, falling at 12 and 17), drawn with the search's own seed
+TRACE_SAMPLE_ITERATIONS = (2, 7, 12, 17)
 
 
 def planner_costs(wl: Workload, cm: CostModel, cluster, tp: int, layout: Layout, mbs: Sequence[Any], b_enc: int,
@@ -1303,7 +1315,8 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         vit_tokens: int = VIT_PATCHES, budget_s: float = 0.15, b_enc: int | None = None, trace_iterations: int = 40,
         dp: int | None = None, profile: str | None = None, batch_seed: int | None = None,
         progress: bool = False, planner_budget_s: float = 0.0, ablation: bool = True,
-        k_backbone: int | None = None, k_encoder: int | None = None, interleave_search: bool = True) -> dict:
+        k_backbone: int | None = None, k_encoder: int | None = None, interleave_search: bool = True,
+        min_chunk_blocks: int = 2) -> dict:
     """The benchmark's core for one workload: draw batches, lay out the model, evaluate every
     schedule per batch (the rise-and-fall trace only for VLMs)."""
     t_start = time.perf_counter()
@@ -1320,30 +1333,41 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
     cm = cost_model(wl)
     rep = wl.draw(np.random.default_rng(seed + 10_000), wl.regimes[-1], 0, num_microbatches)
     rep_stats = [wl.stats(mb) for mb in rep]
-    layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc, k_backbone, k_encoder)
-    if interleave_search and k_backbone is None and k_encoder is None:
-        layouts["dip"], ki = choose_interleave(wl, cm, cluster, tp, P, rep_stats, ki, b_enc, dp, capacity,
-                                               num_microbatches, seed, rule_layout=layouts["dip"])
+    layouts, ki = make_layouts(wl, cm, cluster, tp, rep_stats, P, b_enc, k_backbone, k_encoder, min_chunk_blocks)
+    rule_dip, rule_ki = layouts["dip"], ki
+    searched = interleave_search and k_backbone is None and k_encoder is None
+    if searched:
+        layouts["dip"], ki = choose_interleave(wl, cm, cluster, tp, P, rep_stats, rule_ki, b_enc, dp, capacity,
+                                               num_microbatches, seed, rule_layout=rule_dip)
+    trace_iterations = trace_iterations if pm.kind == "vlm" else 0
+    # the rise-and-fall trace is a run of its own: DIP's placement for it is chosen the same way,
+    # from samples of the trace (other draws than the measured ones), as a run over that data would
+    trace_layouts, trace_ki = layouts, ki
+    if searched and trace_iterations:
+        trace_dip, trace_ki = choose_interleave(wl, cm, cluster, tp, P, rep_stats, rule_ki, b_enc, dp, capacity,
+                                                num_microbatches, seed, rule_layout=rule_dip,
+                                                draws=[("rise_fall", i) for i in TRACE_SAMPLE_ITERATIONS])
+        trace_layouts = {**layouts, "dip": trace_dip}
     t_setup = time.perf_counter() - t_start
 
     rng = np.random.default_rng(seed if batch_seed is None else batch_seed)   # layouts always from `seed`
-    trace_iterations = trace_iterations if pm.kind == "vlm" else 0
     work = [(wl.regimes[i % len(wl.regimes)], i) for i in range(num_batches)]
     work += [("rise_fall", i) for i in range(trace_iterations)]
     batches = []
     for n, (regime, i) in enumerate(work):
+        lays = trace_layouts if regime == "rise_fall" else layouts
         mbs = wl.draw(rng, regime, i, num_microbatches)
         stats = [wl.stats(mb) for mb in mbs]
         t0 = time.perf_counter()
         cache: dict = {}
         costs = {k: batch_costs(cm, cluster, tp, lay, stats, cache, dp=dp, frugal=k == "dip")
-                 for k, lay in layouts.items()}
+                 for k, lay in lays.items()}
         counts = wl.sub_counts(mbs, b_enc)
-        costs["dip_subs"] = batch_costs(cm, cluster, tp, layouts["dip"], stats, cache, dp=dp, frugal=True,
+        costs["dip_subs"] = batch_costs(cm, cluster, tp, lays["dip"], stats, cache, dp=dp, frugal=True,
                                         sub_stats=wl.sub_stats(mbs, counts), subs=((wl.encoder, counts),))
         t_costs = time.perf_counter() - t0
-        fresh_costs = planner_costs(wl, cm, cluster, tp, layouts["dip"], mbs, b_enc, dp)
-        scheds = evaluate_batch({**layouts, "dip_subs": layouts["dip"]}, costs, num_microbatches, capacity, budget_s,
+        fresh_costs = planner_costs(wl, cm, cluster, tp, lays["dip"], mbs, b_enc, dp)
+        scheds = evaluate_batch({**lays, "dip_subs": lays["dip"]}, costs, num_microbatches, capacity, budget_s,
                                 fresh_costs, planner_budget_s, ablation)
         batches.append({"index": i, "regime": regime, **wl.describe_mb(mbs), "semu_costs_ms": t_costs * 1e3,
                         "load_avg_1min": os.getloadavg()[0], "schedules": scheds})
@@ -1357,6 +1381,8 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         "microbatches": num_microbatches, "batches": num_batches, "trace_iterations": trace_iterations,
         "seed": seed, "batch_seed": batch_seed, "mcts_budget_s_per_batch": budget_s,
         "planner_mcts_budget_s": planner_budget_s, "ablation_rows": ablation, "segment_counts": ki, "sub_size": sub_size,
+        "min_chunk_blocks": min_chunk_blocks,
+        **({"segment_counts_trace": trace_ki} if trace_layouts is not layouts else {}),
         "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
         "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
         "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
@@ -1388,6 +1414,9 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
                         "stage_ms_at_representative": list(lay.stage_ms), "description": lay.describe(),
                         "slowest_stage_ms_by_encoder_stages": lay.candidates,
                         "stage_layers": [list(x) for x in lay.stage_layers]} for k, lay in layouts.items()},
+        **({"dip_layout_trace": {"name": trace_layouts["dip"].name, "V": trace_layouts["dip"].V,
+                                 "description": trace_layouts["dip"].describe()}}
+           if trace_layouts is not layouts else {}),
         **summaries(batches, wl.regimes),
         "batches": batches,
         "seconds": {"setup": t_setup, "total": time.perf_counter() - t_start},
@@ -1495,6 +1524,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "K=2 lifts DIP's worst batch against the best baseline from 0.963 to 0.980)")
     parser.add_argument("--no-interleave-search", action="store_true",
                         help="DIP's layout from the paper's K rule alone (no offline choice of interleaving depth)")
+    parser.add_argument("--min-chunk-blocks", type=int, default=2,
+                        help="blocks every DIP chunk keeps at least (caps K_i at blocks / (this x PP))")
     parser.add_argument("--no-ablation", action="store_true",
                         help="skip the cumulative DIP ablation rows (baselines and the DIP planner only)")
     parser.add_argument("--b-enc", type=int, default=None, help="encoder items per sub-microbatch (sets K_i)")
@@ -1528,7 +1559,8 @@ def main(argv: list[str] | None = None) -> dict:
                              profile=args.profile, batch_seed=args.batch_seed, progress=True,
                              planner_budget_s=args.planner_budget, ablation=not args.no_ablation,
                              k_backbone=args.k_backbone, k_encoder=args.k_encoder,
-                             interleave_search=not args.no_interleave_search)
+                             interleave_search=not args.no_interleave_search,
+                             min_chunk_blocks=args.min_chunk_blocks)
         print_table(results[model])
         print()
         args.out.parent.mkdir(parents=True, exist_ok=True)
