@@ -307,6 +307,33 @@ def _tottime_by_origin(st: pstats.Stats) -> dict[str, float]:
 PARTS = ("init", "run", "fwd", "autograd", "wait", "post", "optim", "free")
 
 
+def _outermost_timer(wall: dict, cpu: dict, active: list[bool], counts: dict | None = None):
+    """``timed(fn, key, count=None)``: ``fn`` wrapped to add its wall and thread CPU time to
+    ``wall[key]`` / ``cpu[key]`` while ``active[0]``, outermost timed region only (an isend inside
+    batch_isend_irecv, autograd inside a wait: counted once), and, with ``count``, to bump
+    ``counts[count]`` on every active call, nested or not."""
+    depth = [0]
+
+    def timed(fn, key: str, count: str | None = None):
+        def wrapper(*a, **kw):
+            if not active[0]:
+                return fn(*a, **kw)
+            if count is not None:
+                counts[count] += 1
+            if depth[0]:
+                return fn(*a, **kw)
+            depth[0] += 1
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                wall[key] += time.perf_counter() - w0
+                cpu[key] += time.thread_time() - c0
+                depth[0] -= 1
+        return wrapper
+    return timed
+
+
 def _instrumented(rank: int, world: int, cfg: dict, scenario: str, num_steps: int, warmup: int,
                   mode: str = "distributed", with_torch: bool = False) -> dict:
     """dipc's real distributed step (``mode="local"``: the local executor, both ranks' streams in
@@ -340,22 +367,8 @@ plan check's all-gather, ``ProgramCheck.wait``, which the first message waits fo
     probe = _TorchProbe() if with_torch else None   # its patches first: dipc's timers wrap them
     wall = dict.fromkeys(PARTS, 0.0)
     cpu = dict.fromkeys(PARTS, 0.0)
-    depth = [0]   # only the outermost timed region counts (autograd inside a wait, etc.)
     active = [False]   # only inside RankInterpreter.run (planning also runs the stage modules)
-
-    def timed(fn, key):
-        def wrapper(*a, **kw):
-            if depth[0] or not active[0]:
-                return fn(*a, **kw)
-            depth[0] += 1
-            w0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return fn(*a, **kw)
-            finally:
-                wall[key] += time.perf_counter() - w0
-                cpu[key] += time.thread_time() - c0
-                depth[0] -= 1
-        return wrapper
+    timed = _outermost_timer(wall, cpu, active)
 
     # the transports' data movement counts with P2P posting: the local executor's message copy,
     # and the copy that packs a multi-value message into one buffer per dtype for gloo
@@ -508,26 +521,8 @@ class _TorchProbe:
         self.rows: list[dict] = []
         self.pipeline: TorchPipeline | None = None
         wall, cpu, counts = self.wall, self.cpu, self.counts
-        depth = [0]   # only the outermost timed region counts (isend inside batch_isend_irecv, etc.)
         active = [False]   # only inside schedule.step, outside its per-shape set-up
-
-        def timed(fn, key: str, count: str | None = None):
-            def wrapper(*a, **kw):
-                if not active[0]:
-                    return fn(*a, **kw)
-                if count is not None:
-                    counts[count] += 1
-                if depth[0]:
-                    return fn(*a, **kw)
-                depth[0] += 1
-                w0, c0 = time.perf_counter(), time.thread_time()
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    wall[key] += time.perf_counter() - w0
-                    cpu[key] += time.thread_time() - c0
-                    depth[0] -= 1
-            return wrapper
+        timed = _outermost_timer(wall, cpu, active, counts)
 
         def region(fn, key: str, on: bool):
             """The whole step (``on``: timers active inside) or its set-up (``not on``: nothing

@@ -69,19 +69,19 @@ class _RecvLayout:
     def __init__(self, instr: Instruction) -> None:
         self.instr = instr
         specs = instr.specs
-        self.single = (specs[0].shape if specs[0].kind == "tensor" else (), dtype_for(specs[0]),
-                       specs[0].numel > 0) if len(specs) == 1 else None
+        shapes = [spec.shape if spec.kind == "tensor" else () for spec in specs]   # scalars: 0-d
+        self.single = (shapes[0], dtype_for(specs[0]), specs[0].numel > 0) if len(specs) == 1 else None
         self.empties: list[tuple[int, tuple[int, ...], torch.dtype]] = []
         members: dict[torch.dtype, list[int]] = {}
         for k, spec in enumerate(specs):
             if spec.numel:
                 members.setdefault(dtype_for(spec), []).append(k)
             else:
-                self.empties.append((k, tuple(empty_for(spec, "meta").shape), dtype_for(spec)))
+                self.empties.append((k, shapes[k], dtype_for(spec)))
         self.groups: list[tuple[torch.dtype, list[int], Any, list[torch.Tensor] | None]] = []
         for dtype, ks in members.items():
             if len(ks) == 1:
-                self.groups.append((dtype, ks, tuple(empty_for(specs[ks[0]], "meta").shape), None))
+                self.groups.append((dtype, ks, shapes[ks[0]], None))
             else:
                 self.groups.append((dtype, ks, sum(specs[k].numel for k in ks),
                                     [empty_for(specs[k], "meta") for k in ks]))
