@@ -309,7 +309,7 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
             optimizer: OptimizerFactory | None = None, fused_kernels: bool | None = None,
             segments: Mapping[str, int] | str = "cost",
             sub_microbatches: Mapping[str, int | SubMicrobatches] | None = None,
-            length_stats: Callable[[Batch], Any] | None = None) -> CompiledPipeline:
+            length_stats: Callable[[Batch], Any] | None = None, remat_glue: bool = True) -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
@@ -329,6 +329,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     :class:`~dipc.passes.submicrobatch.SubMicrobatches` (with a splitter): that modality's stages
     run once per sub-microbatch (DIP §4), e.g. ``{"vision": 2}`` = two images per vision sub.
     The split is checked on ``example_batch`` to be exact (joined sub outputs == whole run).
+    ``remat_glue``: recompute cheap, gradient-free glue values (RoPE tables from positions...) on
+    the stages that read them rather than sending them across ranks (:mod:`dipc.passes.remat`).
     """
     from dipc.passes.schedules import get_schedule
 
@@ -359,7 +361,7 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     t0 = time.perf_counter()
     costs = layer_costs(captured)
     stage_layers, stage_mod = assign_layers(tags, costs, num_stages, chunks, segments)
-    stages = build_stages(captured, stage_layers, stage_mod, num_stages)
+    stages = build_stages(captured, stage_layers, stage_mod, num_stages, remat=remat_glue)
     history.append(("partition", [s.module for s in stages], (time.perf_counter() - t0) * 1e3))
     sub_microbatcher = None
     if sub_microbatches:

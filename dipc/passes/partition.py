@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dipc.errors import PartitionError
 from dipc.passes.capture import CapturedModel
+from dipc.passes.remat import remat_plan
 from dipc.passes.tag import LayerTag
 from dipc.passes.values import spec_of
 
@@ -228,41 +229,47 @@ def _requires_grad(value: Any) -> bool:
 
 
 def build_stages(captured: CapturedModel, stage_layers: list[list[str]], stage_mod: list[str],
-                 num_ranks: int) -> list[StageSpec]:
-    """Cut the glue graph into one GraphModule per stage (layers stay the user's module objects)."""
+                 num_ranks: int, *, remat: bool = True) -> list[StageSpec]:
+    """Cut the glue graph into one GraphModule per stage (layers stay the user's module objects).
+    ``remat``: recompute cheap gradient-free glue values (RoPE tables...) on the stages that read
+    them instead of sending them (see :mod:`dipc.passes.remat`)."""
     gm = captured.graph_module
     values = captured.example_values
     node_stage = assign_nodes(gm, stage_layers, values)
     nodes = list(gm.graph.nodes)
+    order = {n: k for k, n in enumerate(nodes)}
     out_node = next(n for n in nodes if n.op == "output")
     loss_node = out_node.args[0]
     num = len(stage_layers)
+    owned = [[n for n in nodes if n.op not in ("placeholder", "output") and node_stage[n.name] == s]
+             for s in range(num)]
+    computed = [list(own) for own in owned]
+    device_reads: list[dict[fx.Node, fx.Node]] = [{} for _ in range(num)]
+    if remat:
+        plan = remat_plan(gm, node_stage, [_stage_inputs(c) for c in computed],
+                          [s % num_ranks for s in range(num)], stage_mod, values)
+        computed = [sorted(set(own) | extra, key=order.__getitem__) for own, (extra, _) in zip(owned, plan)]
+        device_reads = [reads for _, reads in plan]
+    needed = [_stage_inputs(c, r) for c, r in zip(computed, device_reads)]
+    read_later = {v for vs in needed for v in vs}
     stages: list[StageSpec] = []
     for s in range(num):
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        own = [n for n in nodes if n.op not in ("placeholder", "output") and node_stage[n.name] == s]
-        own_set = set(own)
+        own, needed_vals = computed[s], needed[s]
         # get_attr nodes are copied into every stage that reads them
-        needed_keys, needed_vals = [], []
-        for n in own:
-            for i in n.all_input_nodes:
-                if i.op == "placeholder":
-                    if i.target not in needed_keys:
-                        needed_keys.append(i.target)
-                elif i.op == "get_attr":
-                    continue
-                elif i not in own_set and i not in needed_vals:
-                    needed_vals.append(i)
+        needed_keys = list(dict.fromkeys(i.target for n in own for i in n.all_input_nodes if i.op == "placeholder"))
         key_nodes = {n.target: n for n in nodes if n.op == "placeholder"}
         ordered_keys = [k for k in captured.input_keys if k in needed_keys]
         extra = [k for k in needed_keys if k not in captured.input_keys]
         for k in ordered_keys:
             env[key_nodes[k]] = graph.placeholder(k)
-        needed_vals.sort(key=nodes.index)
         for v in needed_vals:
             env[v] = graph.placeholder(f"in_{v.name}")
         for n in own:
+            if n in device_reads[s]:   # x.device of a tensor made elsewhere: the device of one received
+                env[n] = graph.call_function(getattr, (env[device_reads[s][n]], "device"))
+                continue
             for i in n.all_input_nodes:
                 if i.op == "get_attr" and i not in env:
                     env[i] = graph.node_copy(i, lambda x: env[x])
@@ -270,7 +277,7 @@ def build_stages(captured: CapturedModel, stage_layers: list[list[str]], stage_m
                     # a forward() argument fixed to its default during tracing
                     env[i] = graph.placeholder(i.target)
             env[n] = graph.node_copy(n, lambda x: env[x])
-        outs = [n for n in own if any(node_stage[u.name] > s and u.op != "output" for u in n.users)]
+        outs = [n for n in owned[s] if n in read_later]
         has_loss = node_stage[loss_node.name] == s if isinstance(loss_node, fx.Node) else False
         result = [env[n] for n in outs] + ([env[loss_node]] if has_loss else [])
         graph.output(tuple(result))
@@ -287,6 +294,23 @@ def build_stages(captured: CapturedModel, stage_layers: list[list[str]], stage_m
             params=params))
     _check_shared_params(stages)
     return stages
+
+
+def _stage_inputs(computed: list[fx.Node], device_reads: Mapping[fx.Node, fx.Node] | None = None) -> list[fx.Node]:
+    """Values a stage computing ``computed`` (in graph order) reads from other stages, in graph order
+    (a ``device_reads`` node reads its mapped value instead of its own input)."""
+    mine = set(computed)
+    seen: dict[fx.Node, None] = {}
+    for n in computed:
+        if device_reads and n in device_reads:
+            seen.setdefault(device_reads[n])
+            continue
+        for i in n.all_input_nodes:
+            if i.op not in ("placeholder", "get_attr") and i not in mine:
+                seen.setdefault(i)
+    nodes = list(computed[0].graph.nodes) if computed else []
+    order = {n: k for k, n in enumerate(nodes)}
+    return sorted(seen, key=order.__getitem__)
 
 
 def _check_transferable(name: str, value: Any, producer: int, consumer: int) -> None:

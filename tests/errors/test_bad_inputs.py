@@ -160,20 +160,35 @@ def test_microbatch_without_loss_tokens_does_not_poison_the_loss():
     assert all(torch.isfinite(p.grad).all() for p in ex.model.parameters() if p.grad is not None)
 
 
+class _ComplexRope(nn.Module):
+    def __init__(self, random_phase: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.random_phase = random_phase
+
+    def forward(self, x, labels):
+        phase = torch.rand_like(x[0]) if self.random_phase else x[0]
+        freqs = torch.polar(torch.ones_like(x[0]), phase)   # complex, made in the glue
+        h = self.blocks[0](x * freqs.real)           # used in stage 0 ...
+        h = self.blocks[1](h) * freqs.imag           # ... and in stage 1
+        return F.mse_loss(h, labels)
+
+
 def test_complex_value_between_stages_names_the_value():
-    class Rope(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
-
-        def forward(self, x, labels):
-            freqs = torch.polar(torch.ones_like(x[0]), x[0])          # complex, made in the glue
-            h = self.blocks[0](x * freqs.real)           # used in stage 0 ...
-            h = self.blocks[1](h) * freqs.imag           # ... and in stage 1
-            return F.mse_loss(h, labels)
-
+    # a random phase must not be recomputed (stage 1 would draw other numbers), so it has to travel
     with pytest.raises(PartitionError, match=r"value 'polar' flows from stage 0 to stage 1.*Fix:"):
-        dipc.compile(Rope(), {"x": torch.randn(3, 4), "labels": torch.randn(3, 4)}, num_stages=2)
+        dipc.compile(_ComplexRope(random_phase=True), {"x": torch.randn(3, 4), "labels": torch.randn(3, 4)},
+                     num_stages=2)
+    with pytest.raises(PartitionError, match=r"value 'polar' flows from stage 0 to stage 1.*Fix:"):
+        dipc.compile(_ComplexRope(random_phase=False), {"x": torch.randn(3, 4), "labels": torch.randn(3, 4)},
+                     num_stages=2, remat_glue=False)
+
+
+def test_cheap_complex_glue_is_recomputed_instead_of_sent():
+    pipe = dipc.compile(_ComplexRope(random_phase=False), {"x": torch.randn(3, 4), "labels": torch.randn(3, 4)},
+                        num_stages=2)
+    assert pipe.stages[1].input_values == [("blocks_0", 0)]
+    assert "polar" not in pipe.stages[0].output_values
 
 
 @pytest.mark.parametrize("kwargs", [{"chunks": 0}, {"num_stages": 2.0}, {"num_stages": 0}])
