@@ -425,7 +425,9 @@ def main() -> None:
           f", masked attention {'dense' if cal.dense_masked_attention else 'sparse'} "
           f"({cal.probs_fwd_byte_time * 1e9:.2f} / {cal.probs_bwd_byte_time * 1e9:.2f} ns per probability byte), "
           f"dispatch {cal.dispatch_overhead * 1e6:.0f} us per instruction (in the above); "
-          f"fit median |err| per instruction {cal.median_rel_error:.1%} over {cal.num_points} instructions")
+          f"fit median |err| per instruction {cal.median_rel_error:.1%} over {cal.num_points} instructions; "
+          f"ridge strength {cal.regularization_strength:.3g} ({cal.regularization}"
+          + (f", held-out RMS error {cal.cv_error:.3f}" if cal.cv_error is not None else "") + ")")
     for c in cases:
         ex, test, pipes, cms = models[c["model"]]
         chunks = SCHEDULE_CHUNKS[c["schedule"]]
@@ -635,6 +637,8 @@ def main() -> None:
                         "dispatch_overhead_s": cal.dispatch_overhead,
                         "dense_masked_attention": cal.dense_masked_attention, "num_points": cal.num_points,
                         "fit_median_rel_err": cal.median_rel_error, "residuals": cal.residuals,
+                        "regularization": cal.regularization, "regularization_strength": cal.regularization_strength,
+                        "cv_error": cal.cv_error, "cv_folds": cal.cv_folds,
                         "link_points": link_points, "link": {"latency": link.latency, "bandwidth": link.bandwidth}},
         "profile": profile_to_json(profile),
         "targets": {"median_abs_err": 0.05, "p90_abs_err": 0.10, "kendall_tau": 0.8, "memory_abs_err": 0.10},
