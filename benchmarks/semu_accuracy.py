@@ -194,6 +194,37 @@ def _gloo_predictor(pipe, cost_model, mbs, program):
     return predict
 
 
+def _calibration_samples(pipe, mbs, schedule: str, clock: str, runs: int = 3) -> list:
+    """``runs`` timed local steps of ``schedule`` on ``mbs`` (after one untimed warm-up), each a
+    :class:`~dipc.semu.calibrate.CalibrationSample`: every run is a sample, so least squares fits
+    the mean instruction time, whose sum is what a step's time is (a sum of per-instruction
+    medians runs low)."""
+    from dipc.runtime.measure import timed_local_step
+    from dipc.semu.calibrate import CalibrationSample
+    from dipc.semu.step_model import pipeline_length_stats
+
+    program = pipe.plan(mbs, schedule=schedule)
+    timed_local_step(pipe, mbs, program, clock=clock)
+    stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+    out = []
+    for _ in range(runs):
+        run = timed_local_step(pipe, mbs, program, clock=clock)
+        out.append(CalibrationSample(stats=stats, timings=run.compute_times(), other_timings=run.other_times(),
+                                     untimed_seconds=run.untimed_seconds, num_instructions=len(run.records)))
+    return out
+
+
+def _calibration_set(pipe, cost_model, samples):
+    """The :class:`~dipc.semu.calibrate.CalibrationSet` of ``samples`` timed on ``pipe``, with the
+    local executor's runtime options (stages without input grads, stages whose BWD_W walks whole)."""
+    from dipc.semu.calibrate import CalibrationSet
+
+    stages = sorted(pipe.stages, key=lambda s: s.id)
+    return CalibrationSet(stage_layers=[s.layers for s in stages], cost_model=cost_model, samples=samples,
+                          no_input_grads=[s.id for s in stages if not s.grad_producers],
+                          whole_wgrad_stages=sorted(pipe.whole_wgrad_stages()))
+
+
 # ------------------------------------------------------------------------------------------------
 # gloo: every rank builds the same pipelines and batches, then times every case
 
@@ -335,7 +366,7 @@ def main() -> None:
     warmup = 1
 
     from dipc.runtime.measure import measure_gloo_link, measured_peak_memory, timed_local_step
-    from dipc.semu.calibrate import CalibrationSample, CalibrationSet, fit_link, fit_profile
+    from dipc.semu.calibrate import fit_link, fit_profile
     from dipc.semu.calibrate_dist import DistributedSample, fit_distributed, p2p_overheads
     from dipc.semu.costs import layer_cost_model
     from dipc.semu.profile_machine import measure_profile
@@ -379,26 +410,12 @@ def main() -> None:
             if b % cal_every == 0 and b // cal_every < num_calib:
                 cmbs = calib[b // cal_every]
                 for chunks, schedule in CALIBRATION_SCHEDULES:
-                    pipe = pipes[chunks]
-                    program = pipe.plan(cmbs, schedule=schedule)
-                    timed_local_step(pipe, cmbs, program, clock=cal_clock)
-                    # every run is a sample: least squares then fits the mean instruction time, whose
-                    # sum is what a step's time is (a sum of per-instruction medians runs low)
-                    stats = [pipeline_length_stats(pipe, mb) for mb in cmbs]
-                    for _ in range(3):
-                        run = timed_local_step(pipe, cmbs, program, clock=cal_clock)
-                        cal_timings.setdefault((name, chunks), []).append(CalibrationSample(
-                            stats=stats, timings=run.compute_times(), other_timings=run.other_times(),
-                            untimed_seconds=run.untimed_seconds, num_instructions=len(run.records)))
+                    cal_timings.setdefault((name, chunks), []).extend(
+                        _calibration_samples(pipes[chunks], cmbs, schedule, cal_clock))
         print(f"local executor: {name} done ({time.perf_counter() - t_start:.0f} s)")
 
-    sets = []
-    for (name, chunks), samples in cal_timings.items():
-        pipe = models[name][2][chunks]
-        stages = sorted(pipe.stages, key=lambda s: s.id)
-        sets.append(CalibrationSet(stage_layers=[s.layers for s in stages], cost_model=models[name][3][chunks],
-                                   samples=samples, no_input_grads=[s.id for s in stages if not s.grad_producers],
-                                   whole_wgrad_stages=sorted(pipe.whole_wgrad_stages())))
+    sets = [_calibration_set(models[name][2][chunks], models[name][3][chunks], samples)
+            for (name, chunks), samples in cal_timings.items()]
     cal = fit_profile(measured, sets, link=link, name="this-cpu-calibrated")
     profile = cal.profile
     print(f"calibrated: compute x{cal.scale:.2f}, attention x{cal.attention_scale:.2f}, memory traffic "
@@ -408,7 +425,9 @@ def main() -> None:
           f", masked attention {'dense' if cal.dense_masked_attention else 'sparse'} "
           f"({cal.probs_fwd_byte_time * 1e9:.2f} / {cal.probs_bwd_byte_time * 1e9:.2f} ns per probability byte), "
           f"dispatch {cal.dispatch_overhead * 1e6:.0f} us per instruction (in the above); "
-          f"fit median |err| per instruction {cal.median_rel_error:.1%} over {cal.num_points} instructions")
+          f"fit median |err| per instruction {cal.median_rel_error:.1%} over {cal.num_points} instructions; "
+          f"ridge strength {cal.regularization_strength:.3g} ({cal.regularization}"
+          + (f", held-out RMS error {cal.cv_error:.3f}" if cal.cv_error is not None else "") + ")")
     for c in cases:
         ex, test, pipes, cms = models[c["model"]]
         chunks = SCHEDULE_CHUNKS[c["schedule"]]
@@ -618,6 +637,8 @@ def main() -> None:
                         "dispatch_overhead_s": cal.dispatch_overhead,
                         "dense_masked_attention": cal.dense_masked_attention, "num_points": cal.num_points,
                         "fit_median_rel_err": cal.median_rel_error, "residuals": cal.residuals,
+                        "regularization": cal.regularization, "regularization_strength": cal.regularization_strength,
+                        "cv_error": cal.cv_error, "cv_folds": cal.cv_folds,
                         "link_points": link_points, "link": {"latency": link.latency, "bandwidth": link.bandwidth}},
         "profile": profile_to_json(profile),
         "targets": {"median_abs_err": 0.05, "p90_abs_err": 0.10, "kendall_tau": 0.8, "memory_abs_err": 0.10},

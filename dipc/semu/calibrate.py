@@ -18,11 +18,11 @@ instruction's layers dispatch (counted by the symbolic trace), and ``o_kind`` an
 time per op and a fixed time per instruction kind (FWD, BWD, BWD_I, BWD_W: the interpreter's
 work around a backward is not a forward's, a split BWD_I walks the autograd graph in Python,
 and one constant for all over-charges programs with many small instructions, such as
-interleaved 1F1B). A non-negative least-squares fit (of seconds, or of relative errors) gives
-the coefficients; it is run with masked attention counted sparsely and densely, and the better
-fit decides ``dense_masked_attention``. The profile then gets peak FLOP/s divided by ``a``, the
-attention curve scaled by ``a / b``, memory bandwidth divided by ``m`` (unlimited when
-``m = 0``), ``launch_overhead`` 0 (``kind_op_overheads``, the ``o_kind``, replace it),
+interleaved 1F1B). A non-negative least-squares fit (of seconds, or of relative errors; compute
+bounded below by a = 1) gives the coefficients; it is run with masked attention counted sparsely
+and densely, and the better fit decides ``dense_masked_attention``. The profile then gets peak
+FLOP/s divided by ``a``, the attention curve scaled by ``a / b``, memory bandwidth divided by
+``m`` (unlimited when ``m = 0``), ``launch_overhead`` 0 (``kind_op_overheads``, the ``o_kind``, replace it),
 ``op_overheads`` (the ``c_kind``
 plus the mean measured time of each other instruction kind the samples list: LOAD, SEND_*,
 RECV_*, which pack and copy tensors on the rank's CPU; every op then gets the step's time outside
@@ -30,6 +30,21 @@ its instructions, per instruction: the interpreter's dispatch loop) and ``probs_
 model's per-layer max(compute, memory) makes this exact only where one of the two dominates, as
 it does for these layers); links come from a gloo ping-pong fit (:func:`fit_link`). The result
 is an ordinary profile JSON.
+
+Why it is regularised: on tiny models the columns are nearly collinear (within a pipeline an
+instruction's op count is fixed and its compute varies little, so compute, the per-op times and
+the per-kind constants can trade for one another at almost no cost in fit), and the plain fit
+picks one of many near-equal solutions by noise: two quiet runs fitted compute x3.72 with a
+10 us BWD_I constant and x1.00 with 5.9 ms. By default (``regularization="cv"``) a ridge penalty
+pulls the coefficients toward a physical prior (:func:`_prior`: attention at compute's multiplier,
+memory traffic at the measured bandwidth, each kind's overheads toward the kinds' mean) on
+column-normalised units, so one strength fits every column; the strength is the one of
+:data:`CV_STRENGTHS` whose fits best predict held-out steps (k-fold over steps, repeats of one
+batch kept in one fold, weighted as the fit is; chosen on the points the outlier trimming of the
+plain fit keeps, and the variant of masked attention is chosen by the same held-out error). The
+bounds still hold (the penalty is extra rows of the bounded least-squares system). The limit:
+held-out steps of the same pipelines barely see the collinear directions (that is what makes
+them collinear), so cross-validation often finds only a weak penalty worth its bias.
 
 Fit on calibration batches, evaluate on others (``benchmarks/semu_accuracy.py`` does).
 
@@ -118,12 +133,86 @@ class CalibrationResult:
     median_rel_error: float          # per instruction, on the calibration samples
     residuals: dict[str, float] = field(default_factory=dict)   # relative RMS per attention variant
     num_outliers: int = 0            # points further than _OUTLIER_MADS robust deviations, left out of the fit
+    regularization: str = "none"     # "cv" (strength chosen by cross-validation), "none" or "fixed" (given)
+    regularization_strength: float = 0.0   # the ridge strength of the fit (0: none)
+    # RMS held-out error of fits at that strength on the other folds' steps (weighted as the fit;
+    # absolute: over the mean instruction time); None when fewer than 2 steps
+    cv_error: float | None = None
+    cv_folds: int = 0
+    cv_curve: tuple[tuple[float, float | None], ...] = ()   # (strength, cv_error) of every candidate ("cv")
 
 
 # a point whose relative error lies this many robust standard deviations (1.4826 x MAD) from the
 # median is timer or scheduling noise (a descheduled thread, a GC pause), not a cost to fit
 _OUTLIER_MADS = 5.0
 _OUTLIER_FLOOR = 0.25   # ... but never closer than this to the median relative error
+
+# ridge strengths cross-validation chooses among (in units of each column's own curvature after
+# the columns are scaled to unit norm; 0 is the plain bounded least squares)
+CV_STRENGTHS: tuple[float, ...] = (0.0,) + tuple(float(10.0 ** (e / 2)) for e in range(-14, 1))
+CV_FOLDS = 5            # at most this many folds of whole steps (fewer when fewer steps)
+
+# the design matrix's columns
+_A, _B, _M, _PF, _PB = range(5)
+_PER_OP = 5                       # ... then one per-ATen-op time per kind of _COMPUTE
+_CONST = 5 + len(_COMPUTE)        # ... then one fixed time per kind
+
+
+def _prior(x: np.ndarray, measured: ClusterProfile) -> _Prior:
+    """Where the ridge penalty pulls the coefficients (columns of ``x`` that are all zero get no
+    row; neither do the fixed per-kind times when ``x`` lacks them): attention at compute's
+    multiplier (b = a), memory traffic at the measured bandwidth (m = 1), the per-op times of the
+    kinds toward their mean and that mean toward the measured per-op dispatch time
+    (``launch_overhead``) where the profile has one, and the fixed times of the kinds toward their
+    mean. Compute itself (a) gets only its bound a >= 1: a prior a = 1 (the measured roofline)
+    was tried and cost held-out accuracy, as this CPU's small matmuls run 2-4x below the measured
+    peak (quiet runs fitted a = 2.3-4.4 unregularised). The probability byte times get none
+    (nothing measures them; with b held near a they are no longer collinear with attention)."""
+    p = x.shape[1]
+    seen = np.linalg.norm(x, axis=0) > 0
+    rows, targets, subject, names = [], [], [], []
+
+    def add(name: str, coefs: dict[int, float], target: float, subj: int) -> None:
+        r = np.zeros(p)
+        for j, v in coefs.items():
+            r[j] = v
+        rows.append(r)
+        targets.append(target)
+        subject.append(subj)
+        names.append(name)
+
+    if seen[_B]:
+        add("b=a", {_B: 1.0, _A: -1.0}, 0.0, _B)
+    if seen[_M]:
+        add("m=1", {_M: 1.0}, 1.0, _M)
+    for start, label in ((_PER_OP, "per-op"), (_CONST, "const")):
+        group = [start + k for k in range(len(_COMPUTE)) if start + k < p and seen[start + k]]
+        for j in group if len(group) > 1 else ():
+            add(f"{label} {list(_COMPUTE)[j - start]}=mean", {i: (1.0 if i == j else 0.0) - 1.0 / len(group)
+                                                              for i in group}, 0.0, j)
+        if start == _PER_OP and group and measured.device.launch_overhead > 0:
+            # the mean's row is measured in the units of the group's largest column
+            add("per-op mean=launch_overhead", {i: 1.0 / len(group) for i in group}, measured.device.launch_overhead,
+                max(group, key=lambda i: float(np.linalg.norm(x[:, i]))))
+    if not rows:
+        return _Prior(rows=np.zeros((0, p)), targets=np.zeros(0), subject=np.zeros(0, dtype=int))
+    return _Prior(rows=np.array(rows), targets=np.array(targets), subject=np.array(subject, dtype=int),
+                  names=tuple(names))
+
+
+def _step_folds(keys: Sequence[object], point_samples: np.ndarray) -> tuple[np.ndarray, int]:
+    """Cross-validation fold of every point, by step: samples with the same key (repeats of one
+    batch on one pipeline: their instructions are the same but for noise) share a fold, and the
+    distinct steps are dealt round-robin into at most ``CV_FOLDS`` folds. Returns the folds and
+    their number (0: fewer than two steps, no cross-validation)."""
+    order: dict[object, int] = {}
+    for k in keys:
+        order.setdefault(k, len(order))
+    k = min(CV_FOLDS, len(order))
+    if k < 2:
+        return np.zeros(len(point_samples), dtype=int), 0
+    step_fold = np.array([order[key] % k for key in keys])
+    return step_fold[point_samples], k
 
 
 def _bare(profile: ClusterProfile, dense: bool) -> ClusterProfile:
@@ -133,16 +222,40 @@ def _bare(profile: ClusterProfile, dense: bool) -> ClusterProfile:
     return dataclasses.replace(profile, device=dev)
 
 
-def _nnls(x: np.ndarray, y: np.ndarray, lower: np.ndarray | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class _Prior:
+    """Ridge rows ``rows @ coef ~ targets`` (seconds-free physical units, one row per penalty),
+    each measured in the units of its ``subject`` column: after the columns are scaled to unit
+    norm, row ``i`` is weighted by ``norm[subject[i]]``, so one strength means the same for every
+    column (a fraction of that column's own curvature)."""
+
+    rows: np.ndarray        # (k, p)
+    targets: np.ndarray     # (k,)
+    subject: np.ndarray     # (k,) int
+    names: tuple[str, ...] = ()
+
+
+def _nnls(x: np.ndarray, y: np.ndarray, lower: np.ndarray | None = None, prior: _Prior | None = None,
+          strength: float = 0.0) -> np.ndarray:
     """Least squares with every coefficient >= ``lower`` (default 0), columns scaled to unit norm
     first (seconds, bytes and op counts differ by 10^12): SciPy's active-set NNLS, or its bounded
-    variable least squares where a bound is above 0."""
+    variable least squares where a bound is above 0. With a ``prior`` and ``strength`` > 0, a ridge
+    penalty ``strength · Σ_i (norm[subject_i] · (rows_i @ coef - targets_i))²`` is added (as extra
+    rows of the system, so the bounds still hold)."""
     norms = np.linalg.norm(x, axis=0)
     norms[norms == 0] = 1.0
+    a, b = x / norms, y
+    if prior is not None and strength > 0 and len(prior.targets):
+        ns = norms[prior.subject][:, None]
+        r = math.sqrt(strength)
+        a = np.concatenate([a, r * prior.rows * ns / norms[None, :]])
+        b = np.concatenate([y, r * prior.targets * ns[:, 0]])
     if lower is None or not np.any(lower > 0):
-        coef, _ = scipy.optimize.nnls(x / norms, y, maxiter=50 * x.shape[1])
+        coef, _ = scipy.optimize.nnls(a, b, maxiter=50 * x.shape[1])
     else:
-        coef = scipy.optimize.lsq_linear(x / norms, y, bounds=(lower * norms, np.inf), method="bvls").x
+        # (BVLS can end a hair outside its bounds: -1e-33 would fail the profile's checks)
+        coef = np.maximum(scipy.optimize.lsq_linear(a, b, bounds=(lower * norms, np.inf), method="bvls").x,
+                          lower * norms)
     return coef / norms
 
 
@@ -188,51 +301,84 @@ def _probs_bytes(sm: StepModel, ins: Instruction) -> tuple[float, float]:
     return at[0] * total, at[1] * total
 
 
-def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
-                name: str | None = None, dtype: str = "float32", weighting: str = "absolute",
-                instruction_overhead: float | None = None) -> CalibrationResult:
-    """Fit ``measured``'s throughput scale and overheads to the samples (see module docstring).
-    ``dtype``: the layers' compute dtype (its peak must be in the profile). ``weighting``:
-    ``"absolute"`` minimises squared seconds (long instructions dominate, as they dominate step
-    times), ``"relative"`` squared relative errors (every instruction alike).
-    ``instruction_overhead``: a directly measured per-instruction overhead to hold fixed (else fitted)."""
-    if weighting not in ("absolute", "relative"):
-        raise CalibrationError(f"weighting={weighting!r}. Fix: use 'absolute' or 'relative'.")
+def _points(sets: Sequence[CalibrationSet]) -> tuple[list[tuple[CalibrationSet, CalibrationSample]],
+                                                      list[tuple[int, str, int, int, float]], np.ndarray]:
+    """Every sample with its set, the timed compute instructions the fit uses ``(sample index, op,
+    stage, mb, seconds)`` (a BWD_I of a stage without input grads is empty), and their ATen op counts."""
     samples = [(cs, s) for cs in sets for s in cs.samples]
     points = [(si, op, stage, mb, t) for si, (cs, s) in enumerate(samples) for op, stage, mb, t in s.timings
               if op in _COMPUTE and t > 0 and not (op == "BWD_I" and stage in cs.no_input_grads)]
-    if len(points) < 4:
-        raise CalibrationError(f"{len(points)} timed compute instructions. Fix: time at least a few steps "
-                               "with several microbatches each (timed_local_step).")
-    y = np.array([t for *_, t in points])
     ops = np.array([stage_ops(samples[si][0].cost_model, samples[si][0].stage_layers[stage], op,
                               stage not in samples[si][0].no_input_grads,
                               samples[si][0].wgrad_recomputes or stage in samples[si][0].whole_wgrad_stages)
                     for si, op, stage, _, _ in points], dtype=float)
-    fits, trimmed = {}, {}
+    return samples, points, ops
+
+
+def _design(measured: ClusterProfile, samples: Sequence[tuple[CalibrationSet, CalibrationSample]],
+            points: Sequence[tuple[int, str, int, int, float]], ops: np.ndarray, dense: bool,
+            dtype: str) -> np.ndarray:
+    """The fit's design matrix: one row per timed instruction ``(sample index, op, stage, mb,
+    seconds)`` of ``points``, the columns of the module docstring's model (compute, attention,
+    memory, probability bytes fwd / bwd, ATen ops of each kind, 1 for each kind), with masked
+    attention counted densely or not."""
+    bare = _bare(measured, dense)
+    # compute alone (bandwidth taken as unlimited) and the memory traffic apart: on a CPU the two
+    # add up rather than overlap, so they get their own multipliers
+    nomem = dataclasses.replace(bare, device=dataclasses.replace(bare.device, memory_bandwidth=1e30))
+    kw = {"dtype": dtype, "bytes_mode": "sum"}
+    models = [StepModel(cs.cost_model, nomem, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
+                        wgrad_recomputes=cs.wgrad_recomputes,
+                        whole_wgrad_stages=cs.whole_wgrad_stages, **kw) for cs, s in samples]
+    with_mem = [StepModel(cs.cost_model, bare, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
+                          wgrad_recomputes=cs.wgrad_recomputes,
+                          whole_wgrad_stages=cs.whole_wgrad_stages, **kw) for cs, s in samples]
+    ins = [(si, Instruction(op=_COMPUTE[op], stage=stage, mb=mb)) for si, op, stage, mb, _ in points]
+    compute = np.array([models[si].compute_time(i) for si, i in ins])
+    attn = np.array([_attention_seconds(models[si], i) for si, i in ins])
+    mem = np.array([with_mem[si].compute_time(i) for si, i in ins]) - compute
+    probs = np.array([_probs_bytes(models[si], i) if dense else (0.0, 0.0) for si, i in ins]).reshape(-1, 2)
+    # one fixed time per instruction kind, and one time per ATen op per kind: the interpreter's
+    # work around a backward (gathering output grads, delivering input grads) is not a
+    # forward's, and a split BWD_I also walks the autograd graph in Python
+    kinds = np.array([[1.0 if op == k else 0.0 for k in _COMPUTE] for _, op, *_ in points])
+    x = np.concatenate([np.stack([np.maximum(compute - attn, 0.0), attn, np.maximum(mem, 0.0)], axis=1),
+                        probs, ops[:, None] * kinds, kinds], axis=1)
+    return x
+
+
+def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
+                name: str | None = None, dtype: str = "float32", weighting: str = "absolute",
+                instruction_overhead: float | None = None,
+                regularization: str | float = "cv") -> CalibrationResult:
+    """Fit ``measured``'s throughput scale and overheads to the samples (see module docstring).
+    ``dtype``: the layers' compute dtype (its peak must be in the profile). ``weighting``:
+    ``"absolute"`` minimises squared seconds (long instructions dominate, as they dominate step
+    times), ``"relative"`` squared relative errors (every instruction alike).
+    ``instruction_overhead``: a directly measured per-instruction overhead to hold fixed (else fitted).
+    ``regularization``: ``"cv"`` (default) a ridge penalty toward the physical prior
+    (:func:`_prior`) at the strength of :data:`CV_STRENGTHS` with the least cross-validated error
+    over whole steps; ``"none"`` the plain bounded fit; a number: that strength."""
+    if weighting not in ("absolute", "relative"):
+        raise CalibrationError(f"weighting={weighting!r}. Fix: use 'absolute' or 'relative'.")
+    if isinstance(regularization, str):
+        if regularization not in ("cv", "none"):
+            raise CalibrationError(f"regularization={regularization!r}. Fix: use 'cv', 'none' or a strength >= 0.")
+    elif isinstance(regularization, bool) or not (isinstance(regularization, (int, float))
+                                                  and math.isfinite(regularization) and regularization >= 0):
+        raise CalibrationError(f"regularization={regularization!r}. Fix: use 'cv', 'none' or a strength >= 0.")
+    fixed_strength = 0.0 if regularization == "none" else None if regularization == "cv" else float(regularization)
+    samples, points, ops = _points(sets)
+    if len(points) < 4:
+        raise CalibrationError(f"{len(points)} timed compute instructions. Fix: time at least a few steps "
+                               "with several microbatches each (timed_local_step).")
+    # repeats of one batch on one pipeline are one step for cross-validation
+    step_keys = [(i, repr(list(s.stats))) for i, cs in enumerate(sets) for s in cs.samples]
+    y = np.array([t for *_, t in points])
+    folds, num_folds = _step_folds(step_keys, np.array([si for si, *_ in points]))
+    fits, trimmed, chosen = {}, {}, {}
     for dense in (False, True):
-        bare = _bare(measured, dense)
-        # compute alone (bandwidth taken as unlimited) and the memory traffic apart: on a CPU the two
-        # add up rather than overlap, so they get their own multipliers
-        nomem = dataclasses.replace(bare, device=dataclasses.replace(bare.device, memory_bandwidth=1e30))
-        kw = {"dtype": dtype, "bytes_mode": "sum"}
-        models = [StepModel(cs.cost_model, nomem, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
-                            wgrad_recomputes=cs.wgrad_recomputes,
-                            whole_wgrad_stages=cs.whole_wgrad_stages, **kw) for cs, s in samples]
-        with_mem = [StepModel(cs.cost_model, bare, cs.stage_layers, s.stats, no_input_grads=cs.no_input_grads,
-                              wgrad_recomputes=cs.wgrad_recomputes,
-                            whole_wgrad_stages=cs.whole_wgrad_stages, **kw) for cs, s in samples]
-        ins = [(si, Instruction(op=_COMPUTE[op], stage=stage, mb=mb)) for si, op, stage, mb, _ in points]
-        compute = np.array([models[si].compute_time(i) for si, i in ins])
-        attn = np.array([_attention_seconds(models[si], i) for si, i in ins])
-        mem = np.array([with_mem[si].compute_time(i) for si, i in ins]) - compute
-        probs = np.array([_probs_bytes(models[si], i) if dense else (0.0, 0.0) for si, i in ins]).reshape(-1, 2)
-        # one fixed time per instruction kind, and one time per ATen op per kind: the interpreter's
-        # work around a backward (gathering output grads, delivering input grads) is not a
-        # forward's, and a split BWD_I also walks the autograd graph in Python
-        kinds = np.array([[1.0 if op == k else 0.0 for k in _COMPUTE] for _, op, *_ in points])
-        x = np.concatenate([np.stack([np.maximum(compute - attn, 0.0), attn, np.maximum(mem, 0.0)], axis=1),
-                            probs, ops[:, None] * kinds, kinds], axis=1)
+        x = _design(measured, samples, points, ops, dense, dtype)
         # relative: the floor keeps a few near-empty instructions (timer noise) from steering the fit
         w = 1.0 / np.maximum(y, 0.1 * float(np.median(y))) if weighting == "relative" else np.ones_like(y)
         keep = np.ones_like(y, dtype=bool)
@@ -242,25 +388,69 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         # put compute at x0.25 with a 6 ms constant on every BWD_I, another at x2.76 with 10 us.
         lower = np.zeros(x.shape[1])
         lower[0] = 1.0
-        for _ in range(4):   # fit, drop the outliers (an instruction descheduled or hit by a GC pause), refit
-            if instruction_overhead is None:
-                coef = _nnls(x[keep] * w[keep, None], y[keep] * w[keep], lower)
-            else:
-                n = 5 + len(_COMPUTE)
-                coef = np.append(_nnls(x[keep, :n] * w[keep, None], (y[keep] - instruction_overhead) * w[keep],
-                                       lower[:n]),
-                                 [instruction_overhead] * len(_COMPUTE))
+        # a directly measured per-instruction overhead is held fixed: the fit explains the rest
+        xf, yf = (x, y) if instruction_overhead is None else (x[:, :_CONST], y - instruction_overhead)
+        # the columns are nearly collinear on tiny models (compute, the per-kind constants and the
+        # per-op times all grow little within a model): a ridge penalty toward the physical prior
+        # picks one of the many near-equal fits, at the strength whose fits predict held-out steps best
+        prior = _prior(xf, measured)
+
+        def solve(rows: np.ndarray, strength: float) -> np.ndarray:
+            coef = _nnls(xf[rows] * w[rows, None], yf[rows] * w[rows], lower[:xf.shape[1]], prior, strength)
+            return coef if instruction_overhead is None else np.append(coef, [instruction_overhead] * len(_COMPUTE))
+
+        def held_out(rows: np.ndarray, strength: float) -> np.ndarray | None:
+            """Squared held-out residual of every point of ``rows`` (weighted as the fit is; 0
+            elsewhere), each predicted by the fit on the other folds' steps."""
+            if num_folds < 2:
+                return None
+            sq = np.zeros_like(y)
+            for f in range(num_folds):
+                train, test = rows & (folds != f), rows & (folds == f)
+                if train.any() and test.any():
+                    sq[test] = ((x[test] @ solve(train, strength) - y[test]) * w[test]) ** 2
+            return sq
+
+        def rms(sq: np.ndarray, rows: np.ndarray) -> float:
+            """RMS of ``sq`` over ``rows``, relative (absolute weighting: over the mean time)."""
+            r = math.sqrt(float(sq[rows].sum()) / int(rows.sum()))
+            return r if weighting == "relative" else r / float(np.mean(y[rows]))
+
+        # fit, drop the outliers (an instruction descheduled or hit by a GC pause), refit: on the
+        # plain fit, whose residuals the collinear directions barely move (and whose held-out
+        # errors an outlier would dominate before it is dropped)
+        for _ in range(4):
+            coef = solve(keep, 0.0)
+            fit_keep = keep
             rel = (x @ coef - y) / y
             dev = np.abs(rel - np.median(rel))
             kept = dev <= max(_OUTLIER_MADS * 1.4826 * float(np.median(dev)), _OUTLIER_FLOOR)
             if (kept == keep).all():
                 break
             keep = kept
+        keep = fit_keep
+        # then the penalty's strength, chosen on the points kept (every candidate sees the same)
+        strength, curve, cv = fixed_strength or 0.0, None, None
+        if fixed_strength is None and num_folds >= 2:
+            sqs = [held_out(keep, lam) for lam in CV_STRENGTHS]
+            curve = tuple((lam, rms(sq, keep)) for lam, sq in zip(CV_STRENGTHS, sqs))
+            best = int(np.argmin([float(sq[keep].sum()) for sq in sqs]))
+            strength, cv = curve[best]
+        elif num_folds >= 2:
+            cv = rms(held_out(keep, strength), keep)
+        if strength > 0:
+            coef = solve(keep, strength)
+            rel = (x @ coef - y) / y
+        chosen[dense] = (strength, cv, curve or ())
         trimmed[dense] = int((~keep).sum())
         resid = rel if weighting == "relative" else (x @ coef - y) / float(np.mean(y))
         fits[dense] = (float(np.sqrt(np.mean(resid ** 2))), coef, rel)
-    dense = fits[True][0] < fits[False][0]
+    if fixed_strength is None and chosen[True][1] is not None and chosen[False][1] is not None:
+        dense = chosen[True][1] < chosen[False][1]    # the variant that predicts held-out steps better
+    else:
+        dense = fits[True][0] < fits[False][0]
     _, coef, rel = fits[dense]
+    strength, cv, curve = chosen[dense]
     a, b, m, pf, pb = (float(v) for v in coef[:5])
     seen = {op for _, op, *_ in points}
     per_op = {k: float(v) for k, v in zip(_COMPUTE, coef[5:5 + len(_COMPUTE)]) if k in seen}
@@ -279,6 +469,12 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
         op_overheads = {op.value: op_overheads.get(op.value, 0.0) + dispatch for op in Op}
     if a <= 0:
         a = 1.0   # the roofline explains nothing: keep the measured throughput (overheads carry the fit)
+    held = f"held-out RMS error {cv:.3g}" if cv is not None else None
+    if fixed_strength is not None:
+        how = "given" + (f", {held}" if held else "")
+    else:
+        how = f"chosen by {num_folds}-fold cross-validation over steps, {held}" if held else \
+            "no cross-validation: fewer than 2 steps"
     dev = measured.device
     # attention runs at its own multiplier b: its curve is scaled by a / b (clamped to 1: an attention
     # faster than the measured matmul peak cannot be expressed; 1 is the closest). Memory traffic at
@@ -298,7 +494,8 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                 + ", ".join(f"{k} {v * 1e6:.3g} us" for k, v in kind_oo.items()) + ", per instruction "
                 + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in per_kind.items())
                 + f", masked attention {'dense' if dense else 'sparse'}"
-                + (f" ({pf * 1e9:.3g} / {pb * 1e9:.3g} ns per probability byte fwd / bwd)" if dense else "")))
+                + (f" ({pf * 1e9:.3g} / {pb * 1e9:.3g} ns per probability byte fwd / bwd)" if dense else "")
+                + f"; ridge strength {strength:.3g} toward the prior ({how})"))
     links = {}
     if link is not None:
         links = {"intra_node": link, "inter_node": link}
@@ -310,7 +507,10 @@ def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, lin
                              dense_masked_attention=dense, num_points=len(points), op_overheads=op_overheads,
                              probs_fwd_byte_time=pf, probs_bwd_byte_time=pb, dispatch_overhead=dispatch,
                              median_rel_error=float(np.median(np.abs(rel))), num_outliers=trimmed[dense],
-                             residuals={"sparse": fits[False][0], "dense": fits[True][0]})
+                             residuals={"sparse": fits[False][0], "dense": fits[True][0]},
+                             regularization=str(regularization) if isinstance(regularization, str) else "fixed",
+                             regularization_strength=float(strength), cv_error=cv, cv_folds=num_folds,
+                             cv_curve=curve)
 
 
 def fit_link(one_way: Sequence[tuple[float, float]]) -> LinkProfile:
