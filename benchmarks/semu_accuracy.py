@@ -345,6 +345,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=None, help="test batches per model (default 20; quick 4)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case after warm-up (default 3)")
     ap.add_argument("--no-dist", action="store_true", help="skip the gloo runs")
+    ap.add_argument("--regularization", default=None,
+                    help="the calibration's ridge: cv, none or a strength (default: fit_profile's default)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: the models, batches and the measured profile on the GPU; local executor only "
                          "(one GPU: no gloo ranks), steps timed on the 'cuda' clock (wall time after a device "
@@ -416,7 +418,9 @@ def main() -> None:
 
     sets = [_calibration_set(models[name][2][chunks], models[name][3][chunks], samples)
             for (name, chunks), samples in cal_timings.items()]
-    cal = fit_profile(measured, sets, link=link, name="this-cpu-calibrated")
+    reg = a.regularization
+    cal = fit_profile(measured, sets, link=link, name="this-cpu-calibrated",
+                      **({} if reg is None else {"regularization": reg if reg in ("cv", "none") else float(reg)}))
     profile = cal.profile
     print(f"calibrated: compute x{cal.scale:.2f}, attention x{cal.attention_scale:.2f}, memory traffic "
           f"x{cal.memory_scale:.2f}, "

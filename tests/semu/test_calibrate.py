@@ -47,7 +47,7 @@ def test_fit_recovers_the_generating_parameters(vlm_2stage):
     samples = [CalibrationSample(stats=stats, timings=timings)
                for stats, timings in (_truth_timings(ex, pipe, cm, truth, wgrad_recomputes=True) for _ in range(3))]
     result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
-                                               wgrad_recomputes=True)])
+                                               wgrad_recomputes=True)], regularization="cv")
     assert result.dense_masked_attention
     assert result.scale == pytest.approx(2.0, rel=1e-6)
     assert result.op_overhead == pytest.approx(2e-6, rel=1e-6)
@@ -73,7 +73,7 @@ def test_a_descheduled_instruction_does_not_steer_the_fit(vlm_2stage):
             timings[4] = (op, s, m, t + 0.03)
         samples.append(CalibrationSample(stats=stats, timings=timings))
     result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
-                                               wgrad_recomputes=True)])
+                                               wgrad_recomputes=True)], regularization="cv")
     assert result.num_outliers == 1
     assert result.scale == pytest.approx(2.0, rel=1e-3)
     assert result.instruction_overhead == pytest.approx(300e-6, rel=1e-3)
@@ -94,7 +94,7 @@ def test_fit_recovers_per_op_overheads_probability_traffic_and_dispatch(vlm_2sta
         samples.append(CalibrationSample(stats=stats, timings=timings, other_timings=[("SEND_ACT", 30e-6 + i * 1e-6)],
                                          untimed_seconds=10e-6 * 20, num_instructions=20))
     result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
-                                               wgrad_recomputes=True)])
+                                               wgrad_recomputes=True)], regularization="cv")
     dev = result.profile.device
     assert result.dense_masked_attention and result.dispatch_overhead == pytest.approx(10e-6)
     # probability bytes and dense attention FLOPs both grow with H·(ΣL)²: nearly collinear columns,
@@ -132,7 +132,7 @@ def test_fit_recovers_a_time_per_op_for_each_instruction_kind(vlm_2stage):
         assert sm.dispatch_time(Op.BWD_I, 1) == pytest.approx(stage_ops(cm, layers[1], "BWD_I") * 6e-6)
         assert sm.compute_time(i) == pytest.approx(sm.stage_time(1, 0).bwd_in + 100e-6 + sm.dispatch_time(Op.BWD_I, 1))
     result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
-                                               no_input_grads=[0])])
+                                               no_input_grads=[0])], regularization="cv")
     assert result.median_rel_error < 1e-6
     # BWD_I runs on one stage only (stage 0 has no input grads): its op count never varies, so its
     # per-op time and its fixed time are one number; the others are seen at two op counts
@@ -166,7 +166,7 @@ def test_calibrated_profile_predicts_the_steps_it_was_fitted_on(vlm_2stage):
     fwd = Instruction(op=Op.FWD, stage=1, mb=0)
     assert max_only.compute_time(fwd) < 0.9 * sum_only.compute_time(fwd)   # the two rules really differ here
     result = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=samples,
-                                               no_input_grads=[0])])
+                                               no_input_grads=[0])], regularization="cv")
     assert result.profile.device.bytes_mode == "sum"
     for stats, total in programs:
         sm = StepModel(cm, result.profile, layers, stats, dtype="float32", no_input_grads=[0])
@@ -369,7 +369,7 @@ def test_regularised_fit_recovers_well_determined_coefficients(vlm_2stage):
                        kind_op_overheads=per_op, efficiency={**base.device.efficiency, "attention": attention})
     layers, steps = _timed_steps(ex, pipe, cm, truth, seed=3, steps=4, no_input_grads=())
     sets = [CalibrationSet(stage_layers=layers, cost_model=cm, samples=steps)]
-    result = fit_profile(base, sets)
+    result = fit_profile(base, sets, regularization="cv")
     assert result.regularization_strength <= 1e-6 and result.median_rel_error < 1e-4
     assert result.scale == pytest.approx(2.5, rel=0.02)
     assert result.attention_scale == pytest.approx(5.0, rel=0.02)
@@ -382,13 +382,15 @@ def test_regularised_fit_recovers_well_determined_coefficients(vlm_2stage):
 
 
 def test_regularisation_choice_is_recorded(vlm_2stage):
-    from dipc.semu.calibrate import CV_FOLDS, CV_STRENGTHS, _step_folds
+    from dipc.semu.calibrate import CV_FOLDS, CV_STRENGTHS, DEFAULT_STRENGTH, _step_folds
 
     ex, pipe, cm = vlm_2stage
     base = _cpu_like()
     layers, steps = _timed_steps(ex, pipe, cm, _cpu_truth(base), seed=1, steps=6, repeats=2, noise=0.1)
     sets = [CalibrationSet(stage_layers=layers, cost_model=cm, samples=steps, no_input_grads=[0])]
-    cv = fit_profile(base, sets)
+    default = fit_profile(base, sets)
+    assert (default.regularization, default.regularization_strength) == ("fixed", DEFAULT_STRENGTH)
+    cv = fit_profile(base, sets, regularization="cv")
     assert cv.regularization == "cv" and cv.cv_folds == CV_FOLDS
     assert [s for s, _ in cv.cv_curve] == list(CV_STRENGTHS)
     assert cv.regularization_strength in CV_STRENGTHS
@@ -407,7 +409,7 @@ def test_regularisation_choice_is_recorded(vlm_2stage):
         with pytest.raises(CalibrationError, match="regularization"):
             fit_profile(base, sets, regularization=bad)
     one = fit_profile(base, [CalibrationSet(stage_layers=layers, cost_model=cm, samples=steps[:2],
-                                            no_input_grads=[0])])     # two repeats of one batch: one step
+                                            no_input_grads=[0])], regularization="cv")   # two repeats: one step
     assert (one.cv_folds, one.cv_error, one.regularization_strength) == (0, None, 0.0)
     assert "ridge strength 0 toward the prior (no cross-validation: fewer than 2 steps)" in one.profile.device.source
     # repeats of one batch (equal stats) share a fold; the steps are dealt round-robin
