@@ -38,9 +38,8 @@ picks one of many near-equal solutions by noise: two quiet runs fitted compute x
 10 us BWD_I constant and x1.00 with 5.9 ms. A ridge penalty
 pulls the coefficients toward a physical prior (:func:`_prior`: attention at compute's multiplier,
 memory traffic at the measured bandwidth, each kind's overheads toward the kinds' mean) on
-column-normalised units, so one strength fits every column. The default strength is a fixed
-:data:`DEFAULT_STRENGTH` (0.1); ``regularization="cv"`` instead takes the one of
-:data:`CV_STRENGTHS` whose fits best predict held-out steps (k-fold over steps, repeats of one
+column-normalised units, so one strength fits every column: ``regularization=0.1`` (a fixed
+strength) or ``"cv"``, the one of :data:`CV_STRENGTHS` whose fits best predict held-out steps (k-fold over steps, repeats of one
 batch kept in one fold, weighted as the fit is; chosen on the points the outlier trimming of the
 plain fit keeps, and the variant of masked attention is chosen by the same held-out error). The
 bounds still hold (the penalty is extra rows of the bounded least-squares system). The limit:
@@ -49,8 +48,10 @@ them collinear), so cross-validation often finds only a weak penalty worth its b
 this VM, no steadier than none). Measured (``benchmarks/calibration_stability.py``: fits on two
 disjoint halves of the steps, 5 pairs): the share of instruction time that moves between terms
 was 21% unregularised, 20% with "cv", 9% at 0.1, at about the same held-out step error (5.5%,
-5.7%, 6.0%); and ``semu_accuracy.py --no-dist`` back to back gave local median / p90 / tau
-4.7% / 11.5% / 0.74 unregularised, 4.3% / 12.2% / 0.80 at 0.1. Hence the fixed default.
+5.7%, 6.0%). But ``semu_accuracy.py --no-dist`` (local median / p90 / tau) gave 4.7% / 11.5% /
+0.74 unregularised against 4.3% / 12.2% / 0.80 and 5.7% / 13.4% / 0.75 in two runs at 0.1, and
+over-predicted interleaved 1F1B on the VLM by 12% at 0.1 (7% without): steadier coefficients, no
+better predictions. So the default stays the plain fit (``"none"``).
 
 Fit on calibration batches, evaluate on others (``benchmarks/semu_accuracy.py`` does).
 
@@ -153,7 +154,6 @@ class CalibrationResult:
 _OUTLIER_MADS = 5.0
 _OUTLIER_FLOOR = 0.25   # ... but never closer than this to the median relative error
 
-DEFAULT_STRENGTH = 0.1   # see the module docstring: steadier coefficients, same held-out error
 # ridge strengths cross-validation chooses among (in units of each column's own curvature after
 # the columns are scaled to unit norm; 0 is the plain bounded least squares)
 CV_STRENGTHS: tuple[float, ...] = (0.0,) + tuple(float(10.0 ** (e / 2)) for e in range(-14, 1))
@@ -168,10 +168,13 @@ _CONST = 5 + len(_COMPUTE)        # ... then one fixed time per kind
 def _prior(x: np.ndarray, measured: ClusterProfile) -> _Prior:
     """Where the ridge penalty pulls the coefficients (columns of ``x`` that are all zero get no
     row; neither do the fixed per-kind times when ``x`` lacks them): attention at compute's
-    multiplier (b = a), memory traffic at the measured bandwidth (m = 1), the per-op times of the
-    kinds toward their mean and that mean toward the measured per-op dispatch time
-    (``launch_overhead``) where the profile has one, and the fixed times of the kinds toward their
-    mean. Compute itself (a) gets only its bound a >= 1: a prior a = 1 (the measured roofline)
+    multiplier (b = a), memory traffic at the measured bandwidth (m = 1), each kind's per-op time
+    toward the measured per-op dispatch time (``launch_overhead``; toward the kinds' mean where the
+    profile has none), and the fixed per-instruction times toward 0, so time is explained by the
+    work (compute, ops), which carries over to schedules whose instructions are smaller. Pulling
+    the fixed times toward their mean instead was tried: at 0.1 it lifted FWD's to 0.71 ms (0.33
+    toward 0; 0.08 unregularised) and over-predicted interleaved 1F1B, which runs twice the
+    forwards, by 12-14%. Compute itself (a) gets only its bound a >= 1: a prior a = 1 (the measured roofline)
     was tried and cost held-out accuracy, as this CPU's small matmuls run 2-4x below the measured
     peak (quiet runs fitted a = 2.3-4.4 unregularised). The probability byte times get none
     (nothing measures them; with b held near a they are no longer collinear with attention)."""
@@ -192,15 +195,18 @@ def _prior(x: np.ndarray, measured: ClusterProfile) -> _Prior:
         add("b=a", {_B: 1.0, _A: -1.0}, 0.0, _B)
     if seen[_M]:
         add("m=1", {_M: 1.0}, 1.0, _M)
-    for start, label in ((_PER_OP, "per-op"), (_CONST, "const")):
-        group = [start + k for k in range(len(_COMPUTE)) if start + k < p and seen[start + k]]
-        for j in group if len(group) > 1 else ():
-            add(f"{label} {list(_COMPUTE)[j - start]}=mean", {i: (1.0 if i == j else 0.0) - 1.0 / len(group)
-                                                              for i in group}, 0.0, j)
-        if start == _PER_OP and group and measured.device.launch_overhead > 0:
-            # the mean's row is measured in the units of the group's largest column
-            add("per-op mean=launch_overhead", {i: 1.0 / len(group) for i in group}, measured.device.launch_overhead,
-                max(group, key=lambda i: float(np.linalg.norm(x[:, i]))))
+    launch = measured.device.launch_overhead
+    per_op = [_PER_OP + k for k in range(len(_COMPUTE)) if _PER_OP + k < p and seen[_PER_OP + k]]
+    for j in per_op:   # each kind's per-op time toward the measured dispatch time, else their mean
+        name = list(_COMPUTE)[j - _PER_OP]
+        if launch > 0:
+            add(f"per-op {name}=launch_overhead", {j: 1.0}, launch, j)
+        elif len(per_op) > 1:
+            add(f"per-op {name}=mean", {i: (1.0 if i == j else 0.0) - 1.0 / len(per_op) for i in per_op}, 0.0, j)
+    for k, name in enumerate(_COMPUTE):   # fixed times toward 0: explain time by work where it can be
+        j = _CONST + k
+        if j < p and seen[j]:
+            add(f"const {name}=0", {j: 1.0}, 0.0, j)
     if not rows:
         return _Prior(rows=np.zeros((0, p)), targets=np.zeros(0), subject=np.zeros(0, dtype=int))
     return _Prior(rows=np.array(rows), targets=np.array(targets), subject=np.array(subject, dtype=int),
@@ -357,15 +363,16 @@ def _design(measured: ClusterProfile, samples: Sequence[tuple[CalibrationSet, Ca
 def fit_profile(measured: ClusterProfile, sets: Sequence[CalibrationSet], *, link: LinkProfile | None = None,
                 name: str | None = None, dtype: str = "float32", weighting: str = "absolute",
                 instruction_overhead: float | None = None,
-                regularization: str | float = DEFAULT_STRENGTH) -> CalibrationResult:
+                regularization: str | float = "none") -> CalibrationResult:
     """Fit ``measured``'s throughput scale and overheads to the samples (see module docstring).
     ``dtype``: the layers' compute dtype (its peak must be in the profile). ``weighting``:
     ``"absolute"`` minimises squared seconds (long instructions dominate, as they dominate step
     times), ``"relative"`` squared relative errors (every instruction alike).
     ``instruction_overhead``: a directly measured per-instruction overhead to hold fixed (else fitted).
-    ``regularization``: a ridge penalty toward the physical prior (:func:`_prior`) of this
-    strength (default :data:`DEFAULT_STRENGTH`); ``"cv"`` the strength of :data:`CV_STRENGTHS`
-    with the least cross-validated error over whole steps; ``"none"`` the plain bounded fit."""
+    ``regularization``: ``"none"`` (default) the plain bounded fit; a number: a ridge penalty of
+    that strength toward the physical prior (:func:`_prior`; 0.1 steadies the coefficients, see
+    the module docstring); ``"cv"`` the strength of :data:`CV_STRENGTHS` with the least
+    cross-validated error over whole steps."""
     if weighting not in ("absolute", "relative"):
         raise CalibrationError(f"weighting={weighting!r}. Fix: use 'absolute' or 'relative'.")
     if isinstance(regularization, str):

@@ -329,14 +329,14 @@ def test_regularised_fits_of_disjoint_steps_agree(vlm_2stage):
     tiny (BWD_I runs on one stage only, so its per-op and fixed times are one number, and within
     one pipeline compute varies little against the constants). Fits on two disjoint halves of the
     steps then disagree wildly on compute, attention and memory multipliers without the penalty,
-    and agree closely with it (median over 5 noise draws: with 4 steps per half, cross-validation
-    itself sometimes misjudges a draw)."""
+    and agree closely with a strength of 0.1 (median over 5 noise draws). Cross-validation is left
+    out: with 4 steps per half it often finds no penalty worth its bias, as on real runs."""
     from dipc.semu.calibrate import _design, _points
 
     ex, pipe, cm = vlm_2stage
     base = _cpu_like()
     truth = _cpu_truth(base)
-    spreads: dict[str, list[float]] = {"none": [], "cv": []}
+    spreads: dict[str, list[float]] = {"none": [], 0.1: []}
     for seed in range(5):
         layers, steps = _timed_steps(ex, pipe, cm, truth, seed=seed, steps=8, repeats=3, noise=0.1)
         halves = [[CalibrationSet(stage_layers=layers, cost_model=cm, samples=part, no_input_grads=[0])]
@@ -352,7 +352,7 @@ def test_regularised_fits_of_disjoint_steps_agree(vlm_2stage):
                                                                      (a.attention_scale, b.attention_scale),
                                                                      (a.memory_scale, b.memory_scale))))
     assert np.median(spreads["none"]) > 0.4, spreads
-    assert np.median(spreads["cv"]) < 0.1, spreads
+    assert np.median(spreads[0.1]) < 0.1, spreads
 
 
 def test_regularised_fit_recovers_well_determined_coefficients(vlm_2stage):
@@ -382,14 +382,14 @@ def test_regularised_fit_recovers_well_determined_coefficients(vlm_2stage):
 
 
 def test_regularisation_choice_is_recorded(vlm_2stage):
-    from dipc.semu.calibrate import CV_FOLDS, CV_STRENGTHS, DEFAULT_STRENGTH, _step_folds
+    from dipc.semu.calibrate import CV_FOLDS, CV_STRENGTHS, _step_folds
 
     ex, pipe, cm = vlm_2stage
     base = _cpu_like()
     layers, steps = _timed_steps(ex, pipe, cm, _cpu_truth(base), seed=1, steps=6, repeats=2, noise=0.1)
     sets = [CalibrationSet(stage_layers=layers, cost_model=cm, samples=steps, no_input_grads=[0])]
     default = fit_profile(base, sets)
-    assert (default.regularization, default.regularization_strength) == ("fixed", DEFAULT_STRENGTH)
+    assert (default.regularization, default.regularization_strength) == ("none", 0.0)
     cv = fit_profile(base, sets, regularization="cv")
     assert cv.regularization == "cv" and cv.cv_folds == CV_FOLDS
     assert [s for s, _ in cv.cv_curve] == list(CV_STRENGTHS)
