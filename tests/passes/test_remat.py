@@ -108,3 +108,79 @@ def test_recomputed_glue_gradients_equal_reference(hf_positions, schedule, chunk
     pipe.step(mbs)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+# -- property: random glue recipes ---------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_GLUE_OPS = {
+    "sin": lambda g, buf: g.sin(),
+    "cos": lambda g, buf: torch.cos(g),
+    "scale": lambda g, buf: g * buf,                       # a buffer (get_attr)
+    "shift": lambda g, buf: g + 0.5,
+    "square": lambda g, buf: g.pow(2),
+    "cat_half": lambda g, buf: torch.cat([g[..., : g.shape[-1] // 2], g[..., g.shape[-1] // 2:]], dim=-1),
+    "where": lambda g, buf: torch.where(g > 0, g, -g),
+}
+
+
+class _GlueChain(nn.Module):
+    """Linear blocks ``h = block(h) + glue`` where ``glue`` is a random chain of cheap ops on
+    positions (from the ids, or HF-style from the hidden state's shape and device); optionally one
+    block also reads ``glue * weight`` (a trainable scale: that value must travel)."""
+
+    def __init__(self, recipe: list[str], hf_positions: bool, scaled_block: int | None, blocks: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(blocks))
+        self.head = nn.Linear(8, 16)
+        self.register_buffer("freq", torch.linspace(0.1, 1.0, 8), persistent=False)
+        self.weight = nn.Parameter(torch.full((8,), 0.5)) if scaled_block is not None else None
+        self.recipe, self.hf_positions, self.scaled_block = recipe, hf_positions, scaled_block
+
+    def forward(self, input_ids, labels):
+        h = self.embed(input_ids)
+        src = h if self.hf_positions else input_ids
+        g = torch.arange(src.shape[1], device=src.device).unsqueeze(-1).float() * self.freq
+        for op in self.recipe:
+            g = _GLUE_OPS[op](g, self.freq)
+        scaled = g * self.weight if self.weight is not None else None
+        for k, block in enumerate(self.blocks):
+            h = torch.tanh(block(h)) + (scaled if k == self.scaled_block else g)
+        return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recipe=st.lists(st.sampled_from(sorted(_GLUE_OPS)), max_size=5),
+       hf_positions=st.booleans(),
+       scaled_block=st.one_of(st.none(), st.integers(0, 3)),
+       sched=st.sampled_from([("1f1b", 2, 1), ("gpipe", 4, 1), ("interleaved_1f1b", 2, 2), ("zb_h1", 3, 1)]),
+       lengths=st.lists(st.integers(2, 7), min_size=1, max_size=4))
+def test_random_glue_is_recomputed_or_sent_and_gradients_match(recipe, hf_positions, scaled_block, sched, lengths):
+    schedule, stages, chunks = sched
+    torch.manual_seed(0)
+    model = _GlueChain(recipe, hf_positions, scaled_block).double()
+    g = torch.Generator().manual_seed(len(recipe))
+    mbs = [{"input_ids": torch.randint(0, 16, (2, n), generator=g), "labels": torch.randint(0, 16, (2, n), generator=g)}
+           for n in lengths]
+    layers = ["embed"] + [f"blocks.{i}" for i in range(4)] + ["head"]
+    pipe = dipc.compile(model, mbs[0], num_stages=stages, chunks=chunks, schedule=schedule, layers=layers)
+    values = pipe.captured.example_values
+    for s in pipe.stages:   # across ranks travel only layer outputs, values with gradients and scalars
+        for v, p in s.input_values:
+            if pipe.stages[p].rank == s.rank:
+                continue
+            value = values[v]
+            assert (v.startswith("blocks_") or v == "embed" or isinstance(value, int)
+                    or (isinstance(value, torch.Tensor) and value.requires_grad)), f"stage {s.id} receives {v}"
+    ref = copy.deepcopy(model)
+    counts = [float(mb["labels"].numel()) for mb in mbs]
+    for c, mb in zip(counts, mbs):
+        (ref(**mb) * c / sum(counts)).backward()
+    pipe.step(mbs)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), n
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
