@@ -30,9 +30,12 @@ MAX_CONE_NODES = 64
 
 # substrings of op names whose recomputation costs real compute or changes numbers
 _CONTRACTIONS = ("matmul", "mm", "bmm", "linear", "conv", "einsum", "attention", "tensordot", "addmm",
-                 "baddbmm", "addbmm", "bilinear", "embedding")
+                 "baddbmm", "addbmm", "bilinear", "embedding", "cdist", "pdist", "dot", "outer", "inner", "kron",
+                 "linalg", "cholesky", "inverse", "svd", "eig", "qr", "lstsq", "solve", "det", "pinv", "fft",
+                 "stft")
+# random draws, and uninitialised memory (``empty``: a recomputation would hold other garbage)
 _RANDOM = ("rand", "dropout", "normal", "bernoulli", "multinomial", "uniform", "poisson", "exponential_",
-           "cauchy_", "geometric_", "log_normal_")
+           "cauchy_", "geometric_", "log_normal_", "empty")
 
 
 def _op_name(node: fx.Node) -> str:

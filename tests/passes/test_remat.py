@@ -184,3 +184,28 @@ def test_random_glue_is_recomputed_or_sent_and_gradients_match(recipe, hf_positi
             assert p.grad is None or not p.grad.any(), n
             continue
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+class _CostlyGlue(nn.Module):
+    """Glue from positions that is not cheap (pairwise distances: O(T^2 d)) or not reproducible
+    (uninitialised memory) must travel, not be recomputed."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.kind = kind
+
+    def forward(self, x, labels):
+        pos = torch.arange(x.shape[0], dtype=x.dtype).unsqueeze(-1)
+        if self.kind == "cdist":
+            glue = torch.cdist(pos, pos).sum(-1, keepdim=True)
+        else:
+            glue = torch.empty_like(pos).zero_() if self.kind == "empty_inplace" else torch.empty_like(pos) * 0
+        h = self.blocks[0](x + glue)                  # read in stage 0 ...
+        return F.mse_loss(self.blocks[1](h + glue), labels)   # ... and in stage 1
+
+
+@pytest.mark.parametrize("kind", ["cdist", "empty", "empty_inplace"])
+def test_costly_or_unreproducible_glue_travels(kind):
+    pipe = dipc.compile(_CostlyGlue(kind), {"x": torch.randn(3, 4), "labels": torch.randn(3, 4)}, num_stages=2)
+    assert len(pipe.stages[1].input_values) == 2, pipe.stages[1].input_values   # blocks_0 and the glue
