@@ -3,20 +3,27 @@
 A value such as RoPE's ``(cos, sin)`` tables is computed once in the first stage from the batch
 (``arange(input_ids.shape[1])``) and a buffer, and read by every decoder layer. Cut naively, it
 crosses every stage boundary: on the example TinyLlama that is two ``[T, head_dim]`` tensors per
-microbatch per boundary, more P2P messages than the hidden state alone (torch.distributed.pipelining
-users recompute it in every stage by hand). This pass finds such values and copies their whole
+microbatch per boundary next to the hidden state (torch.distributed.pipelining users recompute
+them in every stage by hand; on Hugging Face LLaVA the tables, the positions and the
+``[B, 1, T, T]`` causal mask all crossed). This pass finds such values and copies their whole
 producing *cone* into the consumer stage, so the edge disappears.
 
 A value is recomputed on a consumer stage when all of these hold:
 - producer and consumer are on different ranks (a same-rank edge is a free reference) and in the
   same modality module (so a sub-microbatched encoder never gains a whole-microbatch key);
 - the value carries no gradient (recomputing it would not change the graph the backward walks);
-- its cone, walked back from the value, ends only in batch keys and buffers/constants (``get_attr``
-  of non-trainable tensors): no layer (``call_module``), no value from another stage;
+- its cone, walked back from the value, ends only in batch keys, buffers/constants (``get_attr``
+  of non-trainable tensors), Python scalars made from another stage's tensors (``h.shape[1]``:
+  they keep travelling, as 0-d message leaves) and ``x.device`` of such tensors (read off a tensor
+  the consumer still receives): no layer (``call_module``), no tensor from another stage;
 - the cone is small (<= ``MAX_CONE_NODES``) and cheap: no contraction (matmul, conv, attention,
-  einsum...) and nothing random or in-place, whose recomputation would change numbers.
+  einsum, pairwise distances, linear algebra...) and nothing random, uninitialised or in-place,
+  whose recomputation would change numbers.
 Cheap means elementwise and shape work on tensors about the value's size: it costs a few memory
 passes on the consumer, where sending costs a serialised message plus the P2P latency.
+
+Not done: a scalar leaf is read with ``.item()`` on arrival, which on a GPU waits for the receive
+(the plan knows every microbatch's scalars, so the IR could carry them instead).
 """
 from __future__ import annotations
 
