@@ -9,6 +9,8 @@ batch; the SEMU cost model replaces it later). Stage ``s`` lives on rank ``s % n
 Glue nodes (everything between layers) go to the stage of their first consumer (as late as
 possible: e.g. the image-token merge lands in the backbone), except non-tensor values (sizes,
 ints), which stay with their producer so a whole tensor is never shipped only for its shape.
+A later stage on another rank that reads a cheap, gradient-free glue value (RoPE tables, masks
+made from batch keys) recomputes it rather than receiving it (:mod:`dipc.passes.remat`).
 """
 from __future__ import annotations
 
