@@ -37,6 +37,7 @@ Prints a table and writes ``benchmarks/results/runtime_vs_torch_pipelining.json`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -307,6 +308,17 @@ def _tottime_by_origin(st: pstats.Stats) -> dict[str, float]:
 PARTS = ("init", "run", "fwd", "autograd", "wait", "post", "optim", "free")
 
 
+@contextlib.contextmanager
+def _clocked(wall: dict, cpu: dict, key: str):
+    """Add the block's wall and thread CPU time to ``wall[key]`` / ``cpu[key]``."""
+    w0, c0 = time.perf_counter(), time.thread_time()
+    try:
+        yield
+    finally:
+        wall[key] += time.perf_counter() - w0
+        cpu[key] += time.thread_time() - c0
+
+
 def _outermost_timer(wall: dict, cpu: dict, active: list[bool], counts: dict | None = None):
     """``timed(fn, key, count=None)``: ``fn`` wrapped to add its wall and thread CPU time to
     ``wall[key]`` / ``cpu[key]`` while ``active[0]``, outermost timed region only (an isend inside
@@ -323,12 +335,10 @@ def _outermost_timer(wall: dict, cpu: dict, active: list[bool], counts: dict | N
             if depth[0]:
                 return fn(*a, **kw)
             depth[0] += 1
-            w0, c0 = time.perf_counter(), time.thread_time()
             try:
-                return fn(*a, **kw)
+                with _clocked(wall, cpu, key):
+                    return fn(*a, **kw)
             finally:
-                wall[key] += time.perf_counter() - w0
-                cpu[key] += time.thread_time() - c0
                 depth[0] -= 1
         return wrapper
     return timed
@@ -531,12 +541,10 @@ class _TorchProbe:
                 if active[0] == on:   # outside any step, or nested
                     return fn(*a, **kw)
                 active[0] = on
-                w0, c0 = time.perf_counter(), time.thread_time()
                 try:
-                    return fn(*a, **kw)
+                    with _clocked(wall, cpu, key):
+                        return fn(*a, **kw)
                 finally:
-                    wall[key] += time.perf_counter() - w0
-                    cpu[key] += time.thread_time() - c0
                     active[0] = not on
             return wrapper
 

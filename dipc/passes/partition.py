@@ -44,6 +44,7 @@ class StageSpec:
     output_values: list[str]                      # values later stages read, in output order
     has_loss: bool                                # the loss is the last output
     grad_values: frozenset[str] = field(default_factory=frozenset)  # values (in or out) carrying grads
+    scalar_outputs: frozenset[str] = field(default_factory=frozenset)  # outputs that are Python scalars
     params: list[nn.Parameter] = field(default_factory=list)
 
     @property
@@ -248,11 +249,11 @@ def build_stages(captured: CapturedModel, stage_layers: list[list[str]], stage_m
     computed = [list(own) for own in owned]
     device_reads: list[dict[fx.Node, fx.Node]] = [{} for _ in range(num)]
     if remat:
-        plan = remat_plan(gm, node_stage, [_stage_inputs(c) for c in computed],
+        plan = remat_plan(gm, node_stage, [_stage_inputs(c, order) for c in computed],
                           [s % num_ranks for s in range(num)], stage_mod, values)
         computed = [sorted(set(own) | extra, key=order.__getitem__) for own, (extra, _) in zip(owned, plan)]
         device_reads = [reads for _, reads in plan]
-    needed = [_stage_inputs(c, r) for c, r in zip(computed, device_reads)]
+    needed = [_stage_inputs(c, order, r) for c, r in zip(computed, device_reads)]
     read_later = {v for vs in needed for v in vs}
     stages: list[StageSpec] = []
     for s in range(num):
@@ -293,14 +294,16 @@ def build_stages(captured: CapturedModel, stage_layers: list[list[str]], stage_m
             id=s, rank=s % num_ranks, modality=stage_mod[s], layers=list(stage_layers[s]), module=module,
             input_keys=ordered_keys + extra, input_values=[(v.name, node_stage[v.name]) for v in needed_vals],
             output_values=[n.name for n in outs], has_loss=has_loss, grad_values=frozenset(grad_values),
+            scalar_outputs=frozenset(n.name for n in outs if isinstance(values.get(n.name), (bool, int, float))),
             params=params))
     _check_shared_params(stages)
     return stages
 
 
-def _stage_inputs(computed: list[fx.Node], device_reads: Mapping[fx.Node, fx.Node] | None = None) -> list[fx.Node]:
-    """Values a stage computing ``computed`` (in graph order) reads from other stages, in graph order
-    (a ``device_reads`` node reads its mapped value instead of its own input)."""
+def _stage_inputs(computed: list[fx.Node], order: Mapping[fx.Node, int],
+                  device_reads: Mapping[fx.Node, fx.Node] | None = None) -> list[fx.Node]:
+    """Values a stage computing ``computed`` reads from other stages, in graph ``order`` (a
+    ``device_reads`` node reads its mapped value instead of its own input)."""
     mine = set(computed)
     seen: dict[fx.Node, None] = {}
     for n in computed:
@@ -310,8 +313,6 @@ def _stage_inputs(computed: list[fx.Node], device_reads: Mapping[fx.Node, fx.Nod
         for i in n.all_input_nodes:
             if i.op not in ("placeholder", "get_attr") and i not in mine:
                 seen.setdefault(i)
-    nodes = list(computed[0].graph.nodes) if computed else []
-    order = {n: k for k, n in enumerate(nodes)}
     return sorted(seen, key=order.__getitem__)
 
 

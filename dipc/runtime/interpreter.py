@@ -152,10 +152,12 @@ class _RankPlan:
                 # (output index, key of its gradients in out_grads) per output that carries a gradient
                 arg = (unit, [(k, (*unit, n)) for k, n in enumerate(st.output_values) if n in st.grad_values])
             elif op is Op.SEND_ACT:
-                values = [(out_index[instr.stage][n], treespecs[n].is_leaf(), (instr.stage, n) in shared)
+                # (output index, a plain tensor, aliased here) per value; a Python scalar is a pytree
+                # leaf too but not a plain tensor: it goes the general way, as a 0-d tensor
+                values = [(out_index[instr.stage][n], treespecs[n].is_leaf() and n not in st.scalar_outputs,
+                           (instr.stage, n) in shared)
                           for n in self.edge_names[(instr.stage, instr.other_stage)]]
-                # output indices when every value is a plain tensor no local consumer aliases (the usual
-                # case; a Python scalar is a pytree leaf too: the send converts it)
+                # output indices when every value is a plain tensor no local consumer aliases (the usual case)
                 simple = [k for k, _, _ in values] if all(p and not sh for _, p, sh in values) else None
                 arg = (unit, values, simple)
             elif op is Op.RECV_ACT:
@@ -495,18 +497,13 @@ class RankInterpreter:
         unit, values, simple = self._args[self.pc]
         outputs = self.saved[unit].outputs
         if simple is not None:   # the transport detaches and copies what it must
-            wire = [outputs[k] for k in simple]
-            if all(isinstance(t, torch.Tensor) for t in wire):
-                self.transport.send(i, self.rank, wire)
-            else:   # a Python scalar (a length computed here, read there) travels as a 0-d tensor
-                self.transport.send(i, self.rank, [t if isinstance(t, torch.Tensor) else to_wire(t) for t in wire])
+            self.transport.send(i, self.rank, [outputs[k] for k in simple])
             return
         wire: list[torch.Tensor] = []
         for k, plain, shared in values:
             value = outputs[k]
             # the transport detaches and copies what it must; a plain tensor goes as it is
-            leaves = ([value if isinstance(value, torch.Tensor) else to_wire(value)] if plain
-                      else [l if isinstance(l, torch.Tensor) else to_wire(l) for l in _leaves(value)])
+            leaves = [value] if plain else [l if isinstance(l, torch.Tensor) else to_wire(l) for l in _leaves(value)]
             if shared:   # a consumer here aliases it: send a copy it cannot change
                 leaves = [l.detach().clone() for l in leaves]
             wire.extend(leaves)
