@@ -10,6 +10,14 @@ layers and its own. The typed form, :data:`RecomputePlan`, keys whole-stage entr
 id (``int``) and per-microbatch ones by ``(stage, mb)``, so plans and dumps written before
 microbatches could be named read back unchanged and mean "every microbatch".
 
+Selective recomputation: an entry ``<layer>~sel`` (:func:`selective`) runs the layer under
+*selective* checkpointing instead of full: its forward keeps the outputs of the expensive ops
+(:data:`SELECTIVE_SAVED_OPS`: matmuls, convolutions, fused attention) and its backward re-runs
+only the cheap ones between them (norms, activations, rotary embeddings, elementwise glue). It
+frees most of what full recomputation frees at a few percent of its re-run time (the same trade
+as Megatron-LM's selective recomputation and torch's selective activation checkpointing). A unit
+names a layer once: either ``<layer>`` (full) or ``<layer>~sel``.
+
 Canonical text (what :func:`format_recompute` writes and ``parse(dump(p)) == p`` relies on):
 stages ascending; per stage its whole-stage part first, then one part per distinct layer list,
 its microbatches ascending, ordered by their first microbatch. A program without the key
@@ -23,9 +31,9 @@ from collections.abc import Iterable, Mapping
 from dipc.errors import IRParseError, ScheduleError
 from dipc.ir.program import Program
 
-__all__ = ["RECOMPUTE_ATTR", "RecomputePlan", "UnitRecompute", "check_recompute", "expand_recompute",
+__all__ = ["RECOMPUTE_ATTR", "SELECTIVE_SAVED_OPS", "SELECTIVE_SUFFIX", "RecomputePlan", "UnitRecompute", "check_recompute", "expand_recompute",
            "format_recompute", "is_per_microbatch", "layers_of", "parse_recompute", "recompute_plan",
-           "recomputes", "stage_union", "with_recompute"]
+           "recomputes", "selective", "split_entry", "stage_union", "with_recompute"]
 
 RECOMPUTE_ATTR = "recompute"
 
@@ -37,6 +45,29 @@ UnitRecompute = dict[tuple[int, int], frozenset[str]]
 """(stage, microbatch) -> the layers it recomputes; only pairs that recompute something."""
 
 _SEPARATORS = (",", ";", ":", "@")
+
+SELECTIVE_SUFFIX = "~sel"
+# aten ops (overload packet names) whose outputs selective checkpointing keeps from forward to
+# backward; every other op of the layer is re-run in the backward. SEMU's stash and re-run time
+# for ``<layer>~sel`` and the runtime's checkpoint policy both read this one list.
+SELECTIVE_SAVED_OPS = frozenset((
+    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "_convolution",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_flash_attention_forward", "_efficient_attention_forward",
+))
+
+
+def selective(path: str) -> str:
+    """The plan entry that recomputes layer ``path`` selectively (``<path>~sel``)."""
+    return path + SELECTIVE_SUFFIX
+
+
+def split_entry(entry: str) -> tuple[str, bool]:
+    """(module path, selective?) of a plan entry: ``"lm.layers.3~sel"`` -> ``("lm.layers.3", True)``."""
+    if entry.endswith(SELECTIVE_SUFFIX):
+        return entry[:-len(SELECTIVE_SUFFIX)], True
+    return entry, False
 _EXAMPLE = "recompute=\"0:vision.blocks.0,vision.blocks.1;2@0,3:lm.layers.3\""
 
 
@@ -60,6 +91,11 @@ def _normalise(plan: Mapping[RecomputeKey, Iterable[str]]) -> RecomputePlan:
             if not name or any(c in name for c in _SEPARATORS) or name != name.strip():
                 raise ValueError(f"recompute plan layer {name!r} of {key!r} cannot be written "
                                  "(empty, padded, or contains ',', ';', ':' or '@'). Fix: use module paths.")
+        paths = [split_entry(n)[0] for n in names]
+        if len(set(paths)) != len(paths):
+            twice = sorted({p for p in paths if paths.count(p) > 1})
+            raise ValueError(f"recompute plan {key!r} names layer(s) {twice} both fully and selectively "
+                             f"({SELECTIVE_SUFFIX}). Fix: keep one entry per layer.")
         if names:
             out[key] = names
     return out
