@@ -129,6 +129,11 @@ class LayerCost:
     # gradients the zero-bubble BWD_I captures at the layer's intermediates (the output gradients
     # of its weight-carrying ops) and keeps alive as BWD_W's seeds (dipc.runtime.split_backward)
     wgrad_seed_bytes: float = 0.0
+    # selective checkpointing (``<layer>~sel``, dipc.ir.recompute): what it stashes (the stream
+    # input and the outputs of SELECTIVE_SAVED_OPS) and the bytes its re-run moves (every other
+    # forward op); 0 where unknown, which offers no selective choice
+    sel_act_bytes: float = 0.0
+    sel_rerun_bytes: float = 0.0
 
     @property
     def bwd_flops(self) -> float:

@@ -1,12 +1,16 @@
 """DIP phase 3: fit each rank's memory by recomputing layers, at the least added time (an ILP per rank).
 
 Candidates (paper: up to S per stage pair, from the fastest to the most frugal, the ones between
-found by a multiple-choice knapsack). Here a stage's candidates are prefixes of one ranking: its
-layers that save memory when recomputed (``act_bytes > in_bytes`` summed over the batch's
-microbatches), sorted by saved bytes per re-run second, best first. Candidate ``k`` recomputes
-the first ``k`` of them; ``k = 0`` is the fastest (nothing recomputed) and ``k = all`` the most
-frugal. With more than ``max_candidates`` prefixes, evenly spaced ones are kept (both ends
-always). Layers that save nothing are never recomputed.
+found by a multiple-choice knapsack). Here a stage's candidates are prefixes of one ranking of
+moves, by bytes freed per re-run second (summed over the batch's microbatches), best first: a
+layer goes from no checkpointing to *selective* checkpointing (``<layer>~sel``: its matmul and
+attention outputs kept, its cheap ops re-run; beyond the paper, whose strategies are whole-layer)
+and then to full recomputation (its stream input kept), or straight to full where it has no
+selective choice. Selective usually frees a third to a half of a transformer block's stash for a
+few percent of its forward, so it ranks first. Candidate ``k`` applies the first ``k`` moves;
+``k = 0`` is the fastest (nothing recomputed) and ``k = all`` the most frugal (every layer that
+frees memory fully recomputed). With more than ``max_candidates`` prefixes, evenly spaced ones
+are kept (both ends always). Layers that free nothing are never recomputed.
 
 The ILP (paper §5.4, one per rank, since phase 2 fixed every rank's order). Variables
 ``o[s, m, j] ∈ {0, 1}``: microbatch ``m`` of stage ``s`` of the rank uses candidate ``j``;
@@ -61,8 +65,9 @@ import numpy as np
 from dipc.errors import DipcError, InfeasibleMemoryError
 from dipc.ir import Op, Program
 from dipc.ir.recompute import RecomputePlan, recompute_plan, with_recompute
+from dipc.ir.recompute import selective as selective_entry
 from dipc.semu.emulator import SimResult
-from dipc.semu.recompute_costs import RecomputeCosts, recomputes_in
+from dipc.semu.recompute_costs import FULL, SELECTIVE, RecomputeCosts, layer_mode, recomputes_in
 
 # Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
 _BWD, _BWD_I, _BWD_W, _FWD = Op.BWD, Op.BWD_I, Op.BWD_W, Op.FWD
@@ -106,25 +111,60 @@ def _gib(x: float) -> str:
 
 
 def stage_candidates(costs: RecomputeCosts, stage: int, num_microbatches: int,
-                     max_candidates: int = 10) -> list[tuple[str, ...]]:
-    """Recompute candidates of ``stage``, fastest (``()``) first, most frugal last (see module doc)."""
+                     max_candidates: int = 10, selective: bool = True) -> list[tuple[str, ...]]:
+    """Recompute candidates of ``stage``, fastest (``()``) first, most frugal last (see module doc).
+
+    A candidate applies a prefix of one ranking of *moves*, by bytes freed per re-run second
+    (summed over the batch's microbatches), best first: a layer with a selective choice has two,
+    none -> selective (``<layer>~sel``) then selective -> full, the second always after the first
+    (when full frees more per second than selective's increment, the layer has one move, to full);
+    other layers have one, none -> full. Layers that free nothing are never recomputed.
+    ``selective=False``: whole-layer choices only (the paper's strategies)."""
     if max_candidates < 2:
         raise MemoryLimitError(f"max_candidates={max_candidates}. Fix: keep at least 2 (none and all).")
     layers = costs.stage_layers[stage]
-    saved = {p: 0.0 for p in layers}
-    secs = {p: 0.0 for p in layers}
+    full_saved = {p: 0.0 for p in layers}
+    full_secs = {p: 0.0 for p in layers}
+    sel_saved = {p: 0.0 for p in layers}
+    sel_secs = {p: 0.0 for p in layers}
+    sel_ok = {p: True for p in layers}
     for m in range(num_microbatches):
         for p in layers:
             f = costs.layer_footprint(stage, m, p)
-            saved[p] += f.saved_bytes
-            secs[p] += f.fwd_seconds
-    useful = [p for p in layers if saved[p] > 0]
-    useful.sort(key=lambda p: (-(saved[p] / secs[p]) if secs[p] > 0 else -float("inf"), layers.index(p)))
-    counts = range(len(useful) + 1)
+            full_saved[p] += f.saved_bytes
+            full_secs[p] += f.fwd_seconds
+            sel_ok[p] = sel_ok[p] and selective and f.has_selective
+            sel_saved[p] += f.act_bytes - f.sel_bytes
+            sel_secs[p] += f.sel_seconds
+
+    def ratio(saved: float, secs: float) -> float:
+        return saved / secs if secs > 0 else float("inf")
+
+    moves: list[tuple[float, int, int, str, int]] = []   # (-ratio, layer index, step, layer, mode after)
+    for i, p in enumerate(layers):
+        if full_saved[p] <= 0 and not (sel_ok[p] and sel_saved[p] > 0):
+            continue
+        if sel_ok[p] and sel_saved[p] > 0:
+            first = ratio(sel_saved[p], sel_secs[p])
+            rest_saved, rest_secs = full_saved[p] - sel_saved[p], full_secs[p] - sel_secs[p]
+            if rest_saved <= 0:
+                moves.append((-first, i, 0, p, SELECTIVE))
+                continue
+            second = ratio(rest_saved, rest_secs)
+            if second < first:
+                moves += [(-first, i, 0, p, SELECTIVE), (-second, i, 1, p, FULL)]
+                continue
+        if full_saved[p] > 0:
+            moves.append((-ratio(full_saved[p], full_secs[p]), i, 0, p, FULL))
+    moves.sort()
+    counts = range(len(moves) + 1)
     if len(counts) > max_candidates:
-        counts = sorted({int(round(x)) for x in np.linspace(0, len(useful), max_candidates)})
-    order = {p: i for i, p in enumerate(layers)}
-    return [tuple(sorted(useful[:k], key=order.__getitem__)) for k in counts]
+        counts = sorted({int(round(x)) for x in np.linspace(0, len(moves), max_candidates)})
+    out = []
+    for k in counts:
+        mode = {p: m for _, _, _, p, m in moves[:k]}   # a later move of a layer overrides its first
+        out.append(tuple(p if mode[p] == FULL else selective_entry(p) for p in layers if p in mode))
+    return out
 
 
 def _limits(memory_limit: float | Sequence[float], num_ranks: int) -> list[float]:
@@ -165,21 +205,25 @@ class Phase3Tables:
     candidate (the temporal reuse the paper credits for SEMU's speed). Candidates are prefixes of
     one ranking, so the vectors are a 0/1 mask (candidates x layers) times per-layer footprints."""
 
-    def __init__(self, costs: RecomputeCosts, num_microbatches: int, max_candidates: int = 10):
+    def __init__(self, costs: RecomputeCosts, num_microbatches: int, max_candidates: int = 10,
+                 selective: bool = True):
         self.costs = costs
         self.num_microbatches = num_microbatches
         self.max_candidates = max_candidates
+        self.selective = selective     # offer selective checkpointing (see stage_candidates)
         self._cands: dict[int, list[tuple[str, ...]]] = {}
-        self._masks: dict[int, np.ndarray] = {}
+        self._masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # (full, selective) per candidate x layer
         self._vectors: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._unit = getattr(costs, "unit_key", None)   # StepModel's (mb, sub) of the same statistics
 
     def candidates(self, stage: int) -> list[tuple[str, ...]]:
         if stage not in self._cands:
-            cands = stage_candidates(self.costs, stage, self.num_microbatches, self.max_candidates)
+            cands = stage_candidates(self.costs, stage, self.num_microbatches, self.max_candidates, self.selective)
             layers = self.costs.stage_layers[stage]
             self._cands[stage] = cands
-            self._masks[stage] = np.array([[p in set(c) for p in layers] for c in cands], dtype=float)
+            modes = [[layer_mode(p, frozenset(c)) for p in layers] for c in cands]
+            self._masks[stage] = (np.array([[m == FULL for m in row] for row in modes], dtype=float),
+                                  np.array([[m == SELECTIVE for m in row] for row in modes], dtype=float))
         return self._cands[stage]
 
     def vectors(self, stage: int, mb: int, sub: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,15 +236,16 @@ class Phase3Tables:
                 hit = self._vectors[key] = self.vectors(stage, *unit)
                 return hit
             self.candidates(stage)
-            mask = self._masks[stage]
+            full, sel = self._masks[stage]
             fps = [self.costs.layer_footprint(stage, mb, p, sub) for p in self.costs.stage_layers[stage]]
             act = np.array([f.act_bytes for f in fps])
             inp = np.array([f.in_bytes for f in fps])
-            secs = np.array([f.fwd_seconds for f in fps])
-            saved = np.maximum(act - inp, 0.0)
-            stash = (mask @ inp + (1.0 - mask) @ act) / _SCALE
-            work = (mask * saved).max(axis=1) / _SCALE if mask.shape[1] else np.zeros(len(mask))
-            hit = (stash, work, mask @ secs)
+            sel_b = np.array([f.sel_bytes for f in fps])
+            stash = (full @ inp + sel @ sel_b + (1.0 - full - sel) @ act) / _SCALE
+            rebuilt = full * np.maximum(act - inp, 0.0) + sel * np.maximum(act - sel_b, 0.0)
+            work = rebuilt.max(axis=1) / _SCALE if full.shape[1] else np.zeros(len(full))
+            secs = full @ np.array([f.fwd_seconds for f in fps]) + sel @ np.array([f.sel_seconds for f in fps])
+            hit = (stash, work, secs)
             self._vectors[key] = hit
         return hit
 
@@ -387,7 +432,7 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
                     time_limit: float | None = None,
                     simulate: Callable[[Program], SimResult] | None = None,
                     tables: Phase3Tables | None = None, per_microbatch: bool = True,
-                    max_columns: int = 4000) -> MemoryPlan:
+                    max_columns: int = 4000, selective: bool = True) -> MemoryPlan:
     """``program`` with the cheapest per-(stage, microbatch) recomputation that keeps every rank's
     simulated peak memory within ``memory_limit`` bytes (one number, or one per rank); see the
     module docstring.
@@ -401,14 +446,15 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
     ``tables``: a :class:`Phase3Tables` of ``costs`` shared by calls on programs of the same batch.
     ``per_microbatch=False`` makes one choice per stage for all its microbatches (as does a rank
     whose per-microbatch ILP would have more than ``max_columns`` variables).
+    ``selective=False`` offers whole-layer recomputation only (see :func:`stage_candidates`).
     """
     limits = _limits(memory_limit, program.num_ranks)
     if max_columns < 1:
         raise MemoryLimitError(f"max_columns={max_columns}. Fix: allow at least 1 ILP variable per rank.")
     sim = simulate or costs.simulate
     if tables is None or tables.costs is not costs or tables.max_candidates != max_candidates \
-            or tables.num_microbatches != program.num_microbatches:
-        tables = Phase3Tables(costs, program.num_microbatches, max_candidates)
+            or tables.num_microbatches != program.num_microbatches or tables.selective != selective:
+        tables = Phase3Tables(costs, program.num_microbatches, max_candidates, selective)
     problems = []
     for r in range(program.num_ranks):
         problem = _rank_problem(program, tables, r, per_microbatch)

@@ -17,6 +17,11 @@ A unit that recomputes layers takes the runtime's plain zero-bubble split (BWD_W
 from the outputs, :mod:`dipc.runtime.split_backward`), so its BWD_I captures and keeps no
 gradients for BWD_W; the other units keep the cost model's ``wgrad_seed_bytes`` from BWD_I to BWD_W.
 
+Selective checkpointing (``<layer>~sel``, :mod:`dipc.ir.recompute`) stashes the layer's stream
+input plus the outputs of its expensive ops (the cost model's ``sel_act_bytes``) and re-runs only
+its other forward ops (``sel_rerun_bytes`` at the device's elementwise speed, plus their per-op
+overhead); its workspace is what that re-run rebuilds, ``act_bytes - sel_act_bytes``.
+
 Not modelled: a recomputed layer's input may also be saved by the previous, non-recomputed
 layer (e.g. when that layer's last op saves its output); it is then counted twice
 (conservative). Recomputation reads the same inputs, so its time is the layer's forward time.
@@ -28,28 +33,58 @@ from typing import Protocol
 
 from dipc.errors import ScheduleError
 from dipc.ir import Instruction, Op, Program
-from dipc.ir.recompute import RecomputePlan, UnitRecompute, expand_recompute, stage_union
+from dipc.ir.recompute import RecomputePlan, UnitRecompute, expand_recompute, selective, split_entry, stage_union
 from dipc.semu.emulator import ComputeTimeFn, MemoryModel
 
 # Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
 _BWD, _BWD_I, _BWD_W = Op.BWD, Op.BWD_I, Op.BWD_W
 
-__all__ = ["Footprint", "RecomputeCosts", "recompute_compute_time", "recompute_memory_model",
+__all__ = ["FULL", "NONE", "SELECTIVE", "Footprint", "RecomputeCosts", "layer_mode", "recompute_compute_time", "recompute_memory_model",
            "recompute_seconds", "recomputes_in", "stash_bytes", "workspace_bytes"]
 
 
 @dataclass(frozen=True, slots=True)
 class Footprint:
     """One layer on one microbatch, per GPU: bytes stashed normally, bytes stashed when
-    recomputed (its stream input), and seconds of one forward re-run."""
+    recomputed (its stream input), and seconds of one forward re-run; under selective
+    checkpointing (``<layer>~sel``), its stash and the seconds of its partial re-run
+    (``sel_bytes <= 0``: no selective choice for this layer)."""
 
     act_bytes: float
     in_bytes: float
     fwd_seconds: float
+    sel_bytes: float = 0.0
+    sel_seconds: float = 0.0
 
     @property
     def saved_bytes(self) -> float:
         return self.act_bytes - self.in_bytes
+
+    @property
+    def has_selective(self) -> bool:
+        """Whether selective checkpointing keeps less than no checkpointing (and is known)."""
+        return 0.0 < self.sel_bytes < self.act_bytes
+
+    def stash(self, mode: int) -> float:
+        """Bytes kept for backward under ``mode`` (:data:`NONE`, :data:`SELECTIVE`, :data:`FULL`)."""
+        return self.act_bytes if mode == NONE else self.sel_bytes if mode == SELECTIVE else self.in_bytes
+
+    def rerun_seconds(self, mode: int) -> float:
+        return 0.0 if mode == NONE else self.sel_seconds if mode == SELECTIVE else self.fwd_seconds
+
+    def workspace(self, mode: int) -> float:
+        """Transient bytes while a backward re-runs this layer: what its re-run rebuilds."""
+        return 0.0 if mode == NONE else max(self.act_bytes - self.stash(mode), 0.0)
+
+
+NONE, SELECTIVE, FULL = 0, 1, 2     # how a layer is checkpointed
+
+
+def layer_mode(path: str, recompute: frozenset[str]) -> int:
+    """How ``recompute`` (a unit's plan entries) checkpoints layer ``path``."""
+    if path in recompute:
+        return FULL
+    return SELECTIVE if selective(path) in recompute else NONE
 
 
 class RecomputeCosts(Protocol):
@@ -65,21 +100,20 @@ class RecomputeCosts(Protocol):
 def stash_bytes(costs: RecomputeCosts, stage: int, mb: int, recompute: frozenset[str], sub: int = -1) -> float:
     """Bytes a FWD of ``stage`` on ``mb`` (sub ``sub``) keeps for its backward when ``recompute`` is
     checkpointed."""
-    total = 0.0
-    for p in costs.stage_layers[stage]:
-        f = costs.layer_footprint(stage, mb, p, sub)
-        total += f.in_bytes if p in recompute else f.act_bytes
-    return total
+    return sum(costs.layer_footprint(stage, mb, p, sub).stash(layer_mode(p, recompute))
+               for p in costs.stage_layers[stage])
 
 
 def workspace_bytes(costs: RecomputeCosts, stage: int, mb: int, recompute: frozenset[str], sub: int = -1) -> float:
     """Transient bytes while a backward re-runs the recomputed layers (the largest one's)."""
-    return max((max(costs.layer_footprint(stage, mb, p, sub).saved_bytes, 0.0) for p in recompute), default=0.0)
+    return max((costs.layer_footprint(stage, mb, p, sub).workspace(layer_mode(p, recompute))
+                for p in costs.stage_layers[stage]), default=0.0)
 
 
 def recompute_seconds(costs: RecomputeCosts, stage: int, mb: int, recompute: frozenset[str], sub: int = -1) -> float:
-    """Seconds of one re-run of the recomputed layers' forwards."""
-    return sum(costs.layer_footprint(stage, mb, p, sub).fwd_seconds for p in recompute)
+    """Seconds of one re-run of the recomputed layers' forwards (selective ones: their cheap ops)."""
+    return sum(costs.layer_footprint(stage, mb, p, sub).rerun_seconds(layer_mode(p, recompute))
+               for p in costs.stage_layers[stage])
 
 
 def recomputes_in(ins: Instruction, program: Program) -> bool:
@@ -93,7 +127,7 @@ def _sets(costs: RecomputeCosts, plan: RecomputePlan, num_microbatches: int) -> 
     """The plan per (stage, microbatch), after checking every named layer belongs to its stage."""
     for stage, layers in stage_union(plan).items():
         own = costs.stage_layers[stage] if 0 <= stage < len(costs.stage_layers) else []
-        bad = [p for p in layers if p not in own]
+        bad = [p for p in layers if split_entry(p)[0] not in own]
         if bad:
             raise ScheduleError(f"the program recomputes {bad[:3]} in stage {stage}, which holds {own[:4]}"
                                 f"{'...' if len(own) > 4 else ''}. Fix: plan the recomputation for this "

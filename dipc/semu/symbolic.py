@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from dipc.passes.grad_split import analyse_split
+from dipc.ir.recompute import SELECTIVE_SAVED_OPS
 from dipc.semu.op_costs import _NO_FLOPS, _OP_BYTES, _OP_FLOPS, register_op_cost
 
 __all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownOpCostWarning", "PinnedShapeWarning",
@@ -57,7 +58,8 @@ __all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownO
 
 # The symbolic quantities of one layer, in this order everywhere (LocalCost.exprs, LayerCost fields).
 COST_FIELDS = ("fwd_flops", "bwd_in_flops", "bwd_w_flops", "attn_fwd_flops", "fwd_bytes", "bwd_bytes",
-               "act_bytes", "out_bytes", "in_bytes", "attn_probs_bytes", "wgrad_seed_bytes")
+               "act_bytes", "out_bytes", "in_bytes", "attn_probs_bytes", "wgrad_seed_bytes", "sel_act_bytes",
+               "sel_rerun_bytes")
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -191,7 +193,11 @@ class _Recorder(TorchDispatchMode):
         self.phase = "fwd"
         self.quiet = False
         self.terms: dict[str, list[sympy.Expr]] = {"fwd": [], "bwd": []}
-        self.ops: dict[str, int] = {"fwd": 0, "skip": 0, "bwd": 0}   # ATen ops dispatched per phase
+        self.ops: dict[str, int] = {"fwd": 0, "skip": 0, "bwd": 0, "sel_fwd": 0}   # ATen ops dispatched per phase
+        # selective checkpointing (dipc.ir.recompute.SELECTIVE_SAVED_OPS): the forward outputs it
+        # keeps, and the bytes (ops: ``ops["sel_fwd"]``) of the forward ops its backward re-runs
+        self.sel_saved: list[sympy.Expr] = []
+        self.sel_rerun: list[sympy.Expr] = []
         self.unknown: dict[str, None] = {}                            # ops without a FLOP formula, in order
 
     def add(self, phase: str, e: sympy.Expr) -> None:
@@ -201,21 +207,33 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         # count what eager dispatches: fake mode's own prim.device / sym_size queries are not kernels
+        saved_op = False
         if not self.quiet and func.namespace != "prim" and not func.__name__.startswith("sym_"):
             self.ops[self.phase] += 1
             if not _has_formula(func):
                 self.unknown.setdefault(str(func.overloadpacket), None)
+            if self.phase == "fwd":
+                saved_op = func.overloadpacket.__name__ in SELECTIVE_SAVED_OPS
+                if saved_op:
+                    self.sel_saved.append(sympy.Add(*(_nbytes(t) for t in tree_flatten(out)[0]
+                                                      if isinstance(t, torch.Tensor))))
+                elif not func.is_view:
+                    self.ops["sel_fwd"] += 1
         if (self.quiet or self.phase == "skip" or func.is_view or func.overloadpacket in _NO_TRAFFIC
                 or func.namespace == "prim"):   # prim.device and the like read metadata, not memory
             return out
         phase = "fwd" if self.phase == "fwd" else "bwd"
         formula = _OP_BYTES.get(func.overloadpacket)
         if formula is not None:
-            self.terms[phase].append(_expr(formula(*args, out=out, **kwargs)))
-            return out
-        leaves = [x for x in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
-        if leaves:
-            self.terms[phase].append(sympy.Add(*(_nbytes(t) for t in leaves)))
+            moved = _expr(formula(*args, out=out, **kwargs))
+        else:
+            leaves = [x for x in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+            if not leaves:
+                return out
+            moved = sympy.Add(*(_nbytes(t) for t in leaves))
+        self.terms[phase].append(moved)
+        if phase == "fwd" and not saved_op:
+            self.sel_rerun.append(moved)
         return out
 
 
@@ -287,6 +305,7 @@ class _AttentionMode(TorchFunctionMode):
         rec.add("fwd", io + out_bytes + lse)
         rec.add("bwd", 2 * io + 3 * out_bytes + lse)       # read q,k,v,out,dout,lse; write dq,dk,dv
         self.extra_saved = self.extra_saved + lse
+        rec.sel_saved.append(out_bytes + lse)   # a fused attention kernel: selective checkpointing keeps its outputs
         if kind == "mask":   # the dense softmax probabilities instead of the output and lse
             self.probs_saved = self.probs_saved + heads * batch * nq * nk * q.element_size() - out_bytes - lse
         rec.ops["fwd"] += 1   # one fused kernel forward; its backward is counted as one below
@@ -396,16 +415,20 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 "in_bytes": _stream_bytes(fake),
                 "attn_probs_bytes": attn.probs_saved,
                 "wgrad_seed_bytes": seeds,
+                # selective checkpointing keeps the layer's stream input and its expensive ops' outputs
+                "sel_act_bytes": _stream_bytes(fake) + sympy.Add(*rec.sel_saved),
+                "sel_rerun_bytes": sympy.Add(*rec.sel_rerun),
             }
             if not grad_outs:   # nothing differentiable leaves the layer: no stash either
                 exprs["act_bytes"] = sympy.Integer(0)
                 exprs["attn_probs_bytes"] = sympy.Integer(0)
+                exprs["sel_act_bytes"] = sympy.Integer(0)
     finally:
         fake_log.level = level
     local = _canonicalize(env, exprs, raw_syms, [isinstance(x, torch.Tensor) and x.is_floating_point() for x in real],
                          attn.calls, module, name, [x.shape if isinstance(x, torch.Tensor) else None for x in flat],
                          out_shapes)
-    local.ops = {"fwd": rec.ops["fwd"], "bwd_in": rec.ops["skip"], "bwd": rec.ops["bwd"]}
+    local.ops = {"fwd": rec.ops["fwd"], "bwd_in": rec.ops["skip"], "bwd": rec.ops["bwd"], "sel_fwd": rec.ops["sel_fwd"]}
     if rec.unknown:
         import warnings
 

@@ -1,0 +1,156 @@
+"""Selective checkpointing in SEMU (``<layer>~sel``): the traced stash equals what torch's selective
+checkpointing really keeps, phase 3 ranks it before full recomputation, its two accountings (the
+ILP's candidate vectors and the emulator's memory/time model) agree, and it fits a limit faster
+than whole-layer recomputation."""
+import functools
+import random
+
+import pytest
+import sympy
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from dipc.ir.recompute import SELECTIVE_SAVED_OPS, recompute_plan, selective, split_entry
+from dipc.runtime.measure import LiveMemory
+from dipc.semu.memory_opt import Phase3Tables, optimize_memory, stage_candidates
+from dipc.semu.recompute_costs import Footprint, recompute_seconds, stash_bytes, workspace_bytes
+from dipc.semu.symbolic import trace_layer
+from examples.models.layers import EncoderBlock, LlamaBlock, RotaryEmbedding
+
+from tests.semu.test_memory_opt import MiB, RandomCosts, chain
+
+# ------------------------------------------------------------------------------------------------
+# the symbolic trace against torch's selective checkpointing
+
+
+def _policy(ctx, func, *args, **kwargs):
+    return (CheckpointPolicy.MUST_SAVE if func.overloadpacket.__name__ in SELECTIVE_SAVED_OPS
+            else CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _stash_after_forward(layer, args, mode: str) -> float:
+    """Bytes a forward leaves allocated besides its output (the inputs existed before)."""
+    mem = LiveMemory(1)
+    with mem:
+        if mode == "none":
+            out = layer(*args)
+        else:
+            out = checkpoint(layer, *args, use_reentrant=False,
+                             context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
+    stash = mem.live[0] - out.untyped_storage().nbytes()
+    out.sum().backward()     # the recomputation runs (and must work)
+    return stash
+
+
+def _llama():
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 64, requires_grad=True)
+    cos, sin = RotaryEmbedding(16)(torch.arange(48)[None].expand(2, 48))
+    return LlamaBlock(64, 4, 2, 172), (x, cos, sin)
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return EncoderBlock(64, 4, 256), (torch.randn(2, 40, 64, requires_grad=True),)
+
+
+@pytest.mark.parametrize("make", [_llama, _encoder], ids=["llama_block", "encoder_block"])
+def test_traced_selective_stash_is_what_torch_keeps(make):
+    layer, args = make()
+    local = trace_layer(layer, args)
+    at = dict(zip(local.dim_symbols, local.example_dims))
+    e = {k: float(sympy.sympify(v).subs(at)) for k, v in local.exprs.items()}
+    # the traced stash counts the layer's stream input (checkpointing keeps a reference to it)
+    measured = _stash_after_forward(layer, args, "selective") + e["in_bytes"]
+    assert e["sel_act_bytes"] == pytest.approx(measured, rel=0.02)
+    assert e["in_bytes"] < e["sel_act_bytes"] < 0.8 * e["act_bytes"]   # frees a real share, not all
+    assert 0 < e["sel_rerun_bytes"] < e["fwd_bytes"]
+    assert 0 < local.ops["sel_fwd"] < local.ops["fwd"]
+    # and plain autograd keeps more than selective checkpointing does
+    assert _stash_after_forward(layer, args, "none") > measured - e["in_bytes"]
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 3's candidates and accounting
+
+
+def _fp(act, inp, secs, sel=0.0, sel_secs=0.0):
+    return Footprint(act * MiB, inp * MiB, secs, sel * MiB, sel_secs)
+
+
+def _costs(footprints: dict[str, Footprint], mbs: int = 2) -> RandomCosts:
+    layers = list(footprints)
+    return RandomCosts([layers], [0.0], {(0, m, p): f for m in range(mbs) for p, f in footprints.items()})
+
+
+def test_selective_ranks_before_full_and_full_follows_it():
+    costs = _costs({"a": _fp(10, 1, 1.0, sel=4, sel_secs=0.05),   # to selective: 120 MiB/s, then 3.2 MiB/s
+                    "b": _fp(10, 2, 0.1),                          # no selective choice: 80 MiB/s
+                    "c": _fp(10, 1, 0.2, sel=9, sel_secs=1.0)})    # selective slower than full: full only, 45 MiB/s
+    assert stage_candidates(costs, 0, 2) == [(), ("a~sel",), ("a~sel", "b"), ("a~sel", "b", "c"), ("a", "b", "c")]
+    assert stage_candidates(costs, 0, 2, selective=False) == [(), ("b",), ("b", "c"), ("a", "b", "c")]
+
+
+def _random_selective_costs(seed: int, layers: int, mbs: int) -> RandomCosts:
+    rng = random.Random(seed)
+    table = {}
+    paths = [f"l{i}" for i in range(layers)]
+    for p in paths:
+        act = rng.uniform(1, 100)
+        inp = act * rng.uniform(0.05, 1.2)
+        sel = act * rng.uniform(0.2, 1.1) if rng.random() < 0.8 else 0.0
+        secs, sel_secs = rng.uniform(1e-4, 1e-2), rng.uniform(1e-6, 1e-3)
+        for m in range(mbs):
+            k = rng.uniform(0.5, 2.0)
+            table[(0, m, p)] = _fp(act * k, inp * k, secs * k, sel * k, sel_secs * k)
+    return RandomCosts([paths], [0.0], table)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), layers=st.integers(1, 6), mbs=st.integers(1, 3))
+def test_candidate_vectors_agree_with_the_memory_model(seed, layers, mbs):
+    """The ILP's per-candidate stash, workspace and re-run seconds are the emulator's numbers."""
+    costs = _random_selective_costs(seed, layers, mbs)
+    tables = Phase3Tables(costs, mbs)
+    cands = tables.candidates(0)
+    for m in range(mbs):
+        stash, work, secs = tables.vectors(0, m)
+        for k, cand in enumerate(cands):
+            units = frozenset(cand)
+            assert stash[k] * MiB == pytest.approx(stash_bytes(costs, 0, m, units), rel=1e-9)
+            assert work[k] * MiB == pytest.approx(workspace_bytes(costs, 0, m, units), rel=1e-9, abs=1e-6)
+            assert secs[k] == pytest.approx(recompute_seconds(costs, 0, m, units), rel=1e-9, abs=1e-15)
+    # each candidate frees at least what the one before it freed, and no layer is named twice
+    stashes = [sum(stash_bytes(costs, 0, m, frozenset(c)) for m in range(mbs)) for c in cands]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(stashes, stashes[1:]))
+    for c in cands:
+        paths = [split_entry(e)[0] for e in c]
+        assert len(paths) == len(set(paths))
+
+
+def test_fitting_a_limit_with_selective_costs_less_time_than_whole_layers():
+    """A pipeline whose memory is over its limit: phase 3 fits it either way, and the plan that
+    may checkpoint selectively adds less re-run time, while the emulator's peak stays in bounds."""
+    rng = random.Random(3)
+    num_ranks, mbs, layers = 2, 4, 4
+    program = chain(num_ranks, 1, mbs, "1f1b")
+    stage_layers = [[f"s{s}.l{i}" for i in range(layers)] for s in range(num_ranks)]
+    table = {}
+    for s, paths in enumerate(stage_layers):
+        for p in paths:
+            for m in range(mbs):
+                # a transformer block's shape: selective frees ~45% for 5% of the forward
+                table[(s, m, p)] = _fp(20, 1, 2e-3, sel=11, sel_secs=1e-4 * rng.uniform(0.8, 1.2))
+    costs = RandomCosts(stage_layers, [0.0, 0.0], table)
+    unfitted = costs.simulate(program)
+    limit = 0.7 * max(unfitted.peak_memory)
+    both = optimize_memory(program, costs, limit)
+    whole = optimize_memory(program, costs, limit, selective=False)
+    for plan in (both, whole):
+        assert max(costs.simulate(plan.program).peak_memory) <= limit * (1 + 1e-9)
+    entries = {e for layers_ in recompute_plan(both.program).values() for e in layers_}
+    assert any(split_entry(e)[1] for e in entries) and selective("s0.l0").endswith("~sel")
+    assert not any(split_entry(e)[1] for layers_ in recompute_plan(whole.program).values() for e in layers_)
+    assert sum(both.added_seconds) < 0.5 * sum(whole.added_seconds)
