@@ -1004,11 +1004,11 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
             return orders
         candidates.append(("mcts, subs, split", *program_of(mcts, subs)))
 
-    tables = {id(c): Phase3Tables(c.step, M) for c in (plain, subs)}   # phase 3's per-batch memo
+    tables = {id(c): Phase3Tables(c.step, M, selective=SELECTIVE_RECOMPUTE) for c in (plain, subs)}   # per-batch memo
 
     def fit(program, c: BatchCosts):
         fitted = optimize_memory(program, c.step, capacity, mip_rel_gap=0.05,   # the paper's 5% gap
-                                 tables=tables[id(c)], per_microbatch=False)
+                                 tables=tables[id(c)], per_microbatch=False, selective=SELECTIVE_RECOMPUTE)
         return fitted.program, fitted.result
 
     # the ZB-H1 orders get phase-3 runs of their own: they must not take the other candidates' runs
@@ -1018,13 +1018,18 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
     # the winner alone is refitted per (stage, microbatch): only the microbatches alive at a peak recompute
     c = choice.model
     program, result = refine_per_microbatch(choice.program, choice.result, c.step, capacity, mip_rel_gap=0.05,
-                                            tables=tables[id(c)],
+                                            tables=tables[id(c)], selective=SELECTIVE_RECOMPUTE,
                                             time_budget=PLAN_BUDGET_S + order_s - (time.perf_counter() - t_start))
     info["recomputed_layers"] = sum(len(v) for v in recompute_plan(program).values())
     choice = dataclasses.replace(choice, program=program, result=result)
     validate(choice.program)
     return choice, info
 
+
+# phase 3's per-layer strategies, for every schedule alike (baselines included, as Megatron-LM and
+# torch both offer selective recomputation): none / selective (matmul and attention outputs kept,
+# cheap ops re-run) / full; False (--no-selective): none / full, the paper's whole-layer choices
+SELECTIVE_RECOMPUTE = True
 
 MEGATRON = "megatron interleaved"
 # the DIP planner's wall-clock budget per batch; the per-microbatch refit of its winner uses what the
@@ -1089,7 +1094,8 @@ def evaluate_batch(layouts: Mapping[str, Layout], costs: Mapping[str, BatchCosts
             res = c.step.simulate(program, record=False)
             if res.ranks_over(capacity):          # phase 3: recompute what must be to fit
                 fitted = optimize_memory(program, c.step, capacity, mip_rel_gap=0.05,   # the paper's 5% gap
-                                         per_microbatch=False)   # baselines: one choice per stage, as Megatron
+                                         per_microbatch=False,   # baselines: one choice per stage, as Megatron
+                                         selective=SELECTIVE_RECOMPUTE)
                 program, res = fitted.program, fitted.result
                 rec["recomputed_layers"] = sum(len(v) for v in fitted.recompute.values())
         except DipcError as e:
@@ -1384,6 +1390,8 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         "min_chunk_blocks": min_chunk_blocks,
         **({"segment_counts_trace": trace_ki} if trace_layouts is not layouts else {}),
         "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
+        "recompute_strategies": "per layer: none / selective / full" if SELECTIVE_RECOMPUTE else
+                                "per layer: none / full (--no-selective)",
         "dual_queue_memory_limit": "device capacity - rank's static bytes (params, grads, Adam)",
         "baseline": f"{MEGATRON}: Megatron-LM VPP, V=2, chunks of equal parameter count over the mixed model",
     }
@@ -1532,10 +1540,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trace", type=int, default=40, help="iterations of the rise-and-fall trace (VLMs)")
     parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: the paper's GPUs / (TP x PP))")
     parser.add_argument("--profile", default=None, help=f"cluster preset (default {PROFILE}; the paper's §7.7 used H100)")
+    parser.add_argument("--no-selective", action="store_true",
+                        help="phase 3 recomputes whole layers only (no selective checkpointing), for every schedule")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="merge these result files (shards of one workload share a key) into --out and print them")
     args = parser.parse_args(argv)
+    global SELECTIVE_RECOMPUTE
+    SELECTIVE_RECOMPUTE = not args.no_selective
     results = {}
     if args.merge:
         shards: dict[str, list[dict]] = {}

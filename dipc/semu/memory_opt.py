@@ -211,32 +211,37 @@ class Phase3Tables:
         self.num_microbatches = num_microbatches
         self.max_candidates = max_candidates
         self.selective = selective     # offer selective checkpointing (see stage_candidates)
-        self._cands: dict[int, list[tuple[str, ...]]] = {}
-        self._masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # (full, selective) per candidate x layer
-        self._vectors: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # keyed by (stage, selective offered): a split-backward program's stages get whole layers only
+        self._cands: dict[tuple[int, bool], list[tuple[str, ...]]] = {}
+        self._masks: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray]] = {}   # (full, selective) masks
+        self._vectors: dict[tuple[int, int, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._unit = getattr(costs, "unit_key", None)   # StepModel's (mb, sub) of the same statistics
 
-    def candidates(self, stage: int) -> list[tuple[str, ...]]:
-        if stage not in self._cands:
-            cands = stage_candidates(self.costs, stage, self.num_microbatches, self.max_candidates, self.selective)
+    def candidates(self, stage: int, selective: bool = True) -> list[tuple[str, ...]]:
+        """``stage``'s candidates; ``selective=False`` (or a table made with it): whole layers only."""
+        key = (stage, selective and self.selective)
+        if key not in self._cands:
+            cands = stage_candidates(self.costs, stage, self.num_microbatches, self.max_candidates, key[1])
             layers = self.costs.stage_layers[stage]
-            self._cands[stage] = cands
+            self._cands[key] = cands
             modes = [[layer_mode(p, frozenset(c)) for p in layers] for c in cands]
-            self._masks[stage] = (np.array([[m == FULL for m in row] for row in modes], dtype=float),
-                                  np.array([[m == SELECTIVE for m in row] for row in modes], dtype=float))
-        return self._cands[stage]
+            self._masks[key] = (np.array([[m == FULL for m in row] for row in modes], dtype=float),
+                                np.array([[m == SELECTIVE for m in row] for row in modes], dtype=float))
+        return self._cands[key]
 
-    def vectors(self, stage: int, mb: int, sub: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def vectors(self, stage: int, mb: int, sub: int = -1,
+                selective: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(stash MiB, workspace MiB, re-run seconds) per candidate of ``stage`` on (``mb``, ``sub``)."""
-        key = (stage, mb, sub)
+        selective = selective and self.selective
+        key = (stage, mb, sub, selective)
         hit = self._vectors.get(key)
         if hit is None:
             unit = self._unit(mb, sub) if self._unit is not None else (mb, sub)
             if unit != (mb, sub):          # same statistics as an earlier unit: same vectors
-                hit = self._vectors[key] = self.vectors(stage, *unit)
+                hit = self._vectors[key] = self.vectors(stage, *unit, selective=selective)
                 return hit
-            self.candidates(stage)
-            full, sel = self._masks[stage]
+            self.candidates(stage, selective)
+            full, sel = self._masks[(stage, selective)]
             fps = [self.costs.layer_footprint(stage, mb, p, sub) for p in self.costs.stage_layers[stage]]
             act = np.array([f.act_bytes for f in fps])
             inp = np.array([f.in_bytes for f in fps])
@@ -257,7 +262,11 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
     is about to fall (before a free, or a backward's workspace point): every coefficient is >= 0,
     so a row taken after a FWD that is followed by more FWDs is dominated by the later one."""
     stages = list(program.stages_of_rank(rank))
-    cands = {s: tables.candidates(s) for s in stages}
+    # torch's selective checkpointing allows one backward per forward, and the zero-bubble split
+    # re-runs a checkpointed layer in BWD_I and again in BWD_W: split stages recompute whole layers
+    whole_only = {ins.stage for ins in program.streams[rank] if ins.op is _BWD_I}
+    sel_ok = {s: s not in whole_only for s in stages}
+    cands = {s: tables.candidates(s, sel_ok[s]) for s in stages}
     stream = program.streams[rank]
     groups = list(dict.fromkeys((ins.stage, ins.mb if per_microbatch else -1) for ins in stream if ins.op is _FWD))
     span: dict[_Group, np.ndarray] = {}
@@ -288,13 +297,13 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
                 offsets.append(extra)
             if key not in live:
                 live.add(key)
-                running[span[(ins.stage, ins.mb if per_microbatch else -1)]] += tables.vectors(*key)[0]
+                running[span[(ins.stage, ins.mb if per_microbatch else -1)]] += tables.vectors(*key, sel_ok[ins.stage])[0]
             pending = True
         elif ins.op in (_BWD, _BWD_I, _BWD_W):
             cols = span[(ins.stage, ins.mb if per_microbatch else -1)]
             reruns = recomputes_in(ins, program)
             if reruns:
-                _, work, secs = tables.vectors(*key)
+                _, work, secs = tables.vectors(*key, sel_ok[ins.stage])
                 cost[cols] += secs
             if (reruns and useful[ins.stage]) or extra > 0:   # live stashes + workspaces: dominates pending
                 row = running.copy()
@@ -324,7 +333,7 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
                     offsets.append(0.0)
                     pending = False
                 live.discard(key)
-                running[cols] -= tables.vectors(*key)[0]
+                running[cols] -= tables.vectors(*key, sel_ok[ins.stage])[0]
     if pending:
         rows.append(running.copy())
         offsets.append(0.0)

@@ -154,3 +154,21 @@ def test_fitting_a_limit_with_selective_costs_less_time_than_whole_layers():
     assert any(split_entry(e)[1] for e in entries) and selective("s0.l0").endswith("~sel")
     assert not any(split_entry(e)[1] for layers_ in recompute_plan(whole.program).values() for e in layers_)
     assert sum(both.added_seconds) < 0.5 * sum(whole.added_seconds)
+
+
+def test_split_backward_stages_recompute_whole_layers_only():
+    """torch's selective checkpointing allows one backward per forward; the zero-bubble split
+    re-runs checkpointed layers twice (BWD_I, BWD_W), so its stages get whole-layer choices."""
+    num_ranks, mbs = 2, 4
+    stage_layers = [[f"s{s}.l{i}" for i in range(3)] for s in range(num_ranks)]
+    table = {(s, m, p): _fp(20, 1, 2e-3, sel=11, sel_secs=1e-4)
+             for s, paths in enumerate(stage_layers) for p in paths for m in range(mbs)}
+    costs = RandomCosts(stage_layers, [0.0, 0.0], table)
+    tables = Phase3Tables(costs, mbs)          # shared by both programs, as a planner shares it
+    for schedule, allowed in (("zb_h1", False), ("1f1b", True)):
+        program = chain(num_ranks, 1, mbs, schedule)
+        limit = 0.7 * max(costs.simulate(program).peak_memory)
+        fitted = optimize_memory(program, costs, limit, tables=tables)
+        assert max(costs.simulate(fitted.program).peak_memory) <= limit * (1 + 1e-9)
+        sel = [e for layers in recompute_plan(fitted.program).values() for e in layers if split_entry(e)[1]]
+        assert bool(sel) == allowed, (schedule, recompute_plan(fitted.program))
