@@ -263,8 +263,10 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
     so a row taken after a FWD that is followed by more FWDs is dominated by the later one."""
     stages = list(program.stages_of_rank(rank))
     # torch's selective checkpointing allows one backward per forward, and the zero-bubble split
-    # re-runs a checkpointed layer in BWD_I and again in BWD_W: split stages recompute whole layers
-    whole_only = {ins.stage for ins in program.streams[rank] if ins.op is _BWD_I}
+    # re-runs a checkpointed layer in BWD_I and again in BWD_W (where the stage takes input
+    # gradients, see recomputes_in): those stages recompute whole layers
+    whole_only = {ins.stage for ins in program.streams[rank]
+                  if ins.op is _BWD_I and program.stage(ins.stage).grad_producers}
     sel_ok = {s: s not in whole_only for s in stages}
     cands = {s: tables.candidates(s, sel_ok[s]) for s in stages}
     stream = program.streams[rank]

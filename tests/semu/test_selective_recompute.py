@@ -158,7 +158,8 @@ def test_fitting_a_limit_with_selective_costs_less_time_than_whole_layers():
 
 def test_split_backward_stages_recompute_whole_layers_only():
     """torch's selective checkpointing allows one backward per forward; the zero-bubble split
-    re-runs checkpointed layers twice (BWD_I, BWD_W), so its stages get whole-layer choices."""
+    re-runs checkpointed layers twice (BWD_I, BWD_W) where the stage takes input gradients, so
+    those stages get whole-layer choices (stage 0's BWD_I runs no graph task: it may)."""
     num_ranks, mbs = 2, 4
     stage_layers = [[f"s{s}.l{i}" for i in range(3)] for s in range(num_ranks)]
     table = {(s, m, p): _fp(20, 1, 2e-3, sel=11, sel_secs=1e-4)
@@ -167,8 +168,9 @@ def test_split_backward_stages_recompute_whole_layers_only():
     tables = Phase3Tables(costs, mbs)          # shared by both programs, as a planner shares it
     for schedule, allowed in (("zb_h1", False), ("1f1b", True)):
         program = chain(num_ranks, 1, mbs, schedule)
-        limit = 0.7 * max(costs.simulate(program).peak_memory)
+        limit = [0.7 * peak for peak in costs.simulate(program).peak_memory]   # every rank must recompute
         fitted = optimize_memory(program, costs, limit, tables=tables)
-        assert max(costs.simulate(fitted.program).peak_memory) <= limit * (1 + 1e-9)
-        sel = [e for layers in recompute_plan(fitted.program).values() for e in layers if split_entry(e)[1]]
-        assert bool(sel) == allowed, (schedule, recompute_plan(fitted.program))
+        assert all(p <= lim * (1 + 1e-9) for p, lim in zip(costs.simulate(fitted.program).peak_memory, limit))
+        plan = recompute_plan(fitted.program)
+        stage1 = [e for key, layers in plan.items() if (key if isinstance(key, int) else key[0]) == 1 for e in layers]
+        assert stage1 and any(split_entry(e)[1] for e in stage1) == allowed, (schedule, plan)
