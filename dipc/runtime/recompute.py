@@ -197,6 +197,7 @@ def microbatch_switches(program: Program, stages: Sequence[StageSpec]) -> Microb
 
 
 def _check_layers_exist(plan: RecomputePlan, by_id: dict[int, StageSpec]) -> None:
+    """Refuse a plan naming a layer its stage lacks (a program planned for another pipeline)."""
     for stage_id, modes in _stage_modes(plan).items():
         st = by_id.get(stage_id)
         missing = [p for p in modes if st is None or p not in st.layers]
