@@ -182,9 +182,23 @@ def expand_recompute(plan: Mapping[RecomputeKey, Iterable[str]], num_microbatche
     return out
 
 
+def _check_one_mode(plan: Mapping[RecomputeKey, Iterable[str]], stage: int, mb: int | None) -> None:
+    """Raise if unit (``stage``, ``mb``) (``mb`` None: the whole-stage entry alone) names a layer
+    both fully and selectively once its whole-stage and microbatch entries are unioned."""
+    entries = layers_of(plan, stage, mb) if mb is not None else tuple(plan.get(stage, ()))
+    paths = [split_entry(e)[0] for e in entries]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        where = f"stage {stage}" + (f", microbatch {mb}" if mb is not None else "")
+        raise ScheduleError(f"program: recompute runs layer(s) {twice} of {where} both fully and selectively "
+                            f"(<layer> and <layer>{SELECTIVE_SUFFIX}, from its whole-stage and microbatch entries). "
+                            "Fix: name each layer once per unit: drop it from the whole-stage entry or from "
+                            "the microbatch's.")
+
+
 def check_recompute(program: Program, plan: Mapping[RecomputeKey, Iterable[str]] | None = None) -> None:
     """Raise ``ScheduleError`` if ``plan`` (default: the program's own) names a stage or a
-    microbatch the program does not have."""
+    microbatch the program does not have, or runs a layer of one unit both fully and selectively."""
     plan = recompute_plan(program) if plan is None else plan
     stage_ids = {s.id for s in program.stages}
     M = program.num_microbatches
@@ -196,6 +210,7 @@ def check_recompute(program: Program, plan: Mapping[RecomputeKey, Iterable[str]]
         if mb is not None and not 0 <= mb < M:
             raise ScheduleError(f"program: recompute names microbatch {mb} of stage {stage}, outside 0..{M - 1}. "
                                 "Fix: name microbatches of this program, or a bare stage for all of them.")
+        _check_one_mode(plan, stage, mb)
 
 
 def with_recompute(program: Program, plan: Mapping[RecomputeKey, Iterable[str]]) -> Program:

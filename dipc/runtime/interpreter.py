@@ -227,7 +227,7 @@ class RankInterpreter:
         self.inputs = plan.inputs
         self.local_consumers = plan.local_consumers
         self.recomputing = plan.recomputing
-        # stage -> per mb, the checkpointing flags its FWD sets (stages whose choice varies by mb)
+        # stage -> per mb, the checkpointing modes its FWD sets (stages whose choice varies by mb)
         self.switches = microbatch_switches(program, stages) if plan.per_microbatch else {}
         self.prepost = plan.prepost
         self._args = plan.args
@@ -325,9 +325,9 @@ class RankInterpreter:
         unit, st, inputs, consumers = self._args[self.pc]
         if self.switches:
             flags = self.switches.get(i.stage)
-            if flags is not None:   # this stage checkpoints only some microbatches: set this one's
-                for wrapper, on in flags[i.mb]:
-                    wrapper.enabled = on
+            if flags is not None:   # this stage's choice varies by microbatch: set this one's modes
+                for wrapper, mode in flags[i.mb]:
+                    wrapper.mode = mode
         args = self.loaded.pop(unit, None) or []
         box = self.inbox.pop(unit, None)
         grad_inputs = []

@@ -5,9 +5,9 @@ from hypothesis import strategies as st
 
 from dipc.errors import IRParseError, ScheduleError
 from dipc.ir import dump_program, parse_program, program_from_json, program_to_json
-from dipc.ir.recompute import (RECOMPUTE_ATTR, expand_recompute, format_recompute, is_per_microbatch,
-                               layers_of, parse_recompute, recompute_plan, recomputes, stage_union,
-                               with_recompute)
+from dipc.ir.recompute import (RECOMPUTE_ATTR, SELECTIVE_SUFFIX, check_recompute, expand_recompute,
+                               format_recompute, is_per_microbatch, layers_of, parse_recompute, recompute_plan,
+                               recomputes, selective, split_entry, stage_union, with_recompute)
 from dipc.ir.validate import validate
 from tests.ir.programs import two_rank_1f1b
 
@@ -109,6 +109,45 @@ def test_validator_refuses_a_dumped_plan_naming_a_missing_microbatch():
     with pytest.raises(ScheduleError, match=r"microbatch 7 of stage 1.*Fix:"):
         validate(program)
     validate(parse_program(text.replace("1@7:a", "1@1:a")))
+
+
+# -- selective entries (<layer>~sel) -------------------------------------------------------------
+
+def test_selective_entries_round_trip_through_text_and_json():
+    p = two_rank_1f1b()
+    plan = {0: (selective("vision.blocks.0"), "vision.blocks.1"), (1, 1): ("lm.layers.0", selective("lm.layers.1")),
+            1: (selective("lm.layers.2"),)}
+    q = with_recompute(p, plan)
+    assert dict(q.attrs)[RECOMPUTE_ATTR] == \
+        "0:vision.blocks.0~sel,vision.blocks.1;1:lm.layers.2~sel;1@1:lm.layers.0,lm.layers.1~sel"
+    text = dump_program(q)
+    assert 'recompute="0:vision.blocks.0~sel' in text
+    assert parse_program(text) == q and dump_program(parse_program(text)) == text
+    assert program_from_json(program_to_json(q)) == q
+    assert recompute_plan(parse_program(text)) == recompute_plan(q) == {k: plan[k] for k in (0, 1, (1, 1))}
+    validate(parse_program(text))
+    assert [split_entry(e) for e in layers_of(recompute_plan(q), 1, 1)] == \
+        [("lm.layers.2", True), ("lm.layers.0", False), ("lm.layers.1", True)]
+    assert split_entry("a.b") == ("a.b", False) and selective("a.b") == "a.b" + SELECTIVE_SUFFIX
+
+
+def test_one_key_naming_a_layer_fully_and_selectively_is_refused():
+    with pytest.raises(ValueError, match=r"\['a'\] both fully and selectively.*Fix:"):
+        format_recompute({(0, 1): ["a", "a~sel"]})
+
+
+def test_a_unit_running_a_layer_fully_and_selectively_after_the_union_is_refused():
+    p = two_rank_1f1b()
+    with pytest.raises(ScheduleError, match=r"\['lm.0'\] of stage 1, microbatch 1 both fully and selectively.*Fix:"):
+        with_recompute(p, {1: ["lm.0"], (1, 1): ["lm.0~sel"]})
+    with_recompute(p, {1: ["lm.0"], (1, 1): ["lm.1~sel"], (0, 1): ["lm.0~sel"]})   # other layers, other stage
+    # a dumped program written by hand is caught by the validator, naming the unit
+    text = dump_program(with_recompute(p, {1: ["lm.0~sel"], (1, 0): ["lm.1"]})).replace("1@0:lm.1", "1@0:lm.0")
+    with pytest.raises(ScheduleError, match=r"\['lm.0'\] of stage 1, microbatch 0 both.*Fix:"):
+        validate(parse_program(text))
+    # within one parsed part, too (parsing alone does not check it)
+    with pytest.raises(ScheduleError, match=r"\['a'\] of stage 0 both fully.*Fix:"):
+        check_recompute(p, parse_recompute("0:a,a~sel"))
 
 
 _layer = st.from_regex(r"[a-z][a-z0-9_.]{0,6}", fullmatch=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dipc.ir.recompute import layers_of, with_recompute
-from dipc.runtime.recompute import RecomputableLayer, microbatch_switches
+from dipc.runtime.recompute import RecomputableLayer, RecomputeMode, microbatch_switches
 from tests.runtime.helpers import (assert_grads_equal, build, distributed_recompute_grads, independent_weights,
                                    reference_grads)
 
@@ -54,12 +54,12 @@ def test_switches_cover_only_stages_whose_choice_varies():
     program = with_recompute(pipe.plan(mbs), {0: [V0], (1, 2): [L0]})
     switches = microbatch_switches(program, pipe.stages)
     assert set(switches) == {1}, "stage 0 recomputes every microbatch: it is never switched"
-    flags = [{w.layer: on for w, on in per_mb} for per_mb in switches[1]]
+    modes = [{w.layer: mode for w, mode in per_mb} for per_mb in switches[1]]
     layer = ex.model.get_submodule(L0)
-    assert [f[layer] for f in flags] == [m == 2 for m in range(len(mbs))]
+    assert [f[layer] for f in modes] == [RecomputeMode.FULL if m == 2 else RecomputeMode.OFF for m in range(len(mbs))]
     for m in range(len(mbs)):
         assert {ex.model.get_submodule(p) for p in layers_of({(1, 2): (L0,)}, 1, m)} == \
-            {w.layer for w, on in switches[1][m] if on}
+            {w.layer for w, mode in switches[1][m] if mode is not RecomputeMode.OFF}
     calls = _calls(ex, pipe, mbs, program)
     assert calls[L0] == len(mbs) + 1 and calls[V0] >= 2
     wrappers = [m for s in pipe.stages for m in s.module.modules() if isinstance(m, RecomputableLayer)]
