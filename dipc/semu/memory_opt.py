@@ -190,7 +190,8 @@ class _RankProblem:
     rows: np.ndarray                          # memory rows (rows x columns), MiB
     offset: np.ndarray                        # per row: the cost model's own workspace there, MiB
     cost: np.ndarray                          # seconds per column
-    static: float
+    static: float                             # bytes present from the start (gradients: in the rows' offsets)
+    grads: float = 0.0                        # the rank's parameter gradients, bytes
 
     @property
     def num_columns(self) -> int:
@@ -289,14 +290,23 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
     running = np.zeros(at)
     live: set[tuple[int, int, int]] = set()
     pending = False                      # the running row after the last FWD is not yet recorded
+    # a stage's gradients exist from its first BWD / BWD_W on, as in the emulator: before that they
+    # are not in the rows (charging them from the start made warm-up peaks look over a limit the
+    # emulator's most frugal plan fits, and the ILP infeasible)
+    grad_bytes = getattr(tables.costs, "grad_bytes", None)
+    with_grads: set[int] = set()
+    made = 0.0                           # MiB of gradients made so far on this rank
 
     for ins in stream:
         key = (ins.stage, ins.mb, ins.sub)
+        if grad_bytes is not None and (ins.op is _BWD or ins.op is _BWD_W) and ins.stage not in with_grads:
+            with_grads.add(ins.stage)
+            made += grad_bytes(ins.stage) / _SCALE
         extra = base(ins, first=key in firsts) / _SCALE if base is not None and ins.op in _COMPUTE else 0.0
         if ins.op is _FWD:
             if extra > 0:                 # the emulator adds a workspace to the memory before the FWD
                 rows.append(running.copy())
-                offsets.append(extra)
+                offsets.append(extra + made)
             if key not in live:
                 live.add(key)
                 running[span[(ins.stage, ins.mb if per_microbatch else -1)]] += tables.vectors(*key, sel_ok[ins.stage])[0]
@@ -312,7 +322,7 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
                 if reruns:
                     row[cols] += work
                 rows.append(row)
-                offsets.append(extra)
+                offsets.append(extra + made)
                 pending = False
             if ins.op is _BWD_I and seed_bytes is not None:
                 # held only by the candidate that recomputes nothing (column 0): a unit that
@@ -325,23 +335,24 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
             if ins.op is _BWD_W and key in seeds:
                 if pending:
                     rows.append(running.copy())
-                    offsets.append(0.0)
+                    offsets.append(made)
                     pending = False
                 col, held = seeds.pop(key)
                 running[col] -= held
             if ins.op is not _BWD_I and key in live:
                 if pending:
                     rows.append(running.copy())
-                    offsets.append(0.0)
+                    offsets.append(made)
                     pending = False
                 live.discard(key)
                 running[cols] -= tables.vectors(*key, sel_ok[ins.stage])[0]
     if pending:
         rows.append(running.copy())
-        offsets.append(0.0)
+        offsets.append(made)
     both = np.unique(np.column_stack([np.array(rows), offsets]), axis=0) if rows else np.zeros((0, at + 1))
-    static = sum(tables.costs.static_bytes(s) for s in stages)
-    return _RankProblem(stages, cands, groups, span, both[:, :-1], both[:, -1], cost, static)
+    grads = sum(grad_bytes(s) for s in with_grads) if grad_bytes is not None else 0.0
+    static = sum(tables.costs.static_bytes(s) for s in stages) - grads
+    return _RankProblem(stages, cands, groups, span, both[:, :-1], both[:, -1], cost, static, grads)
 
 
 def _milp(problem: _RankProblem, groups: list[_Group], rows: np.ndarray, rhs: np.ndarray, mip_rel_gap: float,
@@ -425,8 +436,9 @@ def _infeasible(program: Program, costs: PlannableCosts, limits: list[float], pr
     for r, (peak, limit, p) in enumerate(zip(peaks, limits, problems)):
         if peak > limit:
             excess[r] = peak - limit
-            lines.append(f"rank {r}: needs {_gib(peak)} = {_gib(p.static)} parameters/gradients/optimizer "
-                         f"+ {_gib(peak - p.static)} activations with every layer recomputed, "
+            fixed = p.static + p.grads
+            lines.append(f"rank {r}: needs {_gib(peak)} = {_gib(fixed)} parameters/gradients/optimizer "
+                         f"+ {_gib(peak - fixed)} activations with every layer recomputed, "
                          f"{_gib(peak - limit)} ({int(peak - limit)} bytes) over its {_gib(limit)} limit")
     detail = "; ".join(lines) or (f"the emulator's peaks {[_gib(x) for x in peaks]} fit the most frugal plan, "
                                   "but no per-stage choice fits every memory point")

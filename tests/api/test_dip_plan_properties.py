@@ -124,3 +124,13 @@ def test_dip_plans_on_two_gloo_ranks_match_reference():
             assert loss == pytest.approx(ref_loss, rel=1e-12), f"{_GLOO_CASES[i][0]} rank {r} loss"
             got.update(grads)
         assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=f"{_GLOO_CASES[i][0]}/{label}/gloo")
+
+
+def test_a_limit_the_baselines_frugal_plan_fits_is_fitted():
+    """Found by the property test: a limit 70% of the way to interleaved 1F1B's everything-
+    recomputed peak, which that plan fits, made every candidate's ILP infeasible, because phase 3
+    charged each stage's gradients from the step's start while they exist only from its first
+    backward (as the emulator and the runtime have them)."""
+    ex, mbs, pipe, label, program, result, limit = _dip_case("vlm", 1279, [2, 1, 1, 1], None, 0.7)
+    assert max(result.peak_memory) <= limit * (1 + 1e-9)
+    assert recompute_plan(program)
