@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 DIP_LABEL = "DIP"
 
 
-def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], profile: str = "h800"):
-    """SEMU's model of this pipeline on ``profile`` for these microbatches (cost model cached on pipe)."""
+def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], profile: Any = "h800"):
+    """SEMU's model of this pipeline on ``profile`` (a preset name, a profile JSON path or a
+    loaded ``ClusterProfile``) for these microbatches (cost model cached on pipe)."""
     from dipc.semu.costs import layer_cost_model
     from dipc.semu.profiles import load_profile
     from dipc.semu.step_model import StepModel, pipeline_length_stats, sub_length_stats
@@ -27,7 +28,8 @@ def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any
     stats = [pipeline_length_stats(pipe, mb) for mb in microbatches]
     sub_stats = sub_length_stats(pipe, microbatches) if pipe.sub_microbatcher is not None else None
     # the stages whose split BWD_W walks whole on dipc's runtime, as on any device
-    return StepModel.for_pipeline(pipe, pipe._cost_model, load_profile(profile), stats, sub_stats=sub_stats,
+    cluster = profile if hasattr(profile, "device") else load_profile(profile)
+    return StepModel.for_pipeline(pipe, pipe._cost_model, cluster, stats, sub_stats=sub_stats,
                                   whole_wgrad_stages=sorted(pipe.whole_wgrad_stages()))
 
 

@@ -135,7 +135,7 @@ def stage_candidates(costs: RecomputeCosts, stage: int, num_microbatches: int,
             full_secs[p] += f.fwd_seconds
             sel_ok[p] = sel_ok[p] and selective and f.has_selective
             sel_saved[p] += f.act_bytes - f.sel_bytes
-            sel_secs[p] += f.sel_seconds
+            sel_secs[p] += f.sel_seconds + f.sel_fwd_seconds
 
     def ratio(saved: float, secs: float) -> float:
         return saved / secs if secs > 0 else float("inf")
@@ -215,7 +215,7 @@ class Phase3Tables:
         # keyed by (stage, selective offered): a split-backward program's stages get whole layers only
         self._cands: dict[tuple[int, bool], list[tuple[str, ...]]] = {}
         self._masks: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray]] = {}   # (full, selective) masks
-        self._vectors: dict[tuple[int, int, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._vectors: dict[tuple[int, int, int, bool], tuple[np.ndarray, ...]] = {}
         self._unit = getattr(costs, "unit_key", None)   # StepModel's (mb, sub) of the same statistics
 
     def candidates(self, stage: int, selective: bool = True) -> list[tuple[str, ...]]:
@@ -231,8 +231,9 @@ class Phase3Tables:
         return self._cands[key]
 
     def vectors(self, stage: int, mb: int, sub: int = -1,
-                selective: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(stash MiB, workspace MiB, re-run seconds) per candidate of ``stage`` on (``mb``, ``sub``)."""
+                selective: bool = True) -> tuple[np.ndarray, ...]:
+        """(stash MiB, workspace MiB, re-run seconds, seconds added to the FWD) per candidate of
+        ``stage`` on (``mb``, ``sub``)."""
         selective = selective and self.selective
         key = (stage, mb, sub, selective)
         hit = self._vectors.get(key)
@@ -251,7 +252,7 @@ class Phase3Tables:
             rebuilt = full * np.maximum(act - inp, 0.0) + sel * np.maximum(act - sel_b, 0.0)
             work = rebuilt.max(axis=1) / _SCALE if full.shape[1] else np.zeros(len(full))
             secs = full @ np.array([f.fwd_seconds for f in fps]) + sel @ np.array([f.sel_seconds for f in fps])
-            hit = (stash, work, secs)
+            hit = (stash, work, secs, sel @ np.array([f.sel_fwd_seconds for f in fps]))
             self._vectors[key] = hit
         return hit
 
@@ -309,13 +310,16 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
                 offsets.append(extra + made)
             if key not in live:
                 live.add(key)
-                running[span[(ins.stage, ins.mb if per_microbatch else -1)]] += tables.vectors(*key, sel_ok[ins.stage])[0]
+                vec = tables.vectors(*key, sel_ok[ins.stage])
+                cols = span[(ins.stage, ins.mb if per_microbatch else -1)]
+                running[cols] += vec[0]
+                cost[cols] += vec[3]      # selective checkpointing's dispatch in the forward
             pending = True
         elif ins.op in (_BWD, _BWD_I, _BWD_W):
             cols = span[(ins.stage, ins.mb if per_microbatch else -1)]
             reruns = recomputes_in(ins, program)
             if reruns:
-                _, work, secs = tables.vectors(*key, sel_ok[ins.stage])
+                _, work, secs, _ = tables.vectors(*key, sel_ok[ins.stage])
                 cost[cols] += secs
             if (reruns and useful[ins.stage]) or extra > 0:   # live stashes + workspaces: dominates pending
                 row = running.copy()

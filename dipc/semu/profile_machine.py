@@ -8,6 +8,8 @@
   a ladder, best of several runs; the ladder gives the ``elementwise`` curve (x = bytes moved,
   cache-resident sizes clamped to 1);
 - the per-op overhead: the time of an add on one-element tensors (launch + dispatch);
+- on CPU, what torch's selective checkpointing adds per op (``sac_op_overhead``): the forward of
+  a small transformer MLP block under selective vs full checkpointing, per op;
 - memory capacity: the device's total memory (GPU) or the host's physical memory (CPU).
 
 The ``attention`` and ``conv`` curves are taken from ``matmul`` and ``reduction`` from
@@ -31,7 +33,7 @@ from pathlib import Path
 from dipc.semu.profiles import (ClusterProfile, DeviceProfile, EfficiencyCurve,
                                 LinkProfile, save_profile)
 
-__all__ = ["measure_profile"]
+__all__ = ["measure_profile", "measure_sac_op_overhead"]
 
 
 def _timer(device: str):
@@ -68,6 +70,55 @@ def _best_time(fn, sync, repeats: int, min_time: float) -> float:
         sync()
         best = min(best, (time.perf_counter() - t0) / calls)
     return best
+
+
+def measure_sac_op_overhead(repeats: int = 5, min_time: float = 0.05) -> float:
+    """Seconds per op that torch's selective checkpointing adds on this CPU thread (SEMU charges
+    it per op of the layer's forward, in the FWD and again in the re-run). Timed on the forward of
+    a small RMSNorm + SwiGLU block (a transformer layer's op mix) under selective against full
+    checkpointing: both skip autograd's saving, and the difference is the caching dispatch mode
+    every op passes through; the re-run's mode is taken to cost the same per op. Best of ``repeats``."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dipc.runtime.recompute import RecomputableLayer, RecomputeMode
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.up = torch.nn.Linear(64, 172, bias=False), torch.nn.Linear(64, 172, bias=False)
+            self.down = torch.nn.Linear(172, 64, bias=False)
+            self.weight = torch.nn.Parameter(torch.ones(64))
+
+        def forward(self, x):
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+            return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    block = Block()
+    x = torch.randn(2, 48, 64, requires_grad=True)
+    with Count() as count:
+        block(x)
+    layer = RecomputableLayer(block)
+    sync = _timer("cpu")
+
+    def forward(mode):
+        def run() -> None:
+            layer.mode = mode
+            layer(x)
+        return run
+
+    selective = _best_time(forward(RecomputeMode.SELECTIVE), sync, repeats, min_time)
+    full = _best_time(forward(RecomputeMode.FULL), sync, repeats, min_time)
+    return max(selective - full, 0.0) / count.n
 
 
 def _curve(points: list[tuple[float, float]]) -> EfficiencyCurve:
@@ -174,6 +225,9 @@ def _measure(torch, path, *, quick: bool, device: str, name: str | None) -> Clus
                  LinkProfile(latency=100e-6, bandwidth=1.25e9))
         gpus_per_node = max(1, os.cpu_count() or 1)  # CPU "devices" (gloo ranks) on this host
         kind = "cpu"
+    # host-side Python per op: it adds to the op on one CPU thread; on a GPU it runs ahead of
+    # the kernels, which the emulator does not model, so it stays 0 there
+    sac = measure_sac_op_overhead(repeats, min_time) if device == "cpu" else 0.0
 
     curves = {
         "matmul": _curve(matmul_curve),
@@ -186,7 +240,7 @@ def _measure(torch, path, *, quick: bool, device: str, name: str | None) -> Clus
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     device_profile = DeviceProfile(
         name=f"{dev_name} ({device})", kind=kind, peak_flops=peaks, memory_bandwidth=bandwidth,
-        memory_capacity=capacity, launch_overhead=overhead, efficiency=curves,
+        memory_capacity=capacity, launch_overhead=overhead, efficiency=curves, sac_op_overhead=sac,
         source=f"measured on {host} at {stamp} with torch {torch.__version__}"
                f"{' (quick)' if quick else ''}, {torch.get_num_threads() if device == 'cpu' else 'all'} "
                "threads; peaks are the best measured matmul FLOP/s; "

@@ -224,6 +224,12 @@ class DeviceProfile:
     has arrived (the emulator's ``wake_latency``; :mod:`dipc.semu.calibrate_dist` fits it for a
     multi-process CPU executor, where a woken thread may wait for the OS or, on a virtual machine,
     for the host to resume a halted vCPU). 0 on the GPU presets.
+    ``sac_op_overhead``: seconds per ATen op of a selectively checkpointed layer (``<layer>~sel``),
+    in its forward and again in its re-run: torch's selective checkpointing routes every op
+    through Python dispatch modes (a policy call, caching the kept outputs, handing them back).
+    On one CPU thread it adds to the op (``dipc profile`` measures it: ~25 us here, more than the
+    op itself on small layers, so selective loses to full recomputation there); 0 on the GPU
+    presets, where it is host time that runs ahead of long kernels (not measured on a GPU yet).
     """
 
     name: str
@@ -243,6 +249,7 @@ class DeviceProfile:
     kind_op_overheads: Mapping[str, float] = field(default_factory=dict)
     bytes_mode: str = "max"
     recv_wake_latency: float = 0.0
+    sac_op_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         _string("device.name", self.name)
@@ -260,6 +267,7 @@ class DeviceProfile:
         _positive("device.op_overhead", self.op_overhead, allow_zero=True)
         _positive("device.instruction_overhead", self.instruction_overhead, allow_zero=True)
         _positive("device.recv_wake_latency", self.recv_wake_latency, allow_zero=True)
+        _positive("device.sac_op_overhead", self.sac_op_overhead, allow_zero=True)
         if not isinstance(self.dense_masked_attention, bool):
             raise _fail("device.dense_masked_attention", f"expected true or false, got {self.dense_masked_attention!r}",
                         "write a JSON boolean")
@@ -382,7 +390,8 @@ def _device_to_json(d: DeviceProfile) -> dict[str, Any]:
             **({"probs_bwd_byte_time": d.probs_bwd_byte_time} if d.probs_bwd_byte_time else {}),
             **({"kind_op_overheads": dict(d.kind_op_overheads)} if d.kind_op_overheads else {}),
             **({"bytes_mode": d.bytes_mode} if d.bytes_mode != "max" else {}),
-            **({"recv_wake_latency": d.recv_wake_latency} if d.recv_wake_latency else {})}
+            **({"recv_wake_latency": d.recv_wake_latency} if d.recv_wake_latency else {}),
+            **({"sac_op_overhead": d.sac_op_overhead} if d.sac_op_overhead else {})}
 
 
 def _device_from_json(path: str, obj: Any) -> DeviceProfile:
@@ -390,7 +399,7 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
                             "launch_overhead", "efficiency"),
                 ("kind", "source", "op_overhead", "instruction_overhead", "dense_masked_attention", "op_overheads",
                  "probs_fwd_byte_time", "probs_bwd_byte_time", "kind_op_overheads", "bytes_mode",
-                 "recv_wake_latency"))
+                 "recv_wake_latency", "sac_op_overhead"))
     peaks = d["peak_flops"]
     if not isinstance(peaks, Mapping):
         raise _fail(f"{path}.peak_flops", f"expected an object of dtype -> FLOP/s, got {peaks!r}",
@@ -422,6 +431,7 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
                                                _KIND_OPS).items()},
         bytes_mode=d.get("bytes_mode", "max"),
         recv_wake_latency=_positive(f"{path}.recv_wake_latency", d.get("recv_wake_latency", 0.0), allow_zero=True),
+        sac_op_overhead=_positive(f"{path}.sac_op_overhead", d.get("sac_op_overhead", 0.0), allow_zero=True),
     )
 
 

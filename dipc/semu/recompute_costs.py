@@ -20,7 +20,9 @@ gradients for BWD_W; the other units keep the cost model's ``wgrad_seed_bytes`` 
 Selective checkpointing (``<layer>~sel``, :mod:`dipc.ir.recompute`) stashes the layer's stream
 input plus the outputs of its expensive ops (the cost model's ``sel_act_bytes``) and re-runs only
 its other forward ops (``sel_rerun_bytes`` at the device's elementwise speed, plus their per-op
-overhead); its workspace is what that re-run rebuilds, ``act_bytes - sel_act_bytes``.
+overhead); its workspace is what that re-run rebuilds, ``act_bytes - sel_act_bytes``. Torch's
+dispatch modes for it cost the profile's ``sac_op_overhead`` per op of the layer's forward, in the
+FWD and again in the re-run (measured on CPU; 0 on the GPU presets).
 
 Not modelled: a recomputed layer's input may also be saved by the previous, non-recomputed
 layer (e.g. when that layer's last op saves its output); it is then counted twice
@@ -37,9 +39,9 @@ from dipc.ir.recompute import RecomputePlan, UnitRecompute, expand_recompute, se
 from dipc.semu.emulator import ComputeTimeFn, MemoryModel
 
 # Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
-_BWD, _BWD_I, _BWD_W = Op.BWD, Op.BWD_I, Op.BWD_W
+_BWD, _BWD_I, _BWD_W, _FWD = Op.BWD, Op.BWD_I, Op.BWD_W, Op.FWD
 
-__all__ = ["FULL", "NONE", "SELECTIVE", "Footprint", "RecomputeCosts", "layer_mode", "recompute_compute_time", "recompute_memory_model",
+__all__ = ["FULL", "NONE", "SELECTIVE", "Footprint", "RecomputeCosts", "forward_extra_seconds", "layer_mode", "recompute_compute_time", "recompute_memory_model",
            "recompute_seconds", "recomputes_in", "stash_bytes", "workspace_bytes"]
 
 
@@ -55,6 +57,7 @@ class Footprint:
     fwd_seconds: float
     sel_bytes: float = 0.0
     sel_seconds: float = 0.0
+    sel_fwd_seconds: float = 0.0       # what selective checkpointing adds to the layer's own forward
 
     @property
     def saved_bytes(self) -> float:
@@ -71,6 +74,10 @@ class Footprint:
 
     def rerun_seconds(self, mode: int) -> float:
         return 0.0 if mode == NONE else self.sel_seconds if mode == SELECTIVE else self.fwd_seconds
+
+    def forward_extra(self, mode: int) -> float:
+        """Seconds ``mode`` adds to the layer's forward (selective: torch's dispatch modes)."""
+        return self.sel_fwd_seconds if mode == SELECTIVE else 0.0
 
     def workspace(self, mode: int) -> float:
         """Transient bytes while a backward re-runs this layer: what its re-run rebuilds."""
@@ -116,6 +123,13 @@ def recompute_seconds(costs: RecomputeCosts, stage: int, mb: int, recompute: fro
                for p in costs.stage_layers[stage])
 
 
+def forward_extra_seconds(costs: RecomputeCosts, stage: int, mb: int, recompute: frozenset[str],
+                          sub: int = -1) -> float:
+    """Seconds the plan adds to a FWD of ``stage`` on ``mb`` (selectively checkpointed layers)."""
+    return sum(costs.layer_footprint(stage, mb, p, sub).forward_extra(layer_mode(p, recompute))
+               for p in costs.stage_layers[stage])
+
+
 def recomputes_in(ins: Instruction, program: Program) -> bool:
     """Whether this instruction re-runs the stage's recomputed forwards (see the module docstring)."""
     if ins.op is _BWD or ins.op is _BWD_W:
@@ -144,11 +158,21 @@ def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: 
     cache: dict[tuple[int, int, int], float] = {}
     unit = getattr(costs, "unit_key", None)
 
+    fwd_cache: dict[tuple[int, int, int], float] = {}
+
     def time(ins: Instruction) -> float:
         t = base(ins)
         layers = sets.get((ins.stage, ins.mb))
-        if layers and recomputes_in(ins, program):
-            key = (ins.stage, ins.mb, ins.sub)
+        if not layers:
+            return t
+        key = (ins.stage, ins.mb, ins.sub)
+        if ins.op is _FWD:
+            hit = fwd_cache.get(key)
+            if hit is None:
+                m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)
+                hit = fwd_cache[key] = forward_extra_seconds(costs, ins.stage, m, layers, j)
+            return t + hit
+        if recomputes_in(ins, program):
             hit = cache.get(key)
             if hit is None:
                 m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)

@@ -601,13 +601,14 @@ class StepModel:
             hit = self._act_cache[key] = sum(self._stash(c) for c in self._stage_costs(stage, mb, sub)) / self.tp
         return hit
 
-    def _selective(self, path: str, cost: LayerCost) -> tuple[float, float]:
-        """(stash bytes for all of TP, seconds of one re-run per GPU) of ``path`` under selective
-        checkpointing: the traced stash of its kept outputs (plus the masked-attention scores a
-        dense kernel keeps, as in :meth:`_stash`), and its other forward ops at the device's
-        elementwise speed plus their per-op overhead. No TP all-reduce: it is not re-run."""
+    def _selective(self, path: str, cost: LayerCost) -> tuple[float, float, float]:
+        """(stash bytes for all of TP, seconds of one re-run, seconds added to its forward) of
+        ``path`` under selective checkpointing: the traced stash of its kept outputs (plus the
+        masked-attention scores a dense kernel keeps, as in :meth:`_stash`); its other forward ops
+        at the device's elementwise speed plus their per-op overhead (no TP all-reduce: it is not
+        re-run); and the profile's ``sac_op_overhead`` per forward op, in the forward and the re-run."""
         if cost.sel_act_bytes <= 0:
-            return 0.0, 0.0
+            return 0.0, 0.0, 0.0
         dev = self.cluster.device
         dense = dev.dense_masked_attention and cost.attn_probs_bytes > 0
         stash = cost.sel_act_bytes + (cost.attn_probs_bytes if dense else 0.0)
@@ -615,9 +616,11 @@ class StepModel:
                           self.gemms_per_layer, self.bytes_mode)
         if dense and dev.probs_fwd_byte_time:   # the softmax over the kept scores is re-run
             secs += dev.probs_fwd_byte_time * cost.attn_probs_bytes
+        ops = self.cost_model.expr(path).local.ops
         if dev.op_overhead:
-            secs += self.cost_model.expr(path).local.ops.get("sel_fwd", 0) * dev.op_overhead
-        return stash, secs
+            secs += ops.get("sel_fwd", 0) * dev.op_overhead
+        dispatch = ops.get("fwd", 0) * dev.sac_op_overhead   # torch's modes see every forward op
+        return stash, secs + dispatch, dispatch
 
     def _stash(self, cost: LayerCost) -> float:
         """Bytes a layer keeps for backward: its traced stash, plus the dense softmax probabilities
@@ -709,9 +712,10 @@ class StepModel:
                 return hit
             stats = _lookup(self._stats(mb, sub), path)
             c, t = self.cost_model.cost(path, stats), self.layer_time(path, stats)
-            sel_bytes, sel_seconds = self._selective(path, c)
+            sel_bytes, sel_seconds, sel_fwd = self._selective(path, c)
             hit = Footprint(act_bytes=self._stash(c) / self.tp, in_bytes=c.in_bytes / self.tp,
-                            fwd_seconds=t.fwd + t.tp_fwd, sel_bytes=sel_bytes / self.tp, sel_seconds=sel_seconds)
+                            fwd_seconds=t.fwd + t.tp_fwd, sel_bytes=sel_bytes / self.tp, sel_seconds=sel_seconds,
+                            sel_fwd_seconds=sel_fwd)
             self._footprint_cache[key] = hit
         return hit
 

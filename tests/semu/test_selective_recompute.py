@@ -15,7 +15,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from dipc.ir.recompute import SELECTIVE_SAVED_OPS, recompute_plan, selective, split_entry
 from dipc.runtime.measure import LiveMemory
 from dipc.semu.memory_opt import Phase3Tables, optimize_memory, stage_candidates
-from dipc.semu.recompute_costs import Footprint, recompute_seconds, stash_bytes, workspace_bytes
+from dipc.semu.recompute_costs import (Footprint, forward_extra_seconds, recompute_seconds, stash_bytes,
+                                      workspace_bytes)
 from dipc.semu.symbolic import trace_layer
 from examples.models.layers import EncoderBlock, LlamaBlock, RotaryEmbedding
 
@@ -76,8 +77,8 @@ def test_traced_selective_stash_is_what_torch_keeps(make):
 # phase 3's candidates and accounting
 
 
-def _fp(act, inp, secs, sel=0.0, sel_secs=0.0):
-    return Footprint(act * MiB, inp * MiB, secs, sel * MiB, sel_secs)
+def _fp(act, inp, secs, sel=0.0, sel_secs=0.0, sel_fwd=0.0):
+    return Footprint(act * MiB, inp * MiB, secs, sel * MiB, sel_secs, sel_fwd)
 
 
 def _costs(footprints: dict[str, Footprint], mbs: int = 2) -> RandomCosts:
@@ -101,24 +102,25 @@ def _random_selective_costs(seed: int, layers: int, mbs: int) -> RandomCosts:
         act = rng.uniform(1, 100)
         inp = act * rng.uniform(0.05, 1.2)
         sel = act * rng.uniform(0.2, 1.1) if rng.random() < 0.8 else 0.0
-        secs, sel_secs = rng.uniform(1e-4, 1e-2), rng.uniform(1e-6, 1e-3)
+        secs, sel_secs, sel_fwd = rng.uniform(1e-4, 1e-2), rng.uniform(1e-6, 1e-3), rng.uniform(0, 1e-3)
         for m in range(mbs):
             k = rng.uniform(0.5, 2.0)
-            table[(0, m, p)] = _fp(act * k, inp * k, secs * k, sel * k, sel_secs * k)
+            table[(0, m, p)] = _fp(act * k, inp * k, secs * k, sel * k, sel_secs * k, sel_fwd * k)
     return RandomCosts([paths], [0.0], table)
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), layers=st.integers(1, 6), mbs=st.integers(1, 3))
 def test_candidate_vectors_agree_with_the_memory_model(seed, layers, mbs):
-    """The ILP's per-candidate stash, workspace and re-run seconds are the emulator's numbers."""
+    """The ILP's per-candidate stash, workspace, re-run and forward seconds are the emulator's numbers."""
     costs = _random_selective_costs(seed, layers, mbs)
     tables = Phase3Tables(costs, mbs)
     cands = tables.candidates(0)
     for m in range(mbs):
-        stash, work, secs = tables.vectors(0, m)
+        stash, work, secs, fwd = tables.vectors(0, m)
         for k, cand in enumerate(cands):
             units = frozenset(cand)
+            assert fwd[k] == pytest.approx(forward_extra_seconds(costs, 0, m, units), rel=1e-9, abs=1e-15)
             assert stash[k] * MiB == pytest.approx(stash_bytes(costs, 0, m, units), rel=1e-9)
             assert work[k] * MiB == pytest.approx(workspace_bytes(costs, 0, m, units), rel=1e-9, abs=1e-6)
             assert secs[k] == pytest.approx(recompute_seconds(costs, 0, m, units), rel=1e-9, abs=1e-15)
@@ -174,3 +176,12 @@ def test_split_backward_stages_recompute_whole_layers_only():
         plan = recompute_plan(fitted.program)
         stage1 = [e for key, layers in plan.items() if (key if isinstance(key, int) else key[0]) == 1 for e in layers]
         assert stage1 and any(split_entry(e)[1] for e in stage1) == allowed, (schedule, plan)
+
+
+def test_costly_selective_dispatch_makes_phase_3_recompute_whole_layers():
+    """Where torch's dispatch modes cost more than they save (small layers on one CPU thread),
+    the ranking puts full recomputation first: selective's forward extra counts against it."""
+    cheap = _costs({"a": _fp(10, 1, 1.0, sel=4, sel_secs=0.05)})
+    costly = _costs({"a": _fp(10, 1, 1.0, sel=4, sel_secs=0.05, sel_fwd=2.0)})
+    assert stage_candidates(cheap, 0, 2) == [(), ("a~sel",), ("a",)]
+    assert stage_candidates(costly, 0, 2) == [(), ("a",)]
