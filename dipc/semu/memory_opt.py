@@ -147,9 +147,10 @@ def stage_candidates(costs: RecomputeCosts, stage: int, num_microbatches: int,
         if sel_ok[p] and sel_saved[p] > 0:
             first = ratio(sel_saved[p], sel_secs[p])
             rest_saved, rest_secs = full_saved[p] - sel_saved[p], full_secs[p] - sel_secs[p]
-            if rest_saved <= 0:
-                moves.append((-first, i, 0, p, SELECTIVE))
-                continue
+            if rest_saved <= 0:           # selective frees as much as full (a norm): the faster one
+                if sel_secs[p] <= full_secs[p] or full_saved[p] <= 0:
+                    moves.append((-first, i, 0, p, SELECTIVE))
+                    continue
             second = ratio(rest_saved, rest_secs)
             if second < first:
                 moves += [(-first, i, 0, p, SELECTIVE), (-second, i, 1, p, FULL)]

@@ -185,3 +185,8 @@ def test_costly_selective_dispatch_makes_phase_3_recompute_whole_layers():
     costly = _costs({"a": _fp(10, 1, 1.0, sel=4, sel_secs=0.05, sel_fwd=2.0)})
     assert stage_candidates(cheap, 0, 2) == [(), ("a~sel",), ("a",)]
     assert stage_candidates(costly, 0, 2) == [(), ("a",)]
+    # a layer whose selective stash is its input (a norm: nothing kept) takes the faster of the two
+    norm = {"n": _fp(4, 1, 0.1, sel=1, sel_secs=0.05)}
+    assert stage_candidates(_costs(norm), 0, 2) == [(), ("n~sel",)]
+    norm["n"] = _fp(4, 1, 0.1, sel=1, sel_secs=0.05, sel_fwd=0.1)
+    assert stage_candidates(_costs(norm), 0, 2) == [(), ("n",)]
