@@ -31,9 +31,10 @@ from collections.abc import Iterable, Mapping
 from dipc.errors import IRParseError, ScheduleError
 from dipc.ir.program import Program
 
-__all__ = ["RECOMPUTE_ATTR", "SELECTIVE_SAVED_OPS", "SELECTIVE_SUFFIX", "RecomputePlan", "UnitRecompute", "check_recompute", "expand_recompute",
-           "format_recompute", "is_per_microbatch", "layers_of", "parse_recompute", "recompute_plan",
-           "recomputes", "selective", "split_entry", "stage_union", "with_recompute"]
+__all__ = ["RECOMPUTE_ATTR", "SELECTIVE_SAVED_OPS", "SELECTIVE_SUFFIX", "RecomputePlan", "UnitRecompute",
+           "check_recompute", "expand_recompute", "format_recompute", "is_per_microbatch", "layers_of",
+           "parse_recompute", "recompute_plan", "recomputes", "selective", "split_entry", "stage_union",
+           "with_recompute"]
 
 RECOMPUTE_ATTR = "recompute"
 

@@ -41,8 +41,9 @@ from dipc.semu.emulator import ComputeTimeFn, MemoryModel
 # Op.X is a slow class-attribute lookup on Python 3.11 enums, and these loops run per instruction
 _BWD, _BWD_I, _BWD_W, _FWD = Op.BWD, Op.BWD_I, Op.BWD_W, Op.FWD
 
-__all__ = ["FULL", "NONE", "SELECTIVE", "Footprint", "RecomputeCosts", "forward_extra_seconds", "layer_mode", "recompute_compute_time", "recompute_memory_model",
-           "recompute_seconds", "recomputes_in", "stash_bytes", "workspace_bytes"]
+__all__ = ["FULL", "NONE", "SELECTIVE", "Footprint", "RecomputeCosts", "forward_extra_seconds", "layer_mode",
+           "recompute_compute_time", "recompute_memory_model", "recompute_seconds", "recomputes_in",
+           "stash_bytes", "workspace_bytes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,34 +152,30 @@ def _sets(costs: RecomputeCosts, plan: RecomputePlan, num_microbatches: int) -> 
 
 def recompute_compute_time(base: ComputeTimeFn, costs: RecomputeCosts, program: Program,
                            plan: RecomputePlan) -> ComputeTimeFn:
-    """``base`` plus the re-run forwards in every backward instruction that recomputes."""
+    """``base`` plus the re-run forwards in every backward instruction that recomputes, and selective
+    checkpointing's dispatch in the FWDs of units that checkpoint a layer selectively."""
     sets = _sets(costs, plan, program.num_microbatches)
     if not sets:
         return base
-    cache: dict[tuple[int, int, int], float] = {}
+    # (is a FWD, stage, mb, sub) -> seconds the plan adds: a FWD's selective dispatch, a backward's re-run
+    cache: dict[tuple[bool, int, int, int], float] = {}
     unit = getattr(costs, "unit_key", None)
-
-    fwd_cache: dict[tuple[int, int, int], float] = {}
 
     def time(ins: Instruction) -> float:
         t = base(ins)
         layers = sets.get((ins.stage, ins.mb))
         if not layers:
             return t
-        key = (ins.stage, ins.mb, ins.sub)
-        if ins.op is _FWD:
-            hit = fwd_cache.get(key)
-            if hit is None:
-                m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)
-                hit = fwd_cache[key] = forward_extra_seconds(costs, ins.stage, m, layers, j)
-            return t + hit
-        if recomputes_in(ins, program):
-            hit = cache.get(key)
-            if hit is None:
-                m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)
-                hit = cache[key] = recompute_seconds(costs, ins.stage, m, layers, j)
-            t += hit
-        return t
+        fwd = ins.op is _FWD
+        if not fwd and not recomputes_in(ins, program):
+            return t
+        key = (fwd, ins.stage, ins.mb, ins.sub)
+        hit = cache.get(key)
+        if hit is None:
+            m, j = unit(ins.mb, ins.sub) if unit is not None else (ins.mb, ins.sub)
+            extra = forward_extra_seconds if fwd else recompute_seconds
+            hit = cache[key] = extra(costs, ins.stage, m, layers, j)
+        return t + hit
 
     return time
 

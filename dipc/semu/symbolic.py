@@ -403,6 +403,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                     torch.autograd.grad(grad_outs, inputs + params, gouts, allow_unused=True)
                 bwd_all = _expr(c.get_total_flops())
             attn_fwd = sympy.Add(*(call.fwd_flops for call, _, _ in attn.calls))
+            stream = _stream_bytes(fake)   # what full recomputation keeps, and selective on top of its outputs
             exprs = {
                 "fwd_flops": _expr(fwd.get_total_flops()) + attn_fwd,
                 "bwd_in_flops": bwd_in + 2 * attn_fwd,
@@ -412,11 +413,11 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 "bwd_bytes": sympy.Add(*rec.terms["bwd"]),
                 "act_bytes": sympy.Add(*saved.values()) + attn.extra_saved,
                 "out_bytes": out_bytes,
-                "in_bytes": _stream_bytes(fake),
+                "in_bytes": stream,
                 "attn_probs_bytes": attn.probs_saved,
                 "wgrad_seed_bytes": seeds,
                 # selective checkpointing keeps the layer's stream input and its expensive ops' outputs
-                "sel_act_bytes": _stream_bytes(fake) + sympy.Add(*rec.sel_saved),
+                "sel_act_bytes": stream + sympy.Add(*rec.sel_saved),
                 "sel_rerun_bytes": sympy.Add(*rec.sel_rerun),
             }
             if not grad_outs:   # nothing differentiable leaves the layer: no stash either
