@@ -26,7 +26,9 @@ the live stashes after every FWD and during every backward (plus that backward's
 workspace) — the same accounting as the emulator's :class:`MemoryModel`, whose peaks do not
 depend on timings. Every such point gives one row ``static + Σ o·stash (+ workspace) ≤ M`` over
 the (stage, microbatch) pairs live there, plus the cost model's own workspace of the instruction
-(``workspace_bytes``: loss head, gradients of a backward) as a constant, so the emulator's check
+(``workspace_bytes``: loss head, gradients of a backward) as a constant; for a backward, each
+candidate's workspace comes from the cost model's layer walk (``workspace_choices``, where a re-run
+layer's rebuilt activations meet only what is live at that layer), so the emulator's check
 agrees with the ILP and the per-microbatch choice does not chase the peak round after round. The
 gradients a zero-bubble BWD_I keeps for its BWD_W (``wgrad_seed_bytes``) are held from one to the
 other by the candidate that recomputes nothing only: a unit that recomputes takes the runtime's
@@ -63,7 +65,7 @@ from typing import Protocol
 import numpy as np
 
 from dipc.errors import DipcError, InfeasibleMemoryError
-from dipc.ir import Op, Program
+from dipc.ir import Instruction, Op, Program
 from dipc.ir.recompute import RecomputePlan, recompute_plan, with_recompute
 from dipc.ir.recompute import selective as selective_entry
 from dipc.semu.emulator import SimResult
@@ -217,6 +219,7 @@ class Phase3Tables:
         self._cands: dict[tuple[int, bool], list[tuple[str, ...]]] = {}
         self._masks: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray]] = {}   # (full, selective) masks
         self._vectors: dict[tuple[int, int, int, bool], tuple[np.ndarray, ...]] = {}
+        self._workspaces: dict[tuple, np.ndarray] = {}
         self._unit = getattr(costs, "unit_key", None)   # StepModel's (mb, sub) of the same statistics
 
     def candidates(self, stage: int, selective: bool = True) -> list[tuple[str, ...]]:
@@ -255,6 +258,23 @@ class Phase3Tables:
             secs = full @ np.array([f.fwd_seconds for f in fps]) + sel @ np.array([f.sel_seconds for f in fps])
             hit = (stash, work, secs, sel @ np.array([f.sel_fwd_seconds for f in fps]))
             self._vectors[key] = hit
+        return hit
+
+    def workspaces(self, ins: Instruction, first: bool, reruns: bool, selective: bool = True) -> np.ndarray | None:
+        """Workspace MiB of backward ``ins`` under each candidate of its stage, from the cost
+        model's layer walk (``workspace_choices``: a re-run charged at its own layer, as the
+        emulator does), or ``None`` for cost models without one."""
+        choices = getattr(self.costs, "workspace_choices", None)
+        if choices is None:
+            return None
+        selective = selective and self.selective
+        mb, sub = self._unit(ins.mb, ins.sub) if self._unit is not None else (ins.mb, ins.sub)
+        key = (ins.op, ins.stage, mb, sub, bool(first), bool(reruns), selective)
+        hit = self._workspaces.get(key)
+        if hit is None:
+            self.candidates(ins.stage, selective)
+            full, sel = self._masks[(ins.stage, selective)]
+            hit = self._workspaces[key] = choices(ins, first, full, sel, (full + sel).sum(axis=1) > 0, reruns) / _SCALE
         return hit
 
 
@@ -322,10 +342,18 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
             if reruns:
                 _, work, secs, _ = tables.vectors(*key, sel_ok[ins.stage])
                 cost[cols] += secs
-            if (reruns and useful[ins.stage]) or extra > 0:   # live stashes + workspaces: dominates pending
-                row = running.copy()
-                if reruns:
-                    row[cols] += work
+            # each candidate's workspace from the cost model's walk: column 0 (nothing recomputed)
+            # as the row's constant, the others as their difference to it (can be < 0: a unit
+            # that recomputes captures no seeds, and its re-runs come after later stashes are freed)
+            walked = tables.workspaces(ins, key in firsts, reruns, sel_ok[ins.stage]) if base is not None else None
+            if walked is not None:
+                extra, delta = float(walked[0]), walked - walked[0]
+            else:
+                delta = work if reruns else None
+            if (delta is not None and useful[ins.stage] and delta.any()) or extra > 0:
+                row = running.copy()   # live stashes + workspaces: dominates pending
+                if delta is not None:
+                    row[cols] += delta
                 rows.append(row)
                 offsets.append(extra + made)
                 pending = False

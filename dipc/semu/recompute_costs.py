@@ -6,8 +6,10 @@ each backward graph task that reaches it: once in BWD, once in BWD_I *and* once 
 under the zero-bubble split (torch frees the recomputed tensors at the end of each graph task;
 see :mod:`dipc.runtime.recompute`). BWD_I of a stage without input gradients (the first stage)
 runs no graph task at all, so it re-runs nothing. While a recomputed layer's backward runs, its
-recomputed activations exist on top of the stash: charged as workspace, the largest
-``act_bytes - in_bytes`` among the stage's recomputed layers (layers are re-run one at a time).
+recomputed activations exist on top of the stash: charged as workspace while that layer's
+backward runs (:meth:`dipc.semu.step_model.StepModel.workspace_bytes` walks the layers as autograd
+does, so a re-run meets only what is still live there); cost models without that walk get the
+largest ``act_bytes - in_bytes`` among the recomputed layers on top of their own workspace.
 
 The plan is per (stage, microbatch) (:func:`dipc.ir.recompute.expand_recompute`): a FWD stashes,
 and a backward re-runs and takes workspace for, the layers its own microbatch recomputes (all
@@ -205,6 +207,7 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
     from dipc.semu.step_model import first_weight_backwards
 
     base = getattr(costs, "workspace_bytes", None)
+    walks = hasattr(costs, "workspace_choices")   # its walk places each re-run at its layer
     grads = getattr(costs, "grad_bytes", None)
     firsts = first_weight_backwards(program)
 
@@ -212,9 +215,13 @@ def recompute_memory_model(costs: RecomputeCosts, program: Program, plan: Recomp
 
     def workspace(ins: Instruction) -> float:
         layers = sets.get((ins.stage, ins.mb))
+        reruns = bool(layers) and recomputes_in(ins, program)
+        if base is not None and walks:   # StepModel: each re-run charged at its own layer
+            return base(ins, first=(ins.stage, ins.mb, ins.sub) in firsts, rewalk=bool(layers),
+                        recompute=layers if reruns else empty)
         extra = (base(ins, first=(ins.stage, ins.mb, ins.sub) in firsts, rewalk=bool(layers))
                  if base is not None else 0.0)
-        if not layers or not recomputes_in(ins, program):
+        if not reruns:
             return extra
         key = (ins.stage, ins.mb, ins.sub)
         hit = rerun.get(key)
