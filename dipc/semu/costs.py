@@ -134,6 +134,9 @@ class LayerCost:
     # forward op); 0 where unknown, which offers no selective choice
     sel_act_bytes: float = 0.0
     sel_rerun_bytes: float = 0.0
+    # the layer's backward at its peak: gradients it creates less the stash it frees by then,
+    # parameter gradients left out (dipc.semu.symbolic); 0 where unknown
+    bwd_peak_bytes: float = 0.0
 
     @property
     def bwd_flops(self) -> float:

@@ -514,7 +514,9 @@ class StepModel:
         """Peak transient bytes while a compute instruction runs, above the memory before it.
 
         Walks the stage's layers the way autograd does (loss head, then the layers in reverse): a
-        layer's backward holds its output and input gradients at once; on a loss stage the loss
+        layer's backward holds its output gradient and, on top, its own traced peak
+        (``bwd_peak_bytes``: the gradients it creates less the stash it frees by then, at least
+        its input gradient); on a loss stage the loss
         head materialises one copy of the last layer's output (log-softmax over the vocabulary) in
         the forward and two (its gradient and the output's) in the backward. Only BWD frees each
         layer's stash once past it (BWD_I keeps the graph for BWD_W, which walks it with
@@ -531,7 +533,7 @@ class StepModel:
         backward runs, on top of what the walk holds there, and a BWD frees each layer's stash as
         the plan left it (a checkpointed layer: its input). Charging the largest re-run on top of
         the loss head's peak instead over-predicted loss ranks by 16-19% (the re-run comes after
-        the later layers' stashes are freed). Not modelled: temporaries inside a layer's backward."""
+        the later layers' stashes are freed)."""
         op = ins.op
         if op not in _COMPUTE:
             return 0.0
@@ -581,7 +583,8 @@ class StepModel:
         act = np.array([f.act_bytes for f in fps])
         inp = np.array([f.in_bytes for f in fps])
         sel_b = np.array([f.sel_bytes for f in fps])
-        held = np.array([(c.out_bytes + c.in_bytes + probs * c.attn_probs_bytes) / tp for c in costs])
+        held = np.array([(c.out_bytes + max(c.in_bytes, c.bwd_peak_bytes) + probs * c.attn_probs_bytes) / tp
+                         for c in costs])
         gain = np.tile(np.array([c.grad_bytes / tp for c in costs]) if makes_grads else np.zeros(len(costs)), (n, 1))
         after = np.zeros((n, len(costs)))      # what changes once the walk is past a layer
         if frees:

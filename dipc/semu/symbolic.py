@@ -23,6 +23,11 @@ Under that trace:
   asked for the gradients flowing into its intermediates, as BWD_I does; the bytes of their
   distinct storages (the seed of the layer's output gradient included when one is captured) are
   what BWD_I keeps alive for BWD_W. The layer's inputs stand for the stage's activation path.
+- The backward's own peak (``bwd_peak_bytes``): during the whole backward, the storages its ops
+  create (intermediate gradients, the input gradients) less the saved activations it frees, at the
+  moment that sum is largest for the example's sizes, as an expression (a parameter's gradient
+  counts only as the transient it is before being accumulated into ``.grad``). A layer's backward holds far more than its input and
+  output gradients: an encoder block's MLP and attention gradients peak at ~4.5x its input.
 
 Custom ops are costed by their ``register_op_cost`` entries (FLOPs, optionally bytes moved); what
 they keep for backward is what their autograd saves. dipc's fused kernels are such ops
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -59,7 +65,7 @@ __all__ = ["AttentionCall", "LocalCost", "trace_layer", "COST_FIELDS", "UnknownO
 # The symbolic quantities of one layer, in this order everywhere (LocalCost.exprs, LayerCost fields).
 COST_FIELDS = ("fwd_flops", "bwd_in_flops", "bwd_w_flops", "attn_fwd_flops", "fwd_bytes", "bwd_bytes",
                "act_bytes", "out_bytes", "in_bytes", "attn_probs_bytes", "wgrad_seed_bytes", "sel_act_bytes",
-               "sel_rerun_bytes")
+               "sel_rerun_bytes", "bwd_peak_bytes")
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -322,6 +328,72 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+class _LivePeak(TorchDispatchMode):
+    """Bytes alive over time while ``active``: every storage an op creates (+ its bytes, until it
+    is freed) and every watched storage freed (- its bytes), as (id, bytes) events in order; ids
+    are per allocation, so a freed storage's address reused later is a new id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+        self.events: list[tuple[int, sympy.Expr]] = []
+        self.current: dict[int, int] = {}     # storage key -> id of its live allocation
+        self._next = 0
+        self._refs: dict[int, Any] = {}
+
+    def watch(self, t: torch.Tensor, nbytes: sympy.Expr) -> None:
+        """Count ``t``'s storage as freed (``-nbytes``) if it dies while active (a saved activation)."""
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._refs:
+            return
+        self._refs[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, -n))
+
+    def _freed(self, key: int, nbytes: sympy.Expr) -> None:
+        self._refs.pop(key, None)
+        ident = self.current.pop(key, None)
+        if self.active:
+            self.events.append((-1 if ident is None else ident, nbytes))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.active or func.is_view:
+            return out
+        inputs = {_storage_key(x) for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in inputs or key in self._refs:
+                continue
+            nbytes = _expr(storage.nbytes())
+            self._next += 1
+            self.current[key] = self._next
+            self.events.append((self._next, nbytes))
+            self._refs[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, -n))
+        return out
+
+    def peak(self, hints: dict, transient: set[int]) -> sympy.Expr:
+        """The sum of the events up to the one where it is largest at ``hints`` (symbol -> value);
+        the allocations ``transient`` (ids) count only at their own event (freed right after, as a
+        parameter gradient once accumulated into ``.grad``); 0 if it never rises."""
+        def value(e: sympy.Expr) -> float:
+            return float(e.xreplace(hints)) if isinstance(e, sympy.Expr) else float(e)
+
+        total, best, best_at, spike = 0.0, 0.0, 0, None
+        for k, (ident, e) in enumerate(self.events):
+            if ident in transient:
+                if total + value(e) > best:
+                    best, best_at, spike = total + value(e), k, e
+                continue
+            total += value(e)
+            if total > best:
+                best, best_at, spike = total, k + 1, None
+        kept = [e for ident, e in self.events[:best_at] if ident not in transient]
+        return sympy.Add(*kept, *([spike] if spike is not None else []))
+
+
 def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 name: str = "layer", bump_ones: bool = True) -> LocalCost:
     """Costs of ``module(*args, **kwargs)`` as expressions over its input dims (see module docstring).
@@ -370,11 +442,14 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
             param_keys = {_storage_key(t) for t in state.values()}
             saved: dict[int, sympy.Expr] = {}
 
+            live = _LivePeak()
+
             def pack(t: torch.Tensor) -> torch.Tensor:
                 key = _storage_key(t)
                 if key not in param_keys and key not in saved:
                     base = t._base if t._base is not None else t
                     saved[key] = _nbytes(base)
+                    live.watch(t, saved[key])
                 return t
 
             rec = _Recorder()
@@ -387,7 +462,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
             out_bytes = sympy.Add(*(_nbytes(o) for o in outs))
             grad_outs = [o for o in outs if o.requires_grad]
             inputs = [f for f in fake if isinstance(f, torch.Tensor) and f.requires_grad]
-            bwd_in, bwd_all, seeds = sympy.Integer(0), sympy.Integer(0), sympy.Integer(0)
+            bwd_in, bwd_all, seeds, bwd_peak = sympy.Integer(0), sympy.Integer(0), sympy.Integer(0), sympy.Integer(0)
             if grad_outs:
                 gouts = [torch.empty_like(o) for o in grad_outs]
                 rec.phase = "skip"
@@ -399,9 +474,17 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                     seeds = _wgrad_seed_bytes(grad_outs, gouts, inputs, params)
                 rec.phase = "bwd"
                 c = _flop_counter()
-                with c, rec:
-                    torch.autograd.grad(grad_outs, inputs + params, gouts, allow_unused=True)
+                live.active = True
+                with c, rec, live:
+                    grads = torch.autograd.grad(grad_outs, inputs + params, gouts, allow_unused=True)
+                live.active = False
                 bwd_all = _expr(c.get_total_flops())
+                # a parameter's gradient lives on in .grad (the cost model places those) and, from
+                # the second backward on, exists only until it is accumulated there: a transient
+                param_grads = {live.current.get(_storage_key(g)) for g in grads[len(inputs):] if g is not None}
+                hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
+                bwd_peak = live.peak(hints, param_grads - {None})
+                del grads
             attn_fwd = sympy.Add(*(call.fwd_flops for call, _, _ in attn.calls))
             stream = _stream_bytes(fake)   # what full recomputation keeps, and selective on top of its outputs
             exprs = {
@@ -419,6 +502,7 @@ def trace_layer(module: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 # selective checkpointing keeps the layer's stream input and its expensive ops' outputs
                 "sel_act_bytes": stream + sympy.Add(*rec.sel_saved),
                 "sel_rerun_bytes": sympy.Add(*rec.sel_rerun),
+                "bwd_peak_bytes": bwd_peak,
             }
             if not grad_outs:   # nothing differentiable leaves the layer: no stash either
                 exprs["act_bytes"] = sympy.Integer(0)
