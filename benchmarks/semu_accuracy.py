@@ -90,13 +90,17 @@ LIMITS = [
     "their measured order is noise, which caps Kendall's tau there (about 0.84 if everything else is right)",
     "gloo: P2P is gloo's handshake (a send waits for the receive's ready notice) at the ping-pong's latency and "
     "bandwidth; messages with several dtypes make one handshake per dtype (modelled as one); P2P op times, one "
-    "compute factor for co-located ranks and one wake-up latency per receive that blocked are calibrated on the "
-    "gloo executor's own calibration steps (dipc.semu.calibrate_dist), but how much two ranks slow each other "
-    "depends on what each runs at the moment (one average factor here), a blocked thread's wake-up is mostly "
+    "compute factor for co-located ranks, one slowdown per overlapped fraction of an instruction (the other rank "
+    "computing at the same moment, dipc.semu.contention) and one wake-up latency per receive that blocked are "
+    "calibrated on the gloo executor's own calibration steps (dipc.semu.calibrate_dist), but how much two ranks "
+    "slow each other depends on what each runs (one slowdown for every op here), the host's other tenants "
+    "change it from run to run (a rerun on a quiet VM gave gloo 8.7% / 26.6% / tau 0.34 with one factor, against "
+    "5.7% / 17.5% / 0.38 under load), a blocked thread's wake-up is mostly "
     "immediate and now and then 3-5 ms late on this VM (one expected value here), and any other load on the "
     "machine lands in the gloo wall times in full",
-    "memory: temporaries inside a layer's backward are not modelled (the workspace is the largest layer's output "
-    "and input gradients, and the loss head's log-softmax); allocator caching is not counted on either side",
+    "memory: a backward's workspace walks the stage's layers as autograd does, each holding its output gradient "
+    "and its own traced backward peak (bwd_peak_bytes), plus the loss head's log-softmax; allocator caching is not "
+    "counted on either side",
 ]
 
 
@@ -517,7 +521,8 @@ def main() -> None:
                         measured_s=statistics.median(per_rank[0][f"cal|{name}|{schedule}|{k}"])))
         gloo_cal = fit_distributed(profile, samples, step_overhead=executor_fixed,
                                    p2p=p2p_overheads(per_rank[0]["cal_spans"], dispatch=cal.dispatch_overhead))
-        print(f"gloo calibration: compute x{gloo_cal.compute_factor:.3f} (co-located ranks), blocked receives "
+        print(f"gloo calibration: compute x{gloo_cal.compute_factor:.3f} (co-located ranks), "
+              f"x(1 + {gloo_cal.colocated_slowdown:.2f} x overlap) beside the other rank's compute, blocked receives "
               f"wake {gloo_cal.wake_latency * 1e6:.0f} us late, P2P per op "
               + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in gloo_cal.p2p_overheads.items())
               + f", {executor_fixed * 1e3:.2f} ms per step; calibration steps median |err| "
@@ -630,6 +635,7 @@ def main() -> None:
         "gloo_executor_fixed_s": None if a.no_dist else executor_fixed, "gloo_p2p_model": GLOO_P2P,
         "gloo_calibration": None if a.no_dist else {
             "compute_factor": gloo_cal.compute_factor, "wake_latency_s": gloo_cal.wake_latency,
+            "colocated_slowdown": gloo_cal.colocated_slowdown,
             "p2p_overheads_s": gloo_cal.p2p_overheads,
             "calibration_median_abs_err_before": gloo_cal.median_rel_error_before,
             "calibration_median_abs_err": gloo_cal.median_rel_error, "num_steps": len(samples)},

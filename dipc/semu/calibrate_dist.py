@@ -30,8 +30,14 @@ on one thread. Ranks in processes of their own differ in two ways that the local
    fit has a second parameter, the profile's ``recv_wake_latency`` ``w`` (the emulator adds it to
    every receive that had to wait), fitted with ``f`` by Nelder-Mead on the same loss.
 
-Not modelled: contention that depends on what the other rank runs at the same moment (``f`` is an
-average; ``w`` an expected delay, where the real one is mostly 0 and sometimes milliseconds), and
+4. **Overlapping compute.** The same instruction ran 1.15-1.6x slower (thread CPU time) while the
+   other rank computed at the same moment, ~1.0x while it waited: interleaved 1F1B, whose ranks
+   compute together most of the step, stayed 16-25% under-predicted with ``f`` and ``w`` alone. The
+   profile's ``colocated_slowdown`` ``s`` (:mod:`dipc.semu.contention`: ``1 + s·overlap``) is the
+   third parameter, fitted with the other two.
+
+Not modelled: contention that depends on what the other rank runs (``s`` is one number for every
+op; ``w`` an expected delay, where the real one is mostly 0 and sometimes milliseconds), and
 per-step variation of the operating system's scheduling (the caller takes medians). On GPUs, ranks
 own their devices, so ``f`` should come out near 1 and ``w`` near 0 there.
 """
@@ -77,6 +83,7 @@ class DistributedCalibration:
     compute_factor: float
     wake_latency: float
     p2p_overheads: dict[str, float]
+    colocated_slowdown: float = 0.0
     step_overhead: float
     median_rel_error_before: float
     median_rel_error: float
@@ -117,20 +124,24 @@ def _median_err(samples: Sequence[DistributedSample], profile: ClusterProfile, f
     return statistics.median(abs((s.predict(profile) + fixed) / s.measured_s - 1) for s in samples)
 
 
-def with_wake_latency(profile: ClusterProfile, seconds: float) -> ClusterProfile:
-    """``profile`` whose blocked receives resume ``seconds`` after their message arrives."""
-    return dataclasses.replace(profile, device=dataclasses.replace(profile.device, recv_wake_latency=seconds))
+def with_wake_latency(profile: ClusterProfile, seconds: float, slowdown: float | None = None) -> ClusterProfile:
+    """``profile`` whose blocked receives resume ``seconds`` after their message arrives (and, given,
+    whose compute runs ``1 + slowdown·overlap`` slower beside co-located ranks' compute)."""
+    extra = {} if slowdown is None else {"colocated_slowdown": slowdown}
+    return dataclasses.replace(profile, device=dataclasses.replace(profile.device, recv_wake_latency=seconds, **extra))
 
 
 def fit_distributed(profile: ClusterProfile, samples: Sequence[DistributedSample], *,
                     p2p: dict[str, float] | None = None, step_overhead: float = 0.0,
                     bounds: tuple[float, float] = (0.5, 3.0), max_wake: float = 5e-3,
-                    fit_wake: bool = True) -> DistributedCalibration:
-    """Fit the compute factor and the wake latency (module docstring) to ``samples`` on ``profile``
-    with the measured ``p2p`` op times (:func:`p2p_overheads`) in place of its own; ``step_overhead``:
-    seconds per step the executor spends outside its instruction streams, added to every
-    prediction. ``bounds``: the factor's range; ``max_wake``: the wake latency's upper bound;
-    ``fit_wake=False`` keeps the profile's wake latency and fits the factor alone."""
+                    fit_wake: bool = True, max_slowdown: float = 2.0,
+                    fit_slowdown: bool = True) -> DistributedCalibration:
+    """Fit the compute factor, the wake latency and the co-located slowdown (module docstring) to
+    ``samples`` on ``profile`` with the measured ``p2p`` op times (:func:`p2p_overheads`) in place
+    of its own; ``step_overhead``: seconds per step the executor spends outside its instruction
+    streams, added to every prediction. ``bounds``: the factor's range; ``max_wake`` /
+    ``max_slowdown``: the other two's upper bounds; ``fit_wake=False`` / ``fit_slowdown=False`` keep
+    the profile's value of that parameter."""
     if len(samples) < 2:
         raise DistributedCalibrationError(f"{len(samples)} measured steps. Fix: time at least two calibration "
                                           "steps of the multi-process executor.")
@@ -141,35 +152,50 @@ def fit_distributed(profile: ClusterProfile, samples: Sequence[DistributedSample
     base = dataclasses.replace(profile, device=dataclasses.replace(
         profile.device, op_overheads={**profile.device.op_overheads, **(p2p or {})}))
 
-    def loss_at(factor: float, wake: float) -> float:
-        scaled = with_wake_latency(scale_compute(base, factor), wake)
+    def loss_at(factor: float, wake: float, slowdown: float) -> float:
+        scaled = with_wake_latency(scale_compute(base, factor), wake, slowdown)
         return sum(abs(math.log((s.predict(scaled) + step_overhead) / s.measured_s)) for s in samples)
 
-    def best_factor(wake: float) -> tuple[float, float]:
-        res = scipy.optimize.minimize_scalar(lambda f: loss_at(f, wake), bounds=bounds, method="bounded",
+    def best_factor(wake: float, slowdown: float) -> tuple[float, float]:
+        res = scipy.optimize.minimize_scalar(lambda f: loss_at(f, wake, slowdown), bounds=bounds, method="bounded",
                                              options={"xatol": 1e-3})
         return float(res.x), float(res.fun)
 
-    wake = profile.device.recv_wake_latency
-    factor, best = best_factor(wake)
+    wake, slowdown = profile.device.recv_wake_latency, profile.device.colocated_slowdown
+    factor, best = best_factor(wake, slowdown)
+    # the loss is piecewise smooth in the wake latency and the slowdown (which receives wait, and
+    # which spans overlap, change in steps): coarse scans find the basin, then Nelder-Mead refines
     if fit_wake:
-        # the loss is piecewise smooth in the wake latency (which receives wait changes in steps):
-        # a coarse scan finds the basin, then Nelder-Mead refines both parameters from there
         for w in (max_wake * k / 10 for k in range(11)):
-            f, v = best_factor(w)
+            f, v = best_factor(w, slowdown)
             if v < best:
                 factor, wake, best = f, w, v
-        res = scipy.optimize.minimize(lambda x: loss_at(x[0], x[1] * 1e-3), [factor, wake * 1e3],
-                                      method="Nelder-Mead", bounds=[bounds, (0.0, max_wake * 1e3)],
+    if fit_slowdown:
+        for a in (max_slowdown * k / 8 for k in range(9)):
+            f, v = best_factor(wake, a)
+            if v < best:
+                factor, slowdown, best = f, a, v
+    free = [fit_wake, fit_slowdown]
+    if any(free):
+        def unpack(x) -> tuple[float, float, float]:
+            it = iter(x[1:])
+            return (float(x[0]), float(next(it)) * 1e-3 if fit_wake else wake,
+                    float(next(it)) if fit_slowdown else slowdown)
+
+        x0 = [factor] + ([wake * 1e3] if fit_wake else []) + ([slowdown] if fit_slowdown else [])
+        box = [bounds] + ([(0.0, max_wake * 1e3)] if fit_wake else []) + ([(0.0, max_slowdown)] if fit_slowdown else [])
+        res = scipy.optimize.minimize(lambda x: loss_at(*unpack(x)), x0, method="Nelder-Mead", bounds=box,
                                       options={"xatol": 1e-3, "fatol": 1e-6})
         if float(res.fun) < best:
-            factor, wake = float(res.x[0]), float(res.x[1]) * 1e-3
-    fitted = with_wake_latency(scale_compute(base, factor), wake)
+            factor, wake, slowdown = unpack(res.x)
+    fitted = with_wake_latency(scale_compute(base, factor), wake, slowdown)
     fitted = dataclasses.replace(fitted, name=f"{profile.name}-distributed", device=dataclasses.replace(
         fitted.device, source=f"{fitted.device.source}; multi-process executor: compute x {factor:.3g} "
-                              f"(co-located ranks), blocked receives wake {wake * 1e6:.0f} us late, "
+                              f"(co-located ranks), x (1 + {slowdown:.2f} x overlap) beside another rank's "
+                              f"compute, blocked receives wake {wake * 1e6:.0f} us late, "
                               "P2P op times from measured timelines"))
     return DistributedCalibration(profile=fitted, compute_factor=factor, wake_latency=wake,
+                                  colocated_slowdown=slowdown,
                                   p2p_overheads=dict(p2p or {}), step_overhead=step_overhead,
                                   median_rel_error_before=before,
                                   median_rel_error=_median_err(samples, fitted, step_overhead))

@@ -793,8 +793,15 @@ class StepModel:
         compute = recompute_compute_time(self.compute_time, self, program, plan)
         if self.cluster.device.op_overheads:
             kwargs.setdefault("comm_overhead", self.comm_overhead)
-        return simulate(program, self.cluster, compute,
-                        memory=self.memory_model(program) if memory else None, **kwargs)
+        mem = self.memory_model(program) if memory else None
+        slowdown = self.cluster.device.colocated_slowdown
+        if not slowdown:
+            return simulate(program, self.cluster, compute, memory=mem, **kwargs)
+        from dipc.semu.contention import contended   # co-located CPU ranks (calibrated profiles only)
+
+        record = kwargs.pop("record", True)
+        return contended(lambda fn, rec: simulate(program, self.cluster, fn, memory=mem, record=rec, **kwargs),
+                         compute, self.cluster, slowdown, gpus_per_rank=kwargs["gpus_per_rank"], record=record)
 
 
 # ------------------------------------------------------------------------------------------------

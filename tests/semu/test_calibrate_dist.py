@@ -103,3 +103,20 @@ def test_too_few_or_bad_steps_fail_clearly(vlm_2stage):
     bad = [DistributedSample(predict=lambda p: 1.0, measured_s=0.0)] * 2
     with pytest.raises(DistributedCalibrationError, match="not positive"):
         fit_distributed(_cpu_profile(), bad)
+
+
+def test_fit_recovers_the_colocated_slowdown(vlm_2stage):
+    """Steps made with compute x1.1 and each instruction 1 + 0.6 x overlap slower beside the other
+    rank's compute: schedules overlap their ranks differently, so the factor and the slowdown are
+    told apart."""
+    ex, pipe, cm = vlm_2stage
+    base = _cpu_profile()
+    truth = with_wake_latency(scale_compute(base, 1.1), 0.0, 0.6)
+    samples = [_sample(ex, pipe, cm, s, measured_on=truth) for s in ("1f1b", "zb_h1", "gpipe")]
+    cal = fit_distributed(base, samples, fit_wake=False)
+    assert cal.colocated_slowdown == pytest.approx(0.6, abs=0.05)
+    assert cal.compute_factor == pytest.approx(1.1, rel=0.03)
+    assert cal.profile.device.colocated_slowdown == cal.colocated_slowdown
+    assert cal.median_rel_error < 0.005
+    flat = fit_distributed(base, samples, fit_wake=False, fit_slowdown=False)   # one factor for all
+    assert flat.colocated_slowdown == 0.0 and flat.median_rel_error > cal.median_rel_error
