@@ -94,9 +94,11 @@ def test_refining_a_per_stage_winner_keeps_the_faster_plan():
     assert max(result.peak_memory) <= limit
     plain = costs.simulate(program)
     assert refine_per_microbatch(program, plain, costs, limit) == (program, plain)
-    # a spent planning budget keeps the per-stage plan; an ample one refits as before
+    # a spent planning budget still descends from the per-stage plan (no ILP): dropping the short
+    # microbatches' recomputation one by one reaches the optimum here; an ample one refits as before
     spent = refine_per_microbatch(per_stage.program, per_stage.result, costs, limit, time_budget=0.001)
-    assert spent == (per_stage.program, per_stage.result)
+    assert spent[0] is not per_stage.program and max(spent[1].peak_memory) <= limit
+    assert spent[1].step_time == pytest.approx(result.step_time)
     ample = refine_per_microbatch(per_stage.program, per_stage.result, costs, limit, time_budget=5.0)
     assert ample[1].step_time == result.step_time
 
@@ -137,3 +139,31 @@ def test_per_microbatch_ilp_reaches_the_brute_force_optimum(seed, sched, mbs, ti
         assert got == pytest.approx(best[r], rel=1e-6, abs=1e-12), f"rank {r}: not the cheapest feasible choice"
         assert got <= per_stage_best[r] * (1 + 1e-9) + 1e-12
         assert result.added_seconds[r] == pytest.approx(got, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), sched=st.sampled_from([("1f1b", 1), ("zb_h1", 1), ("interleaved_1f1b", 2)]),
+       mbs=st.integers(2, 4), tight=st.floats(0.0, 1.0))
+def test_descent_from_the_per_stage_plan_fits_and_never_costs_more(seed, sched, mbs, tight):
+    """The refit's descent (no ILP): within every rank's limit, no slower than the per-stage plan it
+    starts from, and no faster than the per-microbatch ILP's optimum."""
+    schedule, chunks = sched
+    program = chain(2, chunks, mbs, schedule)
+    costs = random_costs(seed, 2 * chunks, 1, mbs)
+    cands = {s: stage_candidates(costs, s, mbs) for s in range(2 * chunks)}
+    base = costs.simulate(program).peak_memory
+    frugal = costs.simulate(with_recompute(program, {s: c[-1] for s, c in cands.items()})).peak_memory
+    limits = [f + tight * (b - f) + 1.0 for b, f in zip(base, frugal)]
+    try:
+        per_stage = optimize_memory(program, costs, limits, per_microbatch=False)
+    except InfeasibleMemoryError:
+        return
+    try:
+        descended = optimize_memory(program, costs, limits, warm=recompute_plan(per_stage.program), ilp=False)
+    except InfeasibleMemoryError:   # the emulator tightened a budget below the warm plan: no descent
+        return
+    optimum = optimize_memory(program, costs, limits)
+    assert all(p <= l * (1 + 1e-9) + 1 for p, l in zip(descended.peak_memory, limits))
+    for r in range(2):
+        assert descended.added_seconds[r] <= per_stage.added_seconds[r] * (1 + 1e-9) + 1e-12
+        assert descended.added_seconds[r] >= optimum.added_seconds[r] * (1 - 1e-9) - 1e-12
