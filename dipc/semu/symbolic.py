@@ -26,8 +26,8 @@ Under that trace:
 - The backward's own peak (``bwd_peak_bytes``): during the whole backward, the storages its ops
   create (intermediate gradients, the input gradients) less the saved activations it frees, at the
   moment that sum is largest for the example's sizes, as an expression (a parameter's gradient
-  counts only as the transient it is before being accumulated into ``.grad``). A layer's backward holds far more than its input and
-  output gradients: an encoder block's MLP and attention gradients peak at ~4.5x its input.
+  counts only as the transient it is before being accumulated into ``.grad``). A layer's backward
+  holds far more than its input and output gradients: an encoder block's peaks at 4x its input.
 
 Custom ops are costed by their ``register_op_cost`` entries (FLOPs, optionally bytes moved); what
 they keep for backward is what their autograd saves. dipc's fused kernels are such ops
@@ -379,7 +379,10 @@ class _LivePeak(TorchDispatchMode):
         the allocations ``transient`` (ids) count only at their own event (freed right after, as a
         parameter gradient once accumulated into ``.grad``); 0 if it never rises."""
         def value(e: sympy.Expr) -> float:
-            return float(e.xreplace(hints)) if isinstance(e, sympy.Expr) else float(e)
+            try:
+                return float(e.xreplace(hints)) if isinstance(e, sympy.Expr) else float(e)
+            except TypeError:    # a size without an example value (unbacked): not placed
+                return 0.0
 
         total, best, best_at, spike = 0.0, 0.0, 0, None
         for k, (ident, e) in enumerate(self.events):
