@@ -73,7 +73,7 @@ from dipc.ir.recompute import recompute_plan
 from dipc.semu.costs import CostModel, LayerCost, LengthStats
 from dipc.semu.emulator import MemoryModel, SimResult, simulate
 from dipc.semu.length_stats import batch_length_stats, pipeline_length_stats
-from dipc.semu.recompute_costs import (FULL, SELECTIVE, Footprint, layer_mode, recompute_compute_time,
+from dipc.semu.recompute_costs import (FULL, NONE, SELECTIVE, Footprint, layer_mode, recompute_compute_time,
                                        recompute_memory_model)
 from dipc.semu.profiles import ClusterProfile, DeviceProfile, LinkProfile
 
@@ -349,6 +349,8 @@ class StepModel:
         self._per_op_dispatch = bool(cluster.device.kind_op_overheads)   # compute_time runs per instruction
         self._costs_cache: dict[tuple[int, int, int], list[LayerCost]] = {}
         self._workspace_cache: dict[tuple[Op, int, int, int, bool, bool, frozenset[str]], float] = {}
+        self._walk_cache: dict[tuple[int, int, int], tuple[np.ndarray, ...]] = {}
+        self._walk_list_cache: dict[tuple[int, int, int], tuple[list[float], ...]] = {}
         self._unit_keys: dict[tuple[int, int], tuple[int, int]] = {}
         self._overheads: dict = {}
         self._units_by_stats: dict[tuple, tuple[int, int]] = {}
@@ -544,9 +546,47 @@ class StepModel:
             if unit != (ins.mb, ins.sub):    # units of equal statistics share one walk
                 hit = self.workspace_bytes(replace(ins, mb=unit[0], sub=unit[1]), first, rewalk, recompute)
             else:
-                full, sel = self._mode_masks(ins.stage, [recompute])
-                hit = float(self.workspace_choices(ins, first, full, sel, np.array([rewalk]), bool(recompute))[0])
+                hit = self._walk_one(ins, first, rewalk, recompute)
             self._workspace_cache[key] = hit
+        return hit
+
+    def _walk_one(self, ins: Instruction, first: bool, rewalk: bool, recompute: frozenset[str]) -> float:
+        """:meth:`workspace_choices` for one choice, as a plain loop: the emulator asks per
+        instruction, where numpy's per-call cost (~50 us) is most of the walk. The two must agree
+        (tests/semu/test_recompute_memory.py checks them against each other)."""
+        op = ins.op
+        costs = self._stage_costs(ins.stage, ins.mb, ins.sub)
+        loss = costs[-1].out_bytes / self.tp if ins.stage in self.loss_stages and costs else 0.0
+        if op is _FWD:
+            return loss
+        if not costs:
+            return 0.0
+        frees = op is _BWD
+        makes_grads = first and op is not _BWD_I
+        captures = op is _BWD_I and self.captures_seeds(ins.stage) and not rewalk
+        dense = not frees and self.cluster.device.dense_masked_attention
+        act, inp, sel_b, held, probs_b, grads, seeds = self._walk_lists(ins.stage, ins.mb, ins.sub)
+        modes = [layer_mode(p, recompute) for p in self._layers(ins.stage)] if recompute else None
+        peak, live = 2 * loss, 0.0
+        for k in range(len(costs) - 1, -1, -1):    # autograd walks the layers last to first
+            mode = modes[k] if modes else NONE
+            if makes_grads:
+                live += grads[k]
+            here = live + held[k] + (2.0 * probs_b[k] if dense else 0.0)
+            if mode != NONE:                        # ``recompute`` is given only where this re-runs
+                here += max(act[k] - (inp[k] if mode == FULL else sel_b[k]), 0.0)
+            peak = max(peak, here)
+            if frees:
+                live -= act[k] if mode == NONE else inp[k] if mode == FULL else sel_b[k]
+            if captures:
+                live += seeds[k]
+        return max(peak, live, 0.0)
+
+    def _walk_lists(self, stage: int, mb: int, sub: int) -> tuple[list[float], ...]:
+        key = (stage, mb, sub)
+        hit = self._walk_list_cache.get(key)
+        if hit is None:
+            hit = self._walk_list_cache[key] = tuple(a.tolist() for a in self._walk_arrays(stage, mb, sub))
         return hit
 
     def _mode_masks(self, stage: int, choices: Sequence[frozenset[str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -578,25 +618,38 @@ class StepModel:
         frees = op is _BWD
         makes_grads = first and op is not _BWD_I
         captures = op is _BWD_I and self.captures_seeds(ins.stage)
-        probs = 0.0 if frees or not self.cluster.device.dense_masked_attention else 2.0
-        fps = [self.layer_footprint(ins.stage, mb, p, sub) for p in self._layers(ins.stage)]
-        act = np.array([f.act_bytes for f in fps])
-        inp = np.array([f.in_bytes for f in fps])
-        sel_b = np.array([f.sel_bytes for f in fps])
-        held = np.array([(c.out_bytes + max(c.in_bytes, c.bwd_peak_bytes) + probs * c.attn_probs_bytes) / tp
-                         for c in costs])
-        gain = np.tile(np.array([c.grad_bytes / tp for c in costs]) if makes_grads else np.zeros(len(costs)), (n, 1))
+        act, inp, sel_b, held, probs_b, grads, seeds = self._walk_arrays(ins.stage, mb, sub)
+        if not frees and self.cluster.device.dense_masked_attention:
+            held = held + 2.0 * probs_b
+        gain = np.tile(grads, (n, 1)) if makes_grads else np.zeros((n, len(costs)))
         after = np.zeros((n, len(costs)))      # what changes once the walk is past a layer
         if frees:
             after -= full * inp + sel * sel_b + (1.0 - full - sel) * act
         if captures:
-            after += np.outer(~np.asarray(rewalk, dtype=bool), [c.wgrad_seed_bytes / tp for c in costs])
+            after += np.outer(~np.asarray(rewalk, dtype=bool), seeds)
         rebuilt = (full * np.maximum(act - inp, 0.0) + sel * np.maximum(act - sel_b, 0.0)) if reruns else 0.0
         # autograd walks the layers last to first
         g, a = gain[:, ::-1].cumsum(axis=1), after[:, ::-1].cumsum(axis=1)
         live = g + np.concatenate([np.zeros((n, 1)), a[:, :-1]], axis=1)
         peak = (live + held[::-1] + (rebuilt[:, ::-1] if reruns else 0.0)).max(axis=1)
         return np.maximum(np.maximum(np.maximum(peak, 2 * loss), g[:, -1] + a[:, -1]), 0.0)
+
+    def _walk_arrays(self, stage: int, mb: int, sub: int) -> tuple[np.ndarray, ...]:
+        """Per layer of ``stage`` on a unit, per GPU: stash, stream input, selective stash, what
+        its backward holds (output gradient + its own peak), masked-attention probabilities,
+        parameter gradients and captured seeds; the walk's inputs, built once per unit."""
+        key = (stage, mb, sub)
+        hit = self._walk_cache.get(key)
+        if hit is None:
+            tp = self.tp
+            costs = self._stage_costs(stage, mb, sub)   # the footprints' bytes, without their times
+            hit = self._walk_cache[key] = (
+                np.array([self._stash(c) / tp for c in costs]), np.array([c.in_bytes / tp for c in costs]),
+                np.array([self._sel_stash(c) / tp for c in costs]),
+                np.array([(c.out_bytes + max(c.in_bytes, c.bwd_peak_bytes)) / tp for c in costs]),
+                np.array([c.attn_probs_bytes / tp for c in costs]), np.array([c.grad_bytes / tp for c in costs]),
+                np.array([c.wgrad_seed_bytes / tp for c in costs]))
+        return hit
 
     def captures_seeds(self, stage: int) -> bool:
         """Whether BWD_I of ``stage`` captures gradients for BWD_W (:mod:`dipc.runtime.split_backward`):
@@ -651,7 +704,7 @@ class StepModel:
             return 0.0, 0.0, 0.0
         dev = self.cluster.device
         dense = dev.dense_masked_attention and cost.attn_probs_bytes > 0
-        stash = cost.sel_act_bytes + (cost.attn_probs_bytes if dense else 0.0)
+        stash = self._sel_stash(cost)
         secs = _pass_time(dev, 0.0, 0.0, cost.sel_rerun_bytes / self.tp, self.layer_dtype(path),
                           self.gemms_per_layer, self.bytes_mode)
         if dense and dev.probs_fwd_byte_time:   # the softmax over the kept scores is re-run
@@ -661,6 +714,13 @@ class StepModel:
             secs += ops.get("sel_fwd", 0) * dev.op_overhead
         dispatch = ops.get("fwd", 0) * dev.sac_op_overhead   # torch's modes see every forward op
         return stash, secs + dispatch, dispatch
+
+    def _sel_stash(self, cost: LayerCost) -> float:
+        """Bytes a selectively checkpointed layer keeps (all of TP; 0: no selective choice)."""
+        if cost.sel_act_bytes <= 0:
+            return 0.0
+        dense = self.cluster.device.dense_masked_attention and cost.attn_probs_bytes > 0
+        return cost.sel_act_bytes + (cost.attn_probs_bytes if dense else 0.0)
 
     def _stash(self, cost: LayerCost) -> float:
         """Bytes a layer keeps for backward: its traced stash, plus the dense softmax probabilities
