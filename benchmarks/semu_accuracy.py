@@ -151,6 +151,35 @@ def _kendall_tau(a: list[float], b: list[float]) -> float:
     return (conc - disc) / denom if denom else 0.0
 
 
+def _single_run_agreement(cases: list[dict], exe: str, num_batches: int) -> dict[str, float]:
+    """How far SEMU is from one timed step, beside how far one timed step is from another of the
+    same program: the measurement's own noise, which bounds what any model can score. Both sides
+    on single repeats (``runs_s``): |t_r / t_s - 1| and Kendall's tau of two repeats' times over a
+    batch's schedules, against |predicted / t_r - 1| and tau of predicted vs one repeat. Schedules
+    that share one program (``same_program_as``) share its times, so they tie on both sides."""
+    pred_err, meas_err, pred_tau, meas_tau = [], [], [], []
+    for name in MODELS:
+        for b in range(num_batches):
+            group = [c for c in cases if c["model"] == name and c["batch"] == b]
+            runs = [c[exe]["runs_s"] for c in group]
+            n = min(len(r) for r in runs)
+            for r in range(n):
+                at_r = [x[r] for x in runs]
+                pred_tau.append(_kendall_tau([c[exe]["predicted_s"] for c in group], at_r))
+                for c, t in zip(group, at_r):
+                    if "same_program_as" not in c:
+                        pred_err.append(abs(c[exe]["predicted_s"] / t - 1))
+                for q in range(r + 1, n):
+                    meas_tau.append(_kendall_tau([x[q] for x in runs], at_r))
+                    meas_err += [abs(x[q] / x[r] - 1) for c, x in zip(group, runs) if "same_program_as" not in c]
+    return {"semu_vs_one_run_median_abs_err": statistics.median(pred_err),
+            "semu_vs_one_run_p90_abs_err": _pct(pred_err, 0.9),
+            "semu_vs_one_run_mean_kendall_tau": statistics.mean(pred_tau),
+            "run_vs_run_median_abs_err": statistics.median(meas_err) if meas_err else float("nan"),
+            "run_vs_run_p90_abs_err": _pct(meas_err, 0.9),
+            "run_vs_run_mean_kendall_tau": statistics.mean(meas_tau) if meas_tau else float("nan")}
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     if not xs:
@@ -411,7 +440,7 @@ def main() -> None:
             for schedule in SCHEDULE_CHUNKS:
                 cases.append({"model": name, "schedule": schedule, "batch": b,
                               "local": {"measured_s": statistics.median(runs[schedule]),
-                                        "measured_min_s": min(runs[schedule])},
+                                        "measured_min_s": min(runs[schedule]), "runs_s": runs[schedule]},
                               "gloo": {}, **({"same_program_as": same[schedule]} if schedule in same else {})})
             if b % cal_every == 0 and b // cal_every < num_calib:
                 cmbs = calib[b // cal_every]
@@ -503,6 +532,7 @@ def main() -> None:
             times = per_rank[0][f"{c['model']}|{c['schedule']}|{c['batch']}"]
             c["gloo"]["measured_s"] = statistics.median(times)
             c["gloo"]["measured_min_s"] = min(times)
+            c["gloo"]["runs_s"] = times
         for d in direction:
             for key in DIP_KEYS:
                 d[key]["gloo"]["measured_s"] = statistics.median(per_rank[0][f"{d['model']}|{DIP}-{key}|{d['batch']}"])
@@ -565,7 +595,8 @@ def main() -> None:
                         for s in SCHEDULE_CHUNKS}
         summary[exe] = {"median_abs_err": statistics.median(errs), "p90_abs_err": _pct(errs, 0.9),
                         "mean_kendall_tau": statistics.mean(t for v in taus.values() for t in v),
-                        "per_model": per_model, "per_schedule_median_abs_err": per_schedule}
+                        "per_model": per_model, "per_schedule_median_abs_err": per_schedule,
+                        "single_runs": _single_run_agreement(cases, exe, num_batches)}
     summary["dip_vs_1f1b"] = {}
     for exe, key in ((e, k) for e in executors for k in DIP_KEYS[1:]):
         pred, meas = [], []
@@ -608,6 +639,12 @@ def main() -> None:
         for name, v in sm["per_model"].items():
             print(f"        {name:10s} median {v['median_abs_err']:.1%}  p90 {v['p90_abs_err']:.1%}  "
                   f"tau {v['mean_kendall_tau']:.2f}")
+        one = sm["single_runs"]
+        print(f"        single timed steps: SEMU vs one run median {one['semu_vs_one_run_median_abs_err']:.1%}  p90 "
+              f"{one['semu_vs_one_run_p90_abs_err']:.1%}  tau {one['semu_vs_one_run_mean_kendall_tau']:.2f}; "
+              f"one run vs another of the same programs (the measurement's own noise) median "
+              f"{one['run_vs_run_median_abs_err']:.1%}  p90 {one['run_vs_run_p90_abs_err']:.1%}  "
+              f"tau {one['run_vs_run_mean_kendall_tau']:.2f}")
     for exe, v in summary["dip_vs_1f1b"].items():
         agree = "-" if v["sign_agreement"] is None else f"{v['sign_agreement']:.0%}"
         print(f"{exe:13s}/1F1B: sign agrees on {agree} of {v['num_signed']} batches (of "
