@@ -143,3 +143,23 @@ def test_plan_naming_a_foreign_layer_is_refused_by_semu():
     costs = random_costs(0, 2, 2, 2)
     with pytest.raises(ScheduleError, match=r"recomputes \['s1.l0'\] in stage 0.*Fix:"):
         costs.simulate(with_recompute(program, {0: ["s1.l0"]}))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 6), st.integers(0, 10_000))
+def test_dropping_dominated_rows_keeps_the_feasible_set(num_rows, num_cols, seed):
+    """Phase 3's per-rank rows lose those another row dominates; for every 0/1 choice, the rows
+    left accept exactly what all rows accept (negative workspace deltas included)."""
+    import numpy as np
+
+    from dipc.semu.memory_opt import _undominated
+
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(-3, 6, size=(num_rows, num_cols + 1)).astype(float)   # coefficients, then offset
+    rows = np.vstack([rows, rows[: num_rows // 2] - rng.integers(0, 2, size=(num_rows // 2, num_cols + 1))])
+    kept = _undominated(rows)
+    assert len(kept) <= len(rows)
+    limit = float(rng.integers(0, 10))
+    for x in itertools.product((0.0, 1.0), repeat=num_cols):
+        xs = np.array([*x, 1.0])
+        assert (rows @ xs <= limit).all() == (kept @ xs <= limit).all()
