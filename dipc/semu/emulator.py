@@ -222,15 +222,18 @@ class _Prepared:
     stage_static_rank: tuple[int, ...]
 
 
-_CACHE: OrderedDict[int, tuple[Program, _Prepared]] = OrderedDict()
+_CACHE: OrderedDict[tuple[int, int], tuple[tuple, tuple, _Prepared]] = OrderedDict()
 _CACHE_SIZE = 16
 
 
 def _prepare(program: Program) -> _Prepared:
-    hit = _CACHE.get(id(program))
-    if hit is not None and hit[0] is program:
-        _CACHE.move_to_end(id(program))
-        return hit[1]
+    # keyed by the streams and stages, not the program: phase 3's fitted copies
+    # (``with_recompute``) share both with the program they were fitted from
+    key = (id(program.streams), id(program.stages))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is program.streams and hit[1] is program.stages:
+        _CACHE.move_to_end(key)
+        return hit[2]
     recv_bytes: dict[tuple[int, int], deque[int]] = {}
     sizes: dict[tuple[TensorSpec, ...], int] = {}     # planners share spec tuples across messages
 
@@ -261,7 +264,7 @@ def _prepare(program: Program) -> _Prepared:
                 out.append((_K_COMPUTE, ins, -1, 0))
         streams.append(tuple(out))
     prepared = _Prepared(tuple(streams), tuple(s.rank for s in program.stages))
-    _CACHE[id(program)] = (program, prepared)
+    _CACHE[key] = (program.streams, program.stages, prepared)
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return prepared

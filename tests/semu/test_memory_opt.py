@@ -98,7 +98,9 @@ def test_ilp_fits_the_limit_at_the_brute_force_optimum(seed, ranks, sched, layer
         feasible = []
         for combo in itertools.product(*(cands[s] for s in own)):
             plan = dict(zip(own, combo))
-            if costs.simulate(with_recompute(program, plan)).peak_memory[r] <= limits[r]:
+            # optimize_memory's own acceptance: within 1e-9 of the limit plus a byte (a plan
+            # over by a fraction of a byte fits; hypothesis found tight = -1.2e-7 at that edge)
+            if costs.simulate(with_recompute(program, plan)).peak_memory[r] <= limits[r] * (1 + 1e-9) + 1.0:
                 feasible.append(added_seconds(costs, program, r, plan))
         best.append(min(feasible, default=math.inf))
     if any(math.isinf(b) for b in best):
