@@ -393,21 +393,29 @@ def _undominated(rows: np.ndarray) -> np.ndarray:
     dominates (>= in every entry): the choices are 0/1, so a dominated row holds wherever its
     dominator does and the feasible set is unchanged. A rank's rows are mostly such repeats of the
     same stashes at lower levels (VLM-L: median 266 rows -> 15), and HiGHS's time grows with them.
-    Rows are visited largest sum first (a row can only be dominated by one whose sum is >= its own),
-    so each is checked against the kept ones only."""
-    rows = np.unique(rows, axis=0)
+    Rows are visited largest sum first (a dominator's sum is at least its row's), a block at a
+    time: each row of the block is kept unless a kept row dominates it (a duplicate is dominated by
+    its twin), then the rest lose every row the block's kept rows dominate in one broadcast
+    (3 ms per rank problem on VLM-L against 7 ms row by row after ``np.unique``)."""
     if len(rows) < 2:
         return rows
-    order = np.argsort(-rows.sum(axis=1), kind="stable")
+    left = rows[np.argsort(-rows.sum(axis=1), kind="stable")]
     kept = np.empty_like(rows)
     n = 0
-    for i in order:
-        row = rows[i]
-        if n and (kept[:n] >= row).all(axis=1).any():
-            continue
-        kept[n] = row
-        n += 1
+    while len(left):
+        block, left = left[:_PRUNE_BLOCK], left[_PRUNE_BLOCK:]
+        start = n
+        for row in block:
+            if n and (kept[:n] >= row).all(axis=1).any():
+                continue
+            kept[n] = row
+            n += 1
+        if len(left) and n > start:
+            left = left[~(left[:, None, :] <= kept[None, start:n, :]).all(axis=2).any(axis=1)]
     return kept[:n]
+
+
+_PRUNE_BLOCK = 16
 
 
 def _milp(problem: _RankProblem, groups: list[_Group], rows: np.ndarray, rhs: np.ndarray, mip_rel_gap: float,
