@@ -371,6 +371,9 @@ class StepModel:
         self._unit_keys: dict[tuple[int, int], tuple[int, int]] = {}
         self._overheads: dict = {}
         self._units_by_stats: dict[tuple, tuple[int, int]] = {}
+        # (is a FWD, stage, unit mb, unit sub, recomputed layers) -> seconds a plan adds there
+        # (dipc.semu.recompute_costs.recompute_compute_time): shared by every plan scored on this model
+        self.recompute_seconds_cache: dict[tuple[bool, int, int, int, frozenset[str]], float] = {}
 
     @staticmethod
     def runtime_options(pipe: Any) -> dict[str, Any]:
