@@ -175,8 +175,7 @@ def fit_distributed(profile: ClusterProfile, samples: Sequence[DistributedSample
             f, v = best_factor(wake, a)
             if v < best:
                 factor, slowdown, best = f, a, v
-    free = [fit_wake, fit_slowdown]
-    if any(free):
+    if fit_wake or fit_slowdown:
         def unpack(x) -> tuple[float, float, float]:
             it = iter(x[1:])
             return (float(x[0]), float(next(it)) * 1e-3 if fit_wake else wake,

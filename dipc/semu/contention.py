@@ -77,11 +77,9 @@ def contended(run: Callable[[ComputeTimeFn, bool], SimResult], base: ComputeTime
         return base(ins) * factors.get(ins, 1.0)
 
     result = run(base, True)
-    for _ in range(rounds):
+    for k in range(rounds + 1):
         overlaps = colocated_overlaps(result, cluster, gpus_per_rank)
         factors = {ins: 0.5 * (factors.get(ins, 1.0) + 1.0 + slowdown * o) for ins, o in overlaps.items()}
-        result = run(stretched, True)
-    overlaps = colocated_overlaps(result, cluster, gpus_per_rank)
-    factors = {ins: 0.5 * (factors.get(ins, 1.0) + 1.0 + slowdown * o) for ins, o in overlaps.items()}
-    return run(stretched, record)
+        result = run(stretched, record or k < rounds)   # the rounds need timelines; the last only if asked
+    return result
 

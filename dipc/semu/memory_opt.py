@@ -608,13 +608,13 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
         problems.append(problem)
     budgets = [limit - p.static for limit, p in zip(limits, problems)]
     index: list[dict[_Group, int]] = [{} for _ in problems]   # per rank: group -> chosen candidate
+    starts = [_warm_index(p, warm) if warm is not None else None for p in problems]
     todo = list(range(program.num_ranks))
     for rounds in range(1, max_rounds + 1):
         for r in todo:
             got = None
             if budgets[r] > 0:
-                start = _warm_index(problems[r], warm) if warm is not None else None
-                got = _descend(problems[r], start, budgets[r]) if start is not None else None
+                got = _descend(problems[r], starts[r], budgets[r]) if starts[r] is not None else None
                 solved = _solve(problems[r], budgets[r], mip_rel_gap, time_limit) if ilp else None
                 if solved is not None and (got is None or _cost_of(problems[r], solved) < _cost_of(problems[r], got)):
                     got = solved
@@ -631,8 +631,7 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
             raise ValueError("the simulator returned no peak memory. Fix: simulate with a memory model.")
         todo = [r for r in range(program.num_ranks) if peaks[r] > limits[r] * (1 + 1e-9) + 1.0]
         if not todo:
-            added = tuple(float(sum(p.cost[p.span[g][j]] for g, j in chosen.items()))
-                          for p, chosen in zip(problems, index))
+            added = tuple(_cost_of(p, chosen) for p, chosen in zip(problems, index))
             return MemoryPlan(program=planned, recompute=plan, result=result, peak_memory=tuple(peaks),
                               limit=tuple(limits), added_seconds=added, rounds=rounds)
         for r in todo:   # the emulator disagrees with the ILP's accounting: tighten and re-solve

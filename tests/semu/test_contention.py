@@ -4,21 +4,18 @@ import dataclasses
 
 import pytest
 
-import dipc
 from dipc.ir import Op
 from dipc.semu.contention import colocated_overlaps
-from dipc.semu.costs import layer_cost_model
 from dipc.semu.profiles import load_preset, profile_from_json, profile_to_json
 from dipc.semu.step_model import StepModel, pipeline_length_stats
-from examples.data import make_example
 
 
 @pytest.fixture(scope="module")
-def vlm():
-    ex = make_example("vlm")
-    mbs = ex.data.microbatches(4, 2)
-    pipe = dipc.compile(ex.model, mbs[0], num_stages=2)
-    return pipe, mbs, layer_cost_model(pipe.captured)
+def vlm(vlm_2stage):
+    """conftest's 2-stage VLM with 4 microbatches from a data source of its own (same seed), so the
+    shared example's draws are left as other tests expect them."""
+    ex, pipe, cm = vlm_2stage
+    return pipe, type(ex.data)(ex.config, seed=0).microbatches(4, 2), cm
 
 
 def _model(pipe, mbs, cm, slowdown: float, gpus_per_node: int = 8):
