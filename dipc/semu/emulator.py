@@ -235,13 +235,15 @@ def _prepare(program: Program) -> _Prepared:
         _CACHE.move_to_end(key)
         return hit[2]
     recv_bytes: dict[tuple[int, int], deque[int]] = {}
-    sizes: dict[tuple[TensorSpec, ...], int] = {}     # planners share spec tuples across messages
+    # planners share spec tuples across messages: keyed by identity (hashing a tuple of specs
+    # hashes every field of every spec), the tuple kept so its id stays its own
+    sizes: dict[int, tuple[tuple[TensorSpec, ...], int]] = {}
 
     def size(specs: tuple[TensorSpec, ...]) -> int:
-        hit = sizes.get(specs)
+        hit = sizes.get(id(specs))
         if hit is None:
-            hit = sizes[specs] = message_bytes(specs)
-        return hit
+            hit = sizes[id(specs)] = (specs, message_bytes(specs))
+        return hit[1]
 
     for r, stream in enumerate(program.streams):
         for ins in stream:

@@ -370,6 +370,9 @@ class StepModel:
         self._walk_list_cache: dict[tuple[int, int, int], tuple[list[float], ...]] = {}
         self._unit_keys: dict[tuple[int, int], tuple[int, int]] = {}
         self._overheads: dict = {}
+        # (op, stage, mb, sub) -> compute_time, for the profile they were computed on (see timed)
+        self._times: dict[tuple[Op, int, int, int], float] = {}
+        self._times_of: tuple | None = None
         self._units_by_stats: dict[tuple, tuple[int, int]] = {}
         # (is a FWD, stage, unit mb, unit sub, recomputed layers) -> seconds a plan adds there
         # (dipc.semu.recompute_costs.recompute_compute_time): shared by every plan scored on this model
@@ -804,6 +807,24 @@ class StepModel:
             return self.reduce_time(ins.stage) + fixed
         return self.compute_seconds(op, ins.stage, ins.mb, ins.sub) + fixed
 
+    def timed(self) -> Callable[[Instruction], float]:
+        """:meth:`compute_time` memoised per (op, stage, mb, sub) for the current profile: the
+        emulator asks once per instruction of every program a planner scores (VLM-L: ~350k asks
+        per batch, each four method calls deep), and a batch's programs share their units."""
+        of = (self.cluster, self.cluster.device)
+        if self._times_of is None or self._times_of[0] is not of[0] or self._times_of[1] is not of[1]:
+            self._times.clear()
+            self._times_of = of
+        times, slow = self._times, self.compute_time
+
+        def compute(ins: Instruction) -> float:
+            key = (ins.op, ins.stage, ins.mb, ins.sub)
+            hit = times.get(key)
+            if hit is None:
+                hit = times[key] = slow(ins)
+            return hit
+        return compute
+
     def compute_seconds(self, op: Op, stage: int, mb: int, sub: int = -1) -> float:
         """Seconds of a FWD / BWD / BWD_I / BWD_W of ``stage`` on (``mb``, ``sub``), without the
         profile's fixed per-instruction overhead (0 for other ops): :meth:`compute_time` less
@@ -870,7 +891,7 @@ class StepModel:
         if self.cluster.device.recv_wake_latency:
             kwargs.setdefault("wake_latency", self.cluster.device.recv_wake_latency)
         plan = recompute_plan(program)
-        compute = recompute_compute_time(self.compute_time, self, program, plan)
+        compute = recompute_compute_time(self.timed(), self, program, plan)
         if self.cluster.device.op_overheads:
             kwargs.setdefault("comm_overhead", self.comm_overhead)
         mem = self.memory_model(program) if memory else None
