@@ -24,6 +24,7 @@ from dipc.runtime.timeline import MeasuredTimeline
 
 if TYPE_CHECKING:
     from dipc.semu.memory_opt import MemoryPlan
+    from dipc.semu.profiles import ClusterProfile
 
 Batch = Mapping[str, Any]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -129,7 +130,8 @@ class CompiledPipeline:
 
     def plan(self, microbatches: Sequence[Batch], schedule: str | None = None,
              compute_orders: Sequence[Sequence[Any]] | None = None, *,
-             memory_limit: float | Sequence[float] | None = None, profile: str = "h800") -> Program:
+             memory_limit: float | Sequence[float] | None = None,
+             profile: "str | ClusterProfile | None" = None) -> Program:
         """The program for these microbatches (shapes of every message known, validated).
 
         ``compute_orders`` (one list of ``ComputeAction`` per rank, e.g. from
@@ -139,7 +141,9 @@ class CompiledPipeline:
         ``memory_limit`` (bytes per rank, one number or one per rank) applies DIP's phase 3
         (:func:`dipc.semu.memory_opt.optimize_memory`): the cheapest per-(stage, microbatch) activation
         recomputation that keeps SEMU's peak (on ``profile``) within the limit, written to the
-        program's ``recompute`` attribute, which :meth:`step` executes. Raises
+        program's ``recompute`` attribute, which :meth:`step` executes. ``profile``: a preset name,
+        a profile JSON or a loaded profile; default: the device this pipeline runs on
+        (:func:`dipc.semu.profile_machine.default_profile`: on CPU this machine, measured). Raises
         ``InfeasibleMemoryError`` (how much over, per rank) when even full recomputation does not fit.
         """
         from dipc.ir.validate import validate
@@ -195,11 +199,15 @@ class CompiledPipeline:
         """``(modality, mb, sub) -> that sub's batch keys``, what a LOAD with a sub reads."""
         return self.sub_microbatcher.sub_batches(microbatches) if self.sub_microbatcher else {}
     def fit_memory(self, program: Program, microbatches: Sequence[Batch], memory_limit: float | Sequence[float],
-                   profile: str = "h800") -> "MemoryPlan":
-        """DIP phase 3 on ``program``: the recomputation plan, its simulated peaks and added time."""
+                   profile: "str | ClusterProfile | None" = None) -> "MemoryPlan":
+        """DIP phase 3 on ``program``: the recomputation plan, its simulated peaks and added time
+        (``profile`` as in :meth:`plan`)."""
         from dipc.semu.compare import step_model
         from dipc.semu.memory_opt import optimize_memory
+        from dipc.semu.profile_machine import default_profile
 
+        if profile is None:
+            profile = default_profile(self._parameters[0].device.type if self._parameters else "cpu")
         return optimize_memory(program, step_model(self, microbatches, profile), memory_limit)
 
     def check_trainable(self) -> None:

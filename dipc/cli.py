@@ -167,7 +167,8 @@ def _example_batch_options(command):
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="write the program here (.txt text dump and .json next to it); default: print it")
 @click.option("--memory-limit-mib", type=float, default=None,
-              help="per-rank memory limit on SEMU's h800 model: recompute layers to fit (DIP phase 3)")
+              help="per-rank memory limit on SEMU's model of this machine ($DIPC_PROFILE to name another): "
+                   "recompute layers to fit (DIP phase 3)")
 def plan(model, stages, chunks, schedule, microbatches, seed, sub_microbatches, out, memory_limit_mib) -> None:
     """Plan one batch of an example model: the validated per-rank instruction streams."""
     from dipc.ir.text import dump_program

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 from dipc.errors import ScheduleError
 from dipc.ir import Instruction, Op, Program
 from dipc.runtime.interpreter import RankInterpreter
+from dipc.runtime.recompute import apply_recompute
 from dipc.runtime.transport import LocalTransport
 
 if TYPE_CHECKING:
@@ -99,6 +100,9 @@ def _timed_handlers(interp: RankInterpreter, sink: list[tuple[int, Instruction, 
 def _run_ranks(pipe: "CompiledPipeline", program: Program, microbatches: Sequence[Mapping],
                prepare: Callable[[RankInterpreter], None] | None = None,
                on_switch: Callable[[int], None] | None = None) -> None:
+    # the program's checkpointing choice, as the executors apply it: without this a program with
+    # none (or one per stage) ran with the wrappers the previously measured program left
+    apply_recompute(program, pipe.stages)
     transport = LocalTransport()
     weights = pipe.loss_weights(microbatches)
     ranks = [RankInterpreter(r, program, pipe.stages, microbatches, weights, transport, pipe.treespecs)

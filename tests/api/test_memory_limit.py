@@ -4,10 +4,15 @@ honours the limit; a limit nothing fits is a clear error."""
 import pytest
 import torch
 
+import dipc
+
 from dipc.errors import InfeasibleMemoryError
 from dipc.ir import dump_program, parse_program
 from dipc.ir.recompute import recompute_plan, with_recompute
+from dipc.runtime.measure import measured_peak_memory
 from dipc.semu.compare import plan_dip, step_model
+from dipc.semu.profile_machine import default_profile
+from examples.data import make_example
 from tests.runtime.helpers import assert_grads_equal, build, independent_weights, reference_grads
 
 
@@ -39,7 +44,7 @@ def test_plan_with_memory_limit_fits_and_trains_exactly(zb):
     base = model.simulate(pipe.plan(mbs)).peak_memory
     frugal = model.simulate(with_recompute(pipe.plan(mbs), {s.id: s.layers for s in pipe.stages})).peak_memory
     limit = max(f + 0.5 * (b - f) for b, f in zip(base, frugal))
-    program = pipe.plan(mbs, memory_limit=limit)
+    program = pipe.plan(mbs, memory_limit=limit, profile="h800")   # the model's profile
     plan = recompute_plan(program)
     assert plan, "the limit is below the plain peak, so something must be recomputed"
     assert parse_program(dump_program(program)) == program
@@ -61,7 +66,7 @@ def test_dip_plan_honours_the_limit(zb):
     label, program, result = plan_dip(pipe, mbs, model, baselines=("1f1b",), memory_limit=limit)
     assert max(result.peak_memory) <= limit
     assert model.simulate(program).step_time == pytest.approx(result.step_time)
-    fitted_1f1b = pipe.plan(mbs, schedule="1f1b", memory_limit=limit)
+    fitted_1f1b = pipe.plan(mbs, schedule="1f1b", memory_limit=limit, profile="h800")
     assert result.step_time <= model.simulate(fitted_1f1b).step_time + 1e-12
 
 
@@ -78,3 +83,26 @@ def test_dip_plan_without_baselines_that_cannot_fit_says_so(zb):
     ex, pipe, mbs = zb
     with pytest.raises(InfeasibleMemoryError, match=r"Fix:"):
         plan_dip(pipe, mbs, step_model(pipe, mbs), memory_limit=2**20)
+
+
+def test_default_profile_fits_what_this_cpu_measures():
+    """No profile named: a CPU pipeline is fitted on this machine's profile, so the limit holds in
+    the tensors the step really allocates. The H800 preset (the default before) does not charge
+    the CPU's dense attention mask and predicts rank 0 far below its measured peak."""
+    torch.manual_seed(0)
+    ex = make_example("vlm", seed=0)
+    mbs = ex.data.microbatches(4, 4)
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, schedule="1f1b", loss_weight=ex.loss_weight,
+                        optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-4))   # SEMU counts Adam's states
+    plain = pipe.plan(mbs)
+    pipe.step(mbs, plain)                   # creates the optimizer states the peaks include
+    model = step_model(pipe, mbs, default_profile("cpu"))
+    base = model.simulate(plain).peak_memory
+    frugal = model.simulate(with_recompute(plain, {s.id: s.layers for s in pipe.stages})).peak_memory
+    limits = [f + 0.5 * (b - f) for b, f in zip(base, frugal)]
+    program = pipe.plan(mbs, memory_limit=limits)
+    assert recompute_plan(program)
+    measured = measured_peak_memory(pipe, mbs, program)
+    assert all(m <= 1.05 * lim for m, lim in zip(measured, limits)), (measured, limits)
+    h800 = step_model(pipe, mbs, "h800").simulate(plain).peak_memory
+    assert h800[0] < 0.8 * measured_peak_memory(pipe, mbs, plain)[0]

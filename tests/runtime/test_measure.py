@@ -75,3 +75,20 @@ def test_predicted_peak_memory_matches_measured(name, schedule):
     predicted = sm.simulate(program).peak_memory
     for rank, (p, m) in enumerate(zip(predicted, measured)):
         assert p == pytest.approx(m, rel=0.10), f"rank {rank}: predicted {p / 1e6:.2f} MB, measured {m / 1e6:.2f} MB"
+
+
+def test_measuring_a_program_applies_its_own_checkpointing():
+    """A program without recomputation measured after one with a per-stage choice runs with no
+    layer wrapped (the measuring loop used to keep the wrappers the previous program left)."""
+    from dipc.ir.recompute import with_recompute
+
+    torch.manual_seed(0)
+    ex = make_example("vlm", seed=0)
+    mbs = ex.data.microbatches(4, 2)
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, schedule="1f1b", loss_weight=ex.loss_weight)
+    plain = pipe.plan(mbs)
+    first = measured_peak_memory(pipe, mbs, plain)
+    everything = with_recompute(plain, {s.id: s.layers for s in pipe.stages})   # bare stages: per stage
+    recomputed = measured_peak_memory(pipe, mbs, everything)
+    assert all(r < f for r, f in zip(recomputed, first))
+    assert measured_peak_memory(pipe, mbs, plain) == first
