@@ -15,7 +15,7 @@ limit, SEMU's predicted peak error, how many layers each strategy took, and the 
 predicted step time relative to the plain program (median of ``--repeats`` steps, thread CPU time,
 plans interleaved step by step so machine drift hits all alike). SEMU uses the CPU profile
 calibrated by ``semu_accuracy.py`` (``benchmarks/results/semu_calibrated_profile.json``), with the
-per-op cost of torch's selective checkpointing measured here when the profile lacks it.
+per-op costs of torch's selective and full checkpointing measured here when the profile lacks them.
 
     python benchmarks/recompute_cpu.py [--models vlm,audio_llm,t2v] [--fractions 0.8,0.6,0.45]
 
@@ -67,16 +67,18 @@ def _median_steps(pipe, mbs, programs: dict, warmup: int, repeats: int) -> dict[
 
 
 def cpu_profile(path: str):
-    """The profile SEMU uses here, with torch's selective-checkpointing cost per op measured on this
-    CPU thread when the profile has none (profiles calibrated before it existed)."""
-    from dipc.semu.profile_machine import measure_sac_op_overhead
+    """The profile SEMU uses here, with torch's selective- and full-checkpointing costs per op
+    measured on this CPU thread where the profile has none (profiles calibrated before they existed)."""
+    from dipc.semu.profile_machine import measure_ckpt_op_overhead, measure_sac_op_overhead
     from dipc.semu.profiles import load_profile
 
     cluster = load_profile(path)
-    if cluster.device.kind == "cpu" and not cluster.device.sac_op_overhead:
-        device = dataclasses.replace(cluster.device, sac_op_overhead=measure_sac_op_overhead())
-        cluster = dataclasses.replace(cluster, device=device)
-    return cluster
+    device = cluster.device
+    if device.kind == "cpu" and not device.sac_op_overhead:
+        device = dataclasses.replace(device, sac_op_overhead=measure_sac_op_overhead())
+    if device.kind == "cpu" and not device.ckpt_op_overhead:
+        device = dataclasses.replace(device, ckpt_op_overhead=measure_ckpt_op_overhead())
+    return dataclasses.replace(cluster, device=device)
 
 
 def run_model(name: str, fractions: list[float], warmup: int, repeats: int, profile) -> dict:
@@ -163,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
                "clock": "thread CPU time, median of repeats", "models": []}
     profile = cpu_profile(args.profile)
     results["sac_op_overhead_s"] = profile.device.sac_op_overhead
-    print(f"selective checkpointing's dispatch: {profile.device.sac_op_overhead * 1e6:.1f} us per op")
+    results["ckpt_op_overhead_s"] = profile.device.ckpt_op_overhead
+    print(f"selective checkpointing's dispatch: {profile.device.sac_op_overhead * 1e6:.1f} us per op; "
+          f"full checkpointing's overhead: {profile.device.ckpt_op_overhead * 1e6:.1f} us per op")
     for name in args.models.split(","):
         res = run_model(name, [float(x) for x in args.fractions.split(",")], args.warmup, args.repeats, profile)
         results["models"].append(res)

@@ -8,6 +8,7 @@
   a ladder, best of several runs; the ladder gives the ``elementwise`` curve (x = bytes moved,
   cache-resident sizes clamped to 1);
 - the per-op overhead: the time of an add on one-element tensors (launch + dispatch);
+- on CPU, what torch's full checkpointing adds per op beyond the re-run (``ckpt_op_overhead``);
 - on CPU, what torch's selective checkpointing adds per op (``sac_op_overhead``): the forward of
   a small transformer MLP block under selective vs full checkpointing, per op;
 - memory capacity: the device's total memory (GPU) or the host's physical memory (CPU).
@@ -34,7 +35,7 @@ from pathlib import Path
 from dipc.semu.profiles import (ClusterProfile, DeviceProfile, EfficiencyCurve,
                                 LinkProfile, load_profile, load_preset, save_profile)
 
-__all__ = ["default_profile", "measure_profile", "measure_sac_op_overhead"]
+__all__ = ["default_profile", "measure_ckpt_op_overhead", "measure_profile", "measure_sac_op_overhead"]
 
 
 def _timer(device: str):
@@ -73,16 +74,13 @@ def _best_time(fn, sync, repeats: int, min_time: float) -> float:
     return best
 
 
-def measure_sac_op_overhead(repeats: int = 5, min_time: float = 0.05) -> float:
-    """Seconds per op that torch's selective checkpointing adds on this CPU thread (SEMU charges
-    it per op of the layer's forward, in the FWD and again in the re-run). Timed on the forward of
-    a small RMSNorm + SwiGLU block (a transformer layer's op mix) under selective against full
-    checkpointing: both skip autograd's saving, and the difference is the caching dispatch mode
-    every op passes through; the re-run's mode is taken to cost the same per op. Best of ``repeats``."""
+def _probe_block():
+    """(block, input, ATen ops in its forward): a small RMSNorm + SwiGLU block, a transformer
+    layer's op mix, wrapped in a :class:`~dipc.runtime.recompute.RecomputableLayer`."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from dipc.runtime.recompute import RecomputableLayer, RecomputeMode
+    from dipc.runtime.recompute import RecomputableLayer
 
     class Block(torch.nn.Module):
         def __init__(self) -> None:
@@ -108,7 +106,18 @@ def measure_sac_op_overhead(repeats: int = 5, min_time: float = 0.05) -> float:
     x = torch.randn(2, 48, 64, requires_grad=True)
     with Count() as count:
         block(x)
-    layer = RecomputableLayer(block)
+    return RecomputableLayer(block), x, count.n
+
+
+def measure_sac_op_overhead(repeats: int = 5, min_time: float = 0.05) -> float:
+    """Seconds per op that torch's selective checkpointing adds on this CPU thread (SEMU charges
+    it per op of the layer's forward, in the FWD and again in the re-run). Timed on the forward of
+    :func:`_probe_block` under selective against full checkpointing: both skip autograd's saving,
+    and the difference is the caching dispatch mode every op passes through; the re-run's mode is
+    taken to cost the same per op. Best of ``repeats``."""
+    from dipc.runtime.recompute import RecomputeMode
+
+    layer, x, ops = _probe_block()
     sync = _timer("cpu")
 
     def forward(mode):
@@ -119,7 +128,31 @@ def measure_sac_op_overhead(repeats: int = 5, min_time: float = 0.05) -> float:
 
     selective = _best_time(forward(RecomputeMode.SELECTIVE), sync, repeats, min_time)
     full = _best_time(forward(RecomputeMode.FULL), sync, repeats, min_time)
-    return max(selective - full, 0.0) / count.n
+    return max(selective - full, 0.0) / ops
+
+
+def measure_ckpt_op_overhead(repeats: int = 5, min_time: float = 0.05) -> float:
+    """Seconds per forward op that torch's full checkpointing adds on this CPU thread beyond the
+    layer's re-run (SEMU charges it once per re-run): forward + backward of :func:`_probe_block`
+    checkpointed, less the same uncheckpointed, less one forward (the re-run), per op. Measured
+    here: ~10-20 us per op, against ~4-8 us for the op itself on such a block. Best of ``repeats``."""
+    from dipc.runtime.recompute import RecomputeMode
+
+    layer, x, ops = _probe_block()
+    sync = _timer("cpu")
+
+    def step(mode, backward: bool = True):
+        def run() -> None:
+            layer.mode = mode
+            y = layer(x)
+            if backward:
+                y.sum().backward()
+        return run
+
+    plain = _best_time(step(RecomputeMode.OFF), sync, repeats, min_time)
+    full = _best_time(step(RecomputeMode.FULL), sync, repeats, min_time)
+    rerun = _best_time(step(RecomputeMode.OFF, backward=False), sync, repeats, min_time)
+    return max(full - plain - rerun, 0.0) / ops
 
 
 def _curve(points: list[tuple[float, float]]) -> EfficiencyCurve:
@@ -229,6 +262,7 @@ def _measure(torch, path, *, quick: bool, device: str, name: str | None) -> Clus
     # host-side Python per op: it adds to the op on one CPU thread; on a GPU it runs ahead of
     # the kernels, which the emulator does not model, so it stays 0 there
     sac = measure_sac_op_overhead(repeats, min_time) if device == "cpu" else 0.0
+    ckpt = measure_ckpt_op_overhead(repeats, min_time) if device == "cpu" else 0.0
 
     curves = {
         "matmul": _curve(matmul_curve),
@@ -242,6 +276,7 @@ def _measure(torch, path, *, quick: bool, device: str, name: str | None) -> Clus
     device_profile = DeviceProfile(
         name=f"{dev_name} ({device})", kind=kind, peak_flops=peaks, memory_bandwidth=bandwidth,
         memory_capacity=capacity, launch_overhead=overhead, efficiency=curves, sac_op_overhead=sac,
+        ckpt_op_overhead=ckpt,
         source=f"measured on {host} at {stamp} with torch {torch.__version__}"
                f"{' (quick)' if quick else ''}, {torch.get_num_threads() if device == 'cpu' else 'all'} "
                "threads; peaks are the best measured matmul FLOP/s; "

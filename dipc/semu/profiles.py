@@ -230,6 +230,11 @@ class DeviceProfile:
     On one CPU thread it adds to the op (``dipc profile`` measures it: ~25 us here, more than the
     op itself on small layers, so selective loses to full recomputation there); 0 on the GPU
     presets, where it is host time that runs ahead of long kernels (not measured on a GPU yet).
+    ``ckpt_op_overhead``: seconds per ATen op of a fully checkpointed layer's forward that torch's
+    (non-reentrant) checkpointing adds beyond the layer's re-run: a saved-tensor hook per saved
+    tensor in the forward, unpacking and re-recording the autograd graph in the backward. Charged
+    once per re-run. On one CPU thread ``dipc profile`` measures ~10-20 us per op, which on small
+    layers is more than the re-run itself; 0 on the GPU presets (host time under long kernels).
     ``colocated_slowdown``: how much slower a compute instruction runs while other ranks on its
     node compute at the same moment: ``1 + s x`` the overlapped fraction of its span
     (:mod:`dipc.semu.contention`; ranks sharing a CPU's caches and memory bandwidth).
@@ -254,6 +259,7 @@ class DeviceProfile:
     bytes_mode: str = "max"
     recv_wake_latency: float = 0.0
     sac_op_overhead: float = 0.0
+    ckpt_op_overhead: float = 0.0
     colocated_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
@@ -273,6 +279,7 @@ class DeviceProfile:
         _positive("device.instruction_overhead", self.instruction_overhead, allow_zero=True)
         _positive("device.recv_wake_latency", self.recv_wake_latency, allow_zero=True)
         _positive("device.sac_op_overhead", self.sac_op_overhead, allow_zero=True)
+        _positive("device.ckpt_op_overhead", self.ckpt_op_overhead, allow_zero=True)
         _positive("device.colocated_slowdown", self.colocated_slowdown, allow_zero=True)
         if not isinstance(self.dense_masked_attention, bool):
             raise _fail("device.dense_masked_attention", f"expected true or false, got {self.dense_masked_attention!r}",
@@ -398,6 +405,7 @@ def _device_to_json(d: DeviceProfile) -> dict[str, Any]:
             **({"bytes_mode": d.bytes_mode} if d.bytes_mode != "max" else {}),
             **({"recv_wake_latency": d.recv_wake_latency} if d.recv_wake_latency else {}),
             **({"sac_op_overhead": d.sac_op_overhead} if d.sac_op_overhead else {}),
+            **({"ckpt_op_overhead": d.ckpt_op_overhead} if d.ckpt_op_overhead else {}),
             **({"colocated_slowdown": d.colocated_slowdown} if d.colocated_slowdown else {})}
 
 
@@ -406,7 +414,7 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
                             "launch_overhead", "efficiency"),
                 ("kind", "source", "op_overhead", "instruction_overhead", "dense_masked_attention", "op_overheads",
                  "probs_fwd_byte_time", "probs_bwd_byte_time", "kind_op_overheads", "bytes_mode",
-                 "recv_wake_latency", "sac_op_overhead", "colocated_slowdown"))
+                 "recv_wake_latency", "sac_op_overhead", "ckpt_op_overhead", "colocated_slowdown"))
     peaks = d["peak_flops"]
     if not isinstance(peaks, Mapping):
         raise _fail(f"{path}.peak_flops", f"expected an object of dtype -> FLOP/s, got {peaks!r}",
@@ -439,6 +447,7 @@ def _device_from_json(path: str, obj: Any) -> DeviceProfile:
         bytes_mode=d.get("bytes_mode", "max"),
         recv_wake_latency=_positive(f"{path}.recv_wake_latency", d.get("recv_wake_latency", 0.0), allow_zero=True),
         sac_op_overhead=_positive(f"{path}.sac_op_overhead", d.get("sac_op_overhead", 0.0), allow_zero=True),
+        ckpt_op_overhead=_positive(f"{path}.ckpt_op_overhead", d.get("ckpt_op_overhead", 0.0), allow_zero=True),
         colocated_slowdown=_positive(f"{path}.colocated_slowdown", d.get("colocated_slowdown", 0.0), allow_zero=True),
     )
 

@@ -28,7 +28,10 @@ FWD and again in the re-run (measured on CPU; 0 on the GPU presets).
 
 Not modelled: a recomputed layer's input may also be saved by the previous, non-recomputed
 layer (e.g. when that layer's last op saves its output); it is then counted twice
-(conservative). Recomputation reads the same inputs, so its time is the layer's forward time.
+(conservative). Recomputation reads the same inputs, so its time is the layer's forward time,
+plus, for a fully checkpointed layer, the profile's ``ckpt_op_overhead`` per forward op (torch's
+saved-tensor hooks and re-recording: measured on CPU, where on the example models it doubled
+what recomputation costs; 0 on the GPU presets).
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ class Footprint:
 
     act_bytes: float
     in_bytes: float
-    fwd_seconds: float
+    fwd_seconds: float                 # one full re-run: the forward and checkpointing's overhead
     sel_bytes: float = 0.0
     sel_seconds: float = 0.0
     sel_fwd_seconds: float = 0.0       # what selective checkpointing adds to the layer's own forward

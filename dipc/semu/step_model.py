@@ -854,8 +854,11 @@ class StepModel:
             stats = _lookup(self._stats(mb, sub), path)
             c, t = self.cost_model.cost(path, stats), self.layer_time(path, stats)
             sel_bytes, sel_seconds, sel_fwd = self._selective(path, c)
+            # a full re-run: the layer's forward plus what torch's checkpointing adds per op (its
+            # saved-tensor hooks and re-recording; the profile's ckpt_op_overhead, 0 on GPUs)
+            ckpt = self.cost_model.expr(path).local.ops.get("fwd", 0) * self.cluster.device.ckpt_op_overhead
             hit = Footprint(act_bytes=self._stash(c) / self.tp, in_bytes=c.in_bytes / self.tp,
-                            fwd_seconds=t.fwd + t.tp_fwd, sel_bytes=sel_bytes / self.tp, sel_seconds=sel_seconds,
+                            fwd_seconds=t.fwd + t.tp_fwd + ckpt, sel_bytes=sel_bytes / self.tp, sel_seconds=sel_seconds,
                             sel_fwd_seconds=sel_fwd)
             self._footprint_cache[key] = hit
         return hit

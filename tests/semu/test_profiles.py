@@ -146,4 +146,6 @@ def test_measure_profile_quick(tmp_path):
     # torch's selective checkpointing costs Python dispatch per op on a CPU thread: more than a
     # bare op's dispatch, well under a millisecond; and it round-trips through the JSON above
     assert d.launch_overhead / 10 < d.sac_op_overhead < 1e-3
+    # and its full checkpointing costs saved-tensor hooks and re-recording per op, beyond the re-run
+    assert d.launch_overhead / 10 < d.ckpt_op_overhead < 1e-3
     assert "measured on" in d.source

@@ -190,3 +190,28 @@ def test_costly_selective_dispatch_makes_phase_3_recompute_whole_layers():
     assert stage_candidates(_costs(norm), 0, 2) == [(), ("n~sel",)]
     norm["n"] = _fp(4, 1, 0.1, sel=1, sel_secs=0.05, sel_fwd=0.1)
     assert stage_candidates(_costs(norm), 0, 2) == [(), ("n",)]
+
+
+def test_full_rerun_charges_checkpointing_per_forward_op(vlm_2stage):
+    """A fully recomputed layer's re-run costs its forward plus the profile's ckpt_op_overhead
+    per forward op of the layer (what torch's checkpointing adds on a CPU thread); the layer's
+    stash and selective costs do not change."""
+    import dataclasses
+
+    from dipc.semu.compare import step_model
+    from dipc.semu.profiles import load_preset
+
+    ex, pipe, cm = vlm_2stage
+    mbs = ex.data.microbatches(2, 2)
+    base = load_preset("h800")
+    costly = dataclasses.replace(base, device=dataclasses.replace(base.device, ckpt_op_overhead=1e-3))
+    plain, charged = step_model(pipe, mbs, base), step_model(pipe, mbs, costly)
+    layers = pipe.stages[1].layers
+    for path in layers:
+        a, b = plain.layer_footprint(1, 0, path), charged.layer_footprint(1, 0, path)
+        ops = plain.cost_model.expr(path).local.ops.get("fwd", 0)
+        assert b.fwd_seconds == pytest.approx(a.fwd_seconds + ops * 1e-3)
+        assert (b.act_bytes, b.in_bytes, b.sel_seconds) == (a.act_bytes, a.in_bytes, a.sel_seconds)
+    assert any(plain.cost_model.expr(p).local.ops.get("fwd", 0) > 0 for p in layers)
+    rerun = frozenset(layers)
+    assert recompute_seconds(charged, 1, 0, rerun) > recompute_seconds(plain, 1, 0, rerun) + 1e-3
