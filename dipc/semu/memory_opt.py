@@ -330,8 +330,14 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
     # the running row's changes: per group, (event number, change of its columns); rows: the
     # number of events before each row, its offset, and (row, group, change) added to that row alone
     changes: list[tuple[list[int], list[np.ndarray]]] = [([], []) for _ in groups]
-    events = 0
+    events = 0                           # changes so far, all groups
     row_events: list[int] = []
+
+    def change(gi: int, vec: np.ndarray) -> None:
+        nonlocal events
+        changes[gi][0].append(events)
+        changes[gi][1].append(vec)
+        events += 1
     offsets: list[float] = []
     row_deltas: list[tuple[int, int, np.ndarray]] = []
     live: set[tuple[int, int, int]] = set()
@@ -360,9 +366,7 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
             if key not in live:
                 live.add(key)
                 vec = tables.vectors(*key, sel_ok[ins.stage])
-                changes[gi][0].append(events)
-                changes[gi][1].append(vec[0])
-                events += 1
+                change(gi, vec[0])
                 cost[span[groups[gi]]] += vec[3]      # selective checkpointing's dispatch in the forward
             pending = True
             continue
@@ -393,31 +397,21 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
             held = seed_bytes(*key) / _SCALE
             if held > 0:
                 seeds[key] = held
-                change = np.zeros(len(cols))
-                change[0] = held
-                changes[gi][0].append(events)
-                changes[gi][1].append(change)
-                events += 1
+                change(gi, np.eye(1, len(cols))[0] * held)
                 pending = True
         if op is _BWD_W and key in seeds:
             if pending:
                 row_events.append(events)
                 offsets.append(made)
                 pending = False
-            change = np.zeros(len(cols))
-            change[0] = -seeds.pop(key)
-            changes[gi][0].append(events)
-            changes[gi][1].append(change)
-            events += 1
+            change(gi, np.eye(1, len(cols))[0] * -seeds.pop(key))
         if op is not _BWD_I and key in live:
             if pending:
                 row_events.append(events)
                 offsets.append(made)
                 pending = False
             live.discard(key)
-            changes[gi][0].append(events)
-            changes[gi][1].append(-tables.vectors(*key, sel_ok[ins.stage])[0])
-            events += 1
+            change(gi, -tables.vectors(*key, sel_ok[ins.stage])[0])
     if pending:
         row_events.append(events)
         offsets.append(made)
