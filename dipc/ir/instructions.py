@@ -86,14 +86,18 @@ class Instruction:
     def message_key(self) -> tuple[str, int, int, int, int]:
         """Identity of the message a SEND/RECV carries, the same on both sides:
         (kind, microbatch, producer-side stage, consumer-side stage, sub-microbatch) of the edge."""
-        if self.op in (_SEND_ACT, _RECV_GRAD):
-            src, dst = self.stage, self.other_stage
-        elif self.op in (_RECV_ACT, _SEND_GRAD):
-            src, dst = self.other_stage, self.stage
-        else:
-            raise ValueError(f"{self.op} is not a communication instruction")
-        kind = "act" if self.op in (_SEND_ACT, _RECV_ACT) else "grad"
-        return (kind, self.mb, src, dst, self.sub)
+        return message_key(self.op, self.stage, self.other_stage, self.mb, self.sub)
+
+
+def message_key(op: Op, stage: int, other_stage: int, mb: int, sub: int) -> tuple[str, int, int, int, int]:
+    """:meth:`Instruction.message_key` of a SEND/RECV with these fields, without building it."""
+    if op is _SEND_ACT or op is _RECV_GRAD:
+        src, dst = stage, other_stage
+    elif op is _RECV_ACT or op is _SEND_GRAD:
+        src, dst = other_stage, stage
+    else:
+        raise ValueError(f"{op} is not a communication instruction")
+    return ("act" if op is _SEND_ACT or op is _RECV_ACT else "grad", mb, src, dst, sub)
 
 
 # Op.X is a slow class-attribute lookup on Python 3.11 enums; message_key runs per message

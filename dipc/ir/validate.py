@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import deque
 
 from dipc.errors import ScheduleError
-from dipc.ir.instructions import COMPUTE_OPS, RECV_OPS, SEND_OPS, Instruction, Op
+from dipc.ir.instructions import COMPUTE_OPS, RECV_OPS, SEND_OPS, Instruction, Op, message_key
 from dipc.ir.program import Program
 from dipc.ir.recompute import check_recompute
 from dipc.ir.text import format_grid, format_instruction
@@ -287,9 +287,11 @@ class _Validator:
     def _check_complete(self) -> None:
         p, where = self.p, self.where
 
-        def need(op: Op, stage: int, mb: int, sub: int, why: str, **comm) -> None:
-            ins = Instruction(op=op, stage=stage, mb=mb, sub=sub, **comm)
-            if _key(ins, -1) not in where:
+        def need(op: Op, stage: int, mb: int, sub: int, why: str, peer: int = -1, other_stage: int = -1) -> None:
+            # the key _key would give, without building the instruction (~250k asks per VLM-L plan)
+            key = (op, message_key(op, stage, other_stage, mb, sub)) if other_stage >= 0 else (op, stage, mb, sub)
+            if key not in where:
+                ins = Instruction(op=op, stage=stage, mb=mb, sub=sub, peer=peer, other_stage=other_stage)
                 r = self.rank_of[stage]
                 raise self.fail_at_end(r, f"missing {format_instruction(ins)} ({why})",
                                        f"emit it in rank {r}'s stream")
