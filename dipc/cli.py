@@ -65,7 +65,7 @@ def run(**kwargs) -> None:
 @cli.command()
 @click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True,
               help="where to write the profile JSON")
-@click.option("--quick", is_flag=True, help="fewer sizes and repetitions (about 2 s)")
+@click.option("--quick", is_flag=True, help="fewer sizes and repetitions (about 3 s)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: cuda if present")
 def profile(out: str, quick: bool, device: str | None) -> None:
     """Measure this machine (matmul throughput per dtype, memory bandwidth, per-op overhead) and
@@ -78,7 +78,9 @@ def profile(out: str, quick: bool, device: str | None) -> None:
         raise click.ClickException(f"cannot write {out!r}: {e.strerror}. Fix: pick a writable path with --out.")
     dev = prof.device
     click.echo(f"wrote {out}: {dev.name}, " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in dev.peak_flops.items())
-               + f", {dev.memory_bandwidth / 1e9:.1f} GB/s, launch {dev.launch_overhead * 1e6:.1f} us")
+               + f", {dev.memory_bandwidth / 1e9:.1f} GB/s, launch {dev.launch_overhead * 1e6:.1f} us"
+               + (f", checkpointing per op: selective {dev.sac_op_overhead * 1e6:.1f} us, "
+                  f"full {dev.ckpt_op_overhead * 1e6:.1f} us" if dev.kind == "cpu" else ""))
 
 
 @cli.command()
