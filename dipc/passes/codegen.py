@@ -137,22 +137,26 @@ def fix_recv_order(streams: Sequence[Sequence[Instruction]]) -> tuple[tuple[Inst
     fixed: list[tuple[Instruction, ...]] = []
     for b, stream in enumerate(streams):
         recv_of: dict[_MessageKey, Instruction] = {}
+        keys: list[_MessageKey | None] = []   # per step: its receive's message (computed once)
         for step, ins in enumerate(stream):
-            if ins.op in _RECV_OPS:
-                if not 0 <= ins.peer < num_ranks or ins.message_key() not in position.get((ins.peer, b), {}):
-                    raise ScheduleError(
-                        f"rank {b}, step {step}: {ins.op.value} of {ins.message_key()} from rank {ins.peer} "
-                        "has no matching send. Fix: every receive needs the peer's send of the same message."
-                    )
-                recv_of[ins.message_key()] = ins
+            if ins.op not in _RECV_OPS:
+                keys.append(None)
+                continue
+            key = ins.message_key()
+            if not 0 <= ins.peer < num_ranks or key not in position.get((ins.peer, b), {}):
+                raise ScheduleError(
+                    f"rank {b}, step {step}: {ins.op.value} of {key} from rank {ins.peer} "
+                    "has no matching send. Fix: every receive needs the peer's send of the same message."
+                )
+            recv_of[key] = ins
+            keys.append(key)
         done: set[_MessageKey] = set()
         next_index: dict[int, int] = {}  # per source rank: messages before this are all received
         out: list[Instruction] = []
-        for ins in stream:
-            if ins.op not in _RECV_OPS:
+        for ins, key in zip(stream, keys):
+            if key is None:
                 out.append(ins)
                 continue
-            key = ins.message_key()
             if key in done:  # already pulled forward
                 continue
             a = ins.peer
