@@ -310,7 +310,12 @@ def default_profile(device: str = "cpu") -> ClusterProfile:
     ones only when it is charged densely (this project's VM, 4 microbatches on 2 ranks: example VLM
     rank 0 measured 5.24 MiB, predicted 5.09 dense and 3.35 not; T2V rank 1 36.5 against 34.6 and
     22.1), as the profile calibration also found. A CPU plan fitted on the H800 preset could
-    overshoot its limit by half."""
+    overshoot its limit by half.
+
+    Each process measures its own, so under torchrun plan on one rank and broadcast the program
+    (:func:`dipc.runtime.async_plan.broadcast_program`) or name a profile: ranks whose measurements
+    differ may fit different plans (the distributed executor refuses mismatched plans before the
+    first message)."""
     named = os.environ.get("DIPC_PROFILE")
     if named:
         return load_profile(named)
