@@ -56,13 +56,18 @@ def validate(program: Program) -> None:
 
 
 def _key(ins: Instruction, rank: int) -> _Key:
-    if ins.op in SEND_OPS or ins.op in RECV_OPS:
-        return (ins.op, ins.message_key())
-    if ins.op is _OPTIM:
+    return _key_of(ins.op, ins.stage, ins.mb, ins.sub, ins.other_stage, rank)
+
+
+def _key_of(op: Op, stage: int, mb: int, sub: int, other_stage: int, rank: int) -> _Key:
+    """:func:`_key` of an instruction with these fields, without building it."""
+    if op in SEND_OPS or op in RECV_OPS:
+        return (op, message_key(op, stage, other_stage, mb, sub))
+    if op is _OPTIM:
         return (_OPTIM, rank)
-    if ins.op is _REDUCE:
-        return (_REDUCE, rank, ins.stage)
-    return (ins.op, ins.stage, ins.mb, ins.sub)
+    if op is _REDUCE:
+        return (_REDUCE, rank, stage)
+    return (op, stage, mb, sub)
 
 
 def _ordinal(k: int) -> str:
@@ -288,9 +293,8 @@ class _Validator:
         p, where = self.p, self.where
 
         def need(op: Op, stage: int, mb: int, sub: int, why: str, peer: int = -1, other_stage: int = -1) -> None:
-            # the key _key would give, without building the instruction (~250k asks per VLM-L plan)
-            key = (op, message_key(op, stage, other_stage, mb, sub)) if other_stage >= 0 else (op, stage, mb, sub)
-            if key not in where:
+            # looked up without building the instruction (~250k asks per VLM-L plan)
+            if _key_of(op, stage, mb, sub, other_stage, -1) not in where:
                 ins = Instruction(op=op, stage=stage, mb=mb, sub=sub, peer=peer, other_stage=other_stage)
                 r = self.rank_of[stage]
                 raise self.fail_at_end(r, f"missing {format_instruction(ins)} ({why})",

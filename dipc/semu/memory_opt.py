@@ -359,6 +359,7 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
             made += grad_bytes(ins.stage) / _SCALE
         extra = base(ins, first=key in firsts) / _SCALE if base is not None else 0.0
         gi = index[(ins.stage, ins.mb if per_microbatch else -1)]
+        cols = span[groups[gi]]
         if op is _FWD:
             if extra > 0:                 # the emulator adds a workspace to the memory before the FWD
                 row_events.append(events)
@@ -367,10 +368,9 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
                 live.add(key)
                 vec = tables.vectors(*key, sel_ok[ins.stage])
                 change(gi, vec[0])
-                cost[span[groups[gi]]] += vec[3]      # selective checkpointing's dispatch in the forward
+                cost[cols] += vec[3]      # selective checkpointing's dispatch in the forward
             pending = True
             continue
-        cols = span[groups[gi]]
         reruns = recomputes_in(ins, program)
         if reruns:
             cost[cols] += tables.vectors(*key, sel_ok[ins.stage])[2]
@@ -397,14 +397,14 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
             held = seed_bytes(*key) / _SCALE
             if held > 0:
                 seeds[key] = held
-                change(gi, np.eye(1, len(cols))[0] * held)
+                change(gi, _first_only(len(cols), held))
                 pending = True
         if op is _BWD_W and key in seeds:
             if pending:
                 row_events.append(events)
                 offsets.append(made)
                 pending = False
-            change(gi, np.eye(1, len(cols))[0] * -seeds.pop(key))
+            change(gi, _first_only(len(cols), -seeds.pop(key)))
         if op is not _BWD_I and key in live:
             if pending:
                 row_events.append(events)
@@ -429,6 +429,13 @@ def _rank_problem(program: Program, tables: Phase3Tables, rank: int, per_microba
     grads = sum(grad_bytes(s) for s in with_grads) if grad_bytes is not None else 0.0
     static = sum(tables.costs.static_bytes(s) for s in stages) - grads
     return _RankProblem(stages, cands, groups, span, both[:, :-1], both[:, -1], cost, static, grads)
+
+
+def _first_only(n: int, value: float) -> np.ndarray:
+    """A change of ``value`` in the first of ``n`` columns (the candidate that recomputes nothing)."""
+    out = np.zeros(n)
+    out[0] = value
+    return out
 
 
 def _undominated(rows: np.ndarray) -> np.ndarray:
