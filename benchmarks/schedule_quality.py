@@ -87,6 +87,7 @@ from dipc.ir.validate import validate  # noqa: E402
 from dipc.passes.capture import capture  # noqa: E402
 from dipc.passes.codegen import lower  # noqa: E402
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule  # noqa: E402
+from dipc.passes.encoder_ahead import ENCODER_AHEAD, encoder_ahead_orders  # noqa: E402
 from dipc.passes.schedules import SCHEDULES, ComputeAction, expand_subs  # noqa: E402
 from dipc.ir.recompute import recompute_plan, with_recompute  # noqa: E402
 from dipc.semu.memory_opt import Phase3Tables, optimize_memory, refine_per_microbatch  # noqa: E402
@@ -673,94 +674,6 @@ def _dq(split: bool):
     return build
 
 
-def _unit_times(stages: Sequence[StageInfo], orders: Sequence[Sequence[ComputeAction]]) -> dict:
-    """Start step of every (op, stage, mb) when each action takes one step, or ScheduleError if
-    the per-rank orders wait on each other in a cycle (a forward needs its producers' forwards, a
-    backward its consumers' backwards and its own forward)."""
-    consumers = {s.id: [c.id for c in stages if s.id in c.grad_producers] for s in stages}
-    done: dict[tuple, int] = {}
-    pc = [0] * len(orders)
-    clock = [0] * len(orders)
-    progress = True
-    while progress:
-        progress = False
-        for r, order in enumerate(orders):
-            while pc[r] < len(order):
-                a = order[pc[r]]
-                if a.op is Op.FWD:
-                    deps = [(Op.FWD, p, a.mb) for p in stages[a.stage].producers]
-                else:
-                    deps = [(Op.BWD, c, a.mb) for c in consumers[a.stage]] + [(Op.FWD, a.stage, a.mb)]
-                if any(d not in done for d in deps):
-                    break
-                t = max([clock[r]] + [done[d] + 1 for d in deps])
-                done[(Op.FWD if a.op is Op.FWD else Op.BWD, a.stage, a.mb)] = t
-                clock[r] = t + 1
-                pc[r] += 1
-                progress = True
-    if any(pc[r] < len(o) for r, o in enumerate(orders)):
-        raise ScheduleError(f"the compute orders deadlock (ranks stop at actions {pc}). Fix: reorder them so every "
-                            "action's producers come first in time.")
-    return done
-
-
-def encoder_ahead_orders(stages, P: int, M: int, subs: tuple = (), ahead: int | None = None,
-                         lag: int = 1, backbone: str | None = None) -> list[list[ComputeAction]]:
-    """The backbone's (interleaved) 1F1B with the encoder's work woven around it: each rank runs
-    the encoder forwards of microbatch ``m + ahead`` before its first backbone forward of ``m``,
-    and the encoder backwards of ``m`` after its last backbone backward of ``m + lag`` (the rest
-    at the end). ``ahead=None`` is Optimus*'s coarse order (every encoder forward first, every
-    encoder backward last); a small ``ahead`` keeps fewer encoder stashes alive — the memory the
-    coarse order spends on filling the backbone's warm-up. Our own family between the two (the
-    paper's dual queue reaches neither: it alternates forwards and backwards once both are ready).
-
-    The look-ahead is counted on each rank's own backbone order, so on deep pipelines (VLM-L's
-    8 ranks x 5 chunks) a rank with a short warm-up can hold back encoder work a rank with a long
-    one waits for; such orders are rejected here (:func:`_unit_times` finds the wait cycle on
-    the compute orders, before any lowering), and the planner keeps its other candidates."""
-    vit = [s for s in stages if s.modality != "backbone"]
-    lm = [s for s in stages if s.modality == "backbone"]
-    base = len(vit)
-    sub = [StageInfo(id=s.id - base, rank=s.rank, modality=s.modality,
-                     producers=tuple(p - base for p in s.producers if p >= base),
-                     grad_producers=tuple(p - base for p in s.grad_producers if p >= base),
-                     loads=s.loads, has_loss=s.has_loss) for s in lm]
-    lm_sched = SCHEDULES[backbone or ("interleaved_1f1b" if len(lm) > P else "1f1b")](sub, P, M)
-    orders = []
-    for r in range(P):
-        mine = [s.id for s in vit if s.rank == r]
-        body = [ComputeAction(a.op, a.stage + base, a.mb) for a in lm_sched[r]]
-        if ahead is None:
-            head = [ComputeAction(Op.FWD, s, m) for m in range(M) for s in mine]
-            tail = [ComputeAction(Op.BWD, s, m) for m in range(M) for s in reversed(mine)]
-            orders.append(head + body + tail)
-            continue
-        last_bwd = {a.mb: i for i, a in enumerate(body) if a.op is Op.BWD or a.op is Op.BWD_I}   # W: local
-        out: list[ComputeAction] = []
-        fwd_next = bwd_next = 0            # next microbatch whose encoder forwards / backwards to emit
-        seen: set[int] = set()
-        for i, a in enumerate(body):
-            if a.op is Op.FWD and a.mb not in seen:
-                seen.add(a.mb)
-                while fwd_next <= min(M - 1, a.mb + ahead):
-                    out.extend(ComputeAction(Op.FWD, s, fwd_next) for s in mine)
-                    fwd_next += 1
-            out.append(a)
-            if a.op is not Op.FWD and last_bwd.get(a.mb) == i:   # the backbone's input gradient is out
-                while bwd_next <= a.mb - lag and bwd_next < fwd_next:
-                    out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
-                    bwd_next += 1
-        while fwd_next < M:
-            out.extend(ComputeAction(Op.FWD, s, fwd_next) for s in mine)
-            fwd_next += 1
-        while bwd_next < M:
-            out.extend(ComputeAction(Op.BWD, s, bwd_next) for s in reversed(mine))
-            bwd_next += 1
-        orders.append(out)
-    _unit_times(stages, orders)
-    return expand_subs(orders, stages, subs) if subs else orders
-
-
 def optimus_orders(layout, stages, P, M, costs, limits):
     """Optimus*'s coarse-grained schedule (the paper re-implemented only this part, inside DIP):
     every encoder forward of the batch first, then the backbone's (interleaved) 1F1B, then every
@@ -827,7 +740,6 @@ def _dip(split: bool, budget_s: float, rules: bool = False):
 # DIP's planner as one function: what a training job would run per batch
 
 
-ENCODER_AHEAD = ((2, 2), (3, 2), (4, 4))      # (ahead, lag) of encoder_ahead_orders tried by the planner
 ZB_FITS = 2                                    # phase-3 runs for the ZB-H1-backbone orders, beside max_fits
 # the planner runs the batch lightest microbatch first when that lowers the encoder look-ahead
 # orders' compute-order bound by at least this fraction (see microbatch_order)

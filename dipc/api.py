@@ -40,6 +40,8 @@ def default_loss_weight(batch: Batch) -> float:
 
 
 _PROGRAM_CACHE_SIZE = 16   # distinct batch shapes whose programs a pipeline keeps
+# schedules planned per batch by a search scored with SEMU (not a generator in dipc.passes.schedules)
+DIP = "dip"
 
 
 @dataclass
@@ -69,6 +71,10 @@ class CompiledPipeline:
     # microbatch -> per-module-prefix LengthStats for SEMU (dipc.semu.step_model.pipeline_length_stats);
     # None: derived from the batch keys dipc knows
     length_stats: Callable[[Batch], Any] | None = None
+    # plan()'s defaults: bytes per rank (one number or one per rank) for phase 3, and the SEMU
+    # profile plans are scored on (None: dipc.semu.profile_machine.default_profile of the device)
+    memory_limit: float | Sequence[float] | None = None
+    profile: "str | ClusterProfile | None" = None
 
     def __post_init__(self) -> None:
         self.shapes = ShapeInference(self.stages)
@@ -138,13 +144,22 @@ class CompiledPipeline:
         :func:`dipc.passes.dual_queue.dual_queue_schedule` fed with SEMU's durations) replaces the
         named schedule's generator; ``schedule`` then only names the program.
 
-        ``memory_limit`` (bytes per rank, one number or one per rank) applies DIP's phase 3
-        (:func:`dipc.semu.memory_opt.optimize_memory`): the cheapest per-(stage, microbatch) activation
-        recomputation that keeps SEMU's peak (on ``profile``) within the limit, written to the
-        program's ``recompute`` attribute, which :meth:`step` executes. ``profile``: a preset name,
-        a profile JSON or a loaded profile; default: the device this pipeline runs on
+        ``memory_limit`` (bytes per rank, one number or one per rank; default: the one given to
+        :func:`compile`) applies DIP's phase 3 (:func:`dipc.semu.memory_opt.optimize_memory`): the
+        cheapest per-(stage, microbatch) activation recomputation that keeps SEMU's peak (on
+        ``profile``) within the limit, written to the program's ``recompute`` attribute, which
+        :meth:`step` executes. ``profile``: a preset name, a profile JSON or a loaded profile;
+        default: :func:`compile`'s, else the device this pipeline runs on
         (:func:`dipc.semu.profile_machine.default_profile`: on CPU this machine, measured). Raises
         ``InfeasibleMemoryError`` (how much over, per rank) when even full recomputation does not fit.
+
+        Schedule ``"dip"``: DIP's per-batch search (:func:`dipc.semu.compare.plan_dip`): the
+        dual-queue orders, the encoder look-ahead orders and every static schedule this layout
+        runs, each scored by SEMU on ``profile`` for these microbatches (fitted to
+        ``memory_limit`` where it needs recomputation), the fastest kept. Deterministic for a
+        given profile; a profile measured per process (the CPU default) can differ between
+        processes, so under torch.distributed plan on one rank and broadcast the program
+        (:func:`dipc.runtime.async_plan.broadcast_program`, what ``dipc run`` does), or name a profile.
         """
         from dipc.ir.validate import validate
         from dipc.passes.codegen import build_program, lower
@@ -164,12 +179,20 @@ class CompiledPipeline:
                 act, grad = edge_specs[mb][(producer, consumer)]
             return act if kind == "act" else grad
 
+        name = schedule or self.schedule
+        if memory_limit is None:
+            memory_limit = self.memory_limit
         key = None
         if compute_orders is None:
-            key = (schedule or self.schedule, subs, tuple(tuple(sorted(e.items())) for e in edge_specs),
+            key = (name, subs, tuple(tuple(sorted(e.items())) for e in edge_specs),
                    tuple(sorted((k, tuple(sorted(v.items()))) for k, v in sub_specs.items())))
+            if name == DIP:   # its plan depends on what it is scored and fitted on too
+                key += (_hashable(memory_limit), profile if profile is None or isinstance(profile, str) else id(profile))
         program = self._programs.get(key) if key is not None else None
-        if program is None:
+        if program is None and name == DIP and compute_orders is None:
+            program = self._plan_dip(microbatches, memory_limit, profile)
+            self._remember(key, program)
+        elif program is None:
             if compute_orders is None:
                 program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
                                         schedule or self.schedule, specs=specs, subs=subs)
@@ -177,11 +200,8 @@ class CompiledPipeline:
                 program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
                                 schedule=schedule or "custom", specs=specs, subs=subs)
             validate(program)
-            if key is not None:
-                if len(self._programs) >= _PROGRAM_CACHE_SIZE:
-                    self._programs.pop(next(iter(self._programs)))   # oldest first
-                self._programs[key] = program
-        if memory_limit is not None:
+            self._remember(key, program)
+        if memory_limit is not None and name != DIP:
             program = self.fit_memory(program, microbatches, memory_limit, profile).program
         maybe_dump(self, program, microbatches)
         entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
@@ -190,6 +210,56 @@ class CompiledPipeline:
         else:
             self.history.append(entry)
         return program
+
+    def _remember(self, key: tuple | None, program: Program) -> None:
+        if key is not None:
+            if len(self._programs) >= _PROGRAM_CACHE_SIZE:
+                self._programs.pop(next(iter(self._programs)))   # oldest first
+            self._programs[key] = program
+
+    def _plan_dip(self, microbatches: Sequence[Batch], memory_limit: float | Sequence[float] | None,
+                  profile: "str | ClusterProfile | None") -> Program:
+        """DIP's per-batch plan (see :meth:`plan`), against every static schedule this layout runs."""
+        from dipc.semu.compare import plan_dip, step_model
+
+        model = step_model(self, microbatches, self._profile(profile))
+        _, program, _ = plan_dip(self, microbatches, model, baselines=self.static_schedules(),
+                                 memory_limit=memory_limit)
+        return program
+
+    def _profile(self, profile: "str | ClusterProfile | None") -> "str | ClusterProfile":
+        from dipc.semu.profile_machine import default_profile
+
+        profile = profile if profile is not None else self.profile
+        if profile is None:
+            profile = default_profile(self._parameters[0].device.type if self._parameters else "cpu")
+        return profile
+
+    def static_schedules(self) -> list[str]:
+        """The static schedules (:data:`dipc.passes.schedules.SCHEDULES`, the cost-blind dual queue
+        left out) whose generator accepts this pipeline's layout."""
+        from dipc.passes.schedules import SCHEDULES
+
+        if getattr(self, "_static", None) is None:
+            stages = list(self.stage_infos)
+            self._static = []
+            for name, generate in SCHEDULES.items():
+                if name == "dual_queue":
+                    continue
+                try:
+                    generate(stages, self.num_ranks, self.num_ranks)
+                except ScheduleError:
+                    continue
+                self._static.append(name)
+        return self._static
+
+    def fallback_schedule(self) -> str:
+        """The static schedule to run when a plan is late or failed: the pipeline's own, or for
+        ``dip`` the first of 1F1B, interleaved 1F1B, ZB-H1, GPipe that this layout runs."""
+        if self.schedule != DIP:
+            return self.schedule
+        runs = self.static_schedules()
+        return next((name for name in ("1f1b", "interleaved_1f1b", "zb_h1") if name in runs), "gpipe")
 
     def sub_counts(self, microbatches: Sequence[Batch]) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """``Program.subs`` for these microbatches (empty without sub-microbatches)."""
@@ -204,11 +274,8 @@ class CompiledPipeline:
         (``profile`` as in :meth:`plan`)."""
         from dipc.semu.compare import step_model
         from dipc.semu.memory_opt import optimize_memory
-        from dipc.semu.profile_machine import default_profile
 
-        if profile is None:
-            profile = default_profile(self._parameters[0].device.type if self._parameters else "cpu")
-        return optimize_memory(program, step_model(self, microbatches, profile), memory_limit)
+        return optimize_memory(program, step_model(self, microbatches, self._profile(profile)), memory_limit)
 
     def check_trainable(self) -> None:
         if tuple(p.requires_grad for p in self._parameters) != self.trainable:
@@ -296,6 +363,10 @@ class CompiledPipeline:
         return path.with_suffix(".txt")
 
 
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+
 def with_fused_layers(model: nn.Module, layers: Sequence[str]) -> nn.Module:
     """A copy of the module tree (parameters and buffers shared, not copied) whose layers run the
     fused Triton kernels; the user's model object is left untouched."""
@@ -317,11 +388,14 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
             optimizer: OptimizerFactory | None = None, fused_kernels: bool | None = None,
             segments: Mapping[str, int] | str = "cost",
             sub_microbatches: Mapping[str, int | SubMicrobatches] | None = None,
-            length_stats: Callable[[Batch], Any] | None = None, remat_glue: bool = True) -> CompiledPipeline:
+            length_stats: Callable[[Batch], Any] | None = None, remat_glue: bool = True,
+            memory_limit: float | Sequence[float] | None = None,
+            profile: "str | ClusterProfile | None" = None) -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
-    ``schedule``: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b`` | ``zb_h1`` | ``dual_queue`` (DIP phase 2).
+    ``schedule``: ``gpipe`` | ``1f1b`` | ``interleaved_1f1b`` | ``zb_h1`` | ``dual_queue`` (DIP phase 2,
+    cost-blind) | ``dip`` (DIP's per-batch search scored by SEMU: see :meth:`CompiledPipeline.plan`).
     ``layers`` / ``leaf_modules``: override which modules are layers / opaque leaves.
     ``key_modalities``: batch key -> modality; ``module_overrides``: module path prefix -> modality module.
     ``loss_weight``: microbatch -> weight of its (mean) loss; default counts ``labels != -100``.
@@ -339,12 +413,15 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     The split is checked on ``example_batch`` to be exact (joined sub outputs == whole run).
     ``remat_glue``: recompute cheap, gradient-free glue values (RoPE tables from positions...) on
     the stages that read them rather than sending them across ranks (:mod:`dipc.passes.remat`).
+    ``memory_limit`` / ``profile``: the defaults of :meth:`CompiledPipeline.plan` (bytes per rank
+    that phase 3 fits every plan to; the SEMU profile plans are scored and fitted on).
     """
-    from dipc.passes.schedules import get_schedule
+    from dipc.passes.schedules import SCHEDULES
 
-    get_schedule(schedule)  # unknown names fail here, before any tracing
+    if schedule != DIP and schedule not in SCHEDULES:   # unknown names fail here, before any tracing
+        raise ScheduleError(f"unknown schedule {schedule!r}. Fix: use one of {', '.join(sorted([*SCHEDULES, DIP]))}.")
     if chunks is None:
-        chunks = 2 if schedule == "interleaved_1f1b" else 1
+        chunks = 2 if schedule in ("interleaved_1f1b", DIP) else 1
     for name, value in (("num_stages", num_stages), ("chunks", chunks)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PartitionError(f"{name}={value!r}. Fix: pass a whole number >= 1.")
@@ -379,4 +456,5 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     return CompiledPipeline(sub_microbatcher=sub_microbatcher, model=model, captured=captured, tags=tags,
                             stages=stages, num_ranks=num_stages,
                             chunks=chunks, schedule=schedule, loss_weight=loss_weight or default_loss_weight,
-                            optimizer_factory=optimizer, history=history, length_stats=length_stats)
+                            optimizer_factory=optimizer, history=history, length_stats=length_stats,
+                            memory_limit=memory_limit, profile=profile)

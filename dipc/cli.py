@@ -16,9 +16,9 @@ def cli() -> None:
 @cli.command()
 @click.option("--model", type=click.Choice(["vlm", "audio_llm", "t2v"]), default="vlm", show_default=True)
 @click.option("--stages", type=int, default=2, show_default=True, help="pipeline ranks")
-@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue"]),
-              default="1f1b",
-              show_default=True)
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue", "dip"]),
+              default="1f1b", show_default=True,
+              help="a static schedule, or dip: DIP's per-batch search scored by SEMU")
 @click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
 @click.option("--steps", type=int, default=30, show_default=True)
 @click.option("--microbatches", type=int, default=4, show_default=True)
@@ -39,7 +39,8 @@ def demo(**kwargs) -> None:
 @cli.command(context_settings={"show_default": True})
 @click.option("--model", type=click.Choice(["vlm", "audio_llm", "t2v"]), default="vlm")
 @click.option("--pp", type=int, default=2, help="pipeline ranks; the world size must be a multiple (DP = world / pp)")
-@click.option("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved_1f1b, zb_h1 or dual_queue")
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue", "dip"]),
+              default="1f1b", help="a static schedule, or dip: DIP's per-batch search scored by SEMU")
 @click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
 @click.option("--steps", type=int, default=20)
 @click.option("--microbatches", type=int, default=4, help="per global batch (split over the DP replicas)")
@@ -125,7 +126,8 @@ def trace(model: str, stages: int, chunks: int, microbatches: int, profile: str,
 
 
 _MODELS = click.Choice(["vlm", "audio_llm", "t2v"])
-_SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue"]
+_STATIC = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue"]
+_SCHEDULES = [*_STATIC, "dip"]   # dip: DIP's per-batch search scored by SEMU
 
 
 def _example_pipeline(model: str, stages: int, chunks: int | None, schedule: str, microbatches: int, seed: int,
@@ -247,9 +249,9 @@ def simulate(model, stages, chunks, schedules, microbatches, batches, profile, s
     from examples.data import make_example
 
     names = [s.strip() for s in schedules.split(",") if s.strip()]
-    unknown = [s for s in names if s not in _SCHEDULES]
+    unknown = [s for s in names if s not in _STATIC]   # DIP's plan is always in the table
     if unknown:
-        raise click.ClickException(f"unknown schedule(s) {unknown}. Fix: choose from {', '.join(_SCHEDULES)}.")
+        raise click.ClickException(f"unknown schedule(s) {unknown}. Fix: choose from {', '.join(_STATIC)}.")
     ex = make_example(model, seed=seed)
     first = ex.data.microbatches(1, 2)[0]
     pipe = dipc.compile(ex.model, first, num_stages=stages, chunks=chunks, schedule="gpipe",

@@ -62,13 +62,16 @@ def train(cfg: DemoConfig, rank: int = 0, step_fn=None, log=print) -> list[float
 
     With async planning, rank 0 plans batch i+1 on a forked CPU worker while batch i trains and
     (distributed) broadcasts each program; otherwise every rank plans each batch itself (plans
-    are deterministic, and the ranks check they agree before running)."""
+    are deterministic, and the ranks check they agree before running) — but schedule ``dip``,
+    planned on rank 0 and broadcast (its SEMU profile is measured per process)."""
     from dipc.runtime.async_plan import AsyncPlanner, broadcast_program
 
     ex, pipe = _build(cfg)
     distributed = step_fn is not None
     use_async = _use_async(cfg)
     planner = AsyncPlanner(pipe, workers=1) if use_async and rank == 0 else None
+    # DIP's plans are scored on a profile each process measures (on CPU): one rank plans for all
+    plan_once = cfg.schedule == "dip"
     batches = [ex.data.microbatches(cfg.microbatches, cfg.samples_per_microbatch)]
     if planner:
         planner.submit(0, batches[0])
@@ -85,11 +88,11 @@ def train(cfg: DemoConfig, rank: int = 0, step_fn=None, log=print) -> list[float
             if planner:
                 outcome = planner.get(step, mbs)
                 program, source = outcome.program, outcome.source
-            elif not use_async:
+            elif not use_async and not (distributed and plan_once and rank != 0):
                 program = pipe.plan(mbs)
             else:
                 program = None
-            if use_async and distributed:
+            if distributed and (use_async or plan_once):
                 program = broadcast_program(program)
             plan_ms = (time.perf_counter() - t0) * 1e3
             result = step_fn(pipe, mbs, program) if distributed else pipe.step(mbs, program)

@@ -9,7 +9,9 @@ are all-reduced across replicas, so every step equals one full-batch update.
 
 Planning: with ``--async-plan`` pipeline rank 0 of each replica plans batch i+1 on a forked CPU
 worker while batch i trains and broadcasts each program to its pipeline (:mod:`dipc.runtime.async_plan`);
-otherwise every rank plans itself (plans are deterministic) and the ranks check they agree.
+otherwise every rank plans itself (plans are deterministic) and the ranks check they agree —
+except ``--schedule dip``, whose SEMU profile each process measures (on CPU): rank 0 of each
+pipeline plans and broadcasts.
 ``--checkpoint-dir`` saves model, optimizer, step, RNG and data position every
 ``--checkpoint-every`` steps (torch.distributed.checkpoint, sharded per stage); ``--resume``
 continues from it exactly. Without torchrun's environment, ``--nproc`` processes are spawned on
@@ -109,6 +111,8 @@ def train_rank(cfg: RunConfig, log=print) -> list[float]:
             if cfg.async_plan:
                 program = planner.get(step, mbs).program if planner else None
                 program = broadcast_program(program, src=src, group=topo.pp_group)
+            elif cfg.schedule == "dip":   # scored on a profile each process measures: one rank plans
+                program = broadcast_program(pipe.plan(mbs) if topo.pp_rank == 0 else None, src=src, group=topo.pp_group)
             else:
                 program = pipe.plan(mbs)
             plan_ms = (time.perf_counter() - t0) * 1e3

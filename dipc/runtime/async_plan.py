@@ -156,8 +156,8 @@ class AsyncPlanner:
         last = self._last
         if last is not None and last.num_microbatches == len(microbatches) and not last.subs:
             program = self.pipe.plan(microbatches, schedule=last.schedule, compute_orders=compute_orders_of(last))
-        else:
-            program = self.pipe.plan(microbatches)
+        else:   # a static schedule: cheap, where the pipeline's own may be DIP's search
+            program = self.pipe.plan(microbatches, schedule=self.pipe.fallback_schedule())
         self._last = program
         return program
 

@@ -83,6 +83,32 @@ def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int,
     return out
 
 
+def encoder_ahead_candidates(pipe: "CompiledPipeline", num_microbatches: int,
+                             subs: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, list]:
+    """The encoder look-ahead orders (:mod:`dipc.passes.encoder_ahead`) this layout admits: the
+    coarse encoder-first order and each :data:`~dipc.passes.encoder_ahead.ENCODER_AHEAD`
+    look-ahead, around every static schedule the backbone can run. None where the layout has no
+    encoder ahead of its backbone; an order whose ranks would wait on each other is left out."""
+    from dipc.errors import ScheduleError
+    from dipc.passes.encoder_ahead import ENCODER_AHEAD, backbone_schedules, encoder_ahead_orders
+
+    stages = list(pipe.stage_infos)
+    try:
+        backbones = backbone_schedules(stages, pipe.num_ranks)
+    except ScheduleError:
+        return {}
+    out = {}
+    for backbone in backbones:
+        for ahead, lag in ((None, 1), *ENCODER_AHEAD):
+            label = "encoder-first" if ahead is None else f"encoder ahead {ahead} lag {lag}"
+            try:
+                out[f"{label}, {backbone} backbone"] = encoder_ahead_orders(
+                    stages, pipe.num_ranks, num_microbatches, subs, ahead=ahead, lag=lag, backbone=backbone)
+            except ScheduleError:
+                continue
+    return out
+
+
 def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model,
              baselines: Sequence[str] = (),
              memory_limit: float | Sequence[float] | None = None,
@@ -113,6 +139,7 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
     subs = pipe.sub_counts(microbatches)
     candidates: dict[str, Any] = {f"dual-queue ({k})": v
                                   for k, v in dip_candidates(pipe, model, len(microbatches), memory_limit, subs).items()}
+    candidates.update(encoder_ahead_candidates(pipe, len(microbatches), subs))
     for name in baselines:
         candidates[name] = None
     if not candidates:
@@ -124,7 +151,7 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
     def build(label: str, orders):
         def run():
             program = (pipe.plan(microbatches, schedule=label) if orders is None else
-                       pipe.plan(microbatches, schedule="dual_queue", compute_orders=orders))
+                       pipe.plan(microbatches, schedule="dip", compute_orders=orders))
             return program, model
         return run
 

@@ -79,6 +79,19 @@ def test_failing_planner_and_missing_plan_fall_back_with_the_reason():
             planner.submit("b", mbs)
 
 
+def test_a_dip_pipeline_falls_back_to_a_static_schedule_not_to_its_search(monkeypatch):
+    ex, pipe = _pipe("dip")
+    mbs = ex.data.microbatches(3, 2)
+    with AsyncPlanner(pipe, _failing_plan, workers=1) as planner:
+        planner.submit(0, mbs)
+        searched = []
+        monkeypatch.setattr(type(pipe), "_plan_dip", lambda self, *a: searched.append(a))
+        out = planner.get(0, mbs)
+    assert out.source == "fallback" and not searched
+    assert out.program.schedule == pipe.fallback_schedule() == "interleaved_1f1b"   # 2 chunks: no plain 1F1B
+    assert torch.isfinite(torch.tensor(pipe.step(mbs, out.program).loss))
+
+
 def test_back_pressure_bounds_pending_plans():
     ex, pipe = _pipe()
     batches = [ex.data.microbatches(2, 2) for _ in range(4)]
