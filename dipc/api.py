@@ -75,6 +75,8 @@ class CompiledPipeline:
     # profile plans are scored on (None: dipc.semu.profile_machine.default_profile of the device)
     memory_limit: float | Sequence[float] | None = None
     profile: "str | ClusterProfile | None" = None
+    # schedule "dip": seconds of phase 1's MCTS per batch (0: the candidate rules only)
+    search_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.shapes = ShapeInference(self.stages)
@@ -224,7 +226,7 @@ class CompiledPipeline:
 
         model = step_model(self, microbatches, self._profile(profile))
         _, program, _ = plan_dip(self, microbatches, model, baselines=self.static_schedules(),
-                                 memory_limit=memory_limit)
+                                 memory_limit=memory_limit, search_s=self.search_s)
         return program
 
     def _profile(self, profile: "str | ClusterProfile | None") -> "str | ClusterProfile":
@@ -390,7 +392,7 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
             sub_microbatches: Mapping[str, int | SubMicrobatches] | None = None,
             length_stats: Callable[[Batch], Any] | None = None, remat_glue: bool = True,
             memory_limit: float | Sequence[float] | None = None,
-            profile: "str | ClusterProfile | None" = None) -> CompiledPipeline:
+            profile: "str | ClusterProfile | None" = None, search_s: float = 0.0) -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
@@ -415,6 +417,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     the stages that read them rather than sending them across ranks (:mod:`dipc.passes.remat`).
     ``memory_limit`` / ``profile``: the defaults of :meth:`CompiledPipeline.plan` (bytes per rank
     that phase 3 fits every plan to; the SEMU profile plans are scored and fitted on).
+    ``search_s``: with ``schedule="dip"``, seconds per batch of phase 1's MCTS over segment
+    priorities (:func:`dipc.semu.compare.searched_order`), one more candidate; 0: none.
     """
     from dipc.passes.schedules import SCHEDULES
 
@@ -457,4 +461,4 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
                             stages=stages, num_ranks=num_stages,
                             chunks=chunks, schedule=schedule, loss_weight=loss_weight or default_loss_weight,
                             optimizer_factory=optimizer, history=history, length_stats=length_stats,
-                            memory_limit=memory_limit, profile=profile)
+                            memory_limit=memory_limit, profile=profile, search_s=search_s)

@@ -2,6 +2,7 @@
 interleaving included, so users (and `dipc trace`) see predicted step time and bubbles side by side."""
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -46,29 +47,44 @@ def _frugal_stash(model, stage: int, mb: int, sub: int = -1) -> float:
     return sum(min(f.act_bytes, f.in_bytes) for f in fps)
 
 
-def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int,
-                   memory_limit: float | Sequence[float] | None = None,
-                   subs: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, list]:
-    """Phase 2 of DIP's search fed with SEMU's per-(stage, microbatch[, sub]) times, under a few
-    microbatch priority rules (in order; heaviest first; lightest first), each with and without the
-    zero-bubble backward split. Phase 1 (MCTS over segment priorities) will generate these.
-
-    With a ``memory_limit``, forwards are held back where even the most memory-efficient
-    recomputation (the paper's phase-2 assumption) would not fit the rank's activation budget;
-    a candidate the greedy cannot fit is left out (phase 3 then decides what to recompute).
-    ``subs`` (``Program.subs``): encoder sub-microbatches are scheduled as their own tasks."""
+def _microbatch_work(pipe: "CompiledPipeline", model, num_microbatches: int) -> list[float]:
+    """SEMU's forward + backward seconds of each microbatch over all stages."""
     t = model.stage_time
-    work = [sum(t(s.id, m).fwd + t(s.id, m).bwd for s in pipe.stages) for m in range(num_microbatches)]
-    heavy = {m: i for i, m in enumerate(sorted(range(num_microbatches), key=lambda m: -work[m]))}
-    light = {m: i for i, m in enumerate(sorted(range(num_microbatches), key=lambda m: work[m]))}
-    priorities = {"in order": None,
-                  "heaviest first": lambda op, s, m: (heavy[m], s if op is Op.FWD else -s),
-                  "lightest first": lambda op, s, m: (light[m], s if op is Op.FWD else -s)}
+    return [sum(t(s.id, m).fwd + t(s.id, m).bwd for s in pipe.stages) for m in range(num_microbatches)]
+
+
+def _phase2_costs(pipe: "CompiledPipeline", model, memory_limit: float | Sequence[float] | None
+                  ) -> tuple[TaskCosts, TaskCosts, list[float] | None]:
+    """The dual queue's task costs from SEMU (whole backward; split into input and weight
+    gradients) and the per-rank activation budgets (None without a limit): with a limit each
+    forward stashes its least (every saving layer recomputed, phase 2's assumption)."""
+    t = model.stage_time
     budgets = None if memory_limit is None else _activation_budgets(pipe, model, memory_limit)
     act = (lambda s, m, j=-1: 1.0) if budgets is None else (lambda s, m, j=-1: _frugal_stash(model, s, m, j))
     plain = TaskCosts(fwd=lambda s, m, j=-1: t(s, m, j).fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd, act=act)
     split = TaskCosts(fwd=plain.fwd, bwd=lambda s, m, j=-1: t(s, m, j).bwd_in,
                       wgrad=lambda s, m, j=-1: t(s, m, j).bwd_w, act=act)
+    return plain, split, budgets
+
+
+def dip_candidates(pipe: "CompiledPipeline", model, num_microbatches: int,
+                   memory_limit: float | Sequence[float] | None = None,
+                   subs: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, list]:
+    """Phase 2 of DIP's search fed with SEMU's per-(stage, microbatch[, sub]) times, under a few
+    microbatch priority rules (in order; heaviest first; lightest first), each with and without the
+    zero-bubble backward split (phase 1's search, :func:`searched_order`, adds its own ranking).
+
+    With a ``memory_limit``, forwards are held back where even the most memory-efficient
+    recomputation (the paper's phase-2 assumption) would not fit the rank's activation budget;
+    a candidate the greedy cannot fit is left out (phase 3 then decides what to recompute).
+    ``subs`` (``Program.subs``): encoder sub-microbatches are scheduled as their own tasks."""
+    work = _microbatch_work(pipe, model, num_microbatches)
+    heavy = {m: i for i, m in enumerate(sorted(range(num_microbatches), key=lambda m: -work[m]))}
+    light = {m: i for i, m in enumerate(sorted(range(num_microbatches), key=lambda m: work[m]))}
+    priorities = {"in order": None,
+                  "heaviest first": lambda op, s, m: (heavy[m], s if op is Op.FWD else -s),
+                  "lightest first": lambda op, s, m: (light[m], s if op is Op.FWD else -s)}
+    plain, split, budgets = _phase2_costs(pipe, model, memory_limit)
     stages = list(pipe.stage_infos)
     out = {}
     for label, prio in priorities.items():
@@ -109,12 +125,74 @@ def encoder_ahead_candidates(pipe: "CompiledPipeline", num_microbatches: int,
     return out
 
 
+def searched_order(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model,
+                   memory_limit: float | Sequence[float] | None = None, *, budget_s: float = 0.5,
+                   max_evaluations: int | None = None, seed: int = 0):
+    """DIP phase 1 (:func:`dipc.passes.segment_order.mcts_order`): MCTS over the priorities of the
+    batch's segments — one item per (modality, microbatch), its sub-microbatches and stages tied —
+    each ranking interleaved by the dual queue (zero-bubble split backward) and scored by SEMU's
+    simulated step. Seeded with the in-order, heaviest-first, lightest-first and encoder-first
+    rankings, so it returns nothing worse than those. With a ``memory_limit`` a ranking that
+    overflows as it is scores its step with every layer recomputed (phase 2's assumption; phase
+    3 later fits the winner exactly), inf if even that overflows. Stops after ``budget_s``
+    seconds or ``max_evaluations`` rankings (deterministic for a given ``seed`` only then).
+    Returns (compute orders, :class:`~dipc.passes.segment_order.SearchResult`)."""
+    from dipc.errors import DipcError
+    from dipc.ir.recompute import with_recompute
+    from dipc.passes.segment_order import mcts_order, priority_from_order
+    from dipc.semu.memory_opt import _limits
+
+    M = len(microbatches)
+    stages = list(pipe.stage_infos)
+    subs = pipe.sub_counts(microbatches)
+    _, split, budgets = _phase2_costs(pipe, model, memory_limit)
+    limits = None if memory_limit is None else _limits(memory_limit, pipe.num_ranks)
+    every_layer = {s.id: list(s.layers) for s in pipe.stages}
+    mods = list(dict.fromkeys(s.modality for s in stages))
+    item_of = lambda stage, mb: (stages[stage].modality, mb)   # noqa: E731
+
+    def orders_for(ranking):
+        return dual_queue_schedule(stages, pipe.num_ranks, M, split, priority=priority_from_order(ranking, item_of),
+                                   memory_limit=budgets, split_backward=True, subs=subs)
+
+    def fits(result) -> bool:
+        return limits is None or all(p <= c for p, c in zip(result.peak_memory, limits))
+
+    def score(ranking) -> float:
+        try:
+            program = pipe.plan(microbatches, schedule="dip", compute_orders=orders_for(ranking))
+        except DipcError:
+            return math.inf
+        result = model.simulate(program, record=False)
+        if fits(result):
+            return result.step_time
+        result = model.simulate(with_recompute(program, every_layer), record=False)
+        return result.step_time if fits(result) else math.inf
+
+    work = _microbatch_work(pipe, model, M)
+    heavy = sorted(range(M), key=lambda m: -work[m])
+    seeds = [[(mod, m) for m in range(M) for mod in mods], [(mod, m) for m in heavy for mod in mods],
+             [(mod, m) for m in reversed(heavy) for mod in mods], [(mod, m) for mod in mods for m in range(M)]]
+    found = mcts_order(seeds[0], score, budget_s=budget_s, max_evaluations=max_evaluations, seeds=seeds,
+                       seed=seed, rollouts=4)
+    if not math.isfinite(found.score):
+        raise InfeasibleMemoryError(f"no segment ranking the search scored fits a memory limit of {memory_limit} "
+                                    "bytes per rank, even with every layer recomputed.")
+    return orders_for(found.order), found
+
+
 def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model,
              baselines: Sequence[str] = (),
              memory_limit: float | Sequence[float] | None = None,
-             time_budget: float | None = None) -> tuple[str, Program, SimResult]:
+             time_budget: float | None = None, *, search_s: float = 0.0,
+             search_evaluations: int | None = None) -> tuple[str, Program, SimResult]:
     """DIP's plan for this batch: every candidate order (and the static ``baselines``) lowered,
     validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw.
+
+    Candidates: the dual queue under the microbatch priority rules (:func:`dip_candidates`), the
+    encoder look-ahead orders (:func:`encoder_ahead_candidates`), the ``baselines`` and, with
+    ``search_s > 0`` or ``search_evaluations``, phase 1's MCTS ranking (:func:`searched_order`,
+    labelled ``mcts``).
 
     With ``memory_limit`` (bytes per rank), candidates that overflow go through phase 3
     (:func:`dipc.semu.memory_opt.optimize_memory`), so their score includes the recomputation they
@@ -126,12 +204,12 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
     from dipc.semu.candidate_select import gc_paused
 
     with gc_paused():       # a plan allocates many short-lived objects: see gc_paused
-        return _plan_dip(pipe, microbatches, model, baselines, memory_limit, time_budget)
+        return _plan_dip(pipe, microbatches, model, baselines, memory_limit, time_budget, search_s, search_evaluations)
 
 
 def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model, baselines: Sequence[str],
-              memory_limit: float | Sequence[float] | None,
-              time_budget: float | None = None) -> tuple[str, Program, SimResult]:
+              memory_limit: float | Sequence[float] | None, time_budget: float | None, search_s: float,
+              search_evaluations: int | None) -> tuple[str, Program, SimResult]:
     t_start = time.perf_counter()
     from dipc.semu.candidate_select import pick_fastest
     from dipc.semu.memory_opt import Phase3Tables, _limits, optimize_memory, refine_per_microbatch
@@ -140,6 +218,12 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
     candidates: dict[str, Any] = {f"dual-queue ({k})": v
                                   for k, v in dip_candidates(pipe, model, len(microbatches), memory_limit, subs).items()}
     candidates.update(encoder_ahead_candidates(pipe, len(microbatches), subs))
+    if search_s > 0 or search_evaluations is not None:
+        try:
+            candidates["mcts"] = searched_order(pipe, microbatches, model, memory_limit, budget_s=search_s or math.inf,
+                                                max_evaluations=search_evaluations)[0]
+        except InfeasibleMemoryError:
+            pass   # the other candidates (or phase 3's error) speak for the memory limit
     for name in baselines:
         candidates[name] = None
     if not candidates:

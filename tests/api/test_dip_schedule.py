@@ -11,7 +11,7 @@ import dipc
 from dipc.errors import ScheduleError
 from dipc.ir.recompute import recompute_plan
 from dipc.ir.validate import validate
-from dipc.semu.compare import encoder_ahead_candidates, step_model
+from dipc.semu.compare import encoder_ahead_candidates, plan_dip, searched_order, step_model
 from examples.data import make_example
 from tests.runtime.helpers import assert_grads_equal, independent_weights, reference_grads
 
@@ -74,6 +74,22 @@ def test_every_encoder_look_ahead_order_trains_exactly(subs):
     for label, orders in candidates.items():
         program = pipe.plan(mbs, schedule="dip", compute_orders=orders)
         _check_step(ex, pipe, mbs, program, where=f"vlm/{label}/subs={subs}")
+
+
+def test_phase_one_search_is_a_candidate_and_its_orders_train_exactly():
+    ex = _example("audio_llm")
+    mbs = _batch(ex, 9, [3, 1, 2, 1])
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, schedule="dip", loss_weight=ex.loss_weight,
+                        segments="spread", sub_microbatches={"audio": 1}, profile="h800")
+    model = step_model(pipe, mbs, "h800")
+    orders, found = searched_order(pipe, mbs, model, budget_s=60, max_evaluations=16)
+    assert found.evaluations == 16 or found.exhausted
+    assert list(found.history) == sorted(found.history, reverse=True) and found.score == found.history[-1]
+    program = pipe.plan(mbs, schedule="dip", compute_orders=orders)
+    assert model.simulate(program).step_time == pytest.approx(found.score, rel=1e-12)
+    label, _, result = plan_dip(pipe, mbs, model, search_evaluations=16)
+    assert result.step_time <= found.score * (1 + 1e-12), label
+    _check_step(ex, pipe, mbs, program, where="audio_llm/mcts")
 
 
 def test_the_compiled_memory_limit_is_fitted():
