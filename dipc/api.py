@@ -92,6 +92,7 @@ class CompiledPipeline:
         self.treespecs = {name: tree_flatten(v)[1] for name, v in self.captured.example_values.items()}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self._whole_wgrad: frozenset[int] | None = None
+        self._static: list[str] | None = None   # static_schedules(), worked out once
         if self.optimizer_factory is not None:
             for r in range(self.num_ranks):
                 params = self.rank_parameters(r)
@@ -242,7 +243,7 @@ class CompiledPipeline:
         left out) whose generator accepts this pipeline's layout."""
         from dipc.passes.schedules import SCHEDULES
 
-        if getattr(self, "_static", None) is None:
+        if self._static is None:
             stages = list(self.stage_infos)
             self._static = []
             for name, generate in SCHEDULES.items():
