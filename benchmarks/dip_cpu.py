@@ -2,8 +2,9 @@
 measured on this machine: the example models trained pipelined over gloo on skewed batches.
 
 What a user gets: every batch planned by the library's DIP search on the profile ``plan()``
-uses by default (this CPU, measured quick), the program broadcast from rank 0, run by the
-distributed executor. Each batch runs under every schedule in turn (same processes, same
+uses by default on CPU (this machine measured quick, then calibrated on the pipeline's own local
+steps of the first batch: :mod:`dipc.semu.self_calibrate`), the program broadcast from rank 0,
+run by the distributed executor. ``DIPC_PROFILE=...`` names another profile instead. Each batch runs under every schedule in turn (same processes, same
 batch, ``--repeats`` times each, interleaved so machine noise hits all alike); the step time
 of a (batch, schedule) is the median of its repeats, measured as the slower rank's wall time
 between a barrier and the step's return. Beside the measurement, SEMU's prediction of the same
@@ -45,14 +46,12 @@ def _rank(rank: int, world: int, model: str, batches: int, repeats: int, microba
     from dipc.runtime.async_plan import broadcast_program
     from dipc.runtime.distributed import run_step_distributed
     from dipc.semu.compare import step_model
-    from dipc.semu.profile_machine import default_profile
     from examples.data import make_example
 
     ex = make_example(model, seed=seed)
     example = ex.data.microbatches(1, per_mb)[0]
     pipes = {name: dipc.compile(ex.model, example, num_stages=world, chunks=chunks, schedule=name,
                                 loss_weight=ex.loss_weight) for name, chunks in SCHEDULES}
-    profile = default_profile("cpu") if rank == 0 else None
     data = [ex.data.microbatches(microbatches, per_mb) for _ in range(batches)]
     rows = []
     for b, mbs in enumerate(data):
@@ -73,8 +72,9 @@ def _rank(rank: int, world: int, model: str, batches: int, repeats: int, microba
                 dist.all_reduce(took, op=dist.ReduceOp.MAX)
                 if rep:
                     times[name].append(float(took))
-        if rank == 0:
-            predicted = {name: step_model(pipes[name], mbs, profile).simulate(programs[name]).step_time
+        if rank == 0:   # SEMU on the profile DIP planned with (calibrated on the first batch)
+            profile = pipes["dip"].profile
+            predicted = {name: step_model(pipes[name], mbs, profile, runtime=True).simulate(programs[name]).step_time
                          for name in pipes}
             rows.append({"batch": b, "tokens": sum(int(mb["labels"].numel()) for mb in mbs if "labels" in mb),
                          "measured_s": {n: statistics.median(t) for n, t in times.items()},

@@ -159,7 +159,9 @@ class CompiledPipeline:
         Schedule ``"dip"``: DIP's per-batch search (:func:`dipc.semu.compare.plan_dip`): the
         dual-queue orders, the encoder look-ahead orders and every static schedule this layout
         runs, each scored by SEMU on ``profile`` for these microbatches (fitted to
-        ``memory_limit`` where it needs recomputation), the fastest kept. Deterministic for a
+        ``memory_limit`` where it needs recomputation), the fastest kept. On CPU with no profile
+        named (here, in :func:`compile` or ``$DIPC_PROFILE``) the first plan calibrates SEMU on its
+        batch (:meth:`calibrate`, a few seconds once). Deterministic for a
         given profile; a profile measured per process (the CPU default) can differ between
         processes, so under torch.distributed plan on one rank and broadcast the program
         (:func:`dipc.runtime.async_plan.broadcast_program`, what ``dipc run`` does), or name a profile.
@@ -222,13 +224,31 @@ class CompiledPipeline:
 
     def _plan_dip(self, microbatches: Sequence[Batch], memory_limit: float | Sequence[float] | None,
                   profile: "str | ClusterProfile | None") -> Program:
-        """DIP's per-batch plan (see :meth:`plan`), against every static schedule this layout runs."""
+        """DIP's per-batch plan (see :meth:`plan`), against every static schedule this layout runs.
+        On CPU with no profile named anywhere, the pipeline first calibrates SEMU on this batch
+        (:meth:`calibrate`): a measured CPU profile without dipc's per-instruction costs scores
+        plans of many small instructions as free (see :mod:`dipc.semu.self_calibrate`)."""
+        import os
+
         from dipc.semu.compare import plan_dip, step_model
 
-        model = step_model(self, microbatches, self._profile(profile))
+        on_cpu = not self._parameters or self._parameters[0].device.type == "cpu"
+        if profile is None and self.profile is None and on_cpu and not os.environ.get("DIPC_PROFILE"):
+            self.calibrate([microbatches])
+        model = step_model(self, microbatches, self._profile(profile), runtime=True)
         _, program, _ = plan_dip(self, microbatches, model, baselines=self.static_schedules(),
                                  memory_limit=memory_limit, search_s=self.search_s)
         return program
+
+    def calibrate(self, batches: Sequence[Sequence[Batch]], runs: int = 2) -> "ClusterProfile":
+        """Fit SEMU's profile to this pipeline's own local steps on ``batches`` (lists of
+        microbatches) on this device (:func:`dipc.semu.self_calibrate.calibrate_pipeline`; no
+        optimizer step, gradients and RNG restored) and plan with it from now on. Returns it."""
+        from dipc.semu.self_calibrate import calibrate_pipeline
+
+        self.profile = calibrate_pipeline(self, batches, base=self.profile, runs=runs).profile
+        self._programs = {k: v for k, v in self._programs.items() if k[0] != DIP}   # scored on the old profile
+        return self.profile
 
     def _profile(self, profile: "str | ClusterProfile | None") -> "str | ClusterProfile":
         from dipc.semu.profile_machine import default_profile

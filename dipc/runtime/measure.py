@@ -99,14 +99,15 @@ def _timed_handlers(interp: RankInterpreter, sink: list[tuple[int, Instruction, 
 
 def _run_ranks(pipe: "CompiledPipeline", program: Program, microbatches: Sequence[Mapping],
                prepare: Callable[[RankInterpreter], None] | None = None,
-               on_switch: Callable[[int], None] | None = None) -> None:
+               on_switch: Callable[[int], None] | None = None, step_optimizer: bool = True) -> None:
     # the program's checkpointing choice, as the executors apply it: without this a program with
     # none (or one per stage) ran with the wrappers the previously measured program left
     apply_recompute(program, pipe.stages)
     transport = LocalTransport()
     weights = pipe.loss_weights(microbatches)
-    ranks = [RankInterpreter(r, program, pipe.stages, microbatches, weights, transport, pipe.treespecs)
-             for r in range(program.num_ranks)]
+    subs = pipe.sub_batches(microbatches)
+    ranks = [RankInterpreter(r, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,
+                             sub_batches=subs) for r in range(program.num_ranks)]
     for r in ranks:
         if prepare is not None:
             prepare(r)
@@ -118,15 +119,18 @@ def _run_ranks(pipe: "CompiledPipeline", program: Program, microbatches: Sequenc
             progressed |= r.run(until_blocked=True)
         if not progressed:
             raise ScheduleError("local execution deadlocked while measuring. Fix: validate the program.")
-    for r in range(program.num_ranks):
+    for r in range(program.num_ranks if step_optimizer else 0):
         if on_switch is not None:
             on_switch(r)
         pipe.step_optimizer(r)
 
 
 def timed_local_step(pipe: "CompiledPipeline", microbatches: Sequence[Mapping],
-                     program: Program | None = None, clock: str = "wall") -> InstructionTiming:
-    """One local step with every instruction timed (the optimizer step included in the total).
+                     program: Program | None = None, clock: str = "wall",
+                     step_optimizer: bool = True) -> InstructionTiming:
+    """One local step with every instruction timed (the optimizer step included in the total,
+    unless ``step_optimizer`` is False: then the parameters keep their values and only gain
+    gradients).
 
     ``clock="cpu"`` times with this thread's CPU time instead of wall time: with one torch thread
     the work runs on this thread, so on a shared, oversubscribed machine it measures the work and
@@ -135,7 +139,8 @@ def timed_local_step(pipe: "CompiledPipeline", microbatches: Sequence[Mapping],
     program = pipe.program_for(microbatches, program)
     out = InstructionTiming()
     t0 = tick()
-    _run_ranks(pipe, program, microbatches, prepare=lambda r: _timed_handlers(r, out.records, tick))
+    _run_ranks(pipe, program, microbatches, prepare=lambda r: _timed_handlers(r, out.records, tick),
+               step_optimizer=step_optimizer)
     out.step_seconds = tick() - t0
     return out
 

@@ -17,9 +17,13 @@ if TYPE_CHECKING:
 DIP_LABEL = "DIP"
 
 
-def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], profile: Any = "h800"):
+def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], profile: Any = "h800",
+               runtime: bool = False):
     """SEMU's model of this pipeline on ``profile`` (a preset name, a profile JSON path or a
-    loaded ``ClusterProfile``) for these microbatches (cost model cached on pipe)."""
+    loaded ``ClusterProfile``) for these microbatches (cost model cached on pipe). ``runtime``:
+    model dipc's interpreter rather than an ideal runtime
+    (:meth:`~dipc.semu.step_model.StepModel.runtime_options`: which BWD_Ws walk the whole
+    backward), as plans that dipc itself runs are scored."""
     from dipc.semu.costs import layer_cost_model
     from dipc.semu.profiles import load_profile
     from dipc.semu.step_model import StepModel, pipeline_length_stats, sub_length_stats
@@ -30,8 +34,8 @@ def step_model(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any
     sub_stats = sub_length_stats(pipe, microbatches) if pipe.sub_microbatcher is not None else None
     # the stages whose split BWD_W walks whole on dipc's runtime, as on any device
     cluster = profile if hasattr(profile, "device") else load_profile(profile)
-    return StepModel.for_pipeline(pipe, pipe._cost_model, cluster, stats, sub_stats=sub_stats,
-                                  whole_wgrad_stages=sorted(pipe.whole_wgrad_stages()))
+    options = StepModel.runtime_options(pipe) if runtime else {"whole_wgrad_stages": sorted(pipe.whole_wgrad_stages())}
+    return StepModel.for_pipeline(pipe, pipe._cost_model, cluster, stats, sub_stats=sub_stats, **options)
 
 
 def _activation_budgets(pipe: "CompiledPipeline", model, memory_limit: float | Sequence[float]) -> list[float]:

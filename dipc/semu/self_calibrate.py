@@ -1,0 +1,107 @@
+"""Calibrate SEMU to one compiled pipeline on the machine it runs on, from a few of its own steps.
+
+Why: a measured device profile (``dipc profile``, or the quick one
+:func:`~dipc.semu.profile_machine.default_profile` takes on CPU) knows the machine's matmul
+throughput and memory bandwidth, not what a pipeline step costs besides: eager dispatch of many
+small ATen ops and dipc's interpreter, ~0.2 ms per forward and up to ~1.6 ms per weight-gradient
+instruction of the tiny example models on this project's CPU VM
+(``benchmarks/results/semu_calibrated_profile.json``). Scored without them, DIP's search takes
+programs with more, smaller instructions (split backward, sub-microbatches) for free: on the
+example VLM over gloo it picked plans measured 0.77x 1F1B's speed while SEMU predicted 1.6x
+(``benchmarks/dip_cpu.py``, quick profile). :func:`calibrate_pipeline` times local steps of the
+pipeline's static schedules and of a split-backward dual-queue order on sample batches (so every
+instruction kind is seen), then fits the profile as :func:`dipc.semu.calibrate.fit_profile` does
+for the accuracy benchmark.
+
+What it leaves: links (the base profile's; calibrate them with
+:func:`dipc.runtime.measure.measure_gloo_link` and :func:`~dipc.semu.calibrate.fit_link`), the
+instructions of sub-microbatches (a split stage's instructions are timed per sub, the cost model
+is per microbatch: they are left out of the fit), and memory (calibration fits times only).
+The model's parameters, gradients and the RNG are as they were before: no optimizer step is
+taken, gradients are restored, the RNG state forked.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+from dipc.errors import DipcError
+from dipc.ir import COMPUTE_OPS
+
+if TYPE_CHECKING:
+    from dipc.api import CompiledPipeline
+    from dipc.semu.calibrate import CalibrationResult
+    from dipc.semu.profiles import ClusterProfile
+
+__all__ = ["calibrate_pipeline"]
+
+
+def _programs(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]) -> list:
+    """The programs timed on one batch: every static schedule of the layout and the dual queue
+    with the zero-bubble split (the only one with BWD_I / BWD_W where the layout has no ZB-H1),
+    all without recomputation (the fit charges each instruction its own work)."""
+    from dipc.ir.recompute import with_recompute
+    from dipc.passes.dual_queue import dual_queue_schedule
+
+    plain = [pipe.plan(microbatches, schedule=name) for name in pipe.static_schedules()]
+    split = dual_queue_schedule(list(pipe.stage_infos), pipe.num_ranks, len(microbatches), split_backward=True,
+                                subs=pipe.sub_counts(microbatches))
+    plain.append(pipe.plan(microbatches, schedule="dip", compute_orders=split))
+    return [with_recompute(p, {}) for p in plain]
+
+
+def calibrate_pipeline(pipe: "CompiledPipeline", batches: Sequence[Sequence[Mapping[str, Any]]],
+                       base: "ClusterProfile | str | None" = None, runs: int = 2,
+                       clock: str = "cpu") -> "CalibrationResult":
+    """SEMU's profile fitted to ``pipe``'s local steps on ``batches`` (each a list of
+    microbatches): ``runs`` timed steps (after one warm-up) of every program :func:`_programs`
+    lists. ``base``: the profile to start from (default: the device's,
+    :func:`~dipc.semu.profile_machine.default_profile`). ``clock="cpu"`` times this thread's CPU
+    time (steady on a shared machine; see :func:`dipc.runtime.measure.timed_local_step`)."""
+    from dipc.runtime.measure import timed_local_step
+    from dipc.semu.calibrate import CalibrationSample, CalibrationSet, fit_profile
+    from dipc.semu.costs import layer_cost_model
+    from dipc.semu.profile_machine import default_profile
+    from dipc.semu.profiles import load_profile
+    from dipc.semu.step_model import pipeline_length_stats
+
+    if not batches or runs < 1:
+        raise DipcError(f"calibration needs at least one batch and one run (got {len(batches)} batches, runs={runs}). "
+                        "Fix: pass a sample batch of microbatches and runs >= 1.")
+    params = list(pipe.model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    grads = [p.grad for p in params]
+    samples = []
+    # measuring the base profile and running steps draw random numbers: the caller's stream must not move
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if base is None:
+            base = default_profile(device.type)
+        elif isinstance(base, str):
+            base = load_profile(base)
+        if getattr(pipe, "_cost_model", None) is None:
+            pipe._cost_model = layer_cost_model(pipe.captured)
+        try:
+            for mbs in batches:
+                stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+                for program in _programs(pipe, mbs):
+                    for k in range(runs + 1):
+                        pipe.model.zero_grad(set_to_none=True)
+                        run = timed_local_step(pipe, mbs, program, clock=clock, step_optimizer=False)
+                        if k == 0:
+                            continue   # warm-up: allocator, first-call paths
+                        samples.append(CalibrationSample(
+                            stats=stats,
+                            timings=[(i.op.value, i.stage, i.mb, t) for _, i, t in run.records
+                                     if i.op in COMPUTE_OPS and i.sub < 0],
+                            other_timings=run.other_times(), untimed_seconds=run.untimed_seconds,
+                            num_instructions=len(run.records)))
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+    stages = sorted(pipe.stages, key=lambda s: s.id)
+    calibration = CalibrationSet(stage_layers=[s.layers for s in stages], cost_model=pipe._cost_model,
+                                 samples=samples, no_input_grads=[s.id for s in stages if not s.grad_producers],
+                                 whole_wgrad_stages=sorted(pipe.whole_wgrad_stages()))
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else "float32"
+    return fit_profile(base, [calibration], name=f"{base.name}-calibrated", dtype=dtype)

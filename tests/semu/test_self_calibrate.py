@@ -1,0 +1,48 @@
+"""Calibrating SEMU on a pipeline's own steps: it leaves the model as it was (parameters,
+gradients, optimizer, RNG), fits every instruction kind's overhead, and schedule "dip" on CPU
+plans with it unless a profile is named."""
+import torch
+
+import dipc
+from dipc.semu.self_calibrate import calibrate_pipeline
+from examples.data import make_example
+
+
+def _pipe(**kw):
+    ex = make_example("vlm", seed=2)
+    mbs = ex.data.microbatches(3, 2)
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, loss_weight=ex.loss_weight,
+                        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), **kw)
+    return ex, pipe, mbs
+
+
+def test_calibration_leaves_the_model_as_it_was_and_fits_every_kind():
+    ex, pipe, mbs = _pipe(schedule="dip", sub_microbatches={"vision": 1})
+    pipe.step(mbs, pipe.plan(mbs, schedule="interleaved_1f1b"))    # optimizer state and grads exist
+    before = {n: p.detach().clone() for n, p in ex.model.named_parameters()}
+    grads = {n: p.grad for n, p in ex.model.named_parameters()}
+    some = next(n for n, g in grads.items() if g is None)
+    ex.model.get_parameter(some).grad = marker = torch.ones_like(ex.model.get_parameter(some))
+    rng = torch.get_rng_state()
+    result = calibrate_pipeline(pipe, [mbs], runs=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for n, p in ex.model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed: calibration must not train"
+        assert p.grad is (marker if n == some else grads[n]), f"{n}'s gradient was not restored"
+    overheads = result.profile.device.op_overheads
+    assert {"FWD", "BWD", "BWD_I", "BWD_W", "LOAD", "SEND_ACT", "RECV_ACT"} <= set(overheads)
+    assert result.num_points > 0 and result.profile.name.endswith("-calibrated")
+
+
+def test_dip_on_cpu_calibrates_once_unless_a_profile_is_named(monkeypatch):
+    ex, pipe, mbs = _pipe(schedule="dip")
+    monkeypatch.delenv("DIPC_PROFILE", raising=False)
+    calls = []
+    real = type(pipe).calibrate
+    monkeypatch.setattr(type(pipe), "calibrate", lambda self, b, runs=2: calls.append(1) or real(self, b, runs=1))
+    pipe.plan(mbs)
+    pipe.plan(ex.data.microbatches(3, 2))
+    assert len(calls) == 1 and pipe.profile.name.endswith("-calibrated")
+    _, named, mbs = _pipe(schedule="dip", profile="h800")
+    named.plan(mbs)
+    assert len(calls) == 1 and named.profile == "h800"
