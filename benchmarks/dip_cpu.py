@@ -46,6 +46,7 @@ def _rank(rank: int, world: int, model: str, batches: int, repeats: int, microba
     from dipc.runtime.async_plan import broadcast_program
     from dipc.runtime.distributed import run_step_distributed
     from dipc.semu.compare import step_model
+    from dipc.semu.profile_machine import default_profile
     from examples.data import make_example
 
     ex = make_example(model, seed=seed)
@@ -72,8 +73,8 @@ def _rank(rank: int, world: int, model: str, batches: int, repeats: int, microba
                 dist.all_reduce(took, op=dist.ReduceOp.MAX)
                 if rep:
                     times[name].append(float(took))
-        if rank == 0:   # SEMU on the profile DIP planned with (calibrated on the first batch)
-            profile = pipes["dip"].profile
+        if rank == 0:   # SEMU on the profile DIP planned with (calibrated on the first batch, or $DIPC_PROFILE)
+            profile = pipes["dip"].profile or default_profile("cpu")
             predicted = {name: step_model(pipes[name], mbs, profile, runtime=True).simulate(programs[name]).step_time
                          for name in pipes}
             rows.append({"batch": b, "tokens": sum(int(mb["labels"].numel()) for mb in mbs if "labels" in mb),
