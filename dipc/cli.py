@@ -17,8 +17,9 @@ def cli() -> None:
 @click.option("--model", type=click.Choice(["vlm", "audio_llm", "t2v"]), default="vlm", show_default=True)
 @click.option("--stages", type=int, default=2, show_default=True, help="pipeline ranks")
 @click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dual_queue", "dip"]),
-              default="1f1b", show_default=True,
-              help="a static schedule, or dip: DIP's per-batch search scored by SEMU")
+              default="dip", show_default=True,
+              help="dip: DIP's per-batch search scored by SEMU (calibrated on this CPU at the first batch); "
+                   "or a static schedule")
 @click.option("--chunks", type=int, default=None, help="stages per rank (virtual stages)")
 @click.option("--steps", type=int, default=30, show_default=True)
 @click.option("--microbatches", type=int, default=4, show_default=True)

@@ -21,7 +21,7 @@ from dipc.ir.text import format_grid
 class DemoConfig:
     model: str = "vlm"
     stages: int = 2
-    schedule: str = "1f1b"
+    schedule: str = "dip"
     chunks: int | None = None
     steps: int = 30
     microbatches: int = 4
