@@ -1,5 +1,7 @@
 """`dipc run` / python -m dipc.run: PP x DP training with async planning, checkpoint and exact
 resume, and bad launches refused before any step."""
+import math
+
 import pytest
 from click.testing import CliRunner
 
@@ -13,6 +15,13 @@ pytestmark = pytest.mark.timeout(600)
 def test_pp2_dp2_with_async_planning_trains():
     losses = run(RunConfig(pp=2, nproc=4, steps=3, microbatches=4, async_plan=True, timeout_s=120))
     assert len(losses) == 3 and losses[-1] < losses[0] + 1.0
+
+
+def test_pp2_dp2_with_dip_plans_broadcast_per_replica_trains():
+    """schedule dip: pipeline rank 0 of each replica calibrates, plans and broadcasts to its pipeline
+    (each process measures its own CPU profile, so self-planned ranks could disagree)."""
+    losses = run(RunConfig(pp=2, nproc=4, steps=2, microbatches=4, schedule="dip", timeout_s=180))
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
 def test_resume_continues_exactly(tmp_path):
