@@ -228,17 +228,24 @@ class CompiledPipeline:
         On CPU with no profile named anywhere, the pipeline first calibrates SEMU on this batch
         (:meth:`calibrate`): a measured CPU profile without dipc's per-instruction costs scores
         plans of many small instructions as free (see :mod:`dipc.semu.self_calibrate`)."""
-        import os
-
         from dipc.semu.compare import plan_dip, step_model
 
-        on_cpu = not self._parameters or self._parameters[0].device.type == "cpu"
-        if profile is None and self.profile is None and on_cpu and not os.environ.get("DIPC_PROFILE"):
+        if profile is None and self.needs_calibration():
             self.calibrate([microbatches])
         model = step_model(self, microbatches, self._profile(profile), runtime=True)
         _, program, _ = plan_dip(self, microbatches, model, baselines=self.static_schedules(),
                                  memory_limit=memory_limit, search_s=self.search_s)
         return program
+
+    def needs_calibration(self) -> bool:
+        """Whether schedule ``dip`` calibrates SEMU at its first plan: on CPU, when no profile is
+        named (in :func:`compile` or ``$DIPC_PROFILE``). Call :meth:`calibrate` before forking
+        planner workers (:class:`~dipc.runtime.async_plan.AsyncPlanner`) so they inherit the
+        profile instead of each calibrating while the trainer competes for the cores."""
+        import os
+
+        on_cpu = not self._parameters or self._parameters[0].device.type == "cpu"
+        return self.schedule == DIP and self.profile is None and on_cpu and not os.environ.get("DIPC_PROFILE")
 
     def calibrate(self, batches: Sequence[Sequence[Batch]], runs: int = 2) -> "ClusterProfile":
         """Fit SEMU's profile to this pipeline's own local steps on ``batches`` (lists of
