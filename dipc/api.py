@@ -166,12 +166,59 @@ class CompiledPipeline:
         processes, so under torch.distributed plan on one rank and broadcast the program
         (:func:`dipc.runtime.async_plan.broadcast_program`, what ``dipc run`` does), or name a profile.
         """
-        from dipc.ir.validate import validate
-        from dipc.passes.codegen import build_program, lower
-
         self.check_batch(microbatches)
         self.check_trainable()
         t0 = time.perf_counter()
+        name = schedule or self.schedule
+        if memory_limit is None:
+            memory_limit = self.memory_limit
+        if name == DIP and compute_orders is None:
+            # its plan depends on what it is scored and fitted on too
+            key = (DIP, self._shape_key(microbatches), _hashable(memory_limit),
+                   profile if profile is None or isinstance(profile, str) else id(profile))
+            program = self._programs.get(key)
+            if program is None:
+                program = self._plan_dip(microbatches, memory_limit, profile)
+                self._remember(key, program)
+        else:
+            program = self.lowered(microbatches, name if compute_orders is None else schedule or "custom", compute_orders)
+            if memory_limit is not None:
+                program = self.fit_memory(program, microbatches, memory_limit, profile).program
+        maybe_dump(self, program, microbatches)
+        entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
+        if self.history and self.history[-1][0] == "plan":   # keep the latest plan, not one per step
+            self.history[-1] = entry
+        else:
+            self.history.append(entry)
+        return program
+
+    def lowered(self, microbatches: Sequence[Batch], schedule: str,
+                compute_orders: Sequence[Sequence[Any]] | None = None, *, validated: bool = True) -> Program:
+        """The program of a static ``schedule`` (cached per batch shapes) or of ``compute_orders``
+        (named ``schedule``) for these microbatches, as it is: no memory fit, no dump. A search
+        that scores many candidates passes ``validated=False`` and validates the one it keeps
+        (the emulator raises ``ScheduleError`` on a wait cycle, so a bad candidate cannot win)."""
+        from dipc.ir.validate import validate
+        from dipc.passes.codegen import build_program, lower
+
+        shape_key, subs, specs = self._specs(microbatches)
+        key = (schedule, shape_key) if compute_orders is None else None
+        program = self._programs.get(key) if key is not None else None
+        if program is not None:
+            return program
+        if compute_orders is None:
+            program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches), schedule,
+                                    specs=specs, subs=subs)
+        else:
+            program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
+                            schedule=schedule, specs=specs, subs=subs)
+        if validated or key is not None:
+            validate(program)
+        self._remember(key, program)
+        return program
+
+    def _specs(self, microbatches: Sequence[Batch]) -> tuple[tuple, Any, Callable[..., Any]]:
+        """(what the messages' shapes depend on, ``Program.subs``, the specs function codegen asks)."""
         edge_specs = [self.shapes.edge_specs(mb) for mb in microbatches]
         subs = self.sub_counts(microbatches)
         sub_specs = {(mod, m, j): self.sub_shapes[mod].edge_specs(part)
@@ -184,37 +231,12 @@ class CompiledPipeline:
                 act, grad = edge_specs[mb][(producer, consumer)]
             return act if kind == "act" else grad
 
-        name = schedule or self.schedule
-        if memory_limit is None:
-            memory_limit = self.memory_limit
-        key = None
-        if compute_orders is None:
-            key = (name, subs, tuple(tuple(sorted(e.items())) for e in edge_specs),
-                   tuple(sorted((k, tuple(sorted(v.items()))) for k, v in sub_specs.items())))
-            if name == DIP:   # its plan depends on what it is scored and fitted on too
-                key += (_hashable(memory_limit), profile if profile is None or isinstance(profile, str) else id(profile))
-        program = self._programs.get(key) if key is not None else None
-        if program is None and name == DIP and compute_orders is None:
-            program = self._plan_dip(microbatches, memory_limit, profile)
-            self._remember(key, program)
-        elif program is None:
-            if compute_orders is None:
-                program = build_program(list(self.stage_infos), self.num_ranks, len(microbatches),
-                                        schedule or self.schedule, specs=specs, subs=subs)
-            else:
-                program = lower(list(self.stage_infos), self.num_ranks, len(microbatches), compute_orders,
-                                schedule=schedule or "custom", specs=specs, subs=subs)
-            validate(program)
-            self._remember(key, program)
-        if memory_limit is not None and name != DIP:
-            program = self.fit_memory(program, microbatches, memory_limit, profile).program
-        maybe_dump(self, program, microbatches)
-        entry = ("plan", program, (time.perf_counter() - t0) * 1e3)
-        if self.history and self.history[-1][0] == "plan":   # keep the latest plan, not one per step
-            self.history[-1] = entry
-        else:
-            self.history.append(entry)
-        return program
+        shape_key = (subs, tuple(tuple(sorted(e.items())) for e in edge_specs),
+                     tuple(sorted((k, tuple(sorted(v.items()))) for k, v in sub_specs.items())))
+        return shape_key, subs, specs
+
+    def _shape_key(self, microbatches: Sequence[Batch]) -> tuple:
+        return self._specs(microbatches)[0]
 
     def _remember(self, key: tuple | None, program: Program) -> None:
         if key is not None:

@@ -6,7 +6,8 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from dipc.errors import InfeasibleMemoryError
+from dipc.errors import InfeasibleMemoryError, ScheduleError
+from dipc.ir.validate import validate
 from dipc.ir import Op, Program
 from dipc.passes.dual_queue import TaskCosts, dual_queue_schedule
 from dipc.semu.emulator import SimResult
@@ -109,7 +110,6 @@ def encoder_ahead_candidates(pipe: "CompiledPipeline", num_microbatches: int,
     coarse encoder-first order and each :data:`~dipc.passes.encoder_ahead.ENCODER_AHEAD`
     look-ahead, around every static schedule the backbone can run. None where the layout has no
     encoder ahead of its backbone; an order whose ranks would wait on each other is left out."""
-    from dipc.errors import ScheduleError
     from dipc.passes.encoder_ahead import ENCODER_AHEAD, backbone_schedules, encoder_ahead_orders
 
     stages = list(pipe.stage_infos)
@@ -164,7 +164,7 @@ def searched_order(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str,
 
     def score(ranking) -> float:
         try:
-            program = pipe.plan(microbatches, schedule="dip", compute_orders=orders_for(ranking))
+            program = pipe.lowered(microbatches, "dip", orders_for(ranking), validated=False)
         except DipcError:
             return math.inf
         result = model.simulate(program, record=False)
@@ -237,19 +237,26 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
             "per-rank excess, use more pipeline ranks or smaller microbatches, or raise memory_limit.")
 
     def build(label: str, orders):
-        def run():
-            program = (pipe.plan(microbatches, schedule=label) if orders is None else
-                       pipe.plan(microbatches, schedule="dip", compute_orders=orders))
+        def run():   # validated once, the winner only (a wait cycle makes the emulator raise)
+            program = (pipe.lowered(microbatches, label) if orders is None else
+                       pipe.lowered(microbatches, "dip", orders, validated=False))
             return program, model
         return run
 
     if memory_limit is None:
         best = None
         for label, orders in candidates.items():
-            program, _ = build(label, orders)()
-            result = model.simulate(program)
+            try:
+                program, _ = build(label, orders)()
+                result = model.simulate(program)
+            except ScheduleError:
+                continue
             if best is None or result.step_time < best[2].step_time:
                 best = (label, program, result)
+        if best is None:
+            raise ScheduleError(f"none of DIP's {len(candidates)} candidates lowered to a program the emulator could "
+                                "run. Fix: report this batch; meanwhile plan it with a static schedule.")
+        validate(best[1])
         return best
     tables = Phase3Tables(model, len(microbatches))
 
@@ -263,6 +270,7 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
     program, result = refine_per_microbatch(choice.program, choice.result, model, memory_limit, tables=tables,
                                             time_budget=None if time_budget is None else
                                             time_budget - (time.perf_counter() - t_start))
+    validate(program)
     return choice.label, program, result
 
 

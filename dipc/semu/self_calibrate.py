@@ -41,14 +41,12 @@ def _programs(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
     """The programs timed on one batch: every static schedule of the layout and the dual queue
     with the zero-bubble split (the only one with BWD_I / BWD_W where the layout has no ZB-H1),
     all without recomputation (the fit charges each instruction its own work)."""
-    from dipc.ir.recompute import with_recompute
     from dipc.passes.dual_queue import dual_queue_schedule
 
-    plain = [pipe.plan(microbatches, schedule=name) for name in pipe.static_schedules()]
     split = dual_queue_schedule(list(pipe.stage_infos), pipe.num_ranks, len(microbatches), split_backward=True,
                                 subs=pipe.sub_counts(microbatches))
-    plain.append(pipe.plan(microbatches, schedule="dip", compute_orders=split))
-    return [with_recompute(p, {}) for p in plain]
+    return [*(pipe.lowered(microbatches, name) for name in pipe.static_schedules()),
+            pipe.lowered(microbatches, "dip", split)]
 
 
 def calibrate_pipeline(pipe: "CompiledPipeline", batches: Sequence[Sequence[Mapping[str, Any]]],

@@ -124,3 +124,13 @@ def test_demo_trains_with_dip_plans_on_two_gloo_ranks(capsys):
     losses = run_demo(DemoConfig(schedule="dip", steps=3, executor="gloo", async_plan=False, timeout_s=120))
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert "schedule dip" in capsys.readouterr().out
+
+
+def test_a_dip_plan_is_dumped_once_not_once_per_candidate(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIPC_DUMP_DIR", str(tmp_path))
+    ex = _example("vlm")
+    mbs = _batch(ex, 4, [2, 1, 2])
+    pipe = dipc.compile(ex.model, mbs[0], num_stages=2, schedule="dip", loss_weight=ex.loss_weight, profile="h800")
+    program = pipe.plan(mbs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0"]
+    assert pipe.history[-1][:2] == ("plan", program)
