@@ -260,14 +260,14 @@ class CompiledPipeline:
         return program
 
     def needs_calibration(self) -> bool:
-        """Whether schedule ``dip`` calibrates SEMU at its first plan: on CPU, when no profile is
-        named (in :func:`compile` or ``$DIPC_PROFILE``). Call :meth:`calibrate` before forking
+        """Whether a DIP plan calibrates SEMU first: on CPU, when no profile is named (in
+        :func:`compile` or ``$DIPC_PROFILE``). Call :meth:`calibrate` before forking
         planner workers (:class:`~dipc.runtime.async_plan.AsyncPlanner`) so they inherit the
         profile instead of each calibrating while the trainer competes for the cores."""
         import os
 
         on_cpu = not self._parameters or self._parameters[0].device.type == "cpu"
-        return self.schedule == DIP and self.profile is None and on_cpu and not os.environ.get("DIPC_PROFILE")
+        return self.profile is None and on_cpu and not os.environ.get("DIPC_PROFILE")
 
     def calibrate(self, batches: Sequence[Sequence[Batch]], runs: int = 2) -> "ClusterProfile":
         """Fit SEMU's profile to this pipeline's own local steps on ``batches`` (lists of

@@ -72,7 +72,7 @@ def train(cfg: DemoConfig, rank: int = 0, step_fn=None, log=print) -> list[float
     # DIP's plans are scored on a profile each process measures (on CPU): one rank plans for all
     plan_once = cfg.schedule == "dip"
     batches = [ex.data.microbatches(cfg.microbatches, cfg.samples_per_microbatch)]
-    if use_async and rank == 0 and pipe.needs_calibration():
+    if plan_once and use_async and rank == 0 and pipe.needs_calibration():
         pipe.calibrate([batches[0]])   # before the fork: the worker inherits it, measured without a trainer beside
     planner = AsyncPlanner(pipe, workers=1) if use_async and rank == 0 else None
     if planner:

@@ -90,7 +90,7 @@ def train_rank(cfg: RunConfig, log=print) -> list[float]:
         state = load_checkpoint(cfg.checkpoint_dir, pipe)
         start = state["step"]
         ex.data.load_state_dict(state["data_state"])
-    if cfg.async_plan and topo.pp_rank == 0 and pipe.needs_calibration():
+    if cfg.schedule == "dip" and cfg.async_plan and topo.pp_rank == 0 and pipe.needs_calibration():
         # before the fork, on a sample of the stream (restored after): the worker inherits the profile
         probe = ex.data.state_dict()
         pipe.calibrate([ex.data.microbatches(cfg.microbatches, cfg.samples_per_microbatch)])
