@@ -28,6 +28,8 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--executor", type=click.Choice(["gloo", "local"]), default="gloo", show_default=True,
               help="gloo: one process per rank over torch.distributed; local: all ranks in this process")
+@click.option("--search-s", "search_s", type=float, default=0.0, show_default=True,
+              help="with --schedule dip: seconds per batch of phase 1's MCTS over segment priorities")
 @click.option("--async-plan/--sync-plan", default=None,
               help="plan batch i+1 on a CPU worker while batch i trains [default: when a core is spare]")
 def demo(**kwargs) -> None:
@@ -52,6 +54,8 @@ def demo(**kwargs) -> None:
 @click.option("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: never)")
 @click.option("--resume", is_flag=True, help="continue from --checkpoint-dir exactly")
 @click.option("--async-plan", is_flag=True, help="plan batch i+1 on a CPU worker while batch i trains")
+@click.option("--search-s", "search_s", type=float, default=0.0,
+              help="with --schedule dip: seconds per batch of phase 1's MCTS over segment priorities")
 @click.option("--timeout", "timeout_s", type=float, default=60.0, help="seconds any rank waits for a peer")
 @click.option("--nproc", type=int, default=None, help="without torchrun: processes to spawn here [default: pp]")
 def run(**kwargs) -> None:

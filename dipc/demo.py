@@ -31,6 +31,7 @@ class DemoConfig:
     executor: str = "gloo"      # "gloo": one process per rank; "local": all ranks in this process
     timeout_s: float = 60.0
     async_plan: bool | None = None   # plan batch i+1 on a CPU worker while batch i trains (None: if cores spare)
+    search_s: float = 0.0            # schedule dip: seconds of phase 1's MCTS per batch
 
 
 def _build(cfg: DemoConfig):
@@ -39,7 +40,7 @@ def _build(cfg: DemoConfig):
     ex = make_example(cfg.model, seed=cfg.seed)
     example = ex.data.microbatches(1, cfg.samples_per_microbatch)[0]
     pipe = dipc.compile(ex.model, example, num_stages=cfg.stages, chunks=cfg.chunks, schedule=cfg.schedule,
-                        loss_weight=ex.loss_weight,
+                        loss_weight=ex.loss_weight, search_s=cfg.search_s,
                         optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr))
     return ex, pipe
 

@@ -47,6 +47,7 @@ class RunConfig:
     resume: bool = False
     async_plan: bool = False
     timeout_s: float = 60.0
+    search_s: float = 0.0          # schedule dip: seconds of phase 1's MCTS per batch
     nproc: int | None = None       # without torchrun: processes to spawn (default pp)
 
 
@@ -83,7 +84,8 @@ def train_rank(cfg: RunConfig, log=print) -> list[float]:
     example = ex.data.microbatches(1, cfg.samples_per_microbatch)[0]
     ex.data.load_state_dict(fresh)                         # training starts from the stream's beginning
     pipe = dipc.compile(ex.model, example, num_stages=cfg.pp, chunks=cfg.chunks, schedule=cfg.schedule,
-                        loss_weight=ex.loss_weight, optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr))
+                        loss_weight=ex.loss_weight, optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr),
+                        search_s=cfg.search_s)
     topo = topology(cfg.pp)
     start = 0
     if cfg.resume:
