@@ -1,5 +1,7 @@
-"""Score a compiled pipeline's schedules for one batch with SEMU, DIP's cost-driven
-interleaving included, so users (and `dipc trace`) see predicted step time and bubbles side by side."""
+"""DIP's per-batch planner for a compiled pipeline (:func:`plan_dip`, what ``schedule="dip"``
+runs: candidate orders from the dual queue, the encoder look-ahead orders, phase 1's search and
+the static schedules, scored by SEMU, phase 3 under a memory limit), and the side-by-side SEMU
+scores of a batch's schedules that users (and ``dipc trace``) compare."""
 from __future__ import annotations
 
 import math
