@@ -10,6 +10,10 @@ of a (batch, schedule) is the median of its repeats, measured as the slower rank
 between a barrier and the step's return. Beside the measurement, SEMU's prediction of the same
 programs on the same profile, so the table says whether DIP moves the step the way SEMU said.
 
+``plan ms``: rank 0's planning time per batch (median). The static pipelines' figure is mostly
+plan-time shape inference meeting new batch layouts (concrete propagation until a symbolic
+template is traced); the DIP pipeline's calibration planned enough to trace its templates early.
+
 Schedules: ``1f1b`` (one stage per rank), ``interleaved_1f1b`` and ``dip`` (two stages per
 rank: the layout DIP plans on, so ``dip`` can pick interleaved 1F1B itself, or anything better
 SEMU finds); parameters are not updated (no optimizer), so every schedule sees the same model.
