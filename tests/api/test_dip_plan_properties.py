@@ -15,24 +15,17 @@ from dipc.ir.recompute import recompute_plan, with_recompute
 from dipc.ir.validate import validate
 from dipc.semu.compare import plan_dip, step_model
 from examples.data import make_example
-from tests.runtime.helpers import assert_grads_equal, independent_weights, reference_grads
+from tests.runtime.helpers import (assert_grads_equal, float64_batch, float64_example, independent_weights,
+                                   reference_grads)
 
 _SUB_MODALITY = {"vlm": "vision", "audio_llm": "audio", "t2v": None}
-_EXAMPLES: dict = {}
 
 
 def _example(name: str):
-    if name not in _EXAMPLES:
-        ex = make_example(name, seed=3)
-        ex.model.double()
-        _EXAMPLES[name] = ex
-    return _EXAMPLES[name]
+    return float64_example(name, seed=3)
 
 
-def _batch(ex, seed: int, sizes: list[int]) -> list[dict]:
-    data = type(ex.data)(ex.config, ex.data.dc, seed=seed)
-    mbs = [data.microbatches(1, n)[0] for n in sizes]
-    return [{k: v.double() if v.is_floating_point() else v for k, v in mb.items()} for mb in mbs]
+_batch = float64_batch
 
 
 def _pipe(ex, name: str, example: dict, per_sub: int | None):

@@ -18,6 +18,25 @@ def varied_microbatches(ex, n: int = 3) -> list[dict]:
     return mbs
 
 
+_FLOAT64_EXAMPLES: dict = {}
+
+
+def float64_example(name: str, seed: int):
+    """An example model in float64 (exact gradient comparisons), built once per (name, seed)."""
+    if (name, seed) not in _FLOAT64_EXAMPLES:
+        ex = make_example(name, seed=seed)
+        ex.model.double()
+        _FLOAT64_EXAMPLES[(name, seed)] = ex
+    return _FLOAT64_EXAMPLES[(name, seed)]
+
+
+def float64_batch(ex, seed: int, sizes: list[int]) -> list[dict]:
+    """Microbatches of ``sizes`` samples each from ``ex``'s data source reseeded with ``seed``, in float64."""
+    data = type(ex.data)(ex.config, ex.data.dc, seed=seed)
+    mbs = [data.microbatches(1, n)[0] for n in sizes]
+    return [{k: v.double() if v.is_floating_point() else v for k, v in mb.items()} for mb in mbs]
+
+
 def independent_weights(ex, microbatches) -> list[float]:
     """Full-batch mean: each microbatch's mean loss weighted by its share of the loss elements,
     computed from the example's own count, not from dipc."""
