@@ -750,7 +750,9 @@ def _lookahead_bound(stages, P: int, M: int, c: "BatchCosts", memo: dict | None 
     """The lowest compute-order lower bound (:func:`dipc.semu.order_bound.order_lower_bound`) of
     the encoder-first and :data:`ENCODER_AHEAD` orders on ``c`` (sub-microbatch costs). ``memo``
     keeps each order and its bound under ``(id(c), ahead, lag)``: the planner's candidates reuse
-    them, so the order choice costs the planner only the orders it rejects."""
+    them, so the order choice costs the planner only the orders it rejects; an order that raised is
+    kept as its error, so its candidate is dropped without being made again (VLM-L: every
+    look-ahead order is a wait cycle on its 8 ranks)."""
     from dipc.semu.order_bound import order_lower_bound
 
     best = math.inf
@@ -758,7 +760,9 @@ def _lookahead_bound(stages, P: int, M: int, c: "BatchCosts", memo: dict | None 
         try:
             orders = encoder_ahead_orders(stages, P, M, c.subs, ahead=ahead, lag=lag)
             bound = order_lower_bound(stages, orders, c.step.compute_seconds, c.subs)
-        except DipcError:
+        except DipcError as e:
+            if memo is not None:    # the candidate of this order is dropped without trying it again
+                memo[(id(c), ahead, lag)] = (e, math.inf, c)
             continue
         if memo is not None:
             memo[(id(c), ahead, lag)] = (orders, bound, c)   # c kept alive: its id stays unique
@@ -882,6 +886,8 @@ def _dip_planner(layout: Layout, M: int, capacity: float, fresh_costs, budget_s:
             return lower(stages, P, M, orders(), schedule="dip", specs=_specs(c), subs=c.subs), c
 
         def bound():              # compute orders without messages: a lower bound of the step
+            if known and isinstance(known[0], DipcError):
+                raise known[0]    # microbatch_order found this order invalid (e.g. a wait cycle)
             if known:
                 return known[1]
             return order_lower_bound(stages, orders(), c.step.compute_seconds, c.subs)

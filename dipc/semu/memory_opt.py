@@ -58,6 +58,7 @@ final plan, as here).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -631,7 +632,7 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
                     simulate: Callable[[Program], SimResult] | None = None,
                     tables: Phase3Tables | None = None, per_microbatch: bool = True,
                     max_columns: int = 4000, selective: bool = True, warm: RecomputePlan | None = None,
-                    ilp: bool = True) -> MemoryPlan:
+                    ilp: bool = True, deadline: float | None = None) -> MemoryPlan:
     """``program`` with the cheapest per-(stage, microbatch) recomputation that keeps every rank's
     simulated peak memory within ``memory_limit`` bytes (one number, or one per rank); see the
     module docstring.
@@ -649,6 +650,11 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
     ``warm``: a feasible plan of this program (the per-stage fit): each rank also descends from it
     (:func:`_descend`) and keeps the cheaper of that and the ILP's choice; ``ilp=False`` descends
     only (a rank whose warm choice breaks its budget then has no plan: infeasible).
+    ``deadline`` (a ``time.perf_counter()`` time): each rank's ILP gets an equal share of what is
+    left as HiGHS's time limit, a rank left under :data:`MIN_REFINE_ILP_S` descends only (the
+    rank problems are built and the descent runs whatever the time: ~0.1-0.2 s on VLM-L), and a
+    fit that needs a further round past it, or a rank out of time with nothing to descend from,
+    raises :class:`OutOfTimeError` -- for anytime callers (the refit) that keep what they had.
     """
     limits = _limits(memory_limit, program.num_ranks)
     if max_columns < 1:
@@ -668,11 +674,21 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
     starts = [_warm_index(p, warm) if warm is not None else None for p in problems]
     todo = list(range(program.num_ranks))
     for rounds in range(1, max_rounds + 1):
-        for r in todo:
+        if rounds > 1:
+            _check_deadline(deadline, f"round {rounds}")
+        for k, r in enumerate(todo):
             got = None
             if budgets[r] > 0:
                 got = _descend(problems[r], starts[r], budgets[r]) if starts[r] is not None else None
-                solved = _solve(problems[r], budgets[r], mip_rel_gap, time_limit) if ilp else None
+                limit = time_limit
+                if deadline is not None:   # an equal share of what is left for this and the ranks after it
+                    share = (deadline - time.perf_counter()) / (len(todo) - k)
+                    limit = None if share < MIN_REFINE_ILP_S else min(share, time_limit or share)
+                    if limit is None and got is None:
+                        raise OutOfTimeError(f"rank {r} has no time left for its ILP and no feasible plan to "
+                                             "descend from. Fix: give the fit more time, or a warm plan.")
+                use_ilp = ilp and (deadline is None or limit is not None)
+                solved = _solve(problems[r], budgets[r], mip_rel_gap, limit) if use_ilp else None
                 if solved is not None and (got is None or _cost_of(problems[r], solved) < _cost_of(problems[r], got)):
                     got = solved
             if got is None:
@@ -697,8 +713,19 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
                       f"the emulator still found ranks {todo} over the limit after {max_rounds} rounds")
 
 
-# below this many seconds per rank's ILP a refit is not tried (HiGHS needs a few ms to presolve)
-MIN_REFINE_ILP_S = 0.01
+# below this many seconds per rank's ILP the refit descends only: HiGHS spent 13-48 ms on a VLM-L rank's
+# 35-column per-stage ILP at its root node alone, whatever its time limit
+MIN_REFINE_ILP_S = 0.03
+
+
+class OutOfTimeError(DipcError):
+    """A fit given a ``deadline`` ran past it (see :func:`optimize_memory`)."""
+
+
+def _check_deadline(deadline: float | None, where: str) -> None:
+    if deadline is not None and time.perf_counter() > deadline:
+        raise OutOfTimeError(f"phase 3 ran past its deadline while {where}. Fix: give the refit more time "
+                             "(the planner's per-batch budget) or plan without it.")
 
 
 def refine_per_microbatch(program: Program, result: SimResult, costs: PlannableCosts,
@@ -714,8 +741,10 @@ def refine_per_microbatch(program: Program, result: SimResult, costs: PlannableC
     ``time_budget``: wall seconds the refit may take, the planner's leftover per-batch budget. The
     refit is an anytime improvement: each rank first descends from the per-stage plan (cheaper
     microbatch by microbatch while the rows fit, :func:`_descend`, milliseconds), its ILP gets an
-    equal share as HiGHS's time limit (it then returns its best incumbent) and the cheaper of the
-    two is kept; with under ``MIN_REFINE_ILP_S`` per rank only the descent runs. Measured on T2V-L
+    equal share of the time left before the deadline as HiGHS's time limit (it then returns its
+    best incumbent) and the cheaper of the two is kept; with under ``MIN_REFINE_ILP_S`` per rank
+    only the descent runs. (A share fixed up front overran: the rank problems take ~60-200 ms to
+    build on VLM-L and HiGHS's root node 13-48 ms whatever its limit, so a 0.125 s budget took 0.45 s.) Measured on T2V-L
     (4 batches, 8 ranks): the descent alone took 76 ms CPU per refit for 1.0-3.6% shorter steps; the
     ILP unbounded 1.74 s for 4-12%, which the planner's per-batch budget does not leave it. Measured on VLM-L's batches (8 ranks, 2 cores): unbounded, the refit took 1.6 s of
     a 2.3 s median plan; at 0.1 s per ILP the plan median was 1.65 s with the same step times.
@@ -724,14 +753,12 @@ def refine_per_microbatch(program: Program, result: SimResult, costs: PlannableC
     if not warm:
         return program, result
     if time_budget is not None:
-        share = time_budget / program.num_ranks
-        if share < MIN_REFINE_ILP_S:
-            kwargs["ilp"] = False   # no time for HiGHS: the descent alone (T2V-L: 76 ms CPU, -1 to -3.6% step)
-        else:
-            kwargs["time_limit"] = min(share, kwargs.get("time_limit") or share)
+        # a deadline, not a per-ILP share: building the per-microbatch rank problems and a second
+        # round took the refit up to 0.4 s past a share-based budget (VLM-L)
+        kwargs["deadline"] = time.perf_counter() + time_budget
     try:
         fine = optimize_memory(program, costs, memory_limit, per_microbatch=True, warm=warm, **kwargs)
-    except DipcError:
+    except DipcError:   # infeasible, or out of time (OutOfTimeError): the per-stage plan stands
         return program, result
     # on a tie the finer plan: the per-stage choice is one of its ILP's solutions, so it recomputes
     # no more (up to a gap the caller allows), and leaves more slack where the tie is broken by noise

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from dipc.errors import InfeasibleMemoryError
 from dipc.ir import Op
 from dipc.ir.recompute import recompute_plan, with_recompute
-from dipc.semu.memory_opt import optimize_memory, refine_per_microbatch, stage_candidates
+from dipc.semu.memory_opt import OutOfTimeError, optimize_memory, refine_per_microbatch, stage_candidates
 from dipc.semu.recompute_costs import Footprint, recompute_compute_time, recompute_memory_model
 from tests.semu.test_memory_opt import MiB, RandomCosts, added_seconds, chain, random_costs
 
@@ -101,6 +101,11 @@ def test_refining_a_per_stage_winner_keeps_the_faster_plan():
     assert spent[1].step_time == pytest.approx(result.step_time)
     ample = refine_per_microbatch(per_stage.program, per_stage.result, costs, limit, time_budget=5.0)
     assert ample[1].step_time == result.step_time
+    # a fit out of time with nothing to descend from says so, rather than calling the limit infeasible
+    with pytest.raises(OutOfTimeError, match="no time left"):
+        optimize_memory(program, costs, limit, deadline=0.0)
+    late = optimize_memory(program, costs, limit, warm=recompute_plan(per_stage.program), deadline=0.0)
+    assert max(late.peak_memory) <= limit and late.result.step_time == pytest.approx(result.step_time)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
