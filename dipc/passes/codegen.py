@@ -239,6 +239,27 @@ def _add_reduces(stream: tuple[Instruction, ...]) -> tuple[Instruction, ...]:
     return tuple(out)
 
 
+def schedule_orders(
+    stages: Sequence[StageInfo],
+    num_ranks: int,
+    num_microbatches: int,
+    schedule_name: str,
+    subs: Sequence[tuple[str, Sequence[int]]] = (),
+) -> list[list]:
+    """The compute orders of the schedule generator ``schedule_name`` (what :func:`build_program`
+    lowers; planners bound a schedule from them before lowering it).
+
+    With ``subs``, the dual-queue scheduler places every sub as its own task; the baseline
+    generators order whole microbatches and each split stage's action becomes a block of subs
+    (:func:`~dipc.passes.schedules.expand_subs`)."""
+    if subs and schedule_name == "dual_queue":
+        from dipc.passes.dual_queue import dual_queue_schedule
+
+        return dual_queue_schedule(stages, num_ranks, num_microbatches, subs=subs)
+    orders = get_schedule(schedule_name)(stages, num_ranks, num_microbatches)
+    return expand_subs(orders, stages, subs) if subs else orders
+
+
 def build_program(
     stages: Sequence[StageInfo],
     num_ranks: int,
@@ -247,18 +268,8 @@ def build_program(
     specs: SpecsFn | None = None,
     subs: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> Program:
-    """Run the schedule generator ``schedule_name`` and lower its compute orders.
-
-    With ``subs``, the dual-queue scheduler places every sub as its own task; the baseline
-    generators order whole microbatches and each split stage's action becomes a block of subs
-    (:func:`~dipc.passes.schedules.expand_subs`)."""
-    if subs and schedule_name == "dual_queue":
-        from dipc.passes.dual_queue import dual_queue_schedule
-
-        orders = dual_queue_schedule(stages, num_ranks, num_microbatches, subs=subs)
-    else:
-        orders = get_schedule(schedule_name)(stages, num_ranks, num_microbatches)
-        if subs:
-            orders = expand_subs(orders, stages, subs)
+    """Run the schedule generator ``schedule_name`` and lower its compute orders
+    (:func:`schedule_orders`)."""
+    orders = schedule_orders(stages, num_ranks, num_microbatches, schedule_name, subs)
     return lower(stages, num_ranks, num_microbatches, orders, schedule=schedule_name, specs=specs,
                  subs=subs)

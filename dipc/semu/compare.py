@@ -192,8 +192,11 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
              memory_limit: float | Sequence[float] | None = None,
              time_budget: float | None = None, *, search_s: float = 0.0,
              search_evaluations: int | None = None) -> tuple[str, Program, SimResult]:
-    """DIP's plan for this batch: every candidate order (and the static ``baselines``) lowered,
-    validated and scored by SEMU; the fastest wins, so DIP never loses to the baselines it saw.
+    """DIP's plan for this batch: every candidate order (and the static ``baselines``) scored by
+    SEMU, the fastest kept (validated), so DIP never loses to the baselines it saw. Each candidate
+    is first bounded from its compute orders alone (free messages, no lowering) and lowered and
+    simulated only while that bound can still beat the best found
+    (:func:`dipc.semu.candidate_select.pick_fastest`, as the paper-scale benchmark's planner does).
 
     Candidates: the dual queue under the microbatch priority rules (:func:`dip_candidates`), the
     encoder look-ahead orders (:func:`encoder_ahead_candidates`), the ``baselines`` and, with
@@ -237,43 +240,59 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
             f"no phase-2 order fits a memory limit of {memory_limit} bytes per rank, even with every layer "
             "recomputed, and no baseline schedule was given. Fix: pass baselines=('1f1b',) to get the "
             "per-rank excess, use more pipeline ranks or smaller microbatches, or raise memory_limit.")
-
-    def build(label: str, orders):
-        def run():   # validated once, the winner only (a wait cycle makes the emulator raise)
-            program = (pipe.lowered(microbatches, label) if orders is None else
-                       pipe.lowered(microbatches, "dip", orders, validated=False))
-            return program, model
-        return run
+    bounded = [_bounded_candidate(pipe, microbatches, model, label, orders, subs) for label, orders in candidates.items()]
 
     if memory_limit is None:
-        best = None
-        for label, orders in candidates.items():
-            try:
-                program, _ = build(label, orders)()
-                result = model.simulate(program)
-            except ScheduleError:
-                continue
-            if best is None or result.step_time < best[2].step_time:
-                best = (label, program, result)
-        if best is None:
-            raise ScheduleError(f"none of DIP's {len(candidates)} candidates lowered to a program the emulator could "
-                                "run. Fix: report this batch; meanwhile plan it with a static schedule.")
-        validate(best[1])
-        return best
+        def unfit(program: Program, costs):
+            raise AssertionError("unreachable: without a memory limit every candidate fits")
+        try:
+            choice = pick_fastest(bounded, lambda program, costs: costs.simulate(program), math.inf, unfit,
+                                  pipe.num_ranks)
+        except InfeasibleMemoryError as e:   # here: nothing lowered and simulated
+            raise ScheduleError(f"none of DIP's {len(candidates)} candidates lowered to a program the emulator "
+                                f"could run ({e}). Fix: report this batch; meanwhile plan it with a static "
+                                "schedule.") from None
+        validate(choice.program)
+        return choice.label, choice.program, choice.result
     tables = Phase3Tables(model, len(microbatches))
 
     def fit(program: Program, costs):
         fitted = optimize_memory(program, costs, memory_limit, tables=tables, per_microbatch=False)
         return fitted.program, fitted.result
 
-    choice = pick_fastest([(label, build(label, orders)) for label, orders in candidates.items()],
-                          lambda program, costs: costs.simulate(program), _limits(memory_limit, pipe.num_ranks),
-                          fit, pipe.num_ranks)
+    choice = pick_fastest(bounded, lambda program, costs: costs.simulate(program),
+                          _limits(memory_limit, pipe.num_ranks), fit, pipe.num_ranks)
     program, result = refine_per_microbatch(choice.program, choice.result, model, memory_limit, tables=tables,
                                             time_budget=None if time_budget is None else
                                             time_budget - (time.perf_counter() - t_start))
     validate(program)
     return choice.label, program, result
+
+
+def _bounded_candidate(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model, label: str,
+                       orders: Any, subs: Sequence[tuple[str, Sequence[int]]]) -> tuple:
+    """(label, build, bound) of one candidate for :func:`~dipc.semu.candidate_select.pick_fastest`:
+    ``orders`` None is the static schedule ``label`` (its cached program), else compute orders
+    lowered unvalidated (the winner alone is validated; the emulator raises on a wait cycle, so
+    a bad candidate cannot win). The bound is the orders' makespan with free messages
+    (:func:`dipc.semu.order_bound.order_lower_bound`), a lower bound of the simulated step:
+    candidates it shows cannot win are never lowered or simulated (the demo VLM's plan: 12
+    candidates, ~2-4 simulated)."""
+    from dipc.passes.codegen import schedule_orders
+    from dipc.semu.order_bound import order_lower_bound
+
+    stages = list(pipe.stage_infos)
+
+    def build():
+        program = (pipe.lowered(microbatches, label) if orders is None else
+                   pipe.lowered(microbatches, "dip", orders, validated=False))
+        return program, model
+
+    def bound() -> float:
+        made = orders if orders is not None else schedule_orders(stages, pipe.num_ranks, len(microbatches), label,
+                                                                 subs)
+        return order_lower_bound(stages, made, model.compute_seconds, subs)
+    return label, build, bound
 
 
 def compare_schedules(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]],
