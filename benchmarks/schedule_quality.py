@@ -1319,7 +1319,7 @@ def run(num_batches: int = 100, num_microbatches: int = 16, *, model: str = "vlm
         "gpus": tp * P * dp, "profile": profile, "memory_capacity_gb": capacity / 1e9,
         "microbatches": num_microbatches, "batches": num_batches, "trace_iterations": trace_iterations,
         "seed": seed, "batch_seed": batch_seed, "mcts_budget_s_per_batch": budget_s,
-        "planner_mcts_budget_s": planner_budget_s, "ablation_rows": ablation, "segment_counts": ki, "sub_size": sub_size,
+        "planner_mcts_budget_s": planner_budget_s, "planner_budget_s": PLAN_BUDGET_S, "ablation_rows": ablation, "segment_counts": ki, "sub_size": sub_size,
         "min_chunk_blocks": min_chunk_blocks,
         **({"segment_counts_trace": trace_ki} if trace_layouts is not layouts else {}),
         "message_model": "stage output (last layer out_bytes / TP) in bf16, eager p2p, emulator links",
@@ -1444,6 +1444,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    global SELECTIVE_RECOMPUTE, PLAN_BUDGET_S
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="vlm_s,vlm_m,vlm_l,t2v_s,t2v_l",
                         help=f"comma-separated workloads from {sorted(WORKLOADS)}")
@@ -1475,12 +1476,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", default=None, help=f"cluster preset (default {PROFILE}; the paper's §7.7 used H100)")
     parser.add_argument("--no-selective", action="store_true",
                         help="phase 3 recomputes whole layers only (no selective checkpointing), for every schedule")
+    parser.add_argument("--plan-budget", type=float, default=PLAN_BUDGET_S,
+                        help="the DIP planner's wall seconds per batch; its per-microbatch refit gets what the "
+                             "search leaves (a deadline: the plan takes longer only when the search does)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="merge these result files (shards of one workload share a key) into --out and print them")
     args = parser.parse_args(argv)
-    global SELECTIVE_RECOMPUTE
     SELECTIVE_RECOMPUTE = not args.no_selective
+    PLAN_BUDGET_S = args.plan_budget
     results = {}
     if args.merge:
         shards: dict[str, list[dict]] = {}

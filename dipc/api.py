@@ -75,8 +75,10 @@ class CompiledPipeline:
     # profile plans are scored on (None: dipc.semu.profile_machine.default_profile of the device)
     memory_limit: float | Sequence[float] | None = None
     profile: "str | ClusterProfile | None" = None
-    # schedule "dip": seconds of phase 1's MCTS per batch (0: the candidate rules only)
+    # schedule "dip": seconds of phase 1's MCTS per batch (0: the candidate rules only), and the
+    # plan's wall-clock budget under a memory limit (phase-3 fits stop past it; None: unbounded)
     search_s: float = 0.0
+    plan_budget_s: float | None = 1.0
 
     def __post_init__(self) -> None:
         self.shapes = ShapeInference(self.stages)
@@ -256,7 +258,8 @@ class CompiledPipeline:
             self.calibrate([microbatches])
         model = step_model(self, microbatches, self._profile(profile), runtime=True)
         _, program, _ = plan_dip(self, microbatches, model, baselines=self.static_schedules(),
-                                 memory_limit=memory_limit, search_s=self.search_s)
+                                 memory_limit=memory_limit, search_s=self.search_s,
+                                 time_budget=self.plan_budget_s)
         return program
 
     def needs_calibration(self) -> bool:
@@ -442,7 +445,8 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
             sub_microbatches: Mapping[str, int | SubMicrobatches] | None = None,
             length_stats: Callable[[Batch], Any] | None = None, remat_glue: bool = True,
             memory_limit: float | Sequence[float] | None = None,
-            profile: "str | ClusterProfile | None" = None, search_s: float = 0.0) -> CompiledPipeline:
+            profile: "str | ClusterProfile | None" = None, search_s: float = 0.0,
+            plan_budget_s: float | None = 1.0) -> CompiledPipeline:
     """Capture, tag and partition ``model`` for a pipeline of ``num_stages`` ranks.
 
     ``chunks``: stages per rank (virtual stages; default 2 for ``interleaved_1f1b``, else 1).
@@ -469,6 +473,11 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
     that phase 3 fits every plan to; the SEMU profile plans are scored and fitted on).
     ``search_s``: with ``schedule="dip"``, seconds per batch of phase 1's MCTS over segment
     priorities (:func:`dipc.semu.compare.searched_order`), one more candidate; 0: none.
+    ``plan_budget_s``: with ``schedule="dip"`` and a memory limit, wall seconds per plan: past
+    them no further candidate is fitted (the best fitted so far wins) and the winner's
+    per-microbatch refit stops (:func:`dipc.semu.compare.plan_dip`'s ``time_budget``); None:
+    unbounded, the same plan on any machine. Plans are made ahead on CPU while the previous step
+    trains, so keep it below a step's time.
     """
     from dipc.passes.schedules import SCHEDULES
 
@@ -511,4 +520,5 @@ def compile(model: nn.Module, example_batch: Batch, *, num_stages: int = 2, chun
                             stages=stages, num_ranks=num_stages,
                             chunks=chunks, schedule=schedule, loss_weight=loss_weight or default_loss_weight,
                             optimizer_factory=optimizer, history=history, length_stats=length_stats,
-                            memory_limit=memory_limit, profile=profile, search_s=search_s)
+                            memory_limit=memory_limit, profile=profile, search_s=search_s,
+                            plan_budget_s=plan_budget_s)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import heapq
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ def _fits(result: SimResult, capacity: Sequence[float]) -> bool:
 
 def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Bound]], simulate: Simulate,
                  capacity: float | Sequence[float], fit: Fit, num_ranks: int,
-                 max_fits: int | Mapping[str, int] | None = None, groups: Mapping[str, str] | None = None) -> Choice:
+                 max_fits: int | Mapping[str, int] | None = None, groups: Mapping[str, str] | None = None,
+                 deadline: float | None = None) -> Choice:
     """The candidate with the lowest step time once it fits ``capacity`` (bytes per rank, static
     memory included). ``candidates`` yields (label, build) or (label, build, bound) where
     ``build()`` returns the lowered program and the cost model that scores it (candidates may
@@ -89,6 +91,9 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
     capped), each group has its own budget, so candidates added to a planner cannot take the
     phase-3 runs its other candidates had before. ``Choice.bounds`` holds each
     candidate's tightest known lower bound (its plain time when it was simulated).
+    ``deadline`` (a ``time.perf_counter()`` time) makes the search anytime: past it, the best
+    candidate fitted so far wins (no further phase-3 run starts; candidates that fit as they are
+    still count), and with none fitted yet the search goes on until one fits.
     Raises the closest :class:`InfeasibleMemoryError` if nothing fits."""
     caps = [float(capacity)] * num_ranks if isinstance(capacity, (int, float)) else [float(c) for c in capacity]
     bounds: dict[str, float] = {}
@@ -114,6 +119,7 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
     errors: list[InfeasibleMemoryError] = []
     deferred: list[tuple[float, str, Any]] = []
     used: dict[str, int] = {}                    # phase-3 runs per group
+    best_exact: tuple[float, str, Any] | None = None   # the fastest fitted so far, for a search out of time
 
     def _fit(label: str, payload: tuple[Program, Any]) -> tuple[Program, SimResult] | None:
         try:
@@ -142,10 +148,16 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
             bounds[label] = result.step_time
             if _fits(result, caps):
                 heapq.heappush(heap, (result.step_time, -2, arrival, label, (program, result, model)))
+                if best_exact is None or result.step_time < best_exact[0]:
+                    best_exact = (result.step_time, label, (program, result, model))
             else:
                 heapq.heappush(heap, (result.step_time, -1, arrival, label, (program, model)))
             arrival += 1
             continue
+        if best_exact is not None and deadline is not None and time.perf_counter() > deadline:
+            _, label, (program, result, model) = best_exact   # out of time: the best fitted so far
+            return Choice(label=label, program=program, result=result, simulated=simulated, fitted=fitted,
+                          bounds=bounds, failures=failures, model=model)
         group = groups.get(label, "") if groups is not None else ""
         cap = max_fits.get(group) if isinstance(max_fits, Mapping) else max_fits
         if cap is not None and used.get(group, 0) >= cap:
@@ -157,6 +169,8 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
         if got is not None:
             heapq.heappush(heap, (got[1].step_time, -2, arrival, label, (*got, payload[1])))
             arrival += 1
+            if best_exact is None or got[1].step_time < best_exact[0]:
+                best_exact = (got[1].step_time, label, (*got, payload[1]))
     for _, label, payload in deferred:        # nothing fits as it is: fit past max_fits until one does
         fitted += 1
         got = _fit(label, payload)

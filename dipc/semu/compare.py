@@ -208,8 +208,10 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
     need to fit — but only as many as can still win: each is first simulated as it is, a lower
     bound of its fitted time (:func:`dipc.semu.candidate_select.pick_fastest`). Candidates that
     cannot fit are dropped, and if none fits the error of the one that came closest is raised.
-    ``time_budget`` (wall seconds for the whole plan): what the search leaves of it bounds the
-    winner's per-microbatch refit (:func:`dipc.semu.memory_opt.refine_per_microbatch`)."""
+    ``time_budget`` (wall seconds for the whole plan): past it no further candidate is fitted
+    (the best fitted so far wins; the first fit always completes), and what the search leaves of
+    it bounds the winner's per-microbatch refit (:func:`dipc.semu.memory_opt.refine_per_microbatch`).
+    A plan with a budget can depend on the machine's speed; ``None`` keeps it reproducible."""
     from dipc.semu.candidate_select import gc_paused
 
     with gc_paused():       # a plan allocates many short-lived objects: see gc_paused
@@ -261,7 +263,8 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
         return fitted.program, fitted.result
 
     choice = pick_fastest(bounded, lambda program, costs: costs.simulate(program),
-                          _limits(memory_limit, pipe.num_ranks), fit, pipe.num_ranks)
+                          _limits(memory_limit, pipe.num_ranks), fit, pipe.num_ranks,
+                          deadline=None if time_budget is None else t_start + time_budget)
     program, result = refine_per_microbatch(choice.program, choice.result, model, memory_limit, tables=tables,
                                             time_budget=None if time_budget is None else
                                             time_budget - (time.perf_counter() - t_start))

@@ -20,7 +20,7 @@ def _candidates(seed: int, n: int):
     return out
 
 
-def _run(cands, capacity=100.0, max_fits=None):
+def _run(cands, capacity=100.0, max_fits=None, deadline=None):
     calls = []
 
     def build(c):
@@ -35,7 +35,8 @@ def _run(cands, capacity=100.0, max_fits=None):
             raise InfeasibleMemoryError("no fit", {0: c[2] - capacity})
         return c, SimpleNamespace(step_time=c[3], peak_memory=[capacity])
 
-    choice = pick_fastest([(c[0], build(c)) for c in cands], simulate, capacity, fit, 1, max_fits=max_fits)
+    choice = pick_fastest([(c[0], build(c)) for c in cands], simulate, capacity, fit, 1, max_fits=max_fits,
+                          deadline=deadline)
     return choice, calls
 
 
@@ -53,6 +54,20 @@ def test_max_fits_caps_phase3_runs():
     cands = [(f"c{i}", 1.0 + i / 10, 200.0, 2.0 + i / 10) for i in range(5)]   # all over memory
     choice, calls = _run(cands, max_fits=2)
     assert calls == ["c0", "c1"] and choice.label == "c0"
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_search_out_of_time_keeps_the_best_fitted_so_far(seed):
+    """Past its deadline the search starts no further phase-3 run: one fit at most (the first one
+    always runs when nothing fits as it is), and the winner is the fastest exact time it saw."""
+    cands = _candidates(seed, 8)
+    full, _ = _run(cands)
+    choice, calls = _run(cands, deadline=0.0)
+    fits_as_is = [c[1] for c in cands if c[2] <= 100]
+    assert len(calls) <= (1 if not fits_as_is else 0) + sum(c[3] is None for c in cands)
+    assert choice.result.step_time >= full.result.step_time
+    if fits_as_is and min(fits_as_is) <= min(c[1] for c in cands if c[2] > 100):
+        assert choice.result.step_time == full.result.step_time   # nothing needed fitting to find it
 
 
 def test_nothing_fits_raises_the_closest():
