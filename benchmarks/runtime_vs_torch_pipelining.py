@@ -48,6 +48,7 @@ import pstats
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -225,14 +226,26 @@ def _bench(rank: int, world: int, cfg: dict, scenario: str, schedule: str, num_s
 
     from dipc.runtime.distributed import run_step_distributed
 
+    from dipc.runtime.async_plan import broadcast_program
+
     torch.set_num_threads(1)
     batches = make_batches(cfg, scenario, warmup + num_steps)
     dipc_model, torch_model = build_model(cfg), build_model(cfg)
     pipe = compile_dipc(dipc_model, cfg, schedule)
     stage_layers = [list(s.layers) for s in pipe.stages]
-    tp = TorchPipeline(torch_model, cfg, rank, stage_layers, schedule)
+    dip = schedule == "dip"
+    if dip:   # torch's side runs the static schedule of the same layout: 2 chunks per rank, round robin
+        assert [s.rank for s in pipe.stages] == [s % 2 for s in range(len(pipe.stages))], "layout differs from torch's"
+    tp = TorchPipeline(torch_model, cfg, rank, stage_layers, "interleaved_1f1b" if dip else schedule)
+    if dip:   # SEMU fitted to this pipeline's local steps on rank 0, then to gloo steps on both ranks
+        calib = [[{"input_ids": i, "labels": l} for i, l in mbs] for mbs in batches[:2]]
+        if rank == 0:
+            pipe.calibrate(calib[:1])
+        if not os.environ.get("DIPC_NO_GLOO_CALIBRATION"):
+            pipe.calibrate_distributed(calib)
     out: dict[str, Any] = {"stage_layers": stage_layers, "dipc": [], "torch": [], "dipc_loss": [], "torch_loss": [],
-                           "instructions": [], "plan_ms": [], "torch_setup_s": []}
+                           "instructions": [], "plan_ms": [], "torch_setup_s": [], "dip_plan_s": [],
+                           "dip_picked": []}
     # "cpu": this thread's CPU clock, so time spent descheduled or blocked in a wait drops out
     new_prof = (lambda: cProfile.Profile(time.thread_time)) if profile_clock == "cpu" else cProfile.Profile
     profs = {"dipc": new_prof(), "torch": new_prof()} if profile else {}
@@ -241,11 +254,19 @@ def _bench(rank: int, world: int, cfg: dict, scenario: str, schedule: str, num_s
         denom = float(sum((l != -100).sum() for _, l in mbs))
         ids, labels, _ = padded_batch(mbs)
 
+        program = None
+        if dip:
+            # DIP's plan, made on rank 0 (its SEMU profile calibrated on its own steps at the first
+            # plan) and broadcast, as `dipc run` does; timed apart from the step (see run_case)
+            t0 = time.perf_counter()
+            program = broadcast_program(pipe.plan(dipc_mbs) if rank == 0 else None)
+            out["dip_plan_s"].append(time.perf_counter() - t0)
+            out["dip_picked"].append(program.schedule)
         dist.barrier()
         if profs and k >= warmup:
             profs["dipc"].enable()
         t0 = time.perf_counter()
-        res = run_step_distributed(pipe, dipc_mbs, timeout_s=120)
+        res = run_step_distributed(pipe, dipc_mbs, program=program, timeout_s=120)
         t1 = time.perf_counter()
         if profs:
             profs["dipc"].disable()
@@ -692,6 +713,15 @@ def run_case(cfg: dict, scenario: str, schedule: str, args) -> dict:
         "max_rel_loss_diff_dipc_vs_torch": loss_diff,
         "dipc_losses": dl, "torch_losses": tl,
     }
+    if schedule == "dip":
+        # planning is asynchronous in training (`dipc run`: a CPU worker plans batch k+1 while k
+        # trains), so the step figures above leave it out; here it is, and the ratio with every plan
+        # made inline on the critical path (on this 2-core machine no core is spare for the worker)
+        plan_s = [max(a, b) for a, b in zip(per_rank[0]["dip_plan_s"], per_rank[1]["dip_plan_s"])][w:]
+        r["dip_plan_ms_median"] = med(plan_s) * 1e3
+        r["dip_picked"] = dict(Counter(per_rank[0]["dip_picked"][w:]))
+        r["dipc_steps_per_s_incl_inline_plan"] = 1 / med([d + p for d, p in zip(dipc_t, plan_s)])
+        r["ratio_dipc_over_torch_incl_inline_plan"] = r["dipc_steps_per_s_incl_inline_plan"] / r["torch_steps_per_s"]
     r["ratio_dipc_over_torch"] = r["dipc_steps_per_s"] / r["torch_steps_per_s"]
     r["ratio_dipc_over_torch_excl_setup"] = r["dipc_steps_per_s"] / r["torch_steps_per_s_excl_setup"]
     if args.profile:
@@ -742,7 +772,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile both runtimes' timed steps on each rank; print the top")
     ap.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
                     help="--profile's clock; cpu (thread CPU time) leaves out waits and time other processes held the core")
-    ap.add_argument("--cases", default="static:1f1b,static:interleaved_1f1b,skewed:1f1b,skewed:interleaved_1f1b")
+    ap.add_argument("--cases",
+                    default="static:1f1b,static:interleaved_1f1b,skewed:1f1b,skewed:interleaved_1f1b,skewed:dip")
     ap.add_argument("--no-overhead", action="store_true", help="skip the instrumented overhead runs")
     ap.add_argument("--overhead-only", action="store_true", help="skip the throughput cases (--cases)")
     ap.add_argument("--overhead-modes", default="distributed,local",
@@ -793,6 +824,11 @@ def main() -> None:
         if c["scenario"] == "skewed":
             print(f"{'':26s} torch without its per-shape set-up: {c['torch_steps_per_s_excl_setup']:.2f} st/s, "
                   f"ratio {c['ratio_dipc_over_torch_excl_setup']:.2f}x")
+        if c["schedule"] == "dip":
+            print(f"{'':26s} (torch: interleaved 1F1B on the same layout) DIP plan {c['dip_plan_ms_median']:.0f} ms "
+                  f"median, picked {c['dip_picked']}; with every plan inline: "
+                  f"{c['dipc_steps_per_s_incl_inline_plan']:.2f} st/s, ratio "
+                  f"{c['ratio_dipc_over_torch_incl_inline_plan']:.2f}x")
     if overhead:
         print("\ndipc interpreter overhead per instruction = (RankInterpreter init + run) - stage forward - autograd"
               " - P2P post (process group send/recv + message packing; local executor: its message copy) - P2P waits"

@@ -282,6 +282,21 @@ class CompiledPipeline:
         self._programs = {k: v for k, v in self._programs.items() if k[0] != DIP}   # scored on the old profile
         return self.profile
 
+    def calibrate_distributed(self, batches: Sequence[Sequence[Batch]], runs: int = 2,
+                              src: int = 0) -> "ClusterProfile | None":
+        """Under torch.distributed, on every rank of the pipeline: fit pipeline rank ``src``'s
+        profile (locally calibrated first, :meth:`calibrate`) to steps of the multi-process
+        executor on ``batches`` (:func:`dipc.semu.self_calibrate.calibrate_distributed`), and plan
+        with it there from now on. Returns it on ``src``, None elsewhere."""
+        from dipc.semu.self_calibrate import calibrate_distributed
+
+        fit = calibrate_distributed(self, batches, runs=runs, src=src)
+        if fit is None:
+            return None
+        self.profile = fit.profile
+        self._programs = {k: v for k, v in self._programs.items() if k[0] != DIP}   # scored on the old profile
+        return self.profile
+
     def _profile(self, profile: "str | ClusterProfile | None") -> "str | ClusterProfile":
         from dipc.semu.profile_machine import default_profile
 

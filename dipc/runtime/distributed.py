@@ -164,7 +164,8 @@ def gather_timeline(program: "Program", spans: Sequence[tuple], origin: float, t
 
 
 def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mapping], program: "Program | None" = None,
-                         timeout_s: float = DEFAULT_TIMEOUT_S, *, record_timeline: bool = False) -> "StepResult":
+                         timeout_s: float = DEFAULT_TIMEOUT_S, *, record_timeline: bool = False,
+                         step_optimizer: bool = True) -> "StepResult":
     """One training step on this process's rank, for this replica's ``microbatches``.
 
     Loss weights are normalised over all replicas, and gradients summed over them, so the update
@@ -173,6 +174,8 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     ``record_timeline``: time every instruction of every rank; ``result.timeline`` (on every rank)
     holds this replica's whole pipeline, with clocks aligned by a barrier (:func:`aligned_origin`).
     Costs one barrier and one object all-gather per step, so leave it off when timing the step.
+    ``step_optimizer=False``: the parameters keep their values and only gain gradients (timing and
+    calibration steps; the data-parallel all-reduce still runs).
     """
     import torch.distributed as dist
 
@@ -200,7 +203,8 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     def optimizer_step() -> None:
         if reducer is not None:
             reducer.wait()
-        pipe.step_optimizer(rank)
+        if step_optimizer:
+            pipe.step_optimizer(rank)
 
     apply_recompute(program, pipe.stages)   # the program's activation-checkpointing choice
     interp = RankInterpreter(rank, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,

@@ -49,6 +49,10 @@ def _time_downsample(captured: Any, key: str, prefix: str, skip: str) -> int:
                          "captured model. Fix: pass length_stats= to dipc.compile (per-prefix LengthStats).")
 
 
+# the keys of a plain text LM's batch (the Hugging Face names): nothing else changes its shapes
+_TEXT_KEYS = frozenset({"input_ids", "labels", "attention_mask", "position_ids"})
+
+
 def batch_length_stats(batch: Mapping[str, Any], captured: Any | None = None) -> dict[str, LengthStats]:
     """Per-modality length statistics of a collated microbatch, keyed by module path prefix, for
     :class:`StepModel`, for the batch layouts dipc knows (the example models' and the paper models
@@ -64,6 +68,8 @@ def batch_length_stats(batch: Mapping[str, Any], captured: Any | None = None) ->
       (``text_sample_ids``); ``time_embed``: one token per sample; ``video``, ``blocks``,
       ``final_layer``: one packed sequence per clip, cross-attending to its caption.
 
+    - a text-only LM (``input_ids [B, T]``, plus at most ``labels``, ``attention_mask`` and
+      ``position_ids``): every layer padded (B, T), the shape it computes on.
     Any other model: give ``dipc.compile(..., length_stats=fn)`` a function from a microbatch to
     this mapping (:func:`pipeline_length_stats` prefers it).
     """
@@ -90,6 +96,9 @@ def batch_length_stats(batch: Mapping[str, Any], captured: Any | None = None) ->
         vid = LengthStats.of(video, context=text)
         return {"text_encoder": LengthStats.of(text), "time_embed": LengthStats.of([1] * n),
                 "video": vid, "blocks": vid, "final_layer": vid}
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and set(batch) <= _TEXT_KEYS:
+        return {"": LengthStats.padded(*ids.shape)}   # a text-only LM: every layer sees [B, T]
     raise _error(f"cannot tell the batch layout from batch keys {sorted(batch)}. Fix: pass "
                          "dipc.compile(..., length_stats=fn) returning per-prefix LengthStats for a microbatch "
                          "(LengthStats.of for packed sequences, LengthStats.padded for [n, T]).")

@@ -31,10 +31,11 @@ from dipc.ir import COMPUTE_OPS
 
 if TYPE_CHECKING:
     from dipc.api import CompiledPipeline
+    from dipc.semu.calibrate_dist import DistributedCalibration
     from dipc.semu.calibrate import CalibrationResult
     from dipc.semu.profiles import ClusterProfile
 
-__all__ = ["calibrate_pipeline"]
+__all__ = ["calibrate_distributed", "calibrate_pipeline"]
 
 
 def _programs(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]) -> list:
@@ -103,3 +104,79 @@ def calibrate_pipeline(pipe: "CompiledPipeline", batches: Sequence[Sequence[Mapp
                                  whole_wgrad_stages=sorted(pipe.whole_wgrad_stages()))
     dtype = str(params[0].dtype).removeprefix("torch.") if params else "float32"
     return fit_profile(base, [calibration], name=f"{base.name}-calibrated", dtype=dtype)
+
+
+def calibrate_distributed(pipe: "CompiledPipeline", batches: Sequence[Sequence[Mapping[str, Any]]], runs: int = 2,
+                          src: int = 0, timeout_s: float = 60.0) -> "DistributedCalibration | None":
+    """Fit pipeline rank ``src``'s profile (``pipe.profile``, already fitted to local steps by
+    :meth:`~dipc.api.CompiledPipeline.calibrate`) to steps of the multi-process executor
+    (:func:`dipc.semu.calibrate_dist.fit_distributed`: a compute factor for co-located ranks, the
+    co-located slowdown, the wake-up latency of blocked receives, P2P op times from a measured
+    timeline). A collective: every rank of the pipeline calls it with the same ``batches``.
+
+    Why: local steps run the ranks one after another on one thread; over gloo the ranks share
+    the host's cores and wait on each other, and SEMU calibrated on local steps alone took the
+    example text LM's GPipe and interleaved 1F1B for equals (within 2%) where GPipe measured 15%
+    slower over gloo, so DIP planned GPipe on half the batches and ran 0.76x dipc's own
+    interleaved 1F1B (``benchmarks/runtime_vs_torch_pipelining.py``, case ``skewed:dip``).
+
+    Per batch and static schedule of the layout: one warm-up step, one with a measured timeline,
+    ``runs`` timed ones (the max over ranks, median over runs). No optimizer step is taken,
+    gradients are restored and the RNG stream forked. Returns the fit on pipeline rank ``src``,
+    None on the others (:meth:`~dipc.api.CompiledPipeline.calibrate_distributed` plans with it)."""
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    from dipc.runtime.data_parallel import topology
+    from dipc.runtime.distributed import collective, run_step_distributed
+    from dipc.semu.calibrate_dist import DistributedSample, fit_distributed, p2p_overheads
+    from dipc.semu.profiles import ClusterProfile
+    from dipc.semu.step_model import StepModel, pipeline_length_stats
+
+    topo = topology(pipe.num_ranks)
+    if topo.pp_rank == src and not isinstance(pipe.profile, ClusterProfile):
+        raise DipcError(f"rank {topo.rank}: distributed calibration fits on top of a locally calibrated profile, "
+                        f"but the pipeline's profile is {pipe.profile!r}. Fix: call pipe.calibrate(batches) on "
+                        f"pipeline rank {src} first.")
+    params = list(pipe.model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    grads = [p.grad for p in params]
+    spans: list[tuple[str, float]] = []
+    measured: list[tuple[Sequence[Mapping[str, Any]], Any, float]] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            for mbs in batches:
+                for name in pipe.static_schedules():
+                    program = pipe.lowered(mbs, name)
+                    run_step_distributed(pipe, mbs, program, timeout_s, step_optimizer=False)   # warm-up
+                    timeline = run_step_distributed(pipe, mbs, program, timeout_s, record_timeline=True,
+                                                    step_optimizer=False).timeline
+                    spans += [(op.value, e - s) for _, _, op, _, _, s, e in timeline.spans]
+                    times = []
+                    for _ in range(runs):
+                        collective("calibration barrier", topo.rank, lambda: dist.barrier(group=topo.pp_group))
+                        t0 = time.perf_counter()
+                        run_step_distributed(pipe, mbs, program, timeout_s, step_optimizer=False)
+                        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
+                        collective("calibration step time", topo.rank,
+                                   lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=topo.pp_group))
+                        times.append(t.item())
+                    measured.append((mbs, program, statistics.median(times)))
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+    if topo.pp_rank != src:
+        return None
+
+    def predictor(mbs, program):
+        stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
+
+        def predict(profile: "ClusterProfile") -> float:
+            model = StepModel.for_pipeline(pipe, pipe._cost_model, profile, stats, **StepModel.runtime_options(pipe))
+            return model.simulate(program, memory=False, p2p="handshake").step_time
+        return predict
+
+    samples = [DistributedSample(predict=predictor(mbs, program), measured_s=t) for mbs, program, t in measured]
+    return fit_distributed(pipe.profile, samples, p2p=p2p_overheads(spans))

@@ -1,6 +1,7 @@
 """Calibrating SEMU on a pipeline's own steps: it leaves the model as it was (parameters,
 gradients, optimizer, RNG), fits every instruction kind's overhead, and schedule "dip" on CPU
 plans with it unless a profile is named."""
+import pytest
 import torch
 
 import dipc
@@ -46,3 +47,34 @@ def test_dip_on_cpu_calibrates_once_unless_a_profile_is_named(monkeypatch):
     _, named, mbs = _pipe(schedule="dip", profile="h800")
     named.plan(mbs)
     assert len(calls) == 1 and named.profile == "h800"
+
+
+def _distributed_calibration(rank: int, world: int):
+    torch.manual_seed(0)
+    ex, pipe, mbs = _pipe(schedule="dip")
+    if rank == 0:
+        pipe.calibrate([mbs], runs=1)
+    before = {n: p.detach().clone() for n, p in ex.model.named_parameters()}
+    local = pipe.profile
+    got = pipe.calibrate_distributed([mbs], runs=1)
+    unchanged = all(torch.equal(p, before[n]) and p.grad is None for n, p in ex.model.named_parameters())
+    fit = None
+    if got is not None:
+        fit = (got.name, local.device.recv_wake_latency, got.device.recv_wake_latency,
+               got.device.colocated_slowdown, sorted(got.device.op_overheads), pipe.profile is got)
+    return fit, unchanged, pipe.plan(mbs).schedule if rank == 0 else None
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_distributed_calibration_fits_rank_0_on_gloo_steps_and_trains_nothing():
+    """Both ranks take the gloo calibration steps; rank 0's profile gains the multi-process terms
+    (P2P op times from the measured timeline, wake latency, co-located slowdown) and plans with
+    it; no parameter moves and no gradient is left behind."""
+    from dipc.runtime.launch import spawn
+
+    (fit0, same0, planned), (fit1, same1, _) = spawn(_distributed_calibration, 2, timeout_s=240)
+    assert fit1 is None and same0 and same1
+    name, _, wake, slowdown, ops, adopted = fit0
+    assert name.endswith("-calibrated-distributed") and adopted and planned is not None
+    assert {"SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD"} <= set(ops) and wake >= 0 and slowdown >= 0

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from torch import fx
 
 import dipc
@@ -257,3 +258,29 @@ def test_length_stats_need_no_example_code_and_honour_a_user_hook():
     assert pipeline_length_stats(custom, mbs[1]) == LengthStats.padded(1, 7) and seen[-1] is mbs[1]
     assert step_model(custom, mbs).microbatch_stats == [LengthStats.padded(1, 7)] * 2
     assert pipeline_length_stats(pipe, mbs[1]) == stats
+
+
+def test_a_text_only_lm_needs_no_length_stats_hook():
+    """The commonest batch, ``input_ids``/``labels`` of a text LM, is understood without a hook:
+    every layer costs as at its concrete inputs, and ``schedule="dip"`` plans it."""
+    from dipc.ir.validate import validate
+
+    bench = load_benchmark("runtime_vs_torch_pipelining")
+    model = bench.TinyLlama(64, 32, 4, 4, 2, 64)
+    ids = torch.randint(0, 64, (2, 12))
+    layers = ["embed_tokens"] + [f"layers.{i}" for i in range(4)] + ["norm", "lm_head"]
+    pipe = dipc.compile(model, {"input_ids": ids, "labels": ids}, num_stages=2, layers=layers, schedule="dip",
+                        profile="h800")
+    cm = layer_cost_model(pipe.captured)
+    batch = {"input_ids": torch.randint(0, 64, (3, 20)), "labels": torch.randint(0, 64, (3, 20))}
+    stats = batch_length_stats(batch, pipe.captured)
+    interp = _LayerInputs(pipe.captured.graph_module, set(pipe.captured.layers))
+    interp.run(*[batch[k] for k in pipe.captured.input_keys])
+    for path in cm.layers:
+        args, kwargs = interp.seen[path]
+        gm = pipe.captured.graph_module
+        assert cm.cost(path, _lookup(stats, path)) == cm.cost_at(
+            path, args, kwargs, pairs=measure_attention_pairs(gm.get_submodule(path), args, kwargs)), path
+    validate(pipe.plan([batch, {k: v[:, :7] for k, v in batch.items()}]))
+    with pytest.raises(StepModelError, match="batch keys"):   # another key: the layout is not known
+        batch_length_stats({**batch, "pixel_values": torch.zeros(1)})
