@@ -98,6 +98,13 @@ def test_the_compiled_memory_limit_is_fitted():
     assert max(model.simulate(program).peak_memory) <= limit * (1 + 1e-9)
     assert pipe.plan(mbs, memory_limit=None) is program, "None means the compiled limit"
     _check_step(ex, pipe, mbs, program, where="vlm/dip/limit")
+    # out of time from the start: the first fitted candidate wins (its refit descends only), valid
+    # and within the limit
+    hasty = dipc.compile(ex.model, mbs[0], num_stages=2, schedule="dip", loss_weight=ex.loss_weight, profile="h800",
+                         memory_limit=limit, plan_budget_s=0.0)
+    rushed = hasty.plan(mbs)
+    validate(rushed)
+    assert max(model.simulate(rushed).peak_memory) <= limit * (1 + 1e-9)
 
 
 def test_unknown_schedule_names_dip_among_the_choices():
