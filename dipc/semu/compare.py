@@ -279,8 +279,8 @@ def _bounded_candidate(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[
     lowered unvalidated (the winner alone is validated; the emulator raises on a wait cycle, so
     a bad candidate cannot win). The bound is the orders' makespan with free messages
     (:func:`dipc.semu.order_bound.order_lower_bound`), a lower bound of the simulated step:
-    candidates it shows cannot win are never lowered or simulated (the demo VLM's plan: 12
-    candidates, ~2-4 simulated)."""
+    candidates it shows cannot win are never lowered or simulated (the example models' plans on
+    h800: 12 candidates, 1-3 simulated)."""
     from dipc.passes.codegen import schedule_orders
     from dipc.semu.order_bound import order_lower_bound
 
