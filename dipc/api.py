@@ -164,7 +164,8 @@ class CompiledPipeline:
         ``memory_limit`` where it needs recomputation), the fastest kept. On CPU with no profile
         named (here, in :func:`compile` or ``$DIPC_PROFILE``) the first plan calibrates SEMU on its
         batch (:meth:`calibrate`, a few seconds once). Deterministic for a
-        given profile; a profile measured per process (the CPU default) can differ between
+        given profile (under a memory limit only with ``plan_budget_s=None`` in :func:`compile`:
+        the budget stops the search by the clock); a profile measured per process (the CPU default) can differ between
         processes, so under torch.distributed plan on one rank and broadcast the program
         (:func:`dipc.runtime.async_plan.broadcast_program`, what ``dipc run`` does), or name a profile.
         """
