@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -41,8 +42,9 @@ def measure(name: str, batches: int, microbatches: int, profile: str) -> dict:
         program = pipe.plan(mbs)
         times.append(time.perf_counter() - t0)
         steps.append(step_model(pipe, mbs, profile, runtime=True).simulate(program).step_time)
-    ms = sorted(t * 1e3 for t in times)
-    return {"median_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (len(ms) - 1))], "plan_ms": ms,
+    ms = [t * 1e3 for t in times]
+    p90 = sorted(ms)[max(0, math.ceil(0.9 * len(ms)) - 1)]   # nearest rank
+    return {"median_ms": statistics.median(ms), "p90_ms": p90, "plan_ms": ms,
             "steps_s": steps}
 
 
