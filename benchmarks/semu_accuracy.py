@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dipc.semu.self_calibrate import GLOO_P2P  # noqa: E402  (SEMU's model of gloo's send/receive handshake)
+
 MODELS = ("vlm", "audio_llm", "t2v")
 SCHEDULE_CHUNKS = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1, "dual_queue": 1}
 NUM_RANKS = 2
@@ -67,7 +69,6 @@ CALIBRATION_SCHEDULES = ((1, "1f1b"), (1, "zb_h1"), (2, "interleaved_1f1b"))   #
 # skewed across microbatches and DIP has orders to choose from
 DIRECTION_SEED, DIRECTION_MICROBATCHES, DIRECTION_SAMPLES = 11, 8, 1
 DEVICE = torch.device("cpu")   # --device: where the example models and their batches live
-GLOO_P2P = "handshake"   # gloo's unbound-buffer sends wait for the receiver's ready notice
 LIMITS = [
     "shared 2-core machine (4 sessions; load 6-8 while measured): the two gloo ranks get well under a core each, "
     "so gloo steps take up to 2-3x the serial CPU time of both ranks; gloo errors are then dominated by contention, "
@@ -215,16 +216,10 @@ def _dip_plans(pipe, mbs, profile=None) -> dict:
 
 
 def _gloo_predictor(pipe, cost_model, mbs, program):
-    """profile -> SEMU's step time of ``program`` under gloo's handshake (without the executor's
-    fixed per-step work), for :func:`dipc.semu.calibrate_dist.fit_distributed`."""
-    from dipc.semu.step_model import StepModel, pipeline_length_stats
+    """profile -> SEMU's step time of ``program`` under gloo (:func:`dipc.semu.self_calibrate.gloo_step_predictor`)."""
+    from dipc.semu.self_calibrate import gloo_step_predictor
 
-    stats = [pipeline_length_stats(pipe, mb) for mb in mbs]
-
-    def predict(profile) -> float:
-        sm = StepModel.for_pipeline(pipe, cost_model, profile, stats, **StepModel.runtime_options(pipe))
-        return sm.simulate(program, memory=False, p2p=GLOO_P2P).step_time
-    return predict
+    return gloo_step_predictor(pipe, mbs, program, cost_model)
 
 
 def _calibration_samples(pipe, mbs, schedule: str, clock: str, runs: int = 3) -> list:

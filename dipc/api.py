@@ -280,8 +280,12 @@ class CompiledPipeline:
         from dipc.semu.self_calibrate import calibrate_pipeline
 
         self.profile = calibrate_pipeline(self, batches, base=self.profile, runs=runs).profile
-        self._programs = {k: v for k, v in self._programs.items() if k[0] != DIP}   # scored on the old profile
+        self._forget_dip_plans()
         return self.profile
+
+    def _forget_dip_plans(self) -> None:
+        """Drop cached DIP plans (scored on a profile that just changed); static programs stay."""
+        self._programs = {k: v for k, v in self._programs.items() if k[0] != DIP}
 
     def calibrate_distributed(self, batches: Sequence[Sequence[Batch]], runs: int = 2,
                               src: int = 0) -> "ClusterProfile | None":
@@ -295,7 +299,7 @@ class CompiledPipeline:
         if fit is None:
             return None
         self.profile = fit.profile
-        self._programs = {k: v for k, v in self._programs.items() if k[0] != DIP}   # scored on the old profile
+        self._forget_dip_plans()
         return self.profile
 
     def _profile(self, profile: "str | ClusterProfile | None") -> "str | ClusterProfile":

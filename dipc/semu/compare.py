@@ -242,7 +242,9 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
             f"no phase-2 order fits a memory limit of {memory_limit} bytes per rank, even with every layer "
             "recomputed, and no baseline schedule was given. Fix: pass baselines=('1f1b',) to get the "
             "per-rank excess, use more pipeline ranks or smaller microbatches, or raise memory_limit.")
-    bounded = [_bounded_candidate(pipe, microbatches, model, label, orders, subs) for label, orders in candidates.items()]
+    stages = list(pipe.stage_infos)
+    bounded = [_bounded_candidate(pipe, stages, microbatches, model, label, orders, subs)
+               for label, orders in candidates.items()]
 
     if memory_limit is None:
         def unfit(program: Program, costs):
@@ -272,8 +274,8 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
     return choice.label, program, result
 
 
-def _bounded_candidate(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model, label: str,
-                       orders: Any, subs: Sequence[tuple[str, Sequence[int]]]) -> tuple:
+def _bounded_candidate(pipe: "CompiledPipeline", stages: Sequence[Any], microbatches: Sequence[Mapping[str, Any]],
+                       model, label: str, orders: Any, subs: Sequence[tuple[str, Sequence[int]]]) -> tuple:
     """(label, build, bound) of one candidate for :func:`~dipc.semu.candidate_select.pick_fastest`:
     ``orders`` None is the static schedule ``label`` (its cached program), else compute orders
     lowered unvalidated (the winner alone is validated; the emulator raises on a wait cycle, so
@@ -283,8 +285,6 @@ def _bounded_candidate(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[
     h800: 12 candidates, 1-3 simulated)."""
     from dipc.passes.codegen import schedule_orders
     from dipc.semu.order_bound import order_lower_bound
-
-    stages = list(pipe.stage_infos)
 
     def build():
         program = (pipe.lowered(microbatches, label) if orders is None else
