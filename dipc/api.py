@@ -350,7 +350,8 @@ class CompiledPipeline:
         from dipc.semu.compare import step_model
         from dipc.semu.memory_opt import optimize_memory
 
-        return optimize_memory(program, step_model(self, microbatches, self._profile(profile)), memory_limit)
+        model = step_model(self, program.ordered(microbatches), self._profile(profile))
+        return optimize_memory(program, model, memory_limit)
 
     def check_trainable(self) -> None:
         if tuple(p.requires_grad for p in self._parameters) != self.trainable:
@@ -371,16 +372,22 @@ class CompiledPipeline:
             raise BatchError(f"the program was planned for {program.num_microbatches} microbatches on "
                              f"{program.num_ranks} ranks, but got {len(microbatches)} microbatches for a "
                              f"{self.num_ranks}-rank pipeline. Fix: plan these microbatches (pipe.plan(mbs)).")
-        if program.subs != self.sub_counts(microbatches):
+        if program.microbatch_order and sorted(program.microbatch_order) != list(range(len(microbatches))):
+            raise BatchError(f"the program's microbatch order {list(program.microbatch_order)} is not a "
+                             f"permutation of the {len(microbatches)} microbatches given. Fix: plan these "
+                             "microbatches (pipe.plan(mbs)).")
+        if program.subs != self.sub_counts(program.ordered(microbatches)):
             raise BatchError(f"the program splits modalities into sub-microbatches {program.subs}, but these "
-                             f"microbatches split into {self.sub_counts(microbatches)}. "
+                             f"microbatches split into {self.sub_counts(program.ordered(microbatches))}. "
                              f"Fix: plan these microbatches (pipe.plan(mbs)).")
 
     def result(self, weights: Sequence[float], microbatch_losses: Sequence[float], t0: float,
                program: Program) -> StepResult:
-        """The step's full-batch loss; microbatches with weight 0 (no loss tokens) do not count."""
+        """The step's full-batch loss; microbatches with weight 0 (no loss tokens) do not count.
+        ``weights`` and ``microbatch_losses`` per program slot; ``microbatch_losses`` of the result
+        in the caller's order (``Program.microbatch_order``)."""
         loss = sum(w * l for w, l in zip(weights, microbatch_losses) if w != 0)
-        return StepResult(loss=loss, microbatch_losses=list(microbatch_losses),
+        return StepResult(loss=loss, microbatch_losses=program.unordered(microbatch_losses),
                           seconds=time.perf_counter() - t0, program=program)
 
     def loss_weights(self, microbatches: Sequence[Batch]) -> list[float]:
@@ -403,6 +410,7 @@ class CompiledPipeline:
 
         t0 = time.perf_counter()
         program = self.program_for(microbatches, program)
+        microbatches = program.ordered(microbatches)   # slot m runs the caller's microbatch_order[m]
         weights = self.loss_weights(microbatches)
         origin = time.perf_counter()
         stats = run_local(program, self.stages, microbatches, weights, self.treespecs,

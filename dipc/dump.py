@@ -67,7 +67,8 @@ def dump_step(pipe: "CompiledPipeline", program: Program, microbatches: Sequence
         out.mkdir(parents=True, exist_ok=True)
         _write_program(program, out)
         lines = [pipe.describe()]
-        predicted = _write_prediction(pipe, program, microbatches, out, lines) if timeline else None
+        # SEMU models the program's slots: the caller's microbatches in the program's order
+        predicted = _write_prediction(pipe, program, program.ordered(microbatches), out, lines) if timeline else None
         if measured is not None:
             _write_measured(measured, predicted, out)
             lines.append(measured.summary())

@@ -11,7 +11,8 @@ Layout (version 1)::
 An instruction object lists ``op`` and only the fields not at their default (as in the text form);
 a spec is ``{"kind": "tensor", "dtype": "float32", "shape": [2, 16]}`` (dtype is torch's name).
 Attribute keys are unique (as in the text form). ``subs`` (modality sub-microbatch counts per
-microbatch) is written only when the program has any. Anything else raises ``IRParseError``.
+microbatch) and ``microbatch_order`` (the caller's microbatch each slot runs) are written only
+when the program has any. Anything else raises ``IRParseError``.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def program_to_json(program: Program) -> dict[str, Any]:
     }
     if program.subs:
         out["subs"] = [[name, list(counts)] for name, counts in program.subs]
+    if program.microbatch_order:
+        out["microbatch_order"] = list(program.microbatch_order)
     return out
 
 
@@ -147,7 +150,7 @@ def _stage_from_json(value: Any, where: str) -> StageInfo:
 def program_from_json(data: Any) -> Program:
     """Inverse of :func:`program_to_json`; raises ``IRParseError`` naming the bad path."""
     d = _obj(data, "program", ("format", "version", "schedule", "num_ranks", "num_microbatches",
-                               "stages", "streams"), ("attrs", "subs"))
+                               "stages", "streams"), ("attrs", "subs", "microbatch_order"))
     if d["format"] != _FORMAT:
         raise _fail("program.format", f"expected {_FORMAT!r}, got {d['format']!r}")
     if d["version"] != FORMAT_VERSION or type(d["version"]) is not int:
@@ -165,8 +168,11 @@ def program_from_json(data: Any) -> Program:
             raise _fail(where, f"expected [modality, [counts...]], got {entry!r}")
         subs.append((_str(pair[0], f"{where}[0]"),
                      tuple(_int(c, f"{where}[1][{j}]") for j, c in enumerate(_list(pair[1], f"{where}[1]")))))
+    order = tuple(_int(c, f"program.microbatch_order[{j}]")
+                  for j, c in enumerate(_list(d.get("microbatch_order", []), "program.microbatch_order")))
     return Program(
         subs=tuple(subs),
+        microbatch_order=order,
         schedule=_str(d["schedule"], "program.schedule"),
         num_ranks=_int(d["num_ranks"], "program.num_ranks"),
         num_microbatches=_int(d["num_microbatches"], "program.num_microbatches"),

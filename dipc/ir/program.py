@@ -1,11 +1,15 @@
 """A per-rank program: the stage graph it runs over plus one instruction stream per rank."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from dipc.ir.instructions import Instruction
 
 FORMAT_VERSION = 1
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,9 +45,31 @@ class Program:
     """Modality sub-microbatches: ``(modality, counts)`` with ``counts[mb]`` the number of subs
     microbatch ``mb`` is split into (>= 1). Stages of a listed modality run per sub; all other
     stages run per whole microbatch (``sub=-1``). Empty: nothing is split."""
+    microbatch_order: tuple[int, ...] = field(default=())
+    """Which of the caller's microbatches each of the program's microbatch slots runs: slot ``m``
+    (every ``mb=m`` below) runs microbatch ``microbatch_order[m]`` of the list given to the step.
+    A permutation of ``range(num_microbatches)``; empty: slot ``m`` runs microbatch ``m``. A
+    planner sets it to run a batch in another order (DIP: lightest microbatch first) without the
+    caller reordering its data; executors apply it (:meth:`ordered`) and report per-microbatch
+    results in the caller's order (:meth:`unordered`)."""
 
     def stage(self, stage_id: int) -> StageInfo:
         return self.stages[stage_id]
+
+    def ordered(self, items: Sequence[T]) -> list[T]:
+        """The caller's per-microbatch ``items`` (microbatches, loss weights…) in slot order."""
+        if not self.microbatch_order:
+            return list(items)
+        return [items[i] for i in self.microbatch_order]
+
+    def unordered(self, per_slot: Sequence[T]) -> list[T]:
+        """Inverse of :meth:`ordered`: per-slot values (losses…) in the caller's order."""
+        if not self.microbatch_order:
+            return list(per_slot)
+        out: list[T] = list(per_slot)
+        for slot, i in enumerate(self.microbatch_order):
+            out[i] = per_slot[slot]
+        return out
 
     def consumers(self, stage_id: int) -> tuple[int, ...]:
         return tuple(s.id for s in self.stages if stage_id in s.producers)

@@ -23,7 +23,9 @@ Program (``FORMAT_VERSION`` 1)::
 Lines starting with ``#`` (after optional indentation) and blank lines are ignored wherever they
 appear, except the version header, which must come before the ``program`` line. ``subs`` lines
 (one per split modality, ``counts`` per microbatch) come after the program line and before the
-stages, and only when the program splits a modality.
+stages, and only when the program splits a modality. An ``order microbatches=2,0,1`` line
+(``Program.microbatch_order``: slot ``m`` runs the caller's microbatch ``2``, ``0``…) follows them,
+only when the program reorders its microbatches.
 String values (schedule name, attribute values, modality) print bare when they are simple
 (``[A-Za-z0-9_.:/+@%-]+``) and as a JSON string literal otherwise (``name="my run"``).
 
@@ -243,6 +245,8 @@ def dump_program(program: Program) -> str:
             raise ValueError(f"subs of modality {name!r} has counts {counts}. Fix: give one count "
                              f">= 1 per microbatch.")
         lines.append(f"subs modality={_fmt_str(name)} counts={','.join(str(c) for c in counts)}")
+    if program.microbatch_order:
+        lines.append(f"order microbatches={','.join(str(i) for i in program.microbatch_order)}")
     lines.extend(_format_stage(s) for s in program.stages)
     for rank, stream in enumerate(program.streams):
         lines.append(f"rank {rank}:")
@@ -302,6 +306,7 @@ def parse_program(text: str) -> Program:
     head: dict[str, object] | None = None
     stages: list[StageInfo] = []
     subs: list[tuple[str, tuple[int, ...]]] = []
+    order: tuple[int, ...] | None = None
     streams: list[list[Instruction]] = []
     for lineno, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
@@ -332,6 +337,14 @@ def parse_program(text: str) -> Program:
                 raise IRParseError(f"{where}: subs line {line!r} after a stage or rank line. "
                                    f"Fix: list subs lines right after the program line.")
             subs.append(_parse_subs(rest, f"{where}: {line!r}"))
+        elif word == "order":
+            if stages or streams or order is not None:
+                raise IRParseError(f"{where}: order line {line!r} repeated or after a stage or rank line. "
+                                   f"Fix: one order line, right after the program and subs lines.")
+            key, value, quoted = _single_kv(rest, f"{where}: {line!r}")
+            if key != "microbatches":
+                raise IRParseError(f"{where}: unknown key {key!r}. Fix: write 'order microbatches=2,0,1'.")
+            order = _parse_int_list(key, value, quoted, where)
         elif word == "stage":
             if streams:
                 raise IRParseError(f"{where}: stage line {line!r} after the first rank section. "
@@ -359,7 +372,14 @@ def parse_program(text: str) -> Program:
         raise IRParseError(f"no 'program ...' line found. Fix: the text must start with '{HEADER}' "
                            f"and a program line.")
     return Program(stages=tuple(stages), streams=tuple(tuple(s) for s in streams), subs=tuple(subs),
-                   **head)  # type: ignore[arg-type]
+                   microbatch_order=order or (), **head)  # type: ignore[arg-type]
+
+
+def _single_kv(rest: str, where: str) -> tuple[str, str, bool]:
+    pairs = list(_split_kv(rest, where))
+    if len(pairs) != 1:
+        raise IRParseError(f"{where}: expected one key=value. Fix: write 'order microbatches=2,0,1'.")
+    return pairs[0]
 
 
 def _parse_subs(rest: str, where: str) -> tuple[str, tuple[int, ...]]:

@@ -182,6 +182,7 @@ def run_step_distributed(pipe: "CompiledPipeline", microbatches: Sequence[Mappin
     topo = topology(pipe.num_ranks)
     t0 = time.perf_counter()
     program = pipe.program_for(microbatches, program)
+    microbatches = program.ordered(microbatches)   # slot m runs the caller's microbatch_order[m]
     # collectives run on the parameters' device (NCCL needs CUDA tensors, gloo CPU ones)
     device = next(pipe.model.parameters()).device
     plan_check = ProgramCheck(program, topo, device) if topo.pp > 1 else None

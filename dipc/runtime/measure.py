@@ -104,6 +104,7 @@ def _run_ranks(pipe: "CompiledPipeline", program: Program, microbatches: Sequenc
     # none (or one per stage) ran with the wrappers the previously measured program left
     apply_recompute(program, pipe.stages)
     transport = LocalTransport()
+    microbatches = program.ordered(microbatches)   # slot m runs the caller's microbatch_order[m]
     weights = pipe.loss_weights(microbatches)
     subs = pipe.sub_batches(microbatches)
     ranks = [RankInterpreter(r, program, pipe.stages, microbatches, weights, transport, pipe.treespecs,

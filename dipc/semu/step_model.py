@@ -406,6 +406,23 @@ class StepModel:
                                for s in stages for p in s.layers}
         return cls(cost_model, cluster, [s.layers for s in stages], microbatch_stats, **kwargs)
 
+    def reordered(self, order: Sequence[int]) -> "StepModel":
+        """This model for the same microbatches run in ``order`` (slot ``m`` runs microbatch
+        ``order[m]``, as ``Program.microbatch_order``): the statistics permuted, the layer times
+        (keyed by layer signature and statistics, not by microbatch) shared with this model."""
+        slot_of = {i: m for m, i in enumerate(order)}
+        if sorted(slot_of) != list(range(len(self.microbatch_stats))):
+            raise StepModelError(f"order {list(order)} is not a permutation of the model's "
+                                 f"{len(self.microbatch_stats)} microbatches. Fix: pass each index once.")
+        new = StepModel(self.cost_model, self.cluster, self.stage_layers, [self.microbatch_stats[i] for i in order],
+                        tp=self.tp, dp=self.dp, dtype=self.dtype, tp_allreduces=self.tp_allreduces,
+                        gemms_per_layer=self.gemms_per_layer, bytes_mode=self.bytes_mode,
+                        sub_stats={(slot_of[m], j): s for (m, j), s in self.sub_stats.items()},
+                        no_input_grads=self.no_input_grads, wgrad_recomputes=self.wgrad_recomputes,
+                        whole_wgrad_stages=self.whole_wgrad_stages, loss_stages=self.loss_stages)
+        new._layer_cache = self._layer_cache
+        return new
+
     # -- per layer -----------------------------------------------------------------------------
     def layer_dtype(self, path: str) -> str:
         if isinstance(self.dtype, str):
