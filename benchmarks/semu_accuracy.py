@@ -207,11 +207,12 @@ def _dip_plans(pipe, mbs, profile=None) -> dict:
     from dipc.semu.compare import plan_dip, step_model
     from dipc.semu.step_model import StepModel, pipeline_length_stats
 
-    out = {"dip_gpu": plan_dip(pipe, mbs, step_model(pipe, mbs))[:2]}
+    # in the batch's own order: the check scores these programs on models of ``mbs``
+    out = {"dip_gpu": plan_dip(pipe, mbs, step_model(pipe, mbs), reorder=False)[:2]}
     if profile is not None:
         sm = StepModel.for_pipeline(pipe, pipe._cost_model, profile, [pipeline_length_stats(pipe, mb) for mb in mbs],
                                     **StepModel.runtime_options(pipe))
-        out["dip_cpu"] = plan_dip(pipe, mbs, sm)[:2]
+        out["dip_cpu"] = plan_dip(pipe, mbs, sm, reorder=False)[:2]
     return out
 
 
