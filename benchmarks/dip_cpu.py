@@ -84,8 +84,7 @@ def _rank(rank: int, world: int, model: str, batches: int, repeats: int, microba
                     times[name].append(float(took))
         if rank == 0:   # SEMU on the profile DIP planned with (calibrated on the first batch, or $DIPC_PROFILE)
             profile = pipes["dip"].profile or default_profile("cpu")
-            predicted = {name: step_model(pipes[name], programs[name].ordered(mbs), profile,
-                                                    runtime=True).simulate(programs[name]).step_time
+            predicted = {name: step_model(pipes[name], mbs, profile, runtime=True).simulate(programs[name]).step_time
                          for name in pipes}
             rows.append({"batch": b, "tokens": sum(int(mb["labels"].numel()) for mb in mbs if "labels" in mb),
                          "measured_s": {n: statistics.median(t) for n, t in times.items()},

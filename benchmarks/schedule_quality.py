@@ -114,7 +114,9 @@ HONESTY = {
         "sub-microbatches: M_i = ceil(N_i / B_i) per microbatch, scheduled as separate dual-queue tasks",
         "phase 1: MCTS over (modality, microbatch) segment rankings, seeded with heuristic rankings",
         "phase 2: greedy dual-queue interleaving (+ zero-bubble split, + critical-path / grouped priority rules)",
-        "phase 3: per-rank recompute ILP (scipy HiGHS, 5% gap), per stage (same choice for every microbatch)",
+        "phase 3: per-rank recompute ILP (scipy HiGHS, 5% gap) over none / selective / full checkpointing per "
+        "layer, per stage while candidates are compared, then the winner refitted per (stage, microbatch) in "
+        "what is left of the planner's budget (the runtime switches checkpointing per microbatch)",
         "planner: best-first branch and bound over three bounds (compute orders without messages, the "
         "unfitted simulation, phase 3), at most 4 ILP rounds per batch, cyclic GC paused while planning; MCTS "
         "rollouts score the all-recompute bound",
@@ -124,8 +126,8 @@ HONESTY = {
         "offline interleaving depth: every K_i times v, v chosen by simulating DIP's planner on 4 sample batches of the "
         "run's own data (choose_interleave); the rise-and-fall trace is a run of its own, so its DIP placement is "
         "chosen on samples of the trace (other draws, at iterations 2, 7, 12, 17); baselines keep their layouts"],
-    "not_implemented": ["B_i from profiled efficiency (fixed per workload: --b-enc)", "offloading",
-                        "per-microbatch recompute choices (the runtime switches checkpointing per stage)",
+    "not_implemented": ["B_i from profiled efficiency (here from SEMU's modelled efficiency curve, "
+                        "choose_sub_size; --b-enc fixes it)", "offloading",
                         "MCTS inside the timed planner by default (--planner-budget 0)"],
     "simulated_not_measured": True,
     "simulator": "SEMU StepModel + step emulator (analytical, uncalibrated GPU efficiency curves)",

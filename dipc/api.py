@@ -350,8 +350,7 @@ class CompiledPipeline:
         from dipc.semu.compare import step_model
         from dipc.semu.memory_opt import optimize_memory
 
-        model = step_model(self, program.ordered(microbatches), self._profile(profile))
-        return optimize_memory(program, model, memory_limit)
+        return optimize_memory(program, step_model(self, microbatches, self._profile(profile)), memory_limit)
 
     def check_trainable(self) -> None:
         if tuple(p.requires_grad for p in self._parameters) != self.trainable:

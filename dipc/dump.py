@@ -67,8 +67,7 @@ def dump_step(pipe: "CompiledPipeline", program: Program, microbatches: Sequence
         out.mkdir(parents=True, exist_ok=True)
         _write_program(program, out)
         lines = [pipe.describe()]
-        # SEMU models the program's slots: the caller's microbatches in the program's order
-        predicted = _write_prediction(pipe, program, program.ordered(microbatches), out, lines) if timeline else None
+        predicted = _write_prediction(pipe, program, microbatches, out, lines) if timeline else None
         if measured is not None:
             _write_measured(measured, predicted, out)
             lines.append(measured.summary())
@@ -102,14 +101,15 @@ def _write_prediction(pipe: "CompiledPipeline", program: Program, microbatches: 
     from dipc.semu.gantt import plot_gantt
     from dipc.semu.trace import write_chrome_trace
 
-    model = step_model(pipe, microbatches, _profile())
+    batch_model = step_model(pipe, microbatches, _profile())
+    model = batch_model.for_program(program)   # per instruction: the program's slots (microbatch_order)
     result = model.simulate(program)
     write_chrome_trace(result, out / "timeline.json")
     lines.append(f"SEMU ({_profile()}): step {result.step_time * 1e3:.3f} ms, bubble {result.bubble_fraction:.1%}")
     for s in pipe.stages:
         fwd = sum(model.compute_time(i) for i in program.streams[s.rank] if i.op is Op.FWD and i.stage == s.id)
         lines.append(f"  stage {s.id}: forward {fwd * 1e3:.3f} ms over {program.num_microbatches} microbatches")
-    label, other = _comparison(pipe, program, microbatches, model)
+    label, other = _comparison(pipe, program, microbatches, batch_model)
     lines.append(f"compared with {label}: step {other.step_time * 1e3:.3f} ms, bubble {other.bubble_fraction:.1%}")
     plot_gantt({f"{program.schedule} (this program)": result, label: other}, out / "gantt.png",
                title=f"SEMU prediction, {_profile()}, {program.num_microbatches} microbatches")

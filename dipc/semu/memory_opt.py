@@ -659,6 +659,8 @@ def optimize_memory(program: Program, costs: PlannableCosts, memory_limit: float
     limits = _limits(memory_limit, program.num_ranks)
     if max_columns < 1:
         raise MemoryLimitError(f"max_columns={max_columns}. Fix: allow at least 1 ILP variable per rank.")
+    if hasattr(costs, "for_program"):   # a StepModel of the batch as given: the program's slots
+        costs = costs.for_program(program)
     sim = simulate or costs.simulate
     if tables is None or tables.costs is not costs or tables.max_candidates != max_candidates \
             or tables.num_microbatches != program.num_microbatches or tables.selective != selective:

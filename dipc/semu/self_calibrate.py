@@ -65,7 +65,7 @@ def gloo_step_predictor(pipe: "CompiledPipeline", microbatches: Sequence[Mapping
     :func:`dipc.semu.calibrate_dist.fit_distributed` fits. ``cost_model``: default the pipeline's."""
     from dipc.semu.step_model import StepModel, pipeline_length_stats
 
-    stats = [pipeline_length_stats(pipe, mb) for mb in program.ordered(microbatches)]   # per program slot
+    stats = [pipeline_length_stats(pipe, mb) for mb in microbatches]
     cm = cost_model if cost_model is not None else pipe._cost_model
 
     def predict(profile: "ClusterProfile") -> float:

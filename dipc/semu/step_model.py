@@ -377,6 +377,10 @@ class StepModel:
         # (is a FWD, stage, unit mb, unit sub, recomputed layers) -> seconds a plan adds there
         # (dipc.semu.recompute_costs.recompute_compute_time): shared by every plan scored on this model
         self.recompute_seconds_cache: dict[tuple[bool, int, int, int, frozenset[str]], float] = {}
+        # which of the caller's microbatches each slot of microbatch_stats holds (empty: slot m is m);
+        # set by reordered(), read by for_program()
+        self.microbatch_order: tuple[int, ...] = ()
+        self._reorders: dict[tuple[int, ...], StepModel] = {}
 
     @staticmethod
     def runtime_options(pipe: Any) -> dict[str, Any]:
@@ -406,10 +410,29 @@ class StepModel:
                                for s in stages for p in s.layers}
         return cls(cost_model, cluster, [s.layers for s in stages], microbatch_stats, **kwargs)
 
+    def for_program(self, program: Program) -> "StepModel":
+        """The model whose microbatch slots are ``program``'s: this one, or for a program that
+        runs the batch in another order (``Program.microbatch_order``) this model reordered so
+        (cached). A model describes the caller's batch unless :meth:`reordered` made it, so a plan
+        that reorders its batch is scored on its own slots however the model was made; a model
+        reordered some other way cannot score it and raises."""
+        order = program.microbatch_order
+        if not order or order == self.microbatch_order:
+            return self
+        if self.microbatch_order:
+            raise StepModelError(f"the program runs the batch's microbatches in order {list(order)}, this model in "
+                                 f"order {list(self.microbatch_order)}. Fix: score it on a model of the batch as "
+                                 "given (step_model(pipe, microbatches)).")
+        hit = self._reorders.get(order)
+        if hit is None:
+            hit = self._reorders[order] = self.reordered(order)
+        return hit
+
     def reordered(self, order: Sequence[int]) -> "StepModel":
         """This model for the same microbatches run in ``order`` (slot ``m`` runs microbatch
         ``order[m]``, as ``Program.microbatch_order``): the statistics permuted, the layer times
-        (keyed by layer signature and statistics, not by microbatch) shared with this model."""
+        (keyed by layer signature and statistics, not by microbatch) shared with this model.
+        Its ``microbatch_order`` says which of the caller's microbatches each slot holds."""
         slot_of = {i: m for m, i in enumerate(order)}
         if sorted(slot_of) != list(range(len(self.microbatch_stats))):
             raise StepModelError(f"order {list(order)} is not a permutation of the model's "
@@ -421,6 +444,7 @@ class StepModel:
                         no_input_grads=self.no_input_grads, wgrad_recomputes=self.wgrad_recomputes,
                         whole_wgrad_stages=self.whole_wgrad_stages, loss_stages=self.loss_stages)
         new._layer_cache = self._layer_cache
+        new.microbatch_order = tuple(self.microbatch_order[i] for i in order) if self.microbatch_order else tuple(order)
         return new
 
     # -- per layer -----------------------------------------------------------------------------
@@ -907,6 +931,9 @@ class StepModel:
         if program.num_microbatches > len(self.microbatch_stats):
             raise StepModelError(f"the program has {program.num_microbatches} microbatches but "
                                  f"{len(self.microbatch_stats)} statistics were given. Fix: one per microbatch.")
+        model = self.for_program(program)
+        if model is not self:
+            return model.simulate(program, memory=memory, **kwargs)
         kwargs.setdefault("gpus_per_rank", self.tp)
         if self.cluster.device.recv_wake_latency:
             kwargs.setdefault("wake_latency", self.cluster.device.recv_wake_latency)

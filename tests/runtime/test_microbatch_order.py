@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dipc.errors import BatchError, IRParseError, ScheduleError
+from dipc.semu.step_model import StepModelError
 from dipc.ir import dump_program, parse_program
 from dipc.ir.jsonio import dumps, loads
 from dipc.ir.validate import validate
@@ -127,9 +128,12 @@ def test_dip_reorders_a_skewed_batch_only_when_it_pays():
     assert program.microbatch_order == tuple(order) and label.endswith("lightest first")
     assert not in_order.microbatch_order
     assert result.step_time <= (1 - REORDER_MARGIN) * kept.step_time
-    # the reordered plan scores the same on a model of the reordered batch built from scratch
-    fresh = step_model(pipe, program.ordered(mbs))
+    # a new model of the batch as given scores the plan on the plan's own slots (StepModel.for_program)
+    fresh = step_model(pipe, mbs)
     assert fresh.simulate(program).step_time == pytest.approx(result.step_time, rel=1e-12)
+    assert fresh.for_program(program).microbatch_stats == step_model(pipe, program.ordered(mbs)).microbatch_stats
+    with pytest.raises(StepModelError, match="in order"):
+        fresh.reordered(list(reversed(range(len(mbs))))).simulate(program)
     want = reference_grads(ex.model, mbs, independent_weights(ex, mbs))
     ex.model.zero_grad(set_to_none=True)
     pipe.step(mbs, program)
