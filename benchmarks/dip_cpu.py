@@ -90,7 +90,8 @@ def _rank(rank: int, world: int, model: str, batches: int, repeats: int, microba
                          "measured_s": {n: statistics.median(t) for n, t in times.items()},
                          "measured_runs_s": times, "predicted_s": predicted, "plan_ms": plan_ms,
                          "dip_program": programs["dip"].schedule,
-                         "dip_recompute": bool(getattr(programs["dip"], "recompute", None))})
+                         "dip_recompute": bool(getattr(programs["dip"], "recompute", None)),
+                         "dip_microbatch_order": list(programs["dip"].microbatch_order)})
     return {"rows": rows}
 
 
@@ -134,13 +135,16 @@ def main() -> None:
                      args.seed, timeout_s=3600)[0]["rows"]
         summary = _summary(rows)
         summary["dip_own_order_batches"] = sum(r["dip_program"] == "dip" for r in rows)
+        summary["dip_lightest_first_batches"] = sum(bool(r.get("dip_microbatch_order")) for r in rows)
         result["models"][model] = {"rows": rows, "summary": summary}
         for name, _ in SCHEDULES:
             m = statistics.mean(r["measured_s"][name] for r in rows) * 1e3
             p = statistics.mean(r["predicted_s"][name] for r in rows) * 1e3
             plan = statistics.median(r["plan_ms"][name] for r in rows)
             own = sum(r["dip_program"] == "dip" for r in rows)
-            extra = f"   its own order on {own}/{len(rows)} batches, else a static schedule" if name == "dip" else ""
+            light = summary["dip_lightest_first_batches"]
+            extra = (f"   its own order on {own}/{len(rows)} batches, else a static schedule; lightest first on "
+                     f"{light}") if name == "dip" else ""
             if name != "dip":
                 s = summary[f"dip_vs_{name}"]
                 extra = (f"   {s['measured_speedup_median']:.3f}x / {s['predicted_speedup_median']:.3f}x median, "
