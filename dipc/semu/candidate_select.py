@@ -78,7 +78,7 @@ def _fits(result: SimResult, capacity: Sequence[float]) -> bool:
 def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Bound]], simulate: Simulate,
                  capacity: float | Sequence[float], fit: Fit, num_ranks: int,
                  max_fits: int | Mapping[str, int] | None = None, groups: Mapping[str, str] | None = None,
-                 deadline: float | None = None) -> Choice:
+                 deadline: float | None = None, incumbent: float | None = None) -> Choice | None:
     """The candidate with the lowest step time once it fits ``capacity`` (bytes per rank, static
     memory included). ``candidates`` yields (label, build) or (label, build, bound) where
     ``build()`` returns the lowered program and the cost model that scores it (candidates may
@@ -94,6 +94,9 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
     ``deadline`` (a ``time.perf_counter()`` time) makes the search anytime: past it, the best
     candidate fitted so far wins (no further phase-3 run starts; candidates that fit as they are
     still count), and with none fitted yet the search goes on until one fits.
+    ``incumbent``: a step time found elsewhere (another plan of the same batch) that a winner must
+    beat; candidates whose bound is not below it are never built, and None is returned when none
+    can beat it.
     Raises the closest :class:`InfeasibleMemoryError` if nothing fits."""
     caps = [float(capacity)] * num_ranks if isinstance(capacity, (int, float)) else [float(c) for c in capacity]
     bounds: dict[str, float] = {}
@@ -113,6 +116,8 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
                 continue
             bounds[label] = bound
         heap.append((bound, 0, n, label, build))
+    if incumbent is not None:   # exact, so it wins against every candidate whose bound is not lower
+        heap.append((float(incumbent), -2, -1, "", None))
     heapq.heapify(heap)
     arrival = len(heap)
     simulated = fitted = 0
@@ -133,6 +138,8 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
         bound, level, _, label, payload = heapq.heappop(heap)
         level = -level
         if level == 2:                           # exact and no other bound is lower: the winner
+            if payload is None:
+                return None                      # the incumbent: no candidate beats it
             program, result, model = payload
             return Choice(label=label, program=program, result=result, simulated=simulated, fitted=fitted,
                           bounds=bounds, failures=failures, model=model)

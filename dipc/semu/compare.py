@@ -215,8 +215,11 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
     A plan with a budget can depend on the machine's speed; ``None`` keeps it reproducible.
 
     ``reorder``: where the batch's microbatches are not already lightest first (SEMU's forward +
-    backward work), the batch is planned a second time in that order, and that plan wins when its
-    step is at least :data:`REORDER_MARGIN` shorter; it then carries the order
+    backward work), the batch is planned a second time in that order with the candidates that run
+    microbatches in slot order (static schedules, encoder look-ahead orders; the dual queue's rules
+    and the MCTS rank microbatches themselves), by branch and bound against the first plan (a
+    candidate whose compute-order bound cannot beat it by :data:`REORDER_MARGIN` is never lowered),
+    and that plan wins when its step is at least that much shorter; it then carries the order
     (``Program.microbatch_order``, applied by every executor) and its label says "lightest first".
     Why: every candidate runs microbatches in slot order, and a heavy microbatch among light ones
     stalls the backbone's steady state and lengthens the fill (the paper-scale benchmark's T2V
@@ -237,12 +240,18 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
         if left is not None and left <= 0:
             return drawn
         try:
-            label, program, result = _plan_dip(pipe, [microbatches[i] for i in order], model.reordered(order),
-                                               baselines, memory_limit, left, search_s, search_evaluations)
+            # branch and bound against the first plan: candidates that cannot beat it by the margin
+            # are bounded and dropped without being lowered, simulated or fitted
+            # the candidates that run microbatches in slot order only: the dual queue's rules and
+            # the MCTS rank microbatches themselves (a lightest-first rule among them)
+            light = _plan_dip(pipe, [microbatches[i] for i in order], model.reordered(order), baselines,
+                              memory_limit, left, 0.0, None, incumbent=(1 - REORDER_MARGIN) * drawn[2].step_time,
+                              ranked=False)
         except (InfeasibleMemoryError, ScheduleError):
             return drawn      # the order as given planned; this one does not
-        if result.step_time > (1 - REORDER_MARGIN) * drawn[2].step_time:
+        if light is None or light[2].step_time > (1 - REORDER_MARGIN) * drawn[2].step_time:
             return drawn
+        label, program, result = light
         return f"{label}, lightest first", dataclasses.replace(program, microbatch_order=tuple(order)), result
 
 
@@ -261,16 +270,23 @@ def lightest_first(pipe: "CompiledPipeline", model, num_microbatches: int) -> li
 
 def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]], model, baselines: Sequence[str],
               memory_limit: float | Sequence[float] | None, time_budget: float | None, search_s: float,
-              search_evaluations: int | None) -> tuple[str, Program, SimResult]:
+              search_evaluations: int | None, incumbent: float | None = None,
+              ranked: bool = True) -> tuple[str, Program, SimResult] | None:
+    """:func:`plan_dip` in the batch's order; with ``incumbent`` (a step time to beat), None when
+    no candidate can beat it. ``ranked=False`` leaves out the candidates that rank microbatches
+    themselves (the dual queue's priority rules, phase 1's MCTS): only the static schedules and
+    encoder look-ahead orders run microbatches in slot order."""
     t_start = time.perf_counter()
     from dipc.semu.candidate_select import pick_fastest
     from dipc.semu.memory_opt import Phase3Tables, _limits, optimize_memory, refine_per_microbatch
 
     subs = pipe.sub_counts(microbatches)
-    candidates: dict[str, Any] = {f"dual-queue ({k})": v
-                                  for k, v in dip_candidates(pipe, model, len(microbatches), memory_limit, subs).items()}
+    candidates: dict[str, Any] = {}
+    if ranked:
+        candidates.update({f"dual-queue ({k})": v
+                           for k, v in dip_candidates(pipe, model, len(microbatches), memory_limit, subs).items()})
     candidates.update(encoder_ahead_candidates(pipe, len(microbatches), subs))
-    if search_s > 0 or search_evaluations is not None:
+    if ranked and (search_s > 0 or search_evaluations is not None):
         try:
             candidates["mcts"] = searched_order(pipe, microbatches, model, memory_limit, budget_s=search_s or math.inf,
                                                 max_evaluations=search_evaluations)[0]
@@ -278,6 +294,8 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
             pass   # the other candidates (or phase 3's error) speak for the memory limit
     for name in baselines:
         candidates[name] = None
+    if not candidates and not ranked:
+        return None        # nothing here runs microbatches in slot order
     if not candidates:
         raise InfeasibleMemoryError(
             f"no phase-2 order fits a memory limit of {memory_limit} bytes per rank, even with every layer "
@@ -292,11 +310,13 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
             raise AssertionError("unreachable: without a memory limit every candidate fits")
         try:
             choice = pick_fastest(bounded, lambda program, costs: costs.simulate(program), math.inf, unfit,
-                                  pipe.num_ranks)
+                                  pipe.num_ranks, incumbent=incumbent)
         except InfeasibleMemoryError as e:   # here: nothing lowered and simulated
             raise ScheduleError(f"none of DIP's {len(candidates)} candidates lowered to a program the emulator "
                                 f"could run ({e}). Fix: report this batch; meanwhile plan it with a static "
                                 "schedule.") from None
+        if choice is None:
+            return None
         validate(choice.program)
         return choice.label, choice.program, choice.result
     tables = Phase3Tables(model, len(microbatches))
@@ -307,7 +327,9 @@ def _plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]
 
     choice = pick_fastest(bounded, lambda program, costs: costs.simulate(program),
                           _limits(memory_limit, pipe.num_ranks), fit, pipe.num_ranks,
-                          deadline=None if time_budget is None else t_start + time_budget)
+                          deadline=None if time_budget is None else t_start + time_budget, incumbent=incumbent)
+    if choice is None:
+        return None
     program, result = refine_per_microbatch(choice.program, choice.result, model, memory_limit, tables=tables,
                                             time_budget=None if time_budget is None else
                                             time_budget - (time.perf_counter() - t_start))

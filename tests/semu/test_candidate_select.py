@@ -121,3 +121,31 @@ def test_a_group_of_added_candidates_keeps_its_own_phase3_budget():
                           lambda c, _: SimpleNamespace(step_time=c[1], peak_memory=[c[2]]), 100.0, fit, 1,
                           max_fits={"": 2, "z": 1}, groups={c[0]: "z" for c in new})
     assert choice.label == "c0" and sorted(calls) == ["c0", "c1", "z0"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_an_incumbent_prunes_what_cannot_beat_it(seed):
+    """With a step time to beat, the winner is the same as without it when it beats it, None
+    otherwise, and no candidate whose bound is not below the incumbent is ever built."""
+    cands = _candidates(seed, 8)
+    plain, _ = _run(cands)
+    rng = random.Random(seed + 100)
+    incumbent = plain.result.step_time * rng.uniform(0.9, 1.1)
+    built = []
+
+    def simulate(c, _):
+        built.append(c[0])
+        return SimpleNamespace(step_time=c[1], peak_memory=[c[2]])
+
+    def fit(c, _):
+        if c[3] is None:
+            raise InfeasibleMemoryError("no fit", {0: c[2] - 100.0})
+        return c, SimpleNamespace(step_time=c[3], peak_memory=[100.0])
+
+    choice = pick_fastest([(c[0], lambda c=c: (c, None), lambda c=c: c[1]) for c in cands], simulate, 100.0,
+                          fit, 1, incumbent=incumbent)
+    if plain.result.step_time < incumbent:
+        assert choice is not None and choice.result.step_time == plain.result.step_time
+    else:
+        assert choice is None
+    assert all(c[1] < incumbent for c in cands if c[0] in built)
