@@ -221,35 +221,29 @@ def plan_dip(pipe: "CompiledPipeline", microbatches: Sequence[Mapping[str, Any]]
     candidate whose compute-order bound cannot beat it by :data:`REORDER_MARGIN` is never lowered),
     and that plan wins when its step is at least that much shorter; it then carries the order
     (``Program.microbatch_order``, applied by every executor) and its label says "lightest first".
-    Why: every candidate runs microbatches in slot order, and a heavy microbatch among light ones
+    Why: those candidates run microbatches in slot order, and a heavy microbatch among light ones
     stalls the backbone's steady state and lengthens the fill (the paper-scale benchmark's T2V
     batches: steps 2-12% shorter lightest first; it is phase 1's lightest-first seed ranking). The
-    margin keeps the caller's order unless reordering clearly pays. With ``time_budget``, each of
-    the two plans gets half of it."""
+    margin keeps the caller's order unless reordering clearly pays. With ``time_budget``, the first
+    plan gets half of it and the second what is left."""
     from dipc.semu.candidate_select import gc_paused
 
     with gc_paused():       # a plan allocates many short-lived objects: see gc_paused
         t_start = time.perf_counter()
         order = lightest_first(pipe, model, len(microbatches)) if reorder else None
-        first = None if time_budget is None or order is None else time_budget / 2
-        drawn = _plan_dip(pipe, microbatches, model, baselines, memory_limit, first if first is not None else time_budget,
-                          search_s, search_evaluations)
-        if order is None:
-            return drawn
+        half = time_budget if time_budget is None or order is None else time_budget / 2
+        drawn = _plan_dip(pipe, microbatches, model, baselines, memory_limit, half, search_s, search_evaluations)
+        assert drawn is not None   # no incumbent: a plan or an error
         left = None if time_budget is None else time_budget - (time.perf_counter() - t_start)
-        if left is not None and left <= 0:
+        if order is None or (left is not None and left <= 0):
             return drawn
+        beat = (1 - REORDER_MARGIN) * drawn[2].step_time
         try:
-            # branch and bound against the first plan: candidates that cannot beat it by the margin
-            # are bounded and dropped without being lowered, simulated or fitted
-            # the candidates that run microbatches in slot order only: the dual queue's rules and
-            # the MCTS rank microbatches themselves (a lightest-first rule among them)
             light = _plan_dip(pipe, [microbatches[i] for i in order], model.reordered(order), baselines,
-                              memory_limit, left, 0.0, None, incumbent=(1 - REORDER_MARGIN) * drawn[2].step_time,
-                              ranked=False)
+                              memory_limit, left, 0.0, None, incumbent=beat, ranked=False)
         except (InfeasibleMemoryError, ScheduleError):
             return drawn      # the order as given planned; this one does not
-        if light is None or light[2].step_time > (1 - REORDER_MARGIN) * drawn[2].step_time:
+        if light is None or light[2].step_time > beat:
             return drawn
         label, program, result = light
         return f"{label}, lightest first", dataclasses.replace(program, microbatch_order=tuple(order)), result
