@@ -207,7 +207,8 @@ def _dip_plans(pipe, mbs, profile=None) -> dict:
     from dipc.semu.compare import plan_dip, step_model
     from dipc.semu.step_model import StepModel, pipeline_length_stats
 
-    # in the batch's own order: the check scores these programs on models of ``mbs``
+    # reorder=False: the lightest-first search would add static and look-ahead candidates, and this
+    # check compares the dual queue's own orders with 1F1B
     out = {"dip_gpu": plan_dip(pipe, mbs, step_model(pipe, mbs), reorder=False)[:2]}
     if profile is not None:
         sm = StepModel.for_pipeline(pipe, pipe._cost_model, profile, [pipeline_length_stats(pipe, mb) for mb in mbs],

@@ -16,7 +16,7 @@ from dipc.ir.validate import validate
 from dipc.semu.compare import plan_dip, step_model
 from examples.data import make_example
 from tests.runtime.helpers import (assert_grads_equal, float64_batch, float64_example, independent_weights,
-                                   reference_grads)
+                                   reference_grads, step_matches_reference)
 
 _SUB_MODALITY = {"vlm": "vision", "audio_llm": "audio", "t2v": None}
 
@@ -69,12 +69,7 @@ def test_dip_plans_validate_fit_and_match_reference(name, sizes, per_sub, squeez
         assert max(result.peak_memory) <= limit * (1 + 1e-9), f"{label}: SEMU peak over the limit"
         if squeeze >= 0.7:
             assert recompute_plan(program), f"{label}: a tight limit must recompute something"
-    want = reference_grads(ex.model, mbs, independent_weights(ex, mbs))
-    ex.model.zero_grad(set_to_none=True)
-    pipe.step(mbs, program)
-    got = {n: p.grad for n, p in ex.model.named_parameters() if p.grad is not None}
-    ex.model.zero_grad(set_to_none=True)
-    assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=f"{name}/{label}/sub={per_sub}/limit={squeeze}")
+    step_matches_reference(ex, pipe, mbs, program, where=f"{name}/{label}/sub={per_sub}/limit={squeeze}")
 
 
 # (name, seed, microbatch sizes, images/audio clips per sub, memory squeeze): drawn once, fixed

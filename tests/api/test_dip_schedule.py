@@ -13,23 +13,13 @@ from dipc.ir.recompute import recompute_plan
 from dipc.ir.validate import validate
 from dipc.semu.compare import encoder_ahead_candidates, plan_dip, searched_order, step_model
 from examples.data import make_example
-from tests.runtime.helpers import (assert_grads_equal, float64_batch, float64_example, independent_weights,
-                                   reference_grads)
+from tests.runtime.helpers import float64_batch, float64_example, step_matches_reference
 
 def _example(name: str):
     return float64_example(name, seed=5)
 
 
 _batch = float64_batch
-
-
-def _check_step(ex, pipe, mbs, program, where: str) -> None:
-    want = reference_grads(ex.model, mbs, independent_weights(ex, mbs))
-    ex.model.zero_grad(set_to_none=True)
-    pipe.step(mbs, program)
-    got = {n: p.grad for n, p in ex.model.named_parameters() if p.grad is not None}
-    ex.model.zero_grad(set_to_none=True)
-    assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=where)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,7 +39,7 @@ def test_dip_schedule_beats_or_ties_every_static_schedule_and_trains_exactly(nam
     assert pipe.static_schedules(), "some static schedule runs on every layout (gpipe)"
     for base in pipe.static_schedules():
         assert dip <= model.simulate(pipe.plan(mbs, schedule=base)).step_time * (1 + 1e-12), base
-    _check_step(ex, pipe, mbs, program, where=f"{name}/{segments}/dip")
+    step_matches_reference(ex, pipe, mbs, program, where=f"{name}/{segments}/dip")
 
 
 @pytest.mark.parametrize("subs", [None, {"vision": 1}])
@@ -64,7 +54,7 @@ def test_every_encoder_look_ahead_order_trains_exactly(subs):
     assert len(candidates) >= 6
     for label, orders in candidates.items():
         program = pipe.plan(mbs, schedule="dip", compute_orders=orders)
-        _check_step(ex, pipe, mbs, program, where=f"vlm/{label}/subs={subs}")
+        step_matches_reference(ex, pipe, mbs, program, where=f"vlm/{label}/subs={subs}")
 
 
 def test_phase_one_search_is_a_candidate_and_its_orders_train_exactly():
@@ -80,7 +70,7 @@ def test_phase_one_search_is_a_candidate_and_its_orders_train_exactly():
     assert model.simulate(program).step_time == pytest.approx(found.score, rel=1e-12)
     label, _, result = plan_dip(pipe, mbs, model, search_evaluations=16)
     assert result.step_time <= found.score * (1 + 1e-12), label
-    _check_step(ex, pipe, mbs, program, where="audio_llm/mcts")
+    step_matches_reference(ex, pipe, mbs, program, where="audio_llm/mcts")
 
 
 def test_the_compiled_memory_limit_is_fitted():
@@ -97,7 +87,7 @@ def test_the_compiled_memory_limit_is_fitted():
     assert recompute_plan(program), "a limit below every plan's peak needs recomputation"
     assert max(model.simulate(program).peak_memory) <= limit * (1 + 1e-9)
     assert pipe.plan(mbs, memory_limit=None) is program, "None means the compiled limit"
-    _check_step(ex, pipe, mbs, program, where="vlm/dip/limit")
+    step_matches_reference(ex, pipe, mbs, program, where="vlm/dip/limit")
     # out of time from the start: the first fitted candidate wins (its refit descends only), valid
     # and within the limit
     hasty = dipc.compile(ex.model, mbs[0], num_stages=2, schedule="dip", loss_weight=ex.loss_weight, profile="h800",

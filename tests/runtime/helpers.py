@@ -62,6 +62,18 @@ def build(name: str, dtype: torch.dtype, stages: int, schedule: str, chunks: int
     return ex, pipe, mbs
 
 
+def step_matches_reference(ex, pipe, mbs, program, where: str):
+    """One local ``pipe.step(mbs, program)`` from zero gradients; its float64 gradients must equal
+    :func:`reference_grads` under :func:`independent_weights`. Returns the step's result."""
+    want = reference_grads(ex.model, mbs, independent_weights(ex, mbs))
+    ex.model.zero_grad(set_to_none=True)
+    result = pipe.step(mbs, program)
+    got = {n: p.grad for n, p in ex.model.named_parameters() if p.grad is not None}
+    ex.model.zero_grad(set_to_none=True)
+    assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=where)
+    return result
+
+
 def assert_grads_equal(got: dict, want: dict, rtol: float, atol: float, where: str) -> None:
     assert set(got) == set(want), f"{where}: parameters with grads differ: {set(got) ^ set(want)}"
     for n in want:

@@ -18,7 +18,8 @@ from dipc.ir.jsonio import dumps, loads
 from dipc.ir.validate import validate
 from dipc.semu.compare import REORDER_MARGIN, lightest_first, plan_dip, step_model
 from tests.api.test_dip_plan_properties import _batch, _example, _pipe
-from tests.runtime.helpers import assert_grads_equal, build, independent_weights, reference_grads
+from tests.runtime.helpers import (assert_grads_equal, build, independent_weights, reference_grads,
+                                   step_matches_reference)
 
 
 def _reordered_program(pipe, mbs, order, schedule: str):
@@ -65,12 +66,7 @@ def test_local_step_with_an_order_matches_reference(name, schedule, seed):
     random.Random(seed).shuffle(order)
     program = _reordered_program(pipe, mbs, order, schedule)
     weights = independent_weights(ex, mbs)
-    want = reference_grads(ex.model, mbs, weights)
-    ex.model.zero_grad(set_to_none=True)
-    result = pipe.step(mbs, program)
-    got = {n: p.grad for n, p in ex.model.named_parameters() if p.grad is not None}
-    ex.model.zero_grad(set_to_none=True)
-    assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=f"{name}/{schedule}/order {order}")
+    result = step_matches_reference(ex, pipe, mbs, program, where=f"{name}/{schedule}/order {order}")
     # per-microbatch losses come back in the caller's order, not the program's
     assert result.microbatch_losses == pytest.approx(_per_microbatch_losses(ex.model, mbs), rel=1e-12)
     assert result.loss == pytest.approx(sum(w * l for w, l in zip(weights, result.microbatch_losses)), rel=1e-12)
@@ -134,12 +130,7 @@ def test_dip_reorders_a_skewed_batch_only_when_it_pays():
     assert fresh.for_program(program).microbatch_stats == step_model(pipe, program.ordered(mbs)).microbatch_stats
     with pytest.raises(StepModelError, match="in order"):
         fresh.reordered(list(reversed(range(len(mbs))))).simulate(program)
-    want = reference_grads(ex.model, mbs, independent_weights(ex, mbs))
-    ex.model.zero_grad(set_to_none=True)
-    pipe.step(mbs, program)
-    got = {n: p.grad for n, p in ex.model.named_parameters() if p.grad is not None}
-    ex.model.zero_grad(set_to_none=True)
-    assert_grads_equal(got, want, rtol=1e-9, atol=1e-12, where=f"t2v/{label}")
+    step_matches_reference(ex, pipe, mbs, program, where=f"t2v/{label}")
 
     light = [mbs[i] for i in order]
     label, program, _ = plan_dip(pipe, light, step_model(pipe, light), baselines=("interleaved_1f1b",))
