@@ -12,8 +12,9 @@ edge's values, output indices and treespecs, dictionary keys) is resolved once p
 rank into per-pc operands (:class:`_RankPlan`, cached with the program, so a steady run resolves
 each stream once); handlers index ``self._args[self.pc]`` and pop per-step dictionaries. Values that
 are plain tensors (nearly all) skip pytree flatten/unflatten; the loss seeds of a step are one
-tensor; each compute instruction first posts the receives that follow it
-(:meth:`~dipc.runtime.transport.Transport.post_recv`), so their data arrives while it computes.
+tensor; receives are posted a few compute instructions before they are needed
+(:func:`receives_ahead`, :meth:`~dipc.runtime.transport.Transport.post_recv`, as the transport's
+``recv_lookahead`` and ``peer_ordered_posts`` say), so their data arrives while the rank computes.
 What remains per instruction is mostly the torch calls a handler must make (detach, requires_grad_,
 the transport's copy or P2P call) and, in BWD, autograd's own destruction of the finished graph.
 
@@ -34,7 +35,7 @@ from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dipc.errors import RuntimeStepError
-from dipc.ir import COMPUTE_OPS, RECV_OPS, Instruction, Op, Program
+from dipc.ir import COMPUTE_OPS, RECV_OPS, SEND_OPS, Instruction, Op, Program
 from dipc.ir.recompute import expand_recompute, is_per_microbatch, recompute_plan
 from dipc.passes.partition import StageSpec
 from dipc.runtime.recompute import microbatch_switches
@@ -138,8 +139,8 @@ class _RankPlan:
             for s in mine}
         # values a consumer on this rank also reads (it aliases them): a send of those copies
         shared = {(s.id, n) for s in mine for _, names, _ in self.local_consumers[s.id] for n, _, _ in names}
-        # receives posted ahead: before each compute instruction, the receives up to the next one
-        self.prepost = _receives_ahead(self.stream)
+        # receives posted ahead (receives_ahead), per transport policy (look-ahead, peer order)
+        self._prepost: dict[tuple[int, bool], dict[int, list[Instruction]]] = {}
         self.args: list[Any] = []
         for instr in self.stream:
             op, st = instr.op, stages[instr.stage] if instr.stage >= 0 else None
@@ -177,6 +178,15 @@ class _RankPlan:
             else:
                 arg = unit
             self.args.append(arg)
+
+
+    def prepost(self, lookahead: int, peer_ordered: bool) -> dict[int, list[Instruction]]:
+        """:func:`receives_ahead` of this stream, computed once per policy."""
+        key = (lookahead, peer_ordered)
+        hit = self._prepost.get(key)
+        if hit is None:
+            hit = self._prepost[key] = receives_ahead(self.stream, lookahead, peer_ordered)
+        return hit
 
 
 _PLANS: dict[tuple[int, int, int], tuple[Program, Sequence[StageSpec], Mapping[str, Any], _RankPlan]] = {}
@@ -229,7 +239,7 @@ class RankInterpreter:
         self.recomputing = plan.recomputing
         # stage -> per mb, the checkpointing modes its FWD sets (stages whose choice varies by mb)
         self.switches = microbatch_switches(program, stages) if plan.per_microbatch else {}
-        self.prepost = plan.prepost
+        self.prepost = plan.prepost(transport.recv_lookahead, transport.peer_ordered_posts)
         self._args = plan.args
         # keys: (stage, mb, sub); sub -1 = the whole microbatch
         self.inbox: dict[tuple[int, int, int], dict[str, Any]] = {}
@@ -552,16 +562,40 @@ class RankInterpreter:
             self.optimizer_step()
 
 
-def _receives_ahead(stream: Sequence[Instruction]) -> dict[int, list[Instruction]]:
-    """pc -> the receives to post before running ``stream[pc]``: at each compute instruction,
-    every receive between it and the next compute (so their data arrives while it computes), and
-    at pc 0 the receives before the first compute. One compute of look-ahead bounds the extra
-    receive buffers alive at once to what the next compute consumes."""
+def receives_ahead(stream: Sequence[Instruction], lookahead: int = 1,
+                   peer_ordered: bool = False) -> dict[int, list[Instruction]]:
+    """pc -> the receives to post before running ``stream[pc]``, in stream order.
+
+    A receive is posted ``lookahead`` compute instructions early: before the ``lookahead``-th
+    compute that precedes it (at pc 0 when fewer precede it), so its data can land while those
+    compute. ``lookahead=1`` posts every receive between two computes at the first of them; more
+    keeps more receive buffers alive at once (at most what the next ``lookahead`` computes
+    consume), and on gloo, whose sender moves a payload only once the receive is posted, it
+    takes the handshake off the critical path when a peer runs a compute or two ahead.
+
+    ``peer_ordered``: never post a receive from a peer before a send to that peer that comes
+    earlier in the stream. NCCL runs a rank pair's sends and receives in posting order on one
+    stream, so a receive posted ahead of a send on both sides of a pair would wait forever for a
+    send queued behind it; keeping each pair's posting order equal to program order keeps the
+    program's deadlock freedom. gloo matches each direction on its own and needs no such care.
+
+    A receive with nothing to post it ahead of is listed at its own pc, so that every receive of a
+    peer is posted in program order (one left to its own instruction could follow a later one
+    listed at an earlier pc)."""
+    if lookahead < 1:
+        raise ValueError(f"lookahead={lookahead}. Fix: post receives at least 1 compute instruction ahead.")
     out: dict[int, list[Instruction]] = {}
-    at = 0
+    computes: list[int] = []          # pcs of the computes seen so far
+    after_send: dict[int, int] = {}   # peer -> pc just after the latest send to it
     for pc, instr in enumerate(stream):
-        if instr.op in COMPUTE_OPS:
-            at = pc
-        elif instr.op in RECV_OPS:
+        op = instr.op
+        if op in COMPUTE_OPS:
+            computes.append(pc)
+        elif op in SEND_OPS:
+            after_send[instr.peer] = pc + 1
+        elif op in RECV_OPS:
+            at = computes[-lookahead] if len(computes) >= lookahead else 0
+            if peer_ordered:
+                at = max(at, after_send.get(instr.peer, 0))
             out.setdefault(at, []).append(instr)
     return out
