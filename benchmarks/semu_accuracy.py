@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dipc.semu.self_calibrate import GLOO_P2P  # noqa: E402  (SEMU's model of gloo's send/receive handshake)
+from dipc.semu.self_calibrate import GLOO_P2P, GLOO_SIM  # noqa: E402  (SEMU's model of gloo's P2P in dipc's runtime)
 
 MODELS = ("vlm", "audio_llm", "t2v")
 SCHEDULE_CHUNKS = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1, "dual_queue": 1}
@@ -471,7 +471,7 @@ def main() -> None:
         program = pipe.plan(mbs, schedule=c["schedule"])
         sim = sm.simulate(program)
         c["local"]["predicted_s"] = sum(sim.busy)
-        c["gloo"]["predicted_s"] = sm.simulate(program, memory=False, p2p=GLOO_P2P).step_time
+        c["gloo"]["predicted_s"] = sm.simulate(program, memory=False, **GLOO_SIM).step_time
         c["predicted_peak_bytes"] = list(sim.peak_memory or ())
 
     # -- DIP vs 1F1B direction (own batches: 8 microbatches of 1 sample, sizes skewed) -------------
@@ -492,7 +492,7 @@ def main() -> None:
                     timed_local_step(pipe, mbs, program, clock=a.clock)
                 runs = [timed_local_step(pipe, mbs, program, clock=a.clock).step_seconds for _ in range(repeats)]
                 row[key] = {"local": {"predicted_s": sum(sim.busy), "measured_s": statistics.median(runs)},
-                            "gloo": {"predicted_s": sm.simulate(program, memory=False, p2p=GLOO_P2P).step_time}}
+                            "gloo": {"predicted_s": sm.simulate(program, memory=False, **GLOO_SIM).step_time}}
             direction.append(row)
     print(f"DIP direction check: local done ({time.perf_counter() - t_start:.0f} s)")
 
@@ -667,6 +667,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
                     "note": "shared, noisy machine unless rerun on a quiet one"},
         "gloo_executor_fixed_s": None if a.no_dist else executor_fixed, "gloo_p2p_model": GLOO_P2P,
+        "gloo_recv_lookahead": GLOO_SIM["recv_lookahead"],
         "gloo_calibration": None if a.no_dist else {
             "compute_factor": gloo_cal.compute_factor, "wake_latency_s": gloo_cal.wake_latency,
             "colocated_slowdown": gloo_cal.colocated_slowdown,

@@ -35,7 +35,8 @@ from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dipc.errors import RuntimeStepError
-from dipc.ir import COMPUTE_OPS, RECV_OPS, SEND_OPS, Instruction, Op, Program
+from dipc.ir import Instruction, Op, Program
+from dipc.ir.posting import receives_ahead
 from dipc.ir.recompute import expand_recompute, is_per_microbatch, recompute_plan
 from dipc.passes.partition import StageSpec
 from dipc.runtime.recompute import microbatch_switches
@@ -560,42 +561,3 @@ class RankInterpreter:
         self.transport.finish()
         if self.optimizer_step is not None:
             self.optimizer_step()
-
-
-def receives_ahead(stream: Sequence[Instruction], lookahead: int = 1,
-                   peer_ordered: bool = False) -> dict[int, list[Instruction]]:
-    """pc -> the receives to post before running ``stream[pc]``, in stream order.
-
-    A receive is posted ``lookahead`` compute instructions early: before the ``lookahead``-th
-    compute that precedes it (at pc 0 when fewer precede it), so its data can land while those
-    compute. ``lookahead=1`` posts every receive between two computes at the first of them; more
-    keeps more receive buffers alive at once (at most what the next ``lookahead`` computes
-    consume), and on gloo, whose sender moves a payload only once the receive is posted, it
-    takes the handshake off the critical path when a peer runs a compute or two ahead.
-
-    ``peer_ordered``: never post a receive from a peer before a send to that peer that comes
-    earlier in the stream. NCCL runs a rank pair's sends and receives in posting order on one
-    stream, so a receive posted ahead of a send on both sides of a pair would wait forever for a
-    send queued behind it; keeping each pair's posting order equal to program order keeps the
-    program's deadlock freedom. gloo matches each direction on its own and needs no such care.
-
-    A receive with nothing to post it ahead of is listed at its own pc, so that every receive of a
-    peer is posted in program order (one left to its own instruction could follow a later one
-    listed at an earlier pc)."""
-    if lookahead < 1:
-        raise ValueError(f"lookahead={lookahead}. Fix: post receives at least 1 compute instruction ahead.")
-    out: dict[int, list[Instruction]] = {}
-    computes: list[int] = []          # pcs of the computes seen so far
-    after_send: dict[int, int] = {}   # peer -> pc just after the latest send to it
-    for pc, instr in enumerate(stream):
-        op = instr.op
-        if op in COMPUTE_OPS:
-            computes.append(pc)
-        elif op in SEND_OPS:
-            after_send[instr.peer] = pc + 1
-        elif op in RECV_OPS:
-            at = computes[-lookahead] if len(computes) >= lookahead else 0
-            if peer_ordered:
-                at = max(at, after_send.get(instr.peer, 0))
-            out.setdefault(at, []).append(instr)
-    return out

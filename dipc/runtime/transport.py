@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from dipc.ir import Instruction
+from dipc.ir.posting import GLOO_RECV_LOOKAHEAD
 from dipc.passes.values import dtype_for, empty_for
 
 
@@ -100,7 +101,7 @@ def _recv_layout(instr: Instruction) -> _RecvLayout:
 
 
 class Transport:
-    # how far ahead the interpreter posts receives (dipc.runtime.interpreter.receives_ahead):
+    # how far ahead the interpreter posts receives (dipc.ir.posting.receives_ahead):
     # compute instructions of look-ahead, and whether each peer's posts must keep program order
     recv_lookahead: int = 1
     peer_ordered_posts: bool = False
@@ -157,10 +158,7 @@ class LocalTransport(Transport):
         return copies
 
 
-# gloo: receives posted 3 computes ahead. Measured (benchmarks/runtime_vs_torch_pipelining.py,
-# static interleaved 1F1B, 2 gloo ranks, 30 steps per run, dipc / torch.distributed.pipelining):
-# look-ahead 1 gave 0.91-1.00x over five runs, 2 gave 1.01-1.04x, 3 gave 1.03-1.05x, 8 1.00-1.06x.
-RECV_LOOKAHEAD = 3
+RECV_LOOKAHEAD = GLOO_RECV_LOOKAHEAD   # see dipc.ir.posting
 
 
 class DistributedTransport(Transport):

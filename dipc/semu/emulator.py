@@ -18,7 +18,9 @@ memory, and a timeline that :func:`dipc.semu.trace.to_chrome_trace` exports):
   receive sits right before the compute that needs it; ``p2p="handshake"`` is rendezvous whose
   receive-ready notice first crosses the link (gloo's unbound-buffer protocol: a send posted
   before its receive waits for the receiver's notification, so the data arrives at
-  ``max(send posted, receive posted + latency) + latency + bytes / bandwidth``);
+  ``max(send posted, receive posted + latency) + latency + bytes / bandwidth``); a receive is
+  posted when the rank reaches it, or ``recv_lookahead`` compute instructions earlier, as the
+  runtime posts them (:func:`dipc.ir.posting.receives_ahead`);
 - a receive that had to wait resumes ``wake_latency`` after its data arrived (a blocked CPU
   thread's wake-up; 0 by default, fitted for multi-process CPU executors);
 - a rank's step ends when its last instruction and its last outgoing transfer have finished
@@ -62,6 +64,7 @@ from dataclasses import dataclass
 
 from dipc.errors import ScheduleError
 from dipc.ir.instructions import Instruction, Op, TensorSpec
+from dipc.ir.posting import receives_ahead
 from dipc.ir.program import Program
 from dipc.semu.profiles import DTYPE_BYTES, ClusterProfile, ProfileError
 
@@ -272,6 +275,29 @@ def _prepare(program: Program) -> _Prepared:
     return prepared
 
 
+_POSTS: OrderedDict[tuple[int, int, bool], tuple[tuple, tuple]] = OrderedDict()
+
+
+def _post_points(program: Program, lookahead: int, peer_ordered: bool
+                 ) -> tuple[tuple[frozenset[int], dict[int, int]], ...]:
+    """Per rank: the pcs at which receives are posted ahead and, per receive pc, its post pc
+    (:func:`~dipc.ir.posting.receives_ahead`), cached per stream set and policy."""
+    key = (id(program.streams), lookahead, peer_ordered)
+    hit = _POSTS.get(key)
+    if hit is not None and hit[0] is program.streams:
+        _POSTS.move_to_end(key)
+        return hit[1]
+    out = []
+    for stream in program.streams:
+        where = {id(ins): k for k, ins in enumerate(stream)}
+        post_of = {where[id(r)]: at for at, rs in receives_ahead(stream, lookahead, peer_ordered).items() for r in rs}
+        out.append((frozenset(post_of.values()), post_of))
+    _POSTS[key] = (program.streams, tuple(out))
+    if len(_POSTS) > _CACHE_SIZE:
+        _POSTS.popitem(last=False)
+    return _POSTS[key][1]
+
+
 # ------------------------------------------------------------------------------------------------
 # the simulation
 
@@ -287,6 +313,8 @@ def simulate(
     record: bool = True,
     comm_overhead: ComputeTimeFn | None = None,
     wake_latency: float = 0.0,
+    recv_lookahead: int = 0,
+    peer_ordered_posts: bool = False,
 ) -> SimResult:
     """Simulate one step of ``program`` on ``cluster``; see the module docstring for the model.
 
@@ -298,6 +326,10 @@ def simulate(
     to run again (a CPU thread woken from a futex wait; on a virtual machine whose idle vCPUs halt,
     the host's wake-up latency, measured in milliseconds on the machine this project's CPU figures
     come from). A receive whose message was already there does not pay it.
+    ``recv_lookahead``: with ``p2p`` rendezvous or handshake, a receive is posted that many
+    compute instructions before it is reached (``peer_ordered_posts``: never before an earlier
+    send to the same peer), as the runtime posts them (:func:`dipc.ir.posting.receives_ahead`);
+    0, the default, posts it when the rank reaches it.
     The program should be valid (:func:`dipc.ir.validate.validate`); a wait cycle raises
     ``ScheduleError`` naming the blocked ranks.
     """
@@ -308,6 +340,10 @@ def simulate(
     prepared = _prepare(program)
     streams = prepared.streams
     R = program.num_ranks
+    # receives posted ahead: per rank, the pcs that post some and receive pc -> its post pc; the
+    # time a rank reaches a post pc is kept (posted_at) for the receives it posts
+    posts = _post_points(program, recv_lookahead, peer_ordered_posts) if rendezvous and recv_lookahead else None
+    posted_at: list[dict[int, float]] = [{} for _ in range(R)]
 
     # per ordered pair: (latency, seconds per byte)
     links = [[(0.0, 0.0)] * R for _ in range(R)]
@@ -358,8 +394,12 @@ def simulate(
         n = len(stream)
         i = pc[r]
         t = clock[r]
+        marks, post_of = posts[r] if posts is not None else (None, None)
+        posted_r = posted_at[r]
         while i < n:
             kind, ins, peer, nbytes = stream[i]
+            if marks is not None and i in marks and i not in posted_r:
+                posted_r[i] = t   # the receives posted here go out before stream[i] runs
             if kind == _K_COMPUTE:
                 d = compute_time(ins)
                 end = t + d
@@ -453,7 +493,9 @@ def simulate(
                     start = chan_free.get(pair, 0.0)
                     if posted > start:
                         start = posted
-                    ready = t + lat if handshake else t   # when the sender learns the receive is posted
+                    at = post_of.get(i) if post_of is not None else None
+                    post_t = t if at is None else posted_r[at]   # when the receive was posted
+                    ready = post_t + lat if handshake else post_t   # when the sender learns it
                     if ready > start:
                         start = ready
                     arrive = start + lat + nb * spb

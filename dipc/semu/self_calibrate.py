@@ -30,6 +30,7 @@ import torch
 
 from dipc.errors import DipcError
 from dipc.ir import COMPUTE_OPS
+from dipc.ir.posting import GLOO_RECV_LOOKAHEAD
 
 if TYPE_CHECKING:
     from dipc.api import CompiledPipeline
@@ -37,9 +38,11 @@ if TYPE_CHECKING:
     from dipc.semu.calibrate import CalibrationResult
     from dipc.semu.profiles import ClusterProfile
 
-__all__ = ["GLOO_P2P", "calibrate_distributed", "calibrate_pipeline", "gloo_step_predictor"]
+__all__ = ["GLOO_P2P", "GLOO_SIM", "calibrate_distributed", "calibrate_pipeline", "gloo_step_predictor"]
 
 GLOO_P2P = "handshake"   # SEMU's P2P model for gloo: unbound-buffer sends wait for the receiver's ready notice
+# simulate()'s keywords for dipc's runtime on gloo: the handshake, receives posted as the runtime posts them
+GLOO_SIM: dict[str, Any] = {"p2p": GLOO_P2P, "recv_lookahead": GLOO_RECV_LOOKAHEAD}
 
 
 @contextmanager
@@ -70,7 +73,7 @@ def gloo_step_predictor(pipe: "CompiledPipeline", microbatches: Sequence[Mapping
 
     def predict(profile: "ClusterProfile") -> float:
         model = StepModel.for_pipeline(pipe, cm, profile, stats, **StepModel.runtime_options(pipe))
-        return model.simulate(program, memory=False, p2p=GLOO_P2P).step_time
+        return model.simulate(program, memory=False, **GLOO_SIM).step_time
     return predict
 
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dipc.ir import COMPUTE_OPS, RECV_OPS, SEND_OPS, Instruction, Op
-from dipc.runtime.interpreter import receives_ahead
+from dipc.ir.posting import receives_ahead
 from dipc.runtime.transport import RECV_LOOKAHEAD, DistributedTransport, LocalTransport
 
 STREAM = [Instruction(op=Op.RECV_ACT, stage=1, mb=0, peer=0, other_stage=0),        # 0: before any compute

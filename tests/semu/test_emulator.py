@@ -163,6 +163,44 @@ def test_two_ranks_handshake_by_hand():
     assert res.step_time == pytest.approx(TF + L + TF + TB + L + TB)
 
 
+def _fwd_start(res, rank: int, mb: int, p: Program) -> float:
+    return next(s.start for s in res.spans if s.rank == rank and s.stream == STREAM_COMPUTE
+                and p.streams[rank][s.step].op is Op.FWD and p.streams[rank][s.step].mb == mb)
+
+
+def test_handshake_with_receives_posted_ahead_by_hand():
+    # GPipe, 2 ranks, 2 microbatches. Rank 1 gets mb 0 at TF + L (its receive was posted at 0).
+    # Posted when reached (after its FWD 0, at 2TF + L), mb 1's receive notice reaches rank 0 at
+    # 2TF + 2L and the data arrives at 2TF + 3L; posted one compute ahead (when FWD 0 starts, at
+    # TF + L), the notice is there before rank 0 sends at 2TF: data at 2TF + L, as FWD 0 ends.
+    L = 0.1
+    p = program("gpipe", 2, 2)
+    late = simulate(p, cluster(latency=L), cost, p2p="handshake")
+    early = simulate(p, cluster(latency=L), cost, p2p="handshake", recv_lookahead=1)
+    assert _fwd_start(late, 1, 1, p) == pytest.approx(2 * TF + 3 * L)
+    assert _fwd_start(early, 1, 1, p) == pytest.approx(2 * TF + L)
+    assert early.step_time < late.step_time
+    assert simulate(p, cluster(latency=L), cost, p2p="handshake", recv_lookahead=0).step_time == late.step_time
+
+
+@pytest.mark.parametrize("schedule,chunks", [("1f1b", 1), ("zb_h1", 1), ("interleaved_1f1b", 2)])
+def test_posting_receives_earlier_never_delays_a_step(schedule, chunks):
+    spec = (TensorSpec(kind="tensor", dtype="float32", shape=(1000,)),)
+    P, M = 4, 8
+    stages = [StageInfo(id=s, rank=s % P, producers=(s - 1,) if s else (), grad_producers=(s - 1,) if s else (),
+                        loads=("x",) if s == 0 else (), has_loss=s == P * chunks - 1) for s in range(P * chunks)]
+    p = build_program(stages, P, M, schedule, specs=lambda *a: spec)
+    validate(p)
+    c = cluster(latency=0.2, bandwidth=4000.0)
+    for p2p in ("rendezvous", "handshake"):
+        times = [simulate(p, c, cost, p2p=p2p, recv_lookahead=k, record=False).step_time for k in (0, 1, 2, 3, 8)]
+        assert all(a >= b - 1e-12 for a, b in zip(times, times[1:])), (p2p, times)
+        ordered = simulate(p, c, cost, p2p=p2p, recv_lookahead=3, peer_ordered_posts=True, record=False).step_time
+        assert times[3] - 1e-12 <= ordered <= times[0] + 1e-12
+    # eager transfers do not wait for the receive: the look-ahead changes nothing
+    assert simulate(p, c, cost, recv_lookahead=3).step_time == simulate(p, c, cost).step_time
+
+
 def test_comm_overhead_occupies_the_rank():
     p = program("1f1b", 2, 3)
     plain = simulate(p, cluster(), cost)
