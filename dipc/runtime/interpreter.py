@@ -180,7 +180,6 @@ class _RankPlan:
                 arg = unit
             self.args.append(arg)
 
-
     def prepost(self, lookahead: int, peer_ordered: bool) -> dict[int, list[Instruction]]:
         """:func:`receives_ahead` of this stream, computed once per policy."""
         key = (lookahead, peer_ordered)

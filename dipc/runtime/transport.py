@@ -164,8 +164,11 @@ RECV_LOOKAHEAD = GLOO_RECV_LOOKAHEAD   # see dipc.ir.posting
 class DistributedTransport(Transport):
     """torch.distributed point-to-point (gloo on CPU, NCCL on GPU) with a timeout on every wait.
 
-    Receives are posted :data:`RECV_LOOKAHEAD` compute instructions ahead; on a GPU (NCCL, which
-    runs a rank pair's P2P in posting order) never ahead of an earlier send to the same peer."""
+    Receives are posted :data:`RECV_LOOKAHEAD` compute instructions ahead on CPU (gloo). On a GPU
+    (NCCL, which runs a rank pair's P2P in posting order) one compute ahead, as before it was
+    measured on gloo, and never ahead of an earlier send to the same peer. One ahead also keeps
+    receive buffers where SEMU's memory model charges them, at most one compute early (no GPU
+    pair has measured what more would give)."""
 
     def __init__(self, timeout_s: float, device: torch.device | str = "cpu", global_rank=lambda peer: peer,
                  gate: Callable[[], None] | None = None):
@@ -179,8 +182,9 @@ class DistributedTransport(Transport):
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
         self.device = torch.device(device)
-        self.recv_lookahead = RECV_LOOKAHEAD
-        self.peer_ordered_posts = self.device.type != "cpu"
+        on_cpu = self.device.type == "cpu"
+        self.recv_lookahead = RECV_LOOKAHEAD if on_cpu else 1
+        self.peer_ordered_posts = not on_cpu
         self.pending: list[tuple[object, torch.Tensor, Instruction]] = []
         # id(receive instruction) -> (its buffers, the works filling them)
         self.posted: dict[int, tuple[list[torch.Tensor], list[object]]] = {}

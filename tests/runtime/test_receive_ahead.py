@@ -43,7 +43,7 @@ def test_transports_choose_their_policy():
     assert (LocalTransport.recv_lookahead, LocalTransport.peer_ordered_posts) == (1, False)
     gloo, nccl = DistributedTransport(1.0, "cpu"), DistributedTransport(1.0, "cuda")   # no process group used
     assert (gloo.recv_lookahead, gloo.peer_ordered_posts) == (RECV_LOOKAHEAD, False)
-    assert (nccl.recv_lookahead, nccl.peer_ordered_posts) == (RECV_LOOKAHEAD, True)
+    assert (nccl.recv_lookahead, nccl.peer_ordered_posts) == (1, True)
 
 
 def _posting_order(stream, ahead):
