@@ -99,6 +99,22 @@ def _integer(path: str, value: Any) -> int:
     return value
 
 
+P2P_MODES = ("eager", "rendezvous", "handshake")   # dipc.semu.emulator.simulate's p2p
+
+
+def _p2p(path: str, value: Any) -> str:
+    if value not in P2P_MODES:
+        raise _fail(path, f"expected one of {', '.join(P2P_MODES)}, got {value!r}",
+                    "use eager (NCCL-like), rendezvous or handshake (gloo)")
+    return value
+
+
+def _count(path: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(path, f"expected an integer >= 0, got {value!r}", "use an integer >= 0")
+    return value
+
+
 def _string(path: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _fail(path, f"expected a non-empty string, got {value!r}", "write a string")
@@ -352,10 +368,18 @@ class ClusterProfile:
     intra_node: LinkProfile
     inter_node: LinkProfile
     source: str = ""
+    # how the runtime this profile describes moves a message: the emulator's ``p2p`` mode and the
+    # compute instructions a receive is posted ahead (:func:`dipc.ir.posting.receives_ahead`), the
+    # defaults of StepModel.simulate. Presets: "eager", 0 (an ideal runtime); a profile fitted to
+    # dipc's gloo executor (calibrate_distributed): "handshake" and the runtime's look-ahead.
+    p2p: str = "eager"
+    recv_lookahead: int = 0
 
     def __post_init__(self) -> None:
         _string("name", self.name)
         _integer("gpus_per_node", self.gpus_per_node)
+        _p2p("p2p", self.p2p)
+        _count("recv_lookahead", self.recv_lookahead)
 
     def node_of(self, rank: int, gpus_per_rank: int = 1) -> int:
         return (rank * gpus_per_rank) // self.gpus_per_node
@@ -386,6 +410,8 @@ def profile_to_json(profile: ClusterProfile | DeviceProfile) -> dict[str, Any]:
         "source": profile.source, "gpus_per_node": profile.gpus_per_node,
         "intra_node": {"latency": profile.intra_node.latency, "bandwidth": profile.intra_node.bandwidth},
         "inter_node": {"latency": profile.inter_node.latency, "bandwidth": profile.inter_node.bandwidth},
+        **({"p2p": profile.p2p} if profile.p2p != "eager" else {}),
+        **({"recv_lookahead": profile.recv_lookahead} if profile.recv_lookahead else {}),
         "device": _device_to_json(profile.device),
     }
 
@@ -476,13 +502,15 @@ def profile_from_json(obj: Any) -> ClusterProfile | DeviceProfile:
         d = _object("", obj, ("format", "version", "device"))
         return _device_from_json("device", d["device"])
     d = _object("", obj, ("format", "version", "name", "gpus_per_node", "intra_node", "inter_node",
-                          "device"), ("source",))
+                          "device"), ("source", "p2p", "recv_lookahead"))
     return ClusterProfile(
         name=_string("name", d["name"]), source=str(d.get("source", "")),
         gpus_per_node=_integer("gpus_per_node", d["gpus_per_node"]),
         intra_node=_link_from_json("intra_node", d["intra_node"]),
         inter_node=_link_from_json("inter_node", d["inter_node"]),
         device=_device_from_json("device", d["device"]),
+        p2p=_p2p("p2p", d.get("p2p", "eager")),
+        recv_lookahead=_count("recv_lookahead", d.get("recv_lookahead", 0)),
     )
 
 

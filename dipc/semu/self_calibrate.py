@@ -22,6 +22,7 @@ taken, gradients are restored, the RNG state forked.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -196,4 +197,6 @@ def calibrate_distributed(pipe: "CompiledPipeline", batches: Sequence[Sequence[M
         return None
     samples = [DistributedSample(predict=gloo_step_predictor(pipe, mbs, program), measured_s=t)
                for mbs, program, t in measured]
-    return fit_distributed(pipe.profile, samples, p2p=p2p_overheads(spans))
+    fit = fit_distributed(pipe.profile, samples, p2p=p2p_overheads(spans))
+    # the profile says which P2P model it was fitted under, so plans scored on it use that model
+    return dataclasses.replace(fit, profile=dataclasses.replace(fit.profile, **GLOO_SIM))

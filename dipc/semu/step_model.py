@@ -935,6 +935,8 @@ class StepModel:
         if model is not self:
             return model.simulate(program, memory=memory, **kwargs)
         kwargs.setdefault("gpus_per_rank", self.tp)
+        kwargs.setdefault("p2p", self.cluster.p2p)   # the runtime's protocol the profile was fitted to
+        kwargs.setdefault("recv_lookahead", self.cluster.recv_lookahead)
         if self.cluster.device.recv_wake_latency:
             kwargs.setdefault("wake_latency", self.cluster.device.recv_wake_latency)
         plan = recompute_plan(program)

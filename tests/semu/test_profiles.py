@@ -43,6 +43,10 @@ def test_json_round_trip(name, tmp_path):
     # so does a fitted wake latency (absent from the presets' JSON)
     woken = dataclasses.replace(c, device=dataclasses.replace(c.device, recv_wake_latency=7e-4))
     assert profile_from_json(json.loads(json.dumps(profile_to_json(woken)))) == woken
+    # and the P2P model a profile was fitted under (absent from the presets: eager, posted when reached)
+    assert (c.p2p, c.recv_lookahead) == ("eager", 0) and "p2p" not in profile_to_json(c)
+    gloo = dataclasses.replace(c, p2p="handshake", recv_lookahead=3)
+    assert profile_from_json(json.loads(json.dumps(profile_to_json(gloo)))) == gloo
 
 
 def _bad(mutate):
@@ -70,6 +74,8 @@ BAD = [
      r"'device.efficiency.attention.points\[0\]\[1\]'.*above 1"),
     (lambda o: o["device"]["efficiency"].update(conv=[]), r"'device.efficiency.conv.points'"),
     (lambda o: o["device"].update(kind="tpu"), r"'device.kind'"),
+    (lambda o: o.update(p2p="carrier-pigeon"), r"'p2p'.*eager, rendezvous, handshake"),
+    (lambda o: o.update(recv_lookahead=-1), r"'recv_lookahead'.*integer >= 0"),
 ]
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dipc
+from dipc.ir.posting import GLOO_RECV_LOOKAHEAD
 from dipc.semu.self_calibrate import calibrate_pipeline
 from examples.data import make_example
 
@@ -61,7 +62,8 @@ def _distributed_calibration(rank: int, world: int):
     fit = None
     if got is not None:
         fit = (got.name, local.device.recv_wake_latency, got.device.recv_wake_latency,
-               got.device.colocated_slowdown, sorted(got.device.op_overheads), pipe.profile is got)
+               got.device.colocated_slowdown, sorted(got.device.op_overheads), pipe.profile is got,
+               (got.p2p, got.recv_lookahead))
     return fit, unchanged, pipe.plan(mbs).schedule if rank == 0 else None
 
 
@@ -75,6 +77,7 @@ def test_distributed_calibration_fits_rank_0_on_gloo_steps_and_trains_nothing():
 
     (fit0, same0, planned), (fit1, same1, _) = spawn(_distributed_calibration, 2, timeout_s=240)
     assert fit1 is None and same0 and same1
-    name, _, wake, slowdown, ops, adopted = fit0
+    name, _, wake, slowdown, ops, adopted, p2p = fit0
     assert name.endswith("-calibrated-distributed") and adopted and planned is not None
+    assert p2p == ("handshake", GLOO_RECV_LOOKAHEAD)   # plans on it are scored with gloo's P2P model
     assert {"SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD"} <= set(ops) and wake >= 0 and slowdown >= 0

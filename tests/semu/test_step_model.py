@@ -208,6 +208,23 @@ def test_chain_program_messages_follow_the_last_layer(vlm):
     assert sm.simulate(prog).step_time > 0
 
 
+def test_simulate_uses_the_p2p_model_the_profile_was_fitted_under(vlm):
+    # a slow link: gloo's handshake (the receive's notice crosses it first) shows in the step time
+    ex, pipe, cm = vlm
+    stats = batch_length_stats(ex.collate(ex.data.samples(2)))
+    layers = [pipe.stages[0].layers, pipe.stages[1].layers]
+    eager = flat_cluster(latency=5e-3)
+    gloo = dataclasses.replace(eager, p2p="handshake", recv_lookahead=3)
+    prog = chain_program(StepModel(cm, eager, layers, [stats] * 4, dtype="float32"), 4, schedule="1f1b",
+                         message_dtype="float32")
+    on = {c.p2p: StepModel(cm, c, layers, [stats] * 4, dtype="float32") for c in (eager, gloo)}
+    assert on["handshake"].simulate(prog).step_time == pytest.approx(
+        on["eager"].simulate(prog, p2p="handshake", recv_lookahead=3).step_time)
+    assert on["handshake"].simulate(prog).step_time > on["eager"].simulate(prog).step_time
+    assert on["handshake"].simulate(prog, p2p="eager", recv_lookahead=0).step_time == pytest.approx(
+        on["eager"].simulate(prog).step_time)   # an explicit model wins
+
+
 def test_paper_checks_run_fast_and_land_near_the_paper():
     pc = load_benchmark("paper_checks")
     t0 = time.perf_counter()
