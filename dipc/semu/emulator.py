@@ -66,7 +66,7 @@ from dipc.errors import ScheduleError
 from dipc.ir.instructions import Instruction, Op, TensorSpec
 from dipc.ir.posting import receives_ahead
 from dipc.ir.program import Program
-from dipc.semu.profiles import DTYPE_BYTES, ClusterProfile, ProfileError
+from dipc.semu.profiles import DTYPE_BYTES, P2P_MODES, ClusterProfile, ProfileError
 
 __all__ = [
     "ComputeTimeFn",
@@ -333,8 +333,8 @@ def simulate(
     The program should be valid (:func:`dipc.ir.validate.validate`); a wait cycle raises
     ``ScheduleError`` naming the blocked ranks.
     """
-    if p2p not in ("eager", "rendezvous", "handshake"):
-        raise ValueError(f"p2p={p2p!r}. Fix: use 'eager', 'rendezvous' or 'handshake'.")
+    if p2p not in P2P_MODES:
+        raise ValueError(f"p2p={p2p!r}. Fix: use one of {', '.join(P2P_MODES)}.")
     rendezvous = p2p != "eager"
     handshake = p2p == "handshake"
     prepared = _prepare(program)
