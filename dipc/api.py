@@ -371,7 +371,7 @@ class CompiledPipeline:
             raise BatchError(f"the program was planned for {program.num_microbatches} microbatches on "
                              f"{program.num_ranks} ranks, but got {len(microbatches)} microbatches for a "
                              f"{self.num_ranks}-rank pipeline. Fix: plan these microbatches (pipe.plan(mbs)).")
-        if program.microbatch_order and sorted(program.microbatch_order) != list(range(len(microbatches))):
+        if not program.order_is_valid:   # num_microbatches == len(microbatches), checked above
             raise BatchError(f"the program's microbatch order {list(program.microbatch_order)} is not a "
                              f"permutation of the {len(microbatches)} microbatches given. Fix: plan these "
                              "microbatches (pipe.plan(mbs)).")

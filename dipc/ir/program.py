@@ -56,6 +56,11 @@ class Program:
     def stage(self, stage_id: int) -> StageInfo:
         return self.stages[stage_id]
 
+    @property
+    def order_is_valid(self) -> bool:
+        """``microbatch_order`` is empty or a permutation of ``range(num_microbatches)``."""
+        return not self.microbatch_order or sorted(self.microbatch_order) == list(range(self.num_microbatches))
+
     def ordered(self, items: Sequence[T]) -> list[T]:
         """The caller's per-microbatch ``items`` (microbatches, loss weights…) in slot order."""
         if not self.microbatch_order:

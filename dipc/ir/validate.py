@@ -118,7 +118,7 @@ class _Validator:
         if len(p.streams) != p.num_ranks:
             raise self.fail(None, None, f"{len(p.streams)} streams for ranks={p.num_ranks}",
                             "emit exactly one instruction stream per rank")
-        if p.microbatch_order and sorted(p.microbatch_order) != list(range(p.num_microbatches)):
+        if not p.order_is_valid:
             raise self.fail(None, None, f"microbatch_order {list(p.microbatch_order)} is not a permutation of "
                             f"0..{p.num_microbatches - 1}",
                             "give each of the caller's microbatches exactly one slot, or leave the order empty")

@@ -158,15 +158,12 @@ class LocalTransport(Transport):
         return copies
 
 
-RECV_LOOKAHEAD = GLOO_RECV_LOOKAHEAD   # see dipc.ir.posting
-
-
 class DistributedTransport(Transport):
     """torch.distributed point-to-point (gloo on CPU, NCCL on GPU) with a timeout on every wait.
 
-    Receives are posted :data:`RECV_LOOKAHEAD` compute instructions ahead on CPU (gloo). On a GPU
-    (NCCL, which runs a rank pair's P2P in posting order) one compute ahead, as before it was
-    measured on gloo, and never ahead of an earlier send to the same peer. One ahead also keeps
+    Receives are posted :data:`~dipc.ir.posting.GLOO_RECV_LOOKAHEAD` compute instructions ahead on
+    CPU (gloo). On a GPU (NCCL, which runs a rank pair's P2P in posting order) one compute ahead, as
+    before it was measured on gloo, and never ahead of an earlier send to the same peer. One ahead also keeps
     receive buffers where SEMU's memory model charges them, at most one compute early (no GPU
     pair has measured what more would give)."""
 
@@ -183,7 +180,7 @@ class DistributedTransport(Transport):
         self.timeout_s = timeout_s
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
-        self.recv_lookahead = RECV_LOOKAHEAD if on_cpu else 1
+        self.recv_lookahead = GLOO_RECV_LOOKAHEAD if on_cpu else 1
         self.peer_ordered_posts = not on_cpu
         self.pending: list[tuple[object, torch.Tensor, Instruction]] = []
         # id(receive instruction) -> (its buffers, the works filling them)

@@ -5,8 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dipc.ir import COMPUTE_OPS, RECV_OPS, SEND_OPS, Instruction, Op
+from dipc.ir.posting import GLOO_RECV_LOOKAHEAD as RECV_LOOKAHEAD
 from dipc.ir.posting import receives_ahead
-from dipc.runtime.transport import RECV_LOOKAHEAD, DistributedTransport, LocalTransport
+from dipc.runtime.transport import DistributedTransport, LocalTransport
 
 STREAM = [Instruction(op=Op.RECV_ACT, stage=1, mb=0, peer=0, other_stage=0),        # 0: before any compute
           Instruction(op=Op.FWD, stage=1, mb=0),                                    # 1
