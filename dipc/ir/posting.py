@@ -29,13 +29,12 @@ def receives_ahead(stream: Sequence[Instruction], lookahead: int = 1,
     takes the handshake off the critical path when a peer runs a compute or two ahead.
 
     ``peer_ordered``: never post a receive from a peer before a send to that peer that comes
-    earlier in the stream. NCCL runs a rank pair's sends and receives in posting order on one
-    stream, so a receive posted ahead of a send on both sides of a pair would wait forever for a
-    send queued behind it; with ``peer_ordered`` each pair's posts keep program order, which
-    removes the hazard the look-ahead adds. What it does not remove: two large sends posted at
-    once in opposite directions of a pair, which NCCL completes only when each receiver's kernel
-    runs (torch groups such pairs with ``batch_isend_irecv``; dipc does not yet, and no multi-GPU
-    NCCL run has tested either). gloo matches each direction on its own and needs no such care.
+    earlier in the stream (kept on NCCL, where it was first needed: with one process group a rank
+    pair's sends and receives share one ordered stream, and a receive posted ahead of a send on
+    both sides of a pair waits forever for a send queued behind it). The transport now gives each
+    message direction a process group of its own on NCCL, which removes that hazard and the worse
+    one, sends crossing in 1F1B's steady state (:mod:`dipc.ir.stream_order` models both; no
+    multi-GPU NCCL run has tested either). gloo progresses each message on its own.
 
     A receive with nothing to post it ahead of is listed at its own pc, so that every receive of a
     peer is posted in program order (one left to its own instruction could follow a later one

@@ -158,19 +158,44 @@ class LocalTransport(Transport):
         return copies
 
 
+_DIRECTION_GROUPS: list = []   # [(the default group they were made for, (to higher, to lower))]
+
+
+def direction_groups() -> tuple[Any, Any]:
+    """Two process groups over every process, both numbered like the default group: index 0
+    carries messages to a higher rank, index 1 messages to a lower rank. Made once per default
+    group (``new_group`` is collective: every process calls this at the same point)."""
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    if not _DIRECTION_GROUPS or _DIRECTION_GROUPS[0][0] is not world:
+        _DIRECTION_GROUPS[:] = [(world, (dist.new_group(), dist.new_group()))]
+    return _DIRECTION_GROUPS[0][1]
+
+
 class DistributedTransport(Transport):
     """torch.distributed point-to-point (gloo on CPU, NCCL on GPU) with a timeout on every wait.
 
     Receives are posted :data:`~dipc.ir.posting.GLOO_RECV_LOOKAHEAD` compute instructions ahead on
-    CPU (gloo). On a GPU (NCCL, which runs a rank pair's P2P in posting order) one compute ahead, as
-    before it was measured on gloo, and never ahead of an earlier send to the same peer. One ahead also keeps
-    receive buffers where SEMU's memory model charges them, at most one compute early (no GPU
-    pair has measured what more would give)."""
+    CPU (gloo). On a GPU one compute ahead, as before it was measured on gloo, and never ahead of
+    an earlier send to the same peer. One ahead also keeps receive buffers where SEMU's memory
+    model charges them, at most one compute early (no GPU pair has measured what more would give).
+
+    ``directional`` (default: on a GPU): messages from a lower to a higher process rank go over one
+    process group, those the other way over another (:func:`direction_groups`). NCCL runs one
+    process group's operations between a rank pair in launch order on one stream, and a large
+    message moves only while both ends' kernels run; with one group, 1F1B's steady state queues
+    ``send act(m+1), recv grad(m)`` on one rank and ``send grad(m), recv act(m+1)`` on its peer,
+    and each send waits for a receive queued behind the other send. One stream per direction
+    leaves each queue in the order its receiver expects (:mod:`dipc.ir.stream_order` checks both
+    layouts on every schedule). gloo progresses each message on its own and keeps one group."""
 
     def __init__(self, timeout_s: float, device: torch.device | str = "cpu", global_rank=lambda peer: peer,
-                 gate: Callable[[], None] | None = None):
+                 gate: Callable[[], None] | None = None, directional: bool | None = None):
         """``gate``: called once, before this rank's first message (the pipeline's plan check,
-        which may then overlap the compute that comes before it)."""
+        which may then overlap the compute that comes before it). ``directional``: see the class
+        docstring; creating the groups is collective, so every rank builds its transport at the
+        same point of the step (once per process: the groups are cached)."""
         import torch.distributed as dist
 
         self.dist = dist
@@ -182,6 +207,10 @@ class DistributedTransport(Transport):
         on_cpu = self.device.type == "cpu"
         self.recv_lookahead = GLOO_RECV_LOOKAHEAD if on_cpu else 1
         self.peer_ordered_posts = not on_cpu
+        self.directional = not on_cpu if directional is None else directional
+        # (lower -> higher rank, higher -> lower rank); None: both on self.group
+        self.by_direction = direction_groups() if self.directional and dist.is_initialized() else None
+        self.me = dist.get_rank() if dist.is_initialized() else 0
         self.pending: list[tuple[object, torch.Tensor, Instruction]] = []
         # id(receive instruction) -> (its buffers, the works filling them)
         self.posted: dict[int, tuple[list[torch.Tensor], list[object]]] = {}
@@ -204,10 +233,14 @@ class DistributedTransport(Transport):
     # The process group's own send/recv: torch.distributed.isend/irecv re-check their arguments
     # and look the group up on every call (~12 us of Python per message, measured).
     def _isend(self, tensor: torch.Tensor, dst: int):
-        return self.group.send([tensor], dst, 0)
+        groups = self.by_direction
+        group = self.group if groups is None else groups[dst < self.me]
+        return group.send([tensor], dst, 0)
 
     def _irecv(self, tensor: torch.Tensor, src: int):
-        return self.group.recv([tensor], src, 0)
+        groups = self.by_direction
+        group = self.group if groups is None else groups[self.me < src]
+        return group.recv([tensor], src, 0)
 
     def post_recv(self, instr, rank):
         key = id(instr)

@@ -45,6 +45,8 @@ def test_transports_choose_their_policy():
     gloo, nccl = DistributedTransport(1.0, "cpu"), DistributedTransport(1.0, "cuda")   # no process group used
     assert (gloo.recv_lookahead, gloo.peer_ordered_posts) == (RECV_LOOKAHEAD, False)
     assert (nccl.recv_lookahead, nccl.peer_ordered_posts) == (1, True)
+    # NCCL: one process group per message direction (see dipc.ir.stream_order); gloo keeps one
+    assert (gloo.directional, nccl.directional) == (False, True)
 
 
 def _posting_order(stream, ahead):
