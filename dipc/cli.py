@@ -221,10 +221,12 @@ def dump(model, stages, chunks, schedule, microbatches, seed, sub_microbatches, 
 @cli.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def show(path: str) -> None:
-    """Read a program dump (.txt or .json), validate it and print the rank x step grid."""
+    """Read a program dump (.txt or .json), validate it, check it against NCCL's ordered P2P
+    streams as the GPU runtime launches it, and print the rank x step grid."""
     from pathlib import Path
 
     from dipc.ir.jsonio import loads
+    from dipc.ir.stream_order import stream_wait_cycle
     from dipc.ir.text import format_grid, parse_program
     from dipc.ir.validate import validate
 
@@ -233,6 +235,11 @@ def show(path: str) -> None:
     validate(program)
     click.echo(f"{path}: valid, schedule {program.schedule}, {program.num_ranks} ranks, "
                f"{program.num_microbatches} microbatches, {sum(len(s) for s in program.streams)} instructions")
+    # the GPU runtime's policy: one process group per message direction, receives one compute ahead
+    cycle = stream_wait_cycle(program, lookahead=1, peer_ordered=True, streams="direction")
+    click.echo("NCCL streams (one per message direction): no wait cycle" if cycle is None else
+               "NCCL streams (one per message direction): WAIT CYCLE, this program would hang on GPUs:\n  "
+               + "\n  ".join(cycle))
     click.echo(format_grid(program))
 
 

@@ -59,6 +59,7 @@ def test_plan_show_round_trip_and_bad_dump(tmp_path):
     for path in (out, out.with_suffix(".json")):
         shown = CliRunner().invoke(cli, ["show", str(path)])
         assert shown.exit_code == 0 and "valid, schedule 1f1b, 2 ranks, 3 microbatches" in shown.output
+        assert "NCCL streams (one per message direction): no wait cycle" in shown.output
     bad = tmp_path / "bad.txt"
     bad.write_text("# dipc-ir v1\nprogram schedule=1f1b ranks=2 microbatches=1\nrank 0:\n  FLY stage=0\n")
     import subprocess
