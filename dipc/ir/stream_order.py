@@ -45,9 +45,10 @@ class Launch:
     """One P2P launch of one rank: its operations, how many computes the CPU had enqueued before
     it (it waits for the last of them), and the compute that waits for it (a receive's consumer)."""
 
-    __slots__ = ("ops", "after_computes", "after_wait", "waited_by")
+    __slots__ = ("index", "ops", "after_computes", "after_wait", "waited_by")
 
-    def __init__(self, after_computes: int, after_wait: int | None) -> None:
+    def __init__(self, index: int, after_computes: int, after_wait: int | None) -> None:
+        self.index = index                  # its place in the rank's launch order
         self.ops: list[Instruction] = []
         self.after_computes = after_computes
         self.after_wait = after_wait        # the launch the CPU last blocked on before issuing this one
@@ -68,7 +69,7 @@ def launches(stream: Sequence[Instruction], lookahead: int = 1, peer_ordered: bo
     def add(instr: Instruction) -> Launch:
         nonlocal open_
         if not grouped or open_ is None:
-            open_ = Launch(computes, blocked_on)
+            open_ = Launch(len(out), computes, blocked_on)
             out.append(open_)
         open_.ops.append(instr)
         launch = open_
@@ -83,7 +84,8 @@ def launches(stream: Sequence[Instruction], lookahead: int = 1, peer_ordered: bo
         if op in COMPUTE_OPS:
             open_ = None                 # flushed before the compute is enqueued
             for launch in waits:
-                launch.waited_by = computes if launch.waited_by is None else launch.waited_by
+                if launch.waited_by is None:
+                    launch.waited_by = computes
             waits.clear()
             computes += 1
         elif op in SEND_OPS:
@@ -92,7 +94,7 @@ def launches(stream: Sequence[Instruction], lookahead: int = 1, peer_ordered: bo
             launch = posted.get(id(instr)) or add(instr)
             open_ = None                 # flushed before the wait
             waits.append(launch)
-            blocked_on = out.index(launch)
+            blocked_on = launch.index
     return out, computes
 
 
