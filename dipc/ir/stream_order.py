@@ -30,6 +30,7 @@ Policies (``grouped``):
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import networkx as nx
@@ -41,23 +42,22 @@ from dipc.ir.program import Program
 __all__ = ["launches", "stream_wait_cycle"]
 
 
+@dataclass(slots=True)
 class Launch:
-    """One P2P launch of one rank: its operations, how many computes the CPU had enqueued before
-    it (it waits for the last of them), and the compute that waits for it (a receive's consumer)."""
+    """One P2P launch of one rank: its place in the rank's launch order, how many computes the CPU
+    had enqueued before it (it waits for the last of them), the launch the CPU last blocked on
+    before issuing it, its operations, and the first compute after a receive waited on here."""
 
-    __slots__ = ("index", "ops", "after_computes", "after_wait", "waited_by")
-
-    def __init__(self, index: int, after_computes: int, after_wait: int | None) -> None:
-        self.index = index                  # its place in the rank's launch order
-        self.ops: list[Instruction] = []
-        self.after_computes = after_computes
-        self.after_wait = after_wait        # the launch the CPU last blocked on before issuing this one
-        self.waited_by: int | None = None   # index of the first compute after a receive waited on here
+    index: int
+    after_computes: int
+    after_wait: int | None
+    ops: list[Instruction] = field(default_factory=list)
+    waited_by: int | None = None
 
 
 def launches(stream: Sequence[Instruction], lookahead: int = 1, peer_ordered: bool = True,
-             grouped: bool = False) -> tuple[list[Launch], int]:
-    """The rank's P2P launches in launch order, and its number of computes."""
+             grouped: bool = False) -> list[Launch]:
+    """The rank's P2P launches in launch order."""
     ahead = receives_ahead(stream, lookahead, peer_ordered) if lookahead else {}
     out: list[Launch] = []
     open_: Launch | None = None
@@ -95,7 +95,7 @@ def launches(stream: Sequence[Instruction], lookahead: int = 1, peer_ordered: bo
             open_ = None                 # flushed before the wait
             waits.append(launch)
             blocked_on = launch.index
-    return out, computes
+    return out
 
 
 STREAMS = ("rank", "pair", "direction")
@@ -128,8 +128,9 @@ def stream_wait_cycle(program: Program, lookahead: int = 1, peer_ordered: bool =
     recvs: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     labels: dict[tuple, str] = {}
     for rank, stream in enumerate(program.streams):
-        ls, n_computes = launches(stream, lookahead, peer_ordered, grouped)
+        ls = launches(stream, lookahead, peer_ordered, grouped)
         computes = [i for i in stream if i.op in COMPUTE_OPS]
+        n_computes = len(computes)
         for c in range(n_computes - 1):
             g.add_edge(("C", rank, c), ("C", rank, c + 1))
         for c, instr in enumerate(computes):
