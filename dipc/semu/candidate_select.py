@@ -55,20 +55,31 @@ class Choice:
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a plan is made; collect its youngest
-    generation after. Lowering and emulating a VLM-L candidate allocate ~10^5 short-lived objects,
-    which trigger full collections that walk the whole heap (the model, SEMU's caches) several
-    times per plan: ~30% of the planner's CPU time. The planner's objects hold no reference
-    cycles worth waiting for; reference counting frees them, and what is left is collected
-    when the collector runs again."""
+    """Pause Python's cyclic garbage collector while a plan is made, then hand what the plan left
+    to the oldest generation without walking it. Lowering and emulating a VLM-L candidate
+    allocate ~10^5 short-lived objects, which trigger full collections that walk the whole heap
+    (the model, SEMU's caches) several times per plan: ~30% of the planner's CPU time.
+
+    Why not collect after: what the plan leaves alive (the winner's program and cost model, with
+    SEMU's per-batch caches: millions of objects at 64 microbatches) is young, so a youngest-
+    generation collection walked all of it, 0.3-0.7 s per VLM-L plan at 64 microbatches, only to
+    find it alive. ``gc.freeze()`` then ``gc.unfreeze()`` moves every tracked object to the oldest
+    generation in constant time instead: reference counting frees the plan's objects when the
+    caller drops them, and any reference cycles among them go at the next full collection. A
+    caller that has frozen objects of its own (``gc.get_freeze_count() > 0``) keeps them frozen:
+    then the youngest generation is collected as before."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
+            else:
+                gc.collect(0)
             gc.enable()
-            gc.collect(0)
 
 
 def _fits(result: SimResult, capacity: Sequence[float]) -> bool:

@@ -149,3 +149,50 @@ def test_an_incumbent_prunes_what_cannot_beat_it(seed):
     else:
         assert choice is None
     assert all(c[1] < incumbent for c in cands if c[0] in built)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: object = None
+
+
+def test_gc_paused_hands_the_plans_objects_on_without_walking_them_and_frees_their_cycles_later():
+    import gc
+    import weakref
+
+    from dipc.semu.candidate_select import gc_paused
+
+    gc.collect()
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        kept = [[i] for i in range(50_000)]       # what a plan leaves alive
+        a, b = _Node(), _Node()
+        a.other, b.other = b, a                   # a reference cycle only the collector frees
+        cycle = weakref.ref(a)
+        del a, b
+    assert gc.isenabled()
+    # promoted, not collected: the youngest generation does not hold the plan's survivors
+    assert gc.get_count()[0] < 1_000
+    assert gc.get_freeze_count() == 0
+    assert cycle() is not None                    # not collected yet ...
+    gc.collect()
+    assert cycle() is None                        # ... but the next full collection frees it
+    assert len(kept) == 50_000
+
+
+def test_gc_paused_leaves_a_callers_frozen_objects_frozen():
+    import gc
+
+    from dipc.semu.candidate_select import gc_paused
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with gc_paused():
+            junk = [[i] for i in range(1_000)]
+        assert gc.get_freeze_count() == frozen and len(junk) == 1_000
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
