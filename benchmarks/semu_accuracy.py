@@ -78,13 +78,13 @@ LIMITS = [
     "tiny models: most of a 1-20 ms instruction is dispatch and interpreter work; one fixed time per instruction "
     "kind (FWD/BWD/BWD_I/BWD_W fitted, LOAD/SEND/RECV measured, the dispatch loop's share) plus a per-ATen-op term "
     "describes it only roughly (per-instruction fit error ~10%)",
-    "local executor: both ranks run in one thread, so a rank's instructions run right after the other rank's "
-    "work: the first stage's forwards (the encoders, small next to the backbone) took 1.2-2.5x their time run "
-    "back to back in isolation (thread CPU time; no page faults, and glibc's mmap and trim thresholds changed "
-    "nothing), likely cold caches; the model has no term for it, so the fit under-predicts the first stage by "
-    "13-29% in-sample and spreads the rest over the per-kind constants, which over-charges programs with more "
-    "instructions (interleaved 1F1B; a fitted first-stage constant of 0.3-0.4 ms per FWD/BWD lowered a "
-    "6-batch probe's p90 from 13.5% to 11.4%, but is a fudge term, not landed)",
+    "local executor: the first stage's forwards (the encoders, small next to the backbone) took 1.2-2.5x their "
+    "time run back to back on one microbatch (thread CPU time; no page faults; glibc's mmap and trim thresholds "
+    "changed nothing; a fitted cost per switch between the two ranks came out at ~0: cause not found); the model "
+    "has no term for it, so the fit under-predicts the first stage by 13-29% in-sample and spreads the rest over "
+    "the per-kind constants, which over-charges programs with more instructions (interleaved 1F1B; a fitted "
+    "first-stage constant of 0.3-0.4 ms per FWD/BWD lowered a 6-batch probe's p90 from 13.5% to 11.4%, but it "
+    "is a fudge term without a cause, not landed)",
     "CPU attention: masked SDPA over packed sequences runs torch's math path: dense QK^T, a materialised softmax and "
     "its stash (modelled: dense FLOPs, a fitted time per probability byte, the probabilities in the stash)",
     "dipc's BWD_W runs only the weight-gradient nodes (dipc.runtime.split_backward), except in stages with "
