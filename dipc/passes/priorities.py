@@ -14,7 +14,7 @@ These rules are the other candidates DIP's planner scores next to it, each cheap
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from graphlib import TopologicalSorter
 
 from dipc.ir.instructions import Op
 from dipc.ir.program import StageInfo
@@ -40,20 +40,30 @@ def critical_path_priority(stages: Sequence[StageInfo], num_microbatches: int,
                            fwd: Callable[[int, int], float], bwd: Callable[[int, int], float]) -> Priority:
     """Longest remaining path first: a forward's path runs through every later forward of its
     microbatch and the whole backward; a backward's through the backwards of its producers.
-    ``fwd``/``bwd`` are (stage, mb) -> duration (bwd the whole backward)."""
-    consumers = {s.id: [c.id for c in stages if s.id in c.producers] for s in stages}
+    ``fwd``/``bwd`` are (stage, mb) -> duration (bwd the whole backward).
 
-    @lru_cache(maxsize=None)
-    def up_bwd(s: int, m: int) -> float:
-        return bwd(s, m) + max((up_bwd(p, m) for p in stages[s].grad_producers), default=0.0)
-
-    @lru_cache(maxsize=None)
-    def up_fwd(s: int, m: int) -> float:
-        later = [up_fwd(c, m) for c in consumers[s]]
-        return fwd(s, m) + (max(later) if later else up_bwd(s, m))
-
-    rank = {(op, s.id, m): (up_fwd if op is Op.FWD else up_bwd)(s.id, m)
-            for op in (Op.FWD, Op.BWD) for s in stages for m in range(num_microbatches)}
+    Computed in topological order rather than by memoised recursion: a recursive closure refers
+    to itself through its cell, a reference cycle that only the cyclic collector frees, and it
+    held the planner's cost model (``fwd``/``bwd`` close over it) alive after each plan
+    (:func:`dipc.semu.candidate_select.gc_paused` leaves cycles to the next full collection)."""
+    ids = [s.id for s in stages]
+    consumers: dict[int, list[int]] = {i: [] for i in ids}
+    for c in stages:
+        for p in c.producers:
+            consumers[p].append(c.id)
+    order = list(TopologicalSorter({s.id: s.producers for s in stages}).static_order())   # producers first
+    rank: dict[tuple[Op, int, int], float] = {}
+    for m in range(num_microbatches):
+        up_bwd: dict[int, float] = {}
+        for s in order:
+            up_bwd[s] = bwd(s, m) + max((up_bwd[p] for p in stages[s].grad_producers), default=0.0)
+        up_fwd: dict[int, float] = {}
+        for s in reversed(order):
+            later = [up_fwd[c] for c in consumers[s]]
+            up_fwd[s] = fwd(s, m) + (max(later) if later else up_bwd[s])
+        for s in ids:
+            rank[(Op.FWD, s, m)] = up_fwd[s]
+            rank[(Op.BWD, s, m)] = up_bwd[s]
 
     def priority(op: Op, stage: int, mb: int) -> tuple:
         return (-rank[(Op.FWD if op is Op.FWD else Op.BWD, stage, mb)], mb)
