@@ -764,7 +764,9 @@ def _lookahead_bound(stages, P: int, M: int, c: "BatchCosts", memo: dict | None 
             bound = order_lower_bound(stages, orders, c.step.compute_seconds, c.subs)
         except DipcError as e:
             if memo is not None:    # the candidate of this order is dropped without trying it again
-                memo[(id(c), ahead, lag)] = (e, math.inf, c)
+                # kept without its traceback, whose frames would make a reference cycle with the
+                # planner's closures and keep the plan's orders and cost models alive
+                memo[(id(c), ahead, lag)] = (e.with_traceback(None), math.inf, c)
             continue
         if memo is not None:
             memo[(id(c), ahead, lag)] = (orders, bound, c)   # c kept alive: its id stays unique

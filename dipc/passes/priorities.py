@@ -44,14 +44,14 @@ def critical_path_priority(stages: Sequence[StageInfo], num_microbatches: int,
 
     Computed in topological order rather than by memoised recursion: a recursive closure refers
     to itself through its cell, a reference cycle that only the cyclic collector frees, and it
-    held the planner's cost model (``fwd``/``bwd`` close over it) alive after each plan
-    (:func:`dipc.semu.candidate_select.gc_paused` leaves cycles to the next full collection)."""
+    held the planner's cost model (``fwd``/``bwd`` close over it) alive after each plan."""
     ids = [s.id for s in stages]
     consumers: dict[int, list[int]] = {i: [] for i in ids}
     for c in stages:
         for p in c.producers:
             consumers[p].append(c.id)
-    order = list(TopologicalSorter({s.id: s.producers for s in stages}).static_order())   # producers first
+    # producers (and gradient producers) first
+    order = list(TopologicalSorter({s.id: {*s.producers, *s.grad_producers} for s in stages}).static_order())
     rank: dict[tuple[Op, int, int], float] = {}
     for m in range(num_microbatches):
         up_bwd: dict[int, float] = {}

@@ -55,31 +55,34 @@ class Choice:
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a plan is made, then hand what the plan left
-    to the oldest generation without walking it. Lowering and emulating a VLM-L candidate
-    allocate ~10^5 short-lived objects, which trigger full collections that walk the whole heap
-    (the model, SEMU's caches) several times per plan: ~30% of the planner's CPU time.
+    """Pause Python's cyclic garbage collector while a plan is made; collect its youngest
+    generation after. Lowering and emulating a VLM-L candidate allocate ~10^5 short-lived objects,
+    which trigger full collections that walk the whole heap (the model, SEMU's caches) several
+    times per plan: ~30% of the planner's CPU time. A plan must leave no reference cycles (see
+    :func:`_dropped`): reference counting then frees its objects when the caller drops them.
 
-    Why not collect after: what the plan leaves alive (the winner's program and cost model, with
-    SEMU's per-batch caches: millions of objects at 64 microbatches) is young, so a youngest-
-    generation collection walked all of it, 0.3-0.7 s per VLM-L plan at 64 microbatches, only to
-    find it alive. ``gc.freeze()`` then ``gc.unfreeze()`` moves every tracked object to the oldest
-    generation in constant time instead: reference counting frees the plan's objects when the
-    caller drops them, and any reference cycles among them go at the next full collection. A
-    caller that has frozen objects of its own (``gc.get_freeze_count() > 0``) keeps them frozen:
-    then the youngest generation is collected as before."""
+    Tried and dropped: promoting what a plan leaves alive to the oldest generation in constant
+    time (``gc.freeze()`` + ``gc.unfreeze()``) instead of this collection, which walks it. It
+    saved ~0.25 s per VLM-L plan at 64 microbatches, but it bypasses CPython's count of objects
+    reaching the oldest generation, which is what triggers its full collections, so it needed a
+    forced full collection every few plans (~1 s there): ~4% on average, and a spike."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
-            if gc.get_freeze_count() == 0:
-                gc.freeze()
-                gc.unfreeze()
-            else:
-                gc.collect(0)
             gc.enable()
+            gc.collect(0)
+
+
+def _dropped(error: DipcError) -> str:
+    """A failed candidate's one-line reason. The error loses its traceback: a candidate may keep
+    the error it raised (a planner's memo of orders that failed), and the traceback's frames
+    refer back to that candidate, a reference cycle that held the plan's orders and cost models
+    until the next full collection (~0.7M objects per VLM-L plan at 64 microbatches)."""
+    error.with_traceback(None)
+    return f"{type(error).__name__}: {str(error).splitlines()[0]}"
 
 
 def _fits(result: SimResult, capacity: Sequence[float]) -> bool:
@@ -123,7 +126,7 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
                 bound = float(rest[0]())
             except DipcError as e:
                 bounds[label] = float("inf")
-                failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                failures[label] = _dropped(e)
                 continue
             bounds[label] = bound
         heap.append((bound, 0, n, label, build))
@@ -141,7 +144,9 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
         try:
             return fit(*payload)
         except InfeasibleMemoryError as e:
-            errors.append(e)
+            # without its traceback: its frames hold this search's candidates, and the frame it
+            # points back to holds ``errors`` (a reference cycle that kept every program alive)
+            errors.append(e.with_traceback(None))
             failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             return None
 
@@ -160,7 +165,7 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
                 result = simulate(program, model)
             except DipcError as e:
                 bounds[label] = float("inf")
-                failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                failures[label] = _dropped(e)
                 continue
             simulated += 1
             bounds[label] = result.step_time

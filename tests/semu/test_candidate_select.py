@@ -151,48 +151,39 @@ def test_an_incumbent_prunes_what_cannot_beat_it(seed):
     assert all(c[1] < incumbent for c in cands if c[0] in built)
 
 
-class _Node:
-    def __init__(self) -> None:
-        self.other: object = None
-
-
-def test_gc_paused_hands_the_plans_objects_on_without_walking_them_and_frees_their_cycles_later():
+def test_a_failed_candidate_that_keeps_its_error_is_freed_without_the_cycle_collector():
+    """A planner may memoise the error a candidate's order raised and raise it again from the
+    candidate's bound; the error's traceback then points at frames that refer back to the
+    candidate. pick_fastest drops the traceback, so the candidate's data goes with the plan."""
     import gc
     import weakref
 
-    from dipc.semu.candidate_select import gc_paused
+    from dipc.errors import ScheduleError
 
-    gc.collect()
-    assert gc.isenabled()
-    with gc_paused():
-        assert not gc.isenabled()
-        kept = [[i] for i in range(50_000)]       # what a plan leaves alive
-        a, b = _Node(), _Node()
-        a.other, b.other = b, a                   # a reference cycle only the collector frees
-        cycle = weakref.ref(a)
-        del a, b
-    assert gc.isenabled()
-    # promoted, not collected: the youngest generation does not hold the plan's survivors
-    assert gc.get_count()[0] < 1_000
-    assert gc.get_freeze_count() == 0
-    assert cycle() is not None                    # not collected yet ...
-    gc.collect()
-    assert cycle() is None                        # ... but the next full collection frees it
-    assert len(kept) == 50_000
+    class Orders:   # stands for a candidate's orders and cost model
+        pass
 
-
-def test_gc_paused_leaves_a_callers_frozen_objects_frozen():
-    import gc
-
-    from dipc.semu.candidate_select import gc_paused
-
-    gc.freeze()
+    was = gc.isenabled()
+    gc.disable()
     try:
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        with gc_paused():
-            junk = [[i] for i in range(1_000)]
-        assert gc.get_freeze_count() == frozen and len(junk) == 1_000
-        assert gc.isenabled()
+        data = Orders()
+        alive = weakref.ref(data)
+        memo = [ScheduleError("wait cycle")]
+
+        def bound(data=data):
+            raise memo[0]
+
+        def failing_build(data=data):
+            raise memo[0]
+
+        ok = lambda: ("p", None)   # noqa: E731
+        sim = lambda program, model: SimpleNamespace(step_time=1.0, peak_memory=[1.0])   # noqa: E731
+        choice = pick_fastest([("bad bound", lambda: ("q", None), bound), ("bad build", failing_build),
+                               ("good", ok)], sim, 10.0, lambda p, m: (p, sim(p, m)), 1)
+        assert choice.label == "good" and set(choice.failures) == {"bad bound", "bad build"}
+        del bound, failing_build, data, choice
+        assert memo[0].__traceback__ is None
+        assert alive() is None
     finally:
-        gc.unfreeze()
+        if was:
+            gc.enable()
