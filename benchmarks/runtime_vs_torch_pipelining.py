@@ -25,9 +25,11 @@ loss weights; torch's ``loss_fn`` sums and divides by the batch's real-token cou
 ``scale_grads=False``), and the benchmark checks that both report the same loss every step. The first ``--warmup`` steps are excluded; medians over ``--steps`` steps. A
 step's time is the slower rank's, between a barrier and the step's return (for dipc: planning,
 interpreter, loss all-reduce; for torch: stage/schedule set-up when the shape changed, the
-schedule and the optimizer step). The ratio is given two ways: of the two median step times, and
-the median of the per-step ratios (each batch ran on both systems back to back, so this one cancels
-the shared machine's drift) with a bootstrap 95% interval; the targets are judged on the latter.
+schedule and the optimizer step). The ratio is given three ways: of the two median step times; of
+the two total times over the timed steps (the throughput over the same batches), with a paired
+bootstrap 95% interval, on which the targets are judged; and the median of the per-step ratios
+(each batch ran on both systems back to back, so drift of the shared machine cancels), with its
+interval.
 
 Usage::
 
@@ -707,6 +709,19 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float], resam
     return float(np.median(ratios)), [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
 
 
+def ratio_of_totals(numerator: Sequence[float], denominator: Sequence[float], resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, list[float]]:
+    """``sum(numerator) / sum(denominator)``: the throughput ratio over the run's batches (a long
+    step weighs as much as it takes), and its paired bootstrap 95% interval (steps resampled
+    with both systems' times together)."""
+    import numpy as np
+
+    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(resamples, len(num)))
+    boots = num[idx].sum(axis=1) / den[idx].sum(axis=1)
+    return float(num.sum() / den.sum()), [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+
+
 def run_case(cfg: dict, scenario: str, schedule: str, args) -> dict:
     per_rank = spawn(_bench, 2, cfg, scenario, schedule, args.steps, args.warmup, args.profile, args.profile_clock,
                      timeout_s=900)
@@ -756,6 +771,7 @@ def run_case(cfg: dict, scenario: str, schedule: str, args) -> dict:
     # both systems run each batch back to back, so the per-step ratio cancels the machine's drift
     # (a slow minute hits both); its median, with a bootstrap 95% interval, says how sure the ratio is
     r["ratio_paired_median"], r["ratio_paired_ci95"] = paired_ratio(torch_t, dipc_t)
+    r["ratio_of_totals"], r["ratio_of_totals_ci95"] = ratio_of_totals(torch_t, dipc_t)
     r["ratio_dipc_over_torch_excl_setup"] = r["dipc_steps_per_s"] / r["torch_steps_per_s_excl_setup"]
     if args.profile:
         r["profiles"] = {f"{name} rank {rank}": per_rank[rank][f"profile_{name}"]
@@ -854,8 +870,10 @@ def main() -> None:
         print(f"{c['scenario'] + ' ' + c['schedule']:26s} {c['dipc_steps_per_s']:9.2f} {c['torch_steps_per_s']:10.2f} "
               f"{c['ratio_dipc_over_torch']:5.2f}x {c['dipc_tokens_per_s']:10.0f} {c['torch_tokens_per_s']:11.0f} "
               f"{c['padding_fraction_torch']:8.0%} {c['max_rel_loss_diff_dipc_vs_torch']:13.1e}")
-        lo, hi = c["ratio_paired_ci95"]
-        print(f"{'':26s} per-step ratio: median {c['ratio_paired_median']:.3f}x, 95% interval {lo:.3f}-{hi:.3f}")
+        lo, hi = c["ratio_of_totals_ci95"]
+        plo, phi = c["ratio_paired_ci95"]
+        print(f"{'':26s} total time ratio {c['ratio_of_totals']:.3f}x (95% interval {lo:.3f}-{hi:.3f}); per-step "
+              f"ratios: median {c['ratio_paired_median']:.3f}x ({plo:.3f}-{phi:.3f})")
         if c["scenario"] == "skewed":
             print(f"{'':26s} torch without its per-shape set-up: {c['torch_steps_per_s_excl_setup']:.2f} st/s, "
                   f"ratio {c['ratio_dipc_over_torch_excl_setup']:.2f}x")
@@ -936,7 +954,7 @@ def main() -> None:
     targets = {}
     for (scenario, schedule), c in by_case.items():
         floor = 1.0 if scenario == "static" else 1.2
-        targets[f"{scenario} {schedule} ratio >= {floor}"] = c["ratio_paired_median"] >= floor
+        targets[f"{scenario} {schedule} ratio >= {floor}"] = c["ratio_of_totals"] >= floor
     if overhead:
         # the wall clock also counts time the OS gave the core to another process (2 ranks + gloo
         # threads on 2 shared cores); the thread CPU clock counts the interpreter's own work
