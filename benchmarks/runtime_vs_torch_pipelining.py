@@ -22,8 +22,9 @@ Both systems run in the same two processes, alternating step by step and taking 
 first (so machine noise and any order effect hit both alike), from the same initial weights (same
 seed), with SGD, on identical batches; the loss is the token-weighted mean in both (dipc's default
 loss weights; torch's ``loss_fn`` sums and divides by the batch's real-token count,
-``scale_grads=False``), and the benchmark checks that both report the same loss every step. The first ``--warmup`` steps are excluded; medians over ``--steps`` steps. A
-step's time is the slower rank's, between a barrier and the step's return (for dipc: planning,
+``scale_grads=False``), and the benchmark checks that both report the same loss every step. The
+first ``--warmup`` steps are excluded; medians over ``--steps`` steps. A step's time is the slower
+rank's, between a barrier and the step's return (for dipc: planning,
 interpreter, loss all-reduce; for torch: stage/schedule set-up when the shape changed, the
 schedule and the optimizer step). The ratio is given three ways: of the two median step times; of
 the two total times over the timed steps (the throughput over the same batches), with a paired
