@@ -77,10 +77,11 @@ def gc_paused() -> Iterator[None]:
 
 
 def _dropped(error: DipcError) -> str:
-    """A failed candidate's one-line reason. The error loses its traceback: a candidate may keep
-    the error it raised (a planner's memo of orders that failed), and the traceback's frames
-    refer back to that candidate, a reference cycle that held the plan's orders and cost models
-    until the next full collection (~0.7M objects per VLM-L plan at 64 microbatches)."""
+    """A failed candidate's one-line reason. The error loses its traceback: a candidate (a
+    planner's memo of orders that failed) or this search (the closest infeasible fit) may keep
+    the error, and the traceback's frames refer back to its keeper: a reference cycle that held
+    the plan's orders and cost models until the next full collection (~0.7M objects per VLM-L
+    plan at 64 microbatches)."""
     error.with_traceback(None)
     return f"{type(error).__name__}: {str(error).splitlines()[0]}"
 
@@ -144,10 +145,8 @@ def pick_fastest(candidates: Iterable[tuple[str, Build] | tuple[str, Build, Boun
         try:
             return fit(*payload)
         except InfeasibleMemoryError as e:
-            # without its traceback: its frames hold this search's candidates, and the frame it
-            # points back to holds ``errors`` (a reference cycle that kept every program alive)
-            errors.append(e.with_traceback(None))
-            failures[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            failures[label] = _dropped(e)   # kept in ``errors``: its traceback's frames hold ``errors``
+            errors.append(e)
             return None
 
     while heap:
